@@ -1,0 +1,49 @@
+"""Tied (aliased) tensors, found from the model's config without reading any weight.
+
+T5 stores one embedding that `shared`, `encoder.embed_tokens`, `decoder.embed_tokens` and
+(original T5) `lm_head` all point to; checkpoints on the Hub hold any subset of those names.
+Rather than keep per-architecture tables, hfmerge instantiates the architecture named in
+``config.json`` on the meta device (no memory, no weights, never remote code) and groups the
+state-dict names that share one parameter object.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import defaultdict
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def tied_groups(config: dict) -> tuple[list[frozenset[str]], str | None]:
+    """Groups of state-dict names that are one tensor in the architecture of `config`.
+
+    Returns:
+        The groups (each with at least two names), and a warning text when the architecture
+        could not be instantiated (then no aliases are known and names must match exactly).
+    """
+    import transformers
+
+    archs = config.get("architectures") or []
+    arch = archs[0] if archs else None
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    model_type = config.get("model_type")
+    if cls is None or not isinstance(model_type, str):
+        return [], f"architecture {arch!r} is not one transformers knows (custom code is never run); tied tensors must be stored under the same names in every model"
+    try:
+        cfg_kwargs = {k: v for k, v in config.items() if k not in ("auto_map", "model_type")}
+        cfg = transformers.AutoConfig.for_model(model_type, **cfg_kwargs)
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = cls(cfg)
+    except Exception as exc:  # noqa: BLE001 - any failure only means "no alias information"
+        return [], f"could not instantiate {arch} to find tied tensors ({type(exc).__name__}: {exc}); tied tensors must be stored under the same names in every model"
+    by_tensor: dict[int, list[str]] = defaultdict(list)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_tensor[id(p)].append(name)
+    for name, b in model.named_buffers(remove_duplicate=False):
+        by_tensor[id(b)].append(name)
+    return [frozenset(names) for names in by_tensor.values() if len(names) > 1], None

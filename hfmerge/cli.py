@@ -1,0 +1,184 @@
+"""The `hfmerge` command.
+
+    hfmerge RECIPE [--output DIR] [--dry-run] [--overwrite] [-v | -q]
+    hfmerge demo [--output DIR]
+
+Errors from the `HfMergeError` family are printed as one message without a traceback
+(add --verbose for it) and the exit code is non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .checkpoints.writer import plan_shards
+from .errors import HfMergeError
+
+SUBCOMMANDS = ("demo",)
+
+EPILOG = """\
+examples:
+  hfmerge recipe.yaml --dry-run           print the plan and exit
+  hfmerge recipe.yaml --output ./merged   merge into ./merged (written atomically)
+  hfmerge demo                            build small local checkpoints and merge them
+
+The recipe format (mergekit-compatible keys) is documented in docs/recipes.md.
+"""
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hfmerge",
+        description="Merge fine-tuned checkpoints of one pre-trained model as a YAML recipe says.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("recipe", help="the recipe YAML file (or a subcommand: demo)")
+    p.add_argument("-o", "--output", help="folder to write the merged model into (default: ./merged-<recipe name>)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (models, tensors, memory, output size, warnings) and exit without writing")
+    p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--max-shard-size", help="cut output shards at this size, e.g. 2GB (overrides the recipe)")
+    p.add_argument("--json", metavar="PATH", help="also write the plan (with --dry-run) or the result as JSON")
+    _common(p)
+    return p
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", help="more logging, and tracebacks on errors")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only errors and the result")
+    p.add_argument("--version", action="version", version=f"hfmerge {__version__}")
+
+
+def plan_summary(plan) -> dict:
+    """The plan as a JSON-friendly mapping (what --dry-run prints)."""
+    recipe = plan.recipe
+    merged = [t for t in plan.tensors if t.merge]
+    return {
+        "recipe": recipe.source,
+        "method": recipe.method.name,
+        "parameters": {k: v for k, v in recipe.parameters.items()},
+        "base_model": None if plan.base is None else {"ref": plan.base.ref.text, "folder": str(plan.base.folder), "files": len(plan.base.files)},
+        "models": [
+            {"key": spec.key, "ref": ckpt.ref.text, "folder": str(ckpt.folder), "parameters": {k: (v if isinstance(v, (int, float, str, bool)) else repr(v)) for k, v in spec.parameters.items()}}
+            for spec, ckpt in zip(recipe.models, plan.models)
+        ],
+        "tensors": len(plan.tensors),
+        "tensors_merged": len(merged),
+        "tensors_copied": len(plan.tensors) - len(merged),
+        "parameters_count": plan.parameter_count,
+        "output_bytes": plan.output_bytes,
+        "output_shards": len(plan_shards(plan.output_tensors, recipe.max_shard_size)),
+        "estimated_peak_memory_bytes": plan.estimated_peak_bytes(),
+        "warnings": list(plan.warnings),
+    }
+
+
+def _print_plan(s: dict) -> None:
+    print(f"Plan for {s['recipe']}")
+    params = ", ".join(f"{k}={v}" for k, v in s["parameters"].items())
+    print(f"  method:      {s['method']}" + (f" ({params})" if params else ""))
+    if s["base_model"]:
+        print(f"  base model:  {s['base_model']['ref']}  [{s['base_model']['folder']}]")
+    print(f"  models:      {len(s['models'])}")
+    for m in s["models"]:
+        mp = ", ".join(f"{k}={v}" for k, v in m["parameters"].items())
+        print(f"    {m['key']}: {m['ref']}" + (f"  ({mp})" if mp else ""))
+    print(f"  tensors:     {s['tensors']} ({s['tensors_merged']} merged, {s['tensors_copied']} copied)")
+    print(f"  parameters:  {_count(s['parameters_count'])}")
+    print(f"  output:      {_human(s['output_bytes'])} in {s['output_shards']} shard(s)")
+    print(f"  peak memory: about {_human(s['estimated_peak_memory_bytes'])} (estimated)")
+    if s["warnings"]:
+        print("  warnings:")
+        for w in s["warnings"]:
+            print(f"    - {w}")
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def run_recipe(args: argparse.Namespace) -> int:
+    from .checkpoints.writer import parse_size
+    from .merge import check_output, run_merge
+    from .plan import build_plan
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.max_shard_size:
+        recipe.max_shard_size = parse_size(args.max_shard_size, field="--max-shard-size")
+    output = Path(args.output) if args.output else Path.cwd() / f"merged-{Path(args.recipe).stem}"
+    if not args.dry_run:
+        check_output(output, args.overwrite)
+    plan = build_plan(recipe)
+    summary = plan_summary(plan)
+    if args.dry_run:
+        _print_plan(summary)
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+        return 0
+    if not args.quiet:
+        _print_plan(summary)
+    result = run_merge(plan, output, overwrite=args.overwrite, progress=not args.quiet)
+    for w in result.warnings[len(plan.warnings):]:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"Merged model written to {result.output} ({len(result.files)} files)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({**summary, "output": str(result.output), "files": result.files, "warnings": result.warnings}, indent=2) + "\n")
+    return 0
+
+
+def _demo_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hfmerge demo", description="Build small local checkpoints, merge them with task arithmetic and check that transformers loads the result. Offline.")
+    p.add_argument("-o", "--output", default="hfmerge-demo", help="working folder for the demo (default: ./hfmerge-demo)")
+    _common(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":
+        args = _demo_parser().parse_args(argv[1:])
+        command = "demo"
+    else:
+        args = _merge_parser().parse_args(argv)
+        command = "merge"
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        if command == "demo":
+            from .demo import run_demo
+
+            return run_demo(Path(args.output), progress=not args.quiet)
+        return run_recipe(args)
+    except HfMergeError as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

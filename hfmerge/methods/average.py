@@ -1,0 +1,31 @@
+"""Averaging (model soup, Wortsman et al. 2022) and mergekit's ``linear``: θ = Σ w_i θ_i / Σ w_i."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ._common import per_model
+from .registry import Param, merge_method
+
+WEIGHT = Param("weight", 1.0, help="the model's weight in the weighted mean")
+
+
+@merge_method(
+    "average",
+    per_model=(WEIGHT,),
+    params=(Param("normalize", True, kind=bool, help="divide by the sum of the weights"),),
+    needs_base=False,
+    paper="https://arxiv.org/abs/2203.05482",
+    summary="mean of the fine-tuned models (model soup); per-model weights give a weighted mean",
+    aliases={"linear": {}},
+)
+def average(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], *, weight: Sequence[float], normalize: bool = True, **_: object) -> torch.Tensor:
+    stacked = torch.stack(list(tensors))
+    w = per_model(weight, stacked)
+    total = (stacked * w).sum(dim=0)
+    if normalize:
+        divisor = float(sum(weight))
+        total = total / (divisor if abs(divisor) >= 1e-8 else 1.0)
+    return total

@@ -1,0 +1,141 @@
+"""The registry that maps recipe method names to pure tensor functions.
+
+A merge method is a function of one tensor position::
+
+    fn(base, tensors, *, importances=None, generators=None, **params) -> merged
+
+``base`` is the pre-trained tensor (float32; ``None`` for methods that ignore it),
+``tensors`` the M fine-tuned tensors (float32), ``importances`` the per-model importance
+tensors (Fisher) when the method declares it needs them, ``generators`` one seeded
+``torch.Generator`` per model for random methods, and ``params`` the method's parameters:
+per-model ones as lists of M floats, global ones as scalars. No I/O, no model objects.
+
+Adding a method = one module with a function decorated by `merge_method` + its import in
+``hfmerge/methods/__init__.py`` + its formula test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method parameter as the recipe gives it.
+
+    Attributes:
+        name: Recipe key (mergekit's name where mergekit has the concept).
+        default: Value when the recipe omits it (mergekit's default where it has one).
+        kind: ``float``, ``int``, ``bool`` or ``str``.
+        low, high: Allowed range (inclusive unless `low_open` / `high_open`).
+        choices: Allowed values for ``str`` parameters.
+        help: One line for the docs and error messages.
+    """
+
+    name: str
+    default: Any
+    kind: type = float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] | None = None
+    help: str = ""
+
+    def expected(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.kind is bool:
+            return "true or false"
+        what = "an integer" if self.kind is int else "a number"
+        if self.low is not None and self.high is not None:
+            lo = "(" if self.low_open else "["
+            hi = ")" if self.high_open else "]"
+            return f"{what} in {lo}{self.low}, {self.high}{hi}"
+        if self.low is not None:
+            return f"{what} {'>' if self.low_open else '>='} {self.low}"
+        return what
+
+    def check(self, value: Any) -> str | None:
+        """Return None if `value` is acceptable, else what was expected."""
+        if self.kind is bool:
+            return None if isinstance(value, bool) else self.expected()
+        if self.kind is str:
+            return None if isinstance(value, str) and (not self.choices or value in self.choices) else self.expected()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.kind is int and not isinstance(value, int)):
+            return self.expected()
+        if value != value:  # NaN
+            return self.expected()
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return self.expected()
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            return self.expected()
+        return None
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered method: its function and what the recipe may set for it."""
+
+    name: str
+    func: Callable[..., torch.Tensor]
+    per_model: tuple[Param, ...] = ()
+    params: tuple[Param, ...] = ()
+    needs_base: bool = True
+    needs_importance: bool = False
+    random: bool = False
+    paper: str = ""
+    summary: str = ""
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    def param(self, name: str) -> Param | None:
+        for p in self.params:
+            if p.name == name:
+                return p
+        return None
+
+    def model_param(self, name: str) -> Param | None:
+        for p in self.per_model:
+            if p.name == name:
+                return p
+        return None
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def merge_method(name: str, *, per_model: tuple[Param, ...] = (), params: tuple[Param, ...] = (), needs_base: bool = True,
+                 needs_importance: bool = False, random: bool = False, paper: str = "", summary: str = "",
+                 aliases: dict[str, dict[str, Any]] | None = None) -> Callable:
+    """Register a pure tensor function as a merge method.
+
+    Args:
+        name: The recipe's ``merge_method`` value.
+        per_model: Parameters set per model under ``models[].parameters``.
+        params: Global parameters under ``parameters``.
+        needs_base: Whether the method reads the base model's tensor.
+        needs_importance: Whether it needs per-model importance tensors (Fisher).
+        random: Whether it draws random numbers (it then receives seeded generators).
+        paper: Link to the method's paper, for docs and the model card.
+        summary: One line describing the method.
+        aliases: Other names for the same function with some parameters fixed, e.g.
+            mergekit's ``dare_ties`` = ``dare`` with ``consensus: sum``.
+    """
+
+    def register(func: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        for method_name, fixed in {name: {}, **(aliases or {})}.items():
+            if method_name in METHODS:
+                raise ValueError(f"merge method {method_name!r} registered twice")
+            visible = tuple(p for p in params if p.name not in fixed)
+            METHODS[method_name] = MergeMethod(method_name, func, per_model, visible, needs_base, needs_importance, random, paper, summary, dict(fixed))
+        return func
+
+    return register
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method called `name` (import `hfmerge.methods` first to register them all)."""
+    return METHODS[name]

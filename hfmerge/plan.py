@@ -1,0 +1,240 @@
+"""The plan step: everything that can be wrong is found here, before any weight is read.
+
+Opens every checkpoint header-only, maps each output tensor to the name it has in every model
+(tied aliases resolved), checks names, shapes and dtypes across models, checks Fisher files,
+and estimates memory and output size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoints.aliases import tied_groups
+from .checkpoints.reader import LocalCheckpoint, open_local_checkpoint
+from .checkpoints.safetensors_header import DTYPE_SIZES, TensorInfo, read_header
+from .checkpoints.writer import OutputTensor
+from .errors import CheckpointError, FisherFileError, HfMergeError, IncompatibleCheckpointsError
+from .recipe import FilteredValue, Recipe
+from .refs import ModelRef
+
+# The Python process with torch loaded, measured on CPU; added to the estimate of peak memory.
+PROCESS_BASELINE_BYTES = 350 * 2**20
+
+
+@dataclass(frozen=True)
+class FisherFile:
+    """A per-model Fisher file (safetensors with the checkpoint's tensor names), header only."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    label: str
+
+    def read(self, name: str):
+        return LocalCheckpoint(ModelRef(str(self.path), path=self.path.parent), self.label, self.path.parent, self.tensors, {}).read(name)
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: where to read it in every input, and how to write it."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: str
+    base_source: str | None  # name in the base checkpoint
+    sources: tuple[str, ...]  # name in each fine-tuned model
+    fisher_sources: tuple[str, ...] | None
+    merge: bool  # False: a non-float tensor copied from the reference model
+    alias_key: str  # the canonical name of its tied group (itself when untied)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    base: LocalCheckpoint | None
+    models: list[LocalCheckpoint]
+    fishers: list[FisherFile] | None
+    tensors: list[TensorPlan]
+    config_source: LocalCheckpoint
+    tokenizer_folder: Path
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def reference(self) -> LocalCheckpoint:
+        return self.base if self.base is not None else self.models[0]
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def output_tensors(self) -> list[OutputTensor]:
+        return [OutputTensor(t.name, t.shape, t.out_dtype) for t in self.tensors]
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.nbytes for t in self.output_tensors)
+
+    def estimated_peak_bytes(self) -> int:
+        """Peak memory of the streaming merge: the largest tensor position in flight.
+
+        Per position: every input in its stored dtype and as a float32 copy, the Fisher
+        tensors likewise, the method's float32 work space (the M task vectors, their weighted
+        copy and a mask: ~3 M tensors) and the output in float32 and output dtype; plus the
+        process itself.
+        """
+        m = len(self.models)
+        n_inputs = m + (1 if self.base is not None else 0)
+        n_imp = m if self.fishers else 0
+        worst = 0
+        for t in self.tensors:
+            stored = DTYPE_SIZES[self.reference.tensors[t.base_source or t.sources[0]].dtype] if (t.base_source or t.sources[0]) in self.reference.tensors else 4
+            per_entry = (n_inputs + n_imp) * (stored + 4) + 3 * m * 4 + 4 + DTYPE_SIZES[t.out_dtype]
+            worst = max(worst, t.numel * per_entry)
+        return PROCESS_BASELINE_BYTES + worst
+
+
+def _label(key: str, ref: ModelRef) -> str:
+    return f"{key} ({ref.text})"
+
+
+def _open(ref: ModelRef, key: str, recipe: Recipe) -> LocalCheckpoint:
+    if not ref.is_local:
+        raise CheckpointError(
+            f"{recipe.source}: {key}: {ref.text!r} is a Hub reference; reading from the Hub is not available in this version, "
+            "download the checkpoint to a local folder and give its path"
+        )
+    return open_local_checkpoint(ref, label=_label(key, ref), allow_pickle=recipe.allow_pickle)
+
+
+def _open_fisher(path: Path, label: str) -> FisherFile:
+    if not path.is_file():
+        raise FisherFileError(f"{label}: Fisher file {path} not found")
+    try:
+        infos, _ = read_header(path)
+    except CheckpointError as exc:
+        raise FisherFileError(f"{label}: Fisher file {exc}") from None
+    return FisherFile(path, infos, label)
+
+
+def _find(name: str, stored: dict[str, TensorInfo], group: frozenset[str] | None) -> str | None:
+    if name in stored:
+        return name
+    if group:
+        for alias in sorted(group):
+            if alias in stored:
+                return alias
+    return None
+
+
+def build_plan(recipe: Recipe) -> MergePlan:
+    """Open every input header-only and check that the merge can run.
+
+    Raises:
+        CheckpointError: A checkpoint or Fisher file cannot be read.
+        IncompatibleCheckpointsError: Names, shapes or dtypes disagree.
+    """
+    base = _open(recipe.base, "base_model", recipe) if recipe.base is not None else None
+    models = [_open(m.ref, f"{m.key}.model", recipe) for m in recipe.models]
+    reference = base if base is not None else models[0]
+    warnings: list[str] = []
+
+    groups, alias_warning = tied_groups(reference.config)
+    if alias_warning:
+        warnings.append(f"{reference.label}: {alias_warning}")
+    group_of: dict[str, frozenset[str]] = {n: g for g in groups for n in g}
+
+    fishers = None
+    if recipe.method.needs_importance:
+        fishers = [_open_fisher(m.fisher, f"{recipe.source}: {m.key}.fisher") for m in recipe.models]  # type: ignore[arg-type]
+
+    inputs = ([base] if base is not None else []) + models
+    ordered = sorted(reference.tensors.values(), key=lambda i: (str(i.file), i.begin))
+    tensors: list[TensorPlan] = []
+    missing: list[tuple[str, str]] = []
+    for info in ordered:
+        name = info.name
+        group = group_of.get(name)
+        found = []
+        for ckpt in inputs:
+            src = _find(name, ckpt.tensors, group)
+            if src is None:
+                missing.append((name, ckpt.label))
+            found.append(src)
+        if any(s is None for s in found):
+            continue
+        shapes = {ckpt.label: ckpt.tensors[src].shape for ckpt, src in zip(inputs, found)}  # type: ignore[index]
+        if len(set(shapes.values())) > 1:
+            detail = "; ".join(f"{k}: {list(v)}" for k, v in shapes.items())
+            raise IncompatibleCheckpointsError(f"tensor {name!r} has different shapes across models ({detail}); these checkpoints are not fine-tunes of one architecture")
+        float_flags = {ckpt.label: ckpt.tensors[src].is_float for ckpt, src in zip(inputs, found)}  # type: ignore[index]
+        mergeable = info.is_float
+        if len(set(float_flags.values())) > 1:
+            detail = "; ".join(f"{k}: {ckpt.tensors[src].dtype}" for (k, _), ckpt, src in zip(float_flags.items(), inputs, found))  # type: ignore[index]
+            raise IncompatibleCheckpointsError(f"tensor {name!r} is floating point in some models and not in others ({detail}); a non-float tensor cannot be merged")
+        fisher_sources = None
+        if fishers is not None and mergeable:
+            fisher_sources = []
+            for fisher, model_ckpt in zip(fishers, models):
+                src = _find(name, fisher.tensors, group)
+                if src is None:
+                    raise FisherFileError(f"{fisher.label}: {fisher.path.name} has no tensor {name!r} (nor a tied alias of it); compute the Fisher for {model_ckpt.label} with the checkpoint's tensor names")
+                if fisher.tensors[src].shape != info.shape:
+                    raise FisherFileError(f"{fisher.label}: tensor {src!r} has shape {list(fisher.tensors[src].shape)} but the checkpoint's is {list(info.shape)}")
+                if not fisher.tensors[src].is_float:
+                    raise FisherFileError(f"{fisher.label}: tensor {src!r} has dtype {fisher.tensors[src].dtype}; Fisher values must be floating point")
+                fisher_sources.append(src)
+        out_dtype = (recipe.out_dtype or info.dtype) if mergeable else info.dtype
+        tensors.append(TensorPlan(
+            name=name, shape=info.shape, out_dtype=out_dtype,
+            base_source=found[0] if base is not None else None,
+            sources=tuple(found[1:] if base is not None else found),  # type: ignore[arg-type]
+            fisher_sources=tuple(fisher_sources) if fisher_sources is not None else None,
+            merge=mergeable, alias_key=min(group) if group else name,
+        ))
+    if missing:
+        shown = "; ".join(f"{n!r} missing in {label}" for n, label in missing[:5])
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise IncompatibleCheckpointsError(f"checkpoints do not hold the same tensors: {shown}{more}. Every model must be a fine-tune of {reference.label}")
+
+    covered = {n for t in tensors for n in (t.name, *((group_of.get(t.name) or ())))}
+    for ckpt in inputs:
+        extra = sorted(set(ckpt.tensors) - covered)
+        if extra:
+            warnings.append(f"{ckpt.label}: {len(extra)} tensor(s) not in {reference.label} are ignored, e.g. {extra[0]!r}")
+    if not any(t.merge for t in tensors):
+        raise IncompatibleCheckpointsError(f"{reference.label}: no floating-point tensor to merge")
+
+    _check_method_settings(recipe, warnings)
+
+    config_ckpt = reference
+    if recipe.config_source is not None:
+        config_ckpt = next((c for c in inputs if c.ref == recipe.config_source), None) or _open(recipe.config_source, "config_source", recipe)
+    tokenizer_folder = reference.folder
+    if recipe.tokenizer_source is not None:
+        match = next((c for c in inputs if c.ref == recipe.tokenizer_source), None)
+        if match is not None:
+            tokenizer_folder = match.folder
+        elif recipe.tokenizer_source.is_local and recipe.tokenizer_source.path is not None and recipe.tokenizer_source.path.is_dir():
+            tokenizer_folder = recipe.tokenizer_source.path
+        else:
+            raise CheckpointError(f"{recipe.source}: tokenizer_source: folder {recipe.tokenizer_source.text!r} not found")
+    return MergePlan(recipe, base, models, fishers, tensors, config_ckpt, tokenizer_folder, warnings)
+
+
+def _check_method_settings(recipe: Recipe, warnings: list[str]) -> None:
+    method = recipe.method
+    if method.name == "ties" and recipe.parameters.get("trim") == "model":
+        for m in recipe.models:
+            if isinstance(m.parameters.get("density"), FilteredValue):
+                raise HfMergeError(f"{recipe.source}: {m.key}.parameters.density: trim: model needs one density per model, not a filter list")
+    if method.model_param("density") is not None and all("density" not in m.parameters for m in recipe.models):
+        if method.name == "ties":
+            warnings.append("ties without density keeps every entry (density 1.0, mergekit's default); the TIES paper trims to density: 0.2")
+        else:
+            warnings.append(f"{method.name} without density drops nothing (density 1.0, mergekit's default); the DARE paper uses density 0.1-0.9 (p = 1 - density)")

@@ -1,0 +1,315 @@
+"""The recipe: schema, defaults and validation, all in one place.
+
+The keys follow mergekit's YAML where mergekit has the concept (``merge_method``,
+``base_model``, ``models[].model``, ``models[].parameters``, ``parameters``, ``dtype``,
+``out_dtype``, ``tokenizer_source``), so a mergekit recipe for a method both tools have
+runs unchanged. hfmerge's own keys extend that schema. Every problem is reported as one
+`RecipeError` naming the key path, what was given and what is expected, before any weight is
+read.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .checkpoints.writer import parse_size
+from .errors import HfMergeError, RecipeError
+from .methods import METHODS, MergeMethod, Param
+from .refs import ModelRef, parse_model_ref
+
+TOP_LEVEL_KEYS = (
+    "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "config_source",
+    "max_shard_size", "allow_pickle", "allow_nonfinite",
+)
+MODEL_KEYS = ("model", "parameters", "fisher")
+# mergekit keys hfmerge does not implement: reported as such rather than as typos.
+UNSUPPORTED_MERGEKIT_KEYS = {
+    "slices": "layer slicing (frankenmerges) is not supported; hfmerge merges whole models of one architecture",
+    "tokenizer": "vocabulary merging is not supported; use tokenizer_source: base or a model reference",
+    "chat_template": "chat templates are copied with the tokenizer files; a custom chat_template is not supported",
+    "modules": "per-module recipes are not supported",
+}
+DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
+@dataclass(frozen=True)
+class FilteredValue:
+    """A per-model parameter given as mergekit's filter list: the first filter contained in the
+    tensor name wins; an entry without a filter is the default."""
+
+    entries: tuple[tuple[str | None, float], ...]
+
+    def resolve(self, tensor_name: str) -> float | None:
+        default = None
+        for flt, value in self.entries:
+            if flt is None:
+                default = value if default is None else default
+            elif flt in tensor_name:
+                return value
+        return default
+
+
+ParamValue = Any  # a scalar, or a FilteredValue for per-model parameters
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One fine-tuned model of the recipe."""
+
+    key: str  # "models[i]"
+    ref: ModelRef
+    parameters: dict[str, ParamValue]
+    fisher: Path | None = None
+
+
+@dataclass
+class Recipe:
+    """A validated recipe. `raw` is the YAML as written (echoed into the model card)."""
+
+    method: MergeMethod
+    base: ModelRef | None
+    models: list[ModelSpec]
+    parameters: dict[str, Any]
+    out_dtype: str | None  # safetensors dtype name, None = the base's dtype
+    tokenizer_source: ModelRef | None
+    config_source: ModelRef | None
+    max_shard_size: int
+    allow_pickle: bool = False
+    allow_nonfinite: bool = False
+    path: Path | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        return str(self.path) if self.path else "recipe"
+
+    def model_param(self, model: ModelSpec, name: str, tensor_name: str) -> float:
+        """A per-model parameter's value for one tensor (filters resolved, defaults applied)."""
+        value = model.parameters.get(name)
+        if isinstance(value, FilteredValue):
+            value = value.resolve(tensor_name)
+        if value is None:
+            spec = self.method.model_param(name)
+            assert spec is not None
+            value = spec.default
+        return float(value)
+
+
+def _fail(source: str, path: str, message: str) -> RecipeError:
+    return RecipeError(f"{source}: {path}: {message}")
+
+
+def _unknown_key(source: str, where: str, key: Any, allowed: tuple[str, ...]) -> RecipeError:
+    close = difflib.get_close_matches(str(key), allowed, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return _fail(source, f"{where}{key}" if where else str(key), f"unknown key{hint} (expected one of: {', '.join(allowed)})")
+
+
+def _check_param(source: str, path: str, spec: Param, value: Any) -> Any:
+    problem = spec.check(value)
+    if problem is not None:
+        raise _fail(source, path, f"got {value!r}; expected {problem}")
+    return float(value) if spec.kind is float else value
+
+
+def _model_param_value(source: str, path: str, spec: Param, value: Any) -> ParamValue:
+    if isinstance(value, list):
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise _fail(source, path, "gradient lists (one value per layer range) are not supported yet; give a number or a filter list")
+        entries = []
+        for i, entry in enumerate(value):
+            if not isinstance(entry, dict) or "value" not in entry or set(entry) - {"filter", "value"}:
+                raise _fail(source, f"{path}[{i}]", f"got {entry!r}; expected {{filter: <substring of tensor names>, value: <number>}}")
+            flt = entry.get("filter")
+            if flt is not None and not isinstance(flt, str):
+                raise _fail(source, f"{path}[{i}].filter", f"got {flt!r}; expected a string")
+            entries.append((flt, _check_param(source, f"{path}[{i}].value", spec, entry["value"])))
+        return FilteredValue(tuple(entries))
+    return _check_param(source, path, spec, value)
+
+
+def _dtype(source: str, key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if value not in DTYPES:
+        raise _fail(source, key, f"got {value!r}; expected one of float32, float16, bfloat16")
+    return DTYPES[value]
+
+
+def _bool(source: str, key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(source, key, f"got {value!r}; expected true or false")
+    return value
+
+
+def _ref(source: str, key: str, value: Any, base_dir: Path | None) -> ModelRef:
+    if not isinstance(value, str):
+        raise _fail(source, key, f"got {value!r}; expected a model reference (org/name, org/name@revision or a folder)")
+    try:
+        return parse_model_ref(value, base_dir=base_dir, field=f"{source}: {key}")
+    except HfMergeError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(source, key, str(exc)) from None
+
+
+def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
+    """Validate a recipe given as parsed YAML.
+
+    Args:
+        data: The YAML document.
+        source: Name of the recipe for messages (usually its path).
+        base_dir: Folder that relative model paths are resolved against.
+
+    Raises:
+        RecipeError: Naming the key path, what was given and what is expected.
+    """
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: expected a YAML mapping with merge_method, base_model and models, got {type(data).__name__}")
+    for key in data:
+        if key in UNSUPPORTED_MERGEKIT_KEYS:
+            raise _fail(source, str(key), UNSUPPORTED_MERGEKIT_KEYS[key])
+        if key not in TOP_LEVEL_KEYS:
+            raise _unknown_key(source, "", key, TOP_LEVEL_KEYS)
+
+    name = data.get("merge_method")
+    if name is None:
+        raise _fail(source, "merge_method", f"missing; expected one of {', '.join(sorted(METHODS))}")
+    if name not in METHODS:
+        close = difflib.get_close_matches(str(name), list(METHODS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise _fail(source, "merge_method", f"unknown method {name!r}{hint}; expected one of {', '.join(sorted(METHODS))}")
+    method = METHODS[name]
+
+    base = _ref(source, "base_model", data["base_model"], base_dir) if data.get("base_model") is not None else None
+    if base is None and method.needs_base:
+        raise _fail(source, "base_model", f"missing; merge_method {name!r} works on task vectors and needs the pre-trained model")
+
+    raw_models = data.get("models")
+    if raw_models is None:
+        raise _fail(source, "models", "missing; expected a list of fine-tuned models, each {model: <reference>}")
+    if not isinstance(raw_models, list) or not raw_models:
+        raise _fail(source, "models", f"got {raw_models!r}; expected a non-empty list of {{model: <reference>}}")
+    models: list[ModelSpec] = []
+    seen: dict[str, str] = {}
+    for i, entry in enumerate(raw_models):
+        key = f"models[{i}]"
+        if isinstance(entry, str):  # shorthand: a bare reference
+            entry = {"model": entry}
+        if not isinstance(entry, dict):
+            raise _fail(source, key, f"got {entry!r}; expected {{model: <reference>, parameters: {{...}}}}")
+        for k in entry:
+            if k not in MODEL_KEYS:
+                raise _unknown_key(source, f"{key}.", k, MODEL_KEYS)
+        if "model" not in entry:
+            raise _fail(source, f"{key}.model", "missing; expected a model reference")
+        ref = _ref(source, f"{key}.model", entry["model"], base_dir)
+        identity = str(ref.path) if ref.is_local else f"{ref.repo_id}@{ref.revision or ''}"
+        if base is not None and identity == (str(base.path) if base.is_local else f"{base.repo_id}@{base.revision or ''}"):
+            # mergekit lets the base appear among the models; it contributes no task vector.
+            continue
+        if identity in seen:
+            raise _fail(source, f"{key}.model", f"{entry['model']!r} is the same model as {seen[identity]}; list each model once")
+        seen[identity] = f"{key}.model"
+        params_in = entry.get("parameters") or {}
+        if not isinstance(params_in, dict):
+            raise _fail(source, f"{key}.parameters", f"got {params_in!r}; expected a mapping")
+        allowed = tuple(p.name for p in method.per_model)
+        params: dict[str, ParamValue] = {}
+        for pk, pv in params_in.items():
+            spec = method.model_param(pk)
+            if spec is None:
+                raise _fail(source, f"{key}.parameters.{pk}", f"not a per-model parameter of {name!r}" + (f" (expected one of: {', '.join(allowed)})" if allowed else " (it takes none)"))
+            params[pk] = _model_param_value(source, f"{key}.parameters.{pk}", spec, pv)
+        fisher = None
+        if "fisher" in entry:
+            if not method.needs_importance:
+                raise _fail(source, f"{key}.fisher", f"merge_method {name!r} does not use Fisher files")
+            if not isinstance(entry["fisher"], str):
+                raise _fail(source, f"{key}.fisher", f"got {entry['fisher']!r}; expected the path of a safetensors Fisher file")
+            fisher = Path(entry["fisher"]).expanduser()
+            if not fisher.is_absolute() and base_dir is not None:
+                fisher = base_dir / fisher
+        elif method.needs_importance:
+            raise _fail(source, f"{key}.fisher", f"missing; merge_method {name!r} needs a Fisher file (safetensors with the checkpoint's tensor names) per model")
+        models.append(ModelSpec(key, ref, params, fisher))
+    if not models:
+        raise _fail(source, "models", "lists only the base model; add at least one fine-tuned model")
+
+    params_in = data.get("parameters") or {}
+    if not isinstance(params_in, dict):
+        raise _fail(source, "parameters", f"got {params_in!r}; expected a mapping")
+    parameters: dict[str, Any] = {p.name: p.default for p in method.params}
+    parameters.update(method.fixed)
+    allowed = tuple(p.name for p in method.params)
+    for pk, pv in params_in.items():
+        spec = method.param(pk)
+        if spec is None:
+            if pk in method.fixed and pv == method.fixed[pk]:
+                continue
+            if method.model_param(pk) is not None:
+                # mergekit allows per-model parameters globally as a default for every model.
+                value = _model_param_value(source, f"parameters.{pk}", method.model_param(pk), pv)
+                for j, m in enumerate(models):
+                    if pk not in m.parameters:
+                        models[j] = ModelSpec(m.key, m.ref, {**m.parameters, pk: value}, m.fisher)
+                continue
+            extra = f" ({name!r} fixes {pk} = {method.fixed[pk]!r})" if pk in method.fixed else ""
+            raise _fail(source, f"parameters.{pk}", f"not a parameter of {name!r}{extra}" + (f"; expected one of: {', '.join(allowed)}" if allowed else ""))
+        parameters[pk] = _check_param(source, f"parameters.{pk}", spec, pv)
+
+    dtype = _dtype(source, "dtype", data.get("dtype"))
+    out_dtype = _dtype(source, "out_dtype", data.get("out_dtype")) or dtype
+
+    def _source_ref(key: str) -> ModelRef | None:
+        value = data.get(key)
+        if value is None or value == "base":
+            return None
+        if isinstance(value, str) and value.startswith("model:"):
+            value = value[len("model:"):]
+        if value == "union":
+            raise _fail(source, key, "'union' (merging vocabularies) is not supported; use 'base' or a model reference")
+        return _ref(source, key, value, base_dir)
+
+    tokenizer_source = _source_ref("tokenizer_source")
+    config_source = _source_ref("config_source")
+    if base is None and (tokenizer_source is None or config_source is None):
+        # Without a base model, config and tokenizer come from the first model.
+        tokenizer_source = tokenizer_source or models[0].ref
+        config_source = config_source or models[0].ref
+    try:
+        max_shard = parse_size(data.get("max_shard_size", DEFAULT_MAX_SHARD_SIZE), field=f"{source}: max_shard_size")
+    except HfMergeError as exc:
+        raise RecipeError(str(exc)) from None
+    return Recipe(
+        method=method, base=base, models=models, parameters=parameters, out_dtype=out_dtype,
+        tokenizer_source=tokenizer_source, config_source=config_source, max_shard_size=max_shard,
+        allow_pickle=_bool(source, "allow_pickle", data.get("allow_pickle", False)),
+        allow_nonfinite=_bool(source, "allow_nonfinite", data.get("allow_nonfinite", False)),
+        raw=data,
+    )
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file. Relative model paths are resolved against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    recipe = parse_recipe(data, source=str(path), base_dir=path.parent.resolve())
+    recipe.path = path
+    return recipe
+
+
+def is_finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
