@@ -11,7 +11,6 @@ read.
 from __future__ import annotations
 
 import difflib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,6 +309,3 @@ def load_recipe(path: str | Path) -> Recipe:
     recipe.path = path
     return recipe
 
-
-def is_finite_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -16,6 +16,7 @@ Adding a method = one module with a function decorated by `merge_method` + its i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -67,7 +68,7 @@ class Param:
             return None if isinstance(value, str) and (not self.choices or value in self.choices) else self.expected()
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.kind is int and not isinstance(value, int)):
             return self.expected()
-        if value != value:  # NaN
+        if not math.isfinite(value):
             return self.expected()
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             return self.expected()
