@@ -105,10 +105,9 @@ def _label(key: str, ref: ModelRef) -> str:
 
 def _open(ref: ModelRef, key: str, recipe: Recipe) -> LocalCheckpoint:
     if not ref.is_local:
-        raise CheckpointError(
-            f"{recipe.source}: {key}: {ref.text!r} is a Hub reference; reading from the Hub is not available in this version, "
-            "download the checkpoint to a local folder and give its path"
-        )
+        from .checkpoints.hub import open_hub_checkpoint
+
+        return open_hub_checkpoint(ref, label=_label(key, ref), allow_pickle=recipe.allow_pickle)
     return open_local_checkpoint(ref, label=_label(key, ref), allow_pickle=recipe.allow_pickle)
 
 
@@ -214,10 +213,10 @@ def build_plan(recipe: Recipe) -> MergePlan:
 
     config_ckpt = reference
     if recipe.config_source is not None:
-        config_ckpt = next((c for c in inputs if c.ref == recipe.config_source), None) or _open(recipe.config_source, "config_source", recipe)
+        config_ckpt = next((c for c in inputs if c.ref.text == recipe.config_source.text), None) or _open(recipe.config_source, "config_source", recipe)
     tokenizer_folder = reference.folder
     if recipe.tokenizer_source is not None:
-        match = next((c for c in inputs if c.ref == recipe.tokenizer_source), None)
+        match = next((c for c in inputs if c.ref.text == recipe.tokenizer_source.text), None)
         if match is not None:
             tokenizer_folder = match.folder
         elif recipe.tokenizer_source.is_local and recipe.tokenizer_source.path is not None and recipe.tokenizer_source.path.is_dir():

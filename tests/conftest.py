@@ -32,4 +32,4 @@ os.environ["DISABLE_SAFETENSORS_CONVERSION"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.pop("HF_TOKEN", None)
 
-pytest_plugins = ["model_fixtures"]
+pytest_plugins = ["model_fixtures", "hub_fixtures"]

@@ -201,9 +201,9 @@ def test_fisher_file_problems_name_the_file_and_tensor(t5, tmp_path):
         plan_error(r)
 
 
-def test_hub_references_are_reported_before_any_read(t5, tmp_path):
+def test_offline_hub_reference_missing_from_the_cache_is_reported_in_the_plan(t5, tmp_path):
     r = write_recipe(tmp_path / "r.yaml", merge_method="task_arithmetic", base_model=t5.base, models=[{"model": "org/some-model@v1"}])
-    with pytest.raises(CheckpointError, match=r"models\[0\].model: 'org/some-model@v1' is a Hub reference"):
+    with pytest.raises(CheckpointError, match=r"models\[0\].model \(org/some-model@v1\): org/some-model@v1 config.json: not in the local cache and HF_HUB_OFFLINE is set"):
         plan_error(r)
 
 

@@ -89,17 +89,21 @@ class LocalCheckpoint:
         if info.numel == 0:
             return torch.empty(info.shape, dtype=dtype)
         buf = bytearray(info.nbytes)
-        with open(info.file, "rb") as f:
+        with open(self.local_file(info), "rb") as f:
             f.seek(info.begin)
             got = f.readinto(buf)
         if got != info.nbytes:
             raise CheckpointError(f"{self.label}: {info.file.name} ended while reading tensor {name!r}; the file is truncated, download it again")
         return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
+    def local_file(self, info: TensorInfo) -> Path:
+        """The local path holding `info`'s bytes (a Hub checkpoint downloads it first)."""
+        return info.file
+
     def _read_pickle(self, info: TensorInfo) -> torch.Tensor:
         state = self._pickle_cache.get(info.file)
         if state is None:
-            state = _load_pickle(info.file, self.label)
+            state = _load_pickle(self.local_file(info), self.label)
             self._pickle_cache.clear()  # keep one shard's state at a time
             self._pickle_cache[info.file] = state
         return state[info.name]

@@ -1,0 +1,125 @@
+"""Reading inputs from a Hub (the project's Hub-protocol test server, real huggingface_hub client)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hfmerge.cli import main
+from hfmerge.errors import CheckpointError
+from hfmerge.plan import build_plan
+from hfmerge.recipe import load_recipe
+from hfmerge.testing import build_finetuned, load_base_state
+from test_merge import write_recipe
+
+
+def folder_files(folder: Path) -> dict[str, Path]:
+    return {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def hub_family(hub, t5, tmp_path):
+    """The tiny T5 family uploaded to the test Hub: base (single file) and two fine-tunes (one sharded)."""
+    sharded = build_finetuned(t5.base, tmp_path / "sharded", seed=11, sharded_max=4000)
+    repos = {key: hub.unique_repo_id(f"t5-{key}") for key in ("base", "a", "b")}  # fresh repos per test
+    for key, folder in (("base", t5.base), ("a", t5.finetuned[0]), ("b", sharded)):
+        hub.create_repo_direct(repos[key], folder_files(folder))
+    return repos, {"base": t5.base, "a": t5.finetuned[0], "b": sharded}
+
+
+def test_hub_inputs_merge_bit_identical_to_local_and_plan_reads_headers_only(hub, hub_family, tmp_path):
+    repos, local = hub_family
+    hub_recipe = write_recipe(tmp_path / "hub.yaml", merge_method="ties", base_model=repos["base"],
+                              models=[{"model": repos["a"], "parameters": {"density": 0.5}}, {"model": repos["b"], "parameters": {"density": 0.5}}])
+    hub.clear_requests()
+    plan = build_plan(load_recipe(hub_recipe))
+    weight_gets = [r for r in hub.requests_matching("GET", ".safetensors") if not (r.range or "").startswith("bytes=0-7") and "index" not in r.path]
+    full_gets = [r for r in weight_gets if not r.range]
+    assert full_gets == []  # the plan moved no weight file
+    assert all(len(c.commit) == 40 for c in plan.models) and len(plan.base.commit) == 40
+    assert plan.models[1].commit == hub.head_sha(repos["b"])
+    out_hub = tmp_path / "out-hub"
+    assert main([str(hub_recipe), "-o", str(out_hub), "-q"]) == 0
+    local_recipe = write_recipe(tmp_path / "local.yaml", merge_method="ties", base_model=local["base"],
+                                models=[{"model": local["a"], "parameters": {"density": 0.5}}, {"model": local["b"], "parameters": {"density": 0.5}}])
+    out_local = tmp_path / "out-local"
+    assert main([str(local_recipe), "-o", str(out_local), "-q"]) == 0
+    assert (out_hub / "model.safetensors").read_bytes() == (out_local / "model.safetensors").read_bytes()
+
+
+def test_a_commit_after_the_plan_does_not_change_the_result_and_revisions_select_commits(hub, hub_family, t5, tmp_path):
+    repos, local = hub_family
+    first = hub.head_sha(repos["a"])
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="task_arithmetic", base_model=repos["base"], models=[{"model": repos["a"]}])
+    plan = build_plan(load_recipe(recipe))
+    changed = build_finetuned(t5.base, tmp_path / "changed", seed=99)
+    hub.commit_direct(repos["a"], {"model.safetensors": changed / "model.safetensors"}, "new weights")
+    from hfmerge.merge import run_merge
+
+    out = run_merge(plan, tmp_path / "out", progress=False).output
+    expected = load_base_state(local["a"])
+    got = load_file(out / "model.safetensors")
+    assert all(torch.equal(got[n], expected[n]) for n in got)  # λ = 1, one model: the model itself, as planned
+    # @revision picks the old commit explicitly; the branch now gives the new one.
+    pinned = write_recipe(tmp_path / "p.yaml", merge_method="task_arithmetic", base_model=repos["base"], models=[{"model": f"{repos['a']}@{first}"}])
+    assert build_plan(load_recipe(pinned)).models[0].commit == first
+    assert build_plan(load_recipe(recipe)).models[0].commit == hub.head_sha(repos["a"]) != first
+
+
+@pytest.mark.parametrize("model, pattern", [
+    ("org/does-not-exist", r"org/does-not-exist@main: repo not found; check the name, or log in"),
+    ("{a}@nope", r"@nope: revision 'nope' not found; check the branch, tag or commit"),
+])
+def test_missing_repo_or_revision_is_reported_in_the_plan(hub, hub_family, tmp_path, model, pattern):
+    repos, _ = hub_family
+    model = model.format(a=repos["a"])
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="task_arithmetic", base_model=repos["base"], models=[{"model": model}])
+    with pytest.raises(CheckpointError, match=pattern):
+        build_plan(load_recipe(recipe))
+
+
+def test_gated_repo_message_says_what_to_do(hub, hub_family, t5, tmp_path):
+    hub.create_repo_direct("org/gated", folder_files(t5.finetuned[1]), gated=True, exist_ok=True)
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="task_arithmetic", base_model=hub_family[0]["base"], models=[{"model": "org/gated"}])
+    with pytest.raises(CheckpointError, match=r"org/gated@main.*: the repo is gated; accept its conditions"):
+        build_plan(load_recipe(recipe))
+
+
+def test_remote_index_with_parent_shard_name_is_rejected(hub, hub_family, t5, tmp_path):
+    files = folder_files(t5.finetuned[1])
+    files["model.safetensors.index.json"] = b'{"metadata": {}, "weight_map": {"shared.weight": "../evil.safetensors"}}'
+    hub.create_repo_direct("org/evil", files, exist_ok=True)
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="task_arithmetic", base_model=hub_family[0]["base"], models=[{"model": "org/evil"}])
+    with pytest.raises(CheckpointError, match=r"shard file name '../evil.safetensors' leaves the checkpoint folder"):
+        build_plan(load_recipe(recipe))
+
+
+def test_second_run_offline_works_from_the_cache(hub, hub_family, tmp_path, monkeypatch):
+    repos, _ = hub_family
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="average", base_model=repos["base"], models=[{"model": repos["a"]}, {"model": repos["b"]}])
+    assert main([str(recipe), "-o", str(tmp_path / "online"), "-q"]) == 0
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub.clear_requests()
+    assert main([str(recipe), "-o", str(tmp_path / "offline"), "-q"]) == 0
+    assert len(hub.requests) == 0  # nothing asked of the Hub
+    assert (tmp_path / "online" / "model.safetensors").read_bytes() == (tmp_path / "offline" / "model.safetensors").read_bytes()
+
+
+def test_dropped_connection_mid_shard_is_recovered(hub, hub_family, tmp_path):
+    repos, local = hub_family
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="task_arithmetic", base_model=repos["base"], models=[{"model": repos["a"]}])
+    plan = build_plan(load_recipe(recipe))
+    hub.drop_connection_after(path_contains=f"{repos['a']}/resolve", nbytes=3000, times=1)
+    from hfmerge.merge import run_merge
+
+    out = run_merge(plan, tmp_path / "out", progress=False).output
+    gets = [r.body_bytes for r in hub.requests_matching("GET", f"{repos['a']}/resolve")]
+    assert 3000 in gets and len(gets) >= 2  # the first body was cut, a second request completed it
+    expected = load_base_state(local["a"])
+    got = load_file(out / "model.safetensors")
+    assert all(torch.equal(got[n], expected[n]) for n in got)
