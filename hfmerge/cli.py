@@ -59,6 +59,9 @@ def _merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--max-shard-size", help="cut output shards at this size, e.g. 2GB (overrides the recipe)")
     p.add_argument("--json", metavar="PATH", help="also write the plan (with --dry-run) or the result as JSON")
+    p.add_argument("--push-to-hub", nargs="?", const=True, default=None, metavar="REPO_ID",
+                   help="upload the output folder to this Hub repo in one commit (default: the recipe's push_to_hub)")
+    p.add_argument("--private", action="store_true", help="create the Hub repo as private")
     _common(p)
     return p
 
@@ -122,12 +125,18 @@ def run_recipe(args: argparse.Namespace) -> int:
     from .checkpoints.writer import parse_size
     from .merge import check_output, run_merge
     from .plan import build_plan
-    from .recipe import load_recipe
+    from .recipe import RecipeError, load_recipe
 
     recipe = load_recipe(args.recipe)
     if args.max_shard_size:
         recipe.max_shard_size = parse_size(args.max_shard_size, field="--max-shard-size")
     output = Path(args.output) if args.output else Path.cwd() / f"merged-{Path(args.recipe).stem}"
+    push_repo = None
+    if args.push_to_hub is not None:
+        push_repo = args.push_to_hub if isinstance(args.push_to_hub, str) else recipe.push_to_hub
+        if not push_repo:
+            raise RecipeError("--push-to-hub needs a repo id: give one after the flag or set push_to_hub in the recipe")
+        _check_repo_id(push_repo)
     if not args.dry_run:
         check_output(output, args.overwrite)
     plan = build_plan(recipe)
@@ -143,9 +152,23 @@ def run_recipe(args: argparse.Namespace) -> int:
     for w in result.warnings[len(plan.warnings):]:
         print(f"warning: {w}", file=sys.stderr)
     print(f"Merged model written to {result.output} ({len(result.files)} files)")
+    if push_repo:
+        from .publish import push_folder
+
+        pushed = push_folder(result.output, push_repo, private=args.private, message=f"Merge with hfmerge ({recipe.method.name})")
+        print(f"Pushed to {pushed.repo_id}: {pushed.commit_url}")
     if args.json:
         Path(args.json).write_text(json.dumps({**summary, "output": str(result.output), "files": result.files, "warnings": result.warnings}, indent=2) + "\n")
     return 0
+
+
+def _check_repo_id(repo_id: str) -> None:
+    from .recipe import RecipeError
+    from .refs import parse_model_ref
+
+    ref = parse_model_ref(repo_id, field="--push-to-hub") if "/" in repo_id and not repo_id.startswith((".", "/", "~")) else None
+    if ref is None or ref.repo_id is None or ref.revision is not None:
+        raise RecipeError(f"--push-to-hub: {repo_id!r} is not a Hub repo id; expected org/name")
 
 
 def _demo_parser() -> argparse.ArgumentParser:

@@ -207,6 +207,10 @@ def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progres
         merger.prepare(progress)
         files = _write_weights(plan, merger, tmp, progress)
         files += _copy_side_files(plan, tmp)
+        from .card import build_card
+
+        build_card(plan, tmp, output.name).save(tmp / "README.md")
+        files.append("README.md")
         _finalize(output, tmp, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

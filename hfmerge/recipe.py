@@ -24,7 +24,7 @@ from .refs import ModelRef, parse_model_ref
 
 TOP_LEVEL_KEYS = (
     "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "config_source",
-    "max_shard_size", "allow_pickle", "allow_nonfinite",
+    "max_shard_size", "allow_pickle", "allow_nonfinite", "push_to_hub",
 )
 MODEL_KEYS = ("model", "parameters", "fisher")
 # mergekit keys hfmerge does not implement: reported as such rather than as typos.
@@ -82,6 +82,7 @@ class Recipe:
     max_shard_size: int
     allow_pickle: bool = False
     allow_nonfinite: bool = False
+    push_to_hub: str | None = None
     path: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -157,6 +158,20 @@ def _ref(source: str, key: str, value: Any, base_dir: Path | None) -> ModelRef:
         raise
     except Exception as exc:  # noqa: BLE001
         raise _fail(source, key, str(exc)) from None
+
+
+def _push_repo(source: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    ref = None
+    if isinstance(value, str) and "/" in value and not value.startswith((".", "/", "~")):
+        try:
+            ref = parse_model_ref(value, field=f"{source}: push_to_hub")
+        except HfMergeError:
+            ref = None
+    if ref is None or ref.repo_id is None or ref.revision is not None:
+        raise _fail(source, "push_to_hub", f"got {value!r}; expected a Hub repo id org/name")
+    return ref.repo_id
 
 
 def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
@@ -292,6 +307,7 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
         tokenizer_source=tokenizer_source, config_source=config_source, max_shard_size=max_shard,
         allow_pickle=_bool(source, "allow_pickle", data.get("allow_pickle", False)),
         allow_nonfinite=_bool(source, "allow_nonfinite", data.get("allow_nonfinite", False)),
+        push_to_hub=_push_repo(source, data.get("push_to_hub")),
         raw=data,
     )
 

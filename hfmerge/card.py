@@ -1,0 +1,145 @@
+"""The model card (README.md of the output), built with huggingface_hub's ModelCard.
+
+It says exactly how the model was made: every input with its pinned commit, the recipe with
+revisions resolved, the SHA-256 of every output file and the library versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from pathlib import Path
+
+import yaml
+
+from . import __version__
+from .plan import MergePlan
+
+_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+PIPELINE_BY_SUFFIX = (
+    ("ForConditionalGeneration", "text2text-generation"),
+    ("ForCausalLM", "text-generation"),
+    ("LMHeadModel", "text-generation"),
+    ("ForMaskedLM", "fill-mask"),
+    ("ForSequenceClassification", "text-classification"),
+)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _ref_name(ckpt) -> str:
+    return ckpt.ref.repo_id if ckpt.ref.repo_id else ckpt.ref.text
+
+
+def _commit(ckpt) -> str:
+    return getattr(ckpt, "commit", "") or "local"
+
+
+def resolved_recipe(plan: MergePlan) -> dict:
+    """The recipe as written, with every Hub reference pinned to the commit that was read."""
+    raw = yaml.safe_load(yaml.safe_dump(plan.recipe.raw))
+    if plan.base is not None and plan.base.ref.repo_id:
+        raw["base_model"] = f"{plan.base.ref.repo_id}@{_commit(plan.base)}"
+    by_key = {spec.key: ckpt for spec, ckpt in zip(plan.recipe.models, plan.models)}
+    for i, entry in enumerate(raw.get("models") or []):
+        ckpt = by_key.get(f"models[{i}]")
+        if ckpt is not None and ckpt.ref.repo_id:
+            if isinstance(entry, dict):
+                entry["model"] = f"{ckpt.ref.repo_id}@{_commit(ckpt)}"
+            else:
+                raw["models"][i] = f"{ckpt.ref.repo_id}@{_commit(ckpt)}"
+    return raw
+
+
+def _license(plan: MergePlan) -> str | None:
+    readme = plan.reference.folder / "README.md"
+    if readme.is_file():
+        from huggingface_hub import ModelCard
+
+        try:
+            return ModelCard.load(readme).data.to_dict().get("license")
+        except Exception:  # noqa: BLE001 - a malformed upstream card only loses the licence
+            return None
+    return None
+
+
+def _versions() -> dict[str, str]:
+    import huggingface_hub
+    import safetensors
+    import torch
+    import transformers
+
+    return {"hfmerge": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "huggingface_hub": huggingface_hub.__version__, "safetensors": safetensors.__version__}
+
+
+def build_card(plan: MergePlan, folder: Path, title: str):
+    """Build the ModelCard for the merged model written in `folder` (hashes every file there but README.md).
+
+    Only Hub repos go into the `base_model` metadata (local folders have no id there); the
+    inputs table lists every input.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    recipe = plan.recipe
+    method = recipe.method
+    arch = (plan.config_source.config.get("architectures") or [""])[0]
+    pipeline = next((tag for suffix, tag in PIPELINE_BY_SUFFIX if arch.endswith(suffix)), None)
+    inputs = ([plan.base] if plan.base is not None else []) + plan.models
+    data = ModelCardData(
+        base_model=[c.ref.repo_id for c in inputs if c.ref.repo_id] or None,
+        base_model_relation="merge",
+        library_name="transformers",
+        pipeline_tag=pipeline,
+        tags=["merge", "hfmerge", method.name],
+        license=_license(plan),
+    )
+    rows = []
+    if plan.base is not None:
+        rows.append(f"| {_ref_name(plan.base)} | `{_commit(plan.base)}` | base | |")
+    for spec, ckpt in zip(recipe.models, plan.models):
+        coeffs = ", ".join(f"{p.name}={recipe.model_param(spec, p.name, '')}" for p in method.per_model)
+        rows.append(f"| {_ref_name(ckpt)} | `{_commit(ckpt)}` | fine-tuned ({spec.key}) | {coeffs} |")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md")
+    hashes = "\n".join(f"| `{p.relative_to(folder).as_posix()}` | `{sha256_file(p)}` |" for p in files)
+    params = ", ".join(f"`{k}` = {v}" for k, v in recipe.parameters.items()) or "none"
+    versions = ", ".join(f"{k} {v}" for k, v in _versions().items())
+    body = f"""
+# {title}
+
+This model is a merge of {len(plan.models)} fine-tuned model(s){' of ' + _ref_name(plan.base) if plan.base is not None else ''}, made with hfmerge using **{method.name}** ([paper]({method.paper})): {method.summary}.
+
+## Inputs
+
+| model | commit | role | coefficients |
+|---|---|---|---|
+{chr(10).join(rows)}
+
+## Method
+
+`merge_method: {method.name}`; parameters: {params}. Computation in float32; output dtype: {_DTYPE_NAMES.get(recipe.out_dtype or '', 'as stored in the base checkpoint')}.
+
+## Recipe (revisions resolved)
+
+```yaml
+{yaml.safe_dump(resolved_recipe(plan), sort_keys=False).rstrip()}
+```
+
+## Files
+
+| file | SHA-256 |
+|---|---|
+{hashes}
+
+## Software
+
+{versions}
+"""
+    content = f"---\n{data.to_yaml()}\n---\n{body}"
+    return ModelCard(content)

@@ -1,0 +1,66 @@
+"""Publishing to the Hub (test server, real client): one commit, a model card that reads back, clear auth errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+
+from hfmerge.cli import main
+from hfmerge.testing import load_base_state
+from test_hub_read import folder_files
+from test_merge import write_recipe
+
+
+def test_push_round_trip_one_commit_card_and_from_pretrained(hub, hf_token, t5, tmp_path, capsys):
+    base_repo = hub.unique_repo_id("base")
+    hub.create_repo_direct(base_repo, folder_files(t5.base))
+    target = hub.unique_repo_id("merged")
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="task_arithmetic", base_model=base_repo,
+                          models=[{"model": t5.finetuned[0], "parameters": {"weight": 0.5}}, {"model": t5.finetuned[1], "parameters": {"weight": 0.5}}],
+                          push_to_hub=target)
+    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q", "--push-to-hub"]) == 0
+    out = capsys.readouterr().out
+    assert f"Pushed to {target}:" in out and "/commit/" in out
+    history = hub.commit_history(target)
+    assert len(history) == 2  # the repo's initial commit, then exactly one upload commit
+    assert set(hub.list_files(target)) >= {"model.safetensors", "config.json", "README.md", "hfmerge_recipe.yaml"}
+    # transformers loads the pushed model through the Hub, bit-identical to the local output
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(target)
+    local = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(model.state_dict()["shared.weight"], local["shared.weight"])
+    # the card reads back with the metadata that was meant
+    card = ModelCard.load(target)
+    data = card.data.to_dict()
+    assert data["base_model"] == [base_repo] and data["base_model_relation"] == "merge"
+    assert data["tags"] == ["merge", "hfmerge", "task_arithmetic"] and data["pipeline_tag"] == "text2text-generation"
+    commit = hub.head_sha(base_repo)
+    assert f"{base_repo}@{commit}" in card.text and f"`{commit}`" in card.text
+    from hfmerge.card import sha256_file
+
+    assert sha256_file(tmp_path / "out" / "model.safetensors") in card.text
+    assert hf_token not in card.text and hf_token not in out
+    # pushing again makes a new commit
+    assert main([str(recipe), "-o", str(tmp_path / "out2"), "-q", "--push-to-hub", target]) == 0
+    assert len(hub.commit_history(target)) == 3
+
+
+def test_push_without_auth_gives_the_login_message_and_leaves_the_repo_unchanged(hub, t5, tmp_path, capsys, monkeypatch):
+    target = hub.unique_repo_id("locked")
+    hub.create_repo_direct(target, {"README.md": b"original\n"})
+    before = hub.head_sha(target)
+    hub.inject_auth_error(status=401, path_contains="/commit/", times=None)
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="average", base_model=t5.base, models=[{"model": p} for p in t5.finetuned[:2]])
+    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q", "--push-to-hub", target]) == 1
+    err = capsys.readouterr().err
+    assert "not authenticated (HTTP 401)" in err and "hf auth login" in err and "nothing was committed" in err
+    assert hub.head_sha(target) == before and set(hub.list_files(target)) == {".gitattributes", "README.md"}
+
+
+def test_push_to_hub_needs_a_repo_id(t5, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="average", base_model=t5.base, models=[{"model": p} for p in t5.finetuned[:2]])
+    assert main([str(recipe), "-o", str(tmp_path / "out"), "--push-to-hub"]) == 1
+    assert "--push-to-hub needs a repo id" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
