@@ -62,6 +62,8 @@ def _merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", nargs="?", const=True, default=None, metavar="REPO_ID",
                    help="upload the output folder to this Hub repo in one commit (default: the recipe's push_to_hub)")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    p.add_argument("--low-disk", action="store_true",
+                   help="download Hub shards to a scratch folder, at most one per model at a time, instead of the Hugging Face cache")
     _common(p)
     return p
 
@@ -139,9 +141,10 @@ def run_recipe(args: argparse.Namespace) -> int:
         _check_repo_id(push_repo)
     if not args.dry_run:
         check_output(output, args.overwrite)
-    plan = build_plan(recipe)
+    plan = build_plan(recipe, low_disk=args.low_disk)
     summary = plan_summary(plan)
     if args.dry_run:
+        plan.release()
         _print_plan(summary)
         if args.json:
             Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")

@@ -215,6 +215,8 @@ def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progres
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        plan.release()
     return MergeResult(output, sorted(files), plan.warnings + merger.warnings)
 
 

@@ -8,6 +8,8 @@ and estimates memory and output size.
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +65,15 @@ class MergePlan:
     config_source: LocalCheckpoint
     tokenizer_folder: Path
     warnings: list[str] = field(default_factory=list)
+    scratch: Path | None = None  # low-disk download folder, removed by `release`
+
+    def release(self) -> None:
+        """Delete low-disk downloads (a later read downloads again)."""
+        for ckpt in ([self.base] if self.base is not None else []) + self.models:
+            if hasattr(ckpt, "release"):
+                ckpt.release()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     @property
     def reference(self) -> LocalCheckpoint:
@@ -131,8 +142,13 @@ def _find(name: str, stored: dict[str, TensorInfo], group: frozenset[str] | None
     return None
 
 
-def build_plan(recipe: Recipe) -> MergePlan:
+def build_plan(recipe: Recipe, *, low_disk: bool = False) -> MergePlan:
     """Open every input header-only and check that the merge can run.
+
+    Args:
+        recipe: The validated recipe.
+        low_disk: Download Hub shards into a scratch folder instead of the Hugging Face cache,
+            keeping at most one shard per model on disk (deleted when the next is needed).
 
     Raises:
         CheckpointError: A checkpoint or Fisher file cannot be read.
@@ -140,6 +156,12 @@ def build_plan(recipe: Recipe) -> MergePlan:
     """
     base = _open(recipe.base, "base_model", recipe) if recipe.base is not None else None
     models = [_open(m.ref, f"{m.key}.model", recipe) for m in recipe.models]
+    scratch = None
+    if low_disk and any(getattr(c, "commit", "") for c in [base, *models] if c is not None):
+        scratch = Path(tempfile.mkdtemp(prefix="hfmerge-low-disk-"))
+        for i, ckpt in enumerate([base, *models]):
+            if ckpt is not None and getattr(ckpt, "commit", ""):
+                ckpt.scratch = scratch / f"input-{i}"
     reference = base if base is not None else models[0]
     warnings: list[str] = []
 
@@ -223,7 +245,7 @@ def build_plan(recipe: Recipe) -> MergePlan:
             tokenizer_folder = recipe.tokenizer_source.path
         else:
             raise CheckpointError(f"{recipe.source}: tokenizer_source: folder {recipe.tokenizer_source.text!r} not found")
-    return MergePlan(recipe, base, models, fishers, tensors, config_ckpt, tokenizer_folder, warnings)
+    return MergePlan(recipe, base, models, fishers, tensors, config_ckpt, tokenizer_folder, warnings, scratch)
 
 
 def _check_method_settings(recipe: Recipe, warnings: list[str]) -> None:

@@ -123,3 +123,51 @@ def test_dropped_connection_mid_shard_is_recovered(hub, hub_family, tmp_path):
     expected = load_base_state(local["a"])
     got = load_file(out / "model.safetensors")
     assert all(torch.equal(got[n], expected[n]) for n in got)
+
+
+def test_low_disk_keeps_at_most_one_shard_per_model_and_gives_the_same_output(hub, hub_family, hub_cache, tmp_path, monkeypatch):
+    from hfmerge.checkpoints.hub import HubCheckpoint
+
+    repos, _ = hub_family
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="ties", base_model=repos["base"],
+                          models=[{"model": repos["a"], "parameters": {"density": 0.5}}, {"model": repos["b"], "parameters": {"density": 0.5}}])
+    real = HubCheckpoint.local_file
+    on_disk: list[int] = []
+    scratch_dirs = set()
+
+    def spy(self, info):
+        path = real(self, info)
+        scratch_dirs.add(self.scratch)
+        on_disk.append(sum(1 for p in self.scratch.rglob("*.safetensors")))
+        return path
+
+    monkeypatch.setattr(HubCheckpoint, "local_file", spy)
+    assert main([str(recipe), "-o", str(tmp_path / "low"), "-q", "--low-disk"]) == 0
+    assert on_disk and max(on_disk) == 1
+    assert all(d is not None and not d.exists() for d in scratch_dirs)  # scratch removed afterwards
+    assert not list(hub_cache.rglob("*.safetensors"))  # no weights went through the cache
+    monkeypatch.setattr(HubCheckpoint, "local_file", real)
+    assert main([str(recipe), "-o", str(tmp_path / "cached"), "-q"]) == 0
+    assert (tmp_path / "low" / "model.safetensors").read_bytes() == (tmp_path / "cached" / "model.safetensors").read_bytes()
+
+
+def test_503_on_a_header_read_is_retried(hub, hub_family, tmp_path):
+    repos, _ = hub_family
+    hub.fail_next(method="GET", path_contains=".safetensors", status=503, times=1)
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="task_arithmetic", base_model=repos["base"], models=[{"model": repos["a"]}])
+    plan = build_plan(load_recipe(recipe))
+    statuses = [r.status for r in hub.requests_matching("GET", ".safetensors")]
+    assert statuses[0] == 503 and statuses[1] == 206 and plan.base.tensors and plan.models[0].tensors
+
+
+def test_persistent_503_is_reported_clearly(hub, hub_family, tmp_path):
+    # The client retries the HEAD with backoff (about 23 s) before giving up.
+    repos, _ = hub_family
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="task_arithmetic", base_model=repos["base"], models=[{"model": repos["a"]}])
+    plan = build_plan(load_recipe(recipe))
+    hub.fail_next(path_contains=f"{repos['a']}/resolve", status=503, times=None)
+    from hfmerge.merge import run_merge
+
+    with pytest.raises(CheckpointError, match=r"models\[0\].model .*model.safetensors: could not be downloaded: the Hub did not answer or answered with an error .*503.*retry later"):
+        run_merge(plan, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

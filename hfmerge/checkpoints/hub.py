@@ -43,8 +43,12 @@ def hub_error(exc: Exception, ref: ModelRef, label: str, what: str = "") -> Chec
         return CheckpointError(f"{repo_where}: access to this repo has been disabled by its owner or the Hub")
     if isinstance(exc, e.RepositoryNotFoundError):
         return CheckpointError(f"{repo_where}: repo not found; check the name, or log in (`hf auth login` or HF_TOKEN) if it is private")
-    if isinstance(exc, e.OfflineModeIsEnabled) or isinstance(exc, e.LocalEntryNotFoundError):
-        return CheckpointError(f"{where}: not in the local cache and HF_HUB_OFFLINE is set (or the Hub is unreachable); run once online first")
+    if isinstance(exc, e.OfflineModeIsEnabled) or (isinstance(exc, e.LocalEntryNotFoundError) and _offline()):
+        return CheckpointError(f"{where}: not in the local cache and HF_HUB_OFFLINE is set; run once online first")
+    if isinstance(exc, e.LocalEntryNotFoundError):
+        cause = exc.__cause__ or exc.__context__
+        detail = f" ({type(cause).__name__}: {_first_line(cause)})" if cause else ""
+        return CheckpointError(f"{where}: could not be downloaded: the Hub did not answer or answered with an error{detail}, and the file is not in the local cache; retry later")
     if isinstance(exc, (e.RemoteEntryNotFoundError, e.EntryNotFoundError)):
         return CheckpointError(f"{where}: file not found in the repo at this revision")
     status = getattr(getattr(exc, "response", None), "status_code", None)
@@ -68,25 +72,37 @@ class HubCheckpoint(LocalCheckpoint):
     """A checkpoint in a Hub repo pinned to `commit`. Tensor files are repo-relative paths until downloaded."""
 
     commit: str = ""
+    scratch: Path | None = None  # low-disk mode: shards go here, one at a time, not to the cache
     _downloaded: dict[str, Path] = field(default_factory=dict, repr=False)
 
     def local_file(self, info: TensorInfo) -> Path:
         key = str(info.file)
         path = self._downloaded.get(key)
         if path is None:
-            path = _download(self.ref, self.label, key, self.commit)
+            if self.scratch is not None:
+                self.release()  # at most one shard of this model on disk
+            path = _download(self.ref, self.label, key, self.commit, local_dir=self.scratch)
             size = path.stat().st_size
             if size < info.end:
                 raise CheckpointError(f"{self.label}: {key} downloaded with {size} bytes but the header needs {info.end}; delete it from the cache and retry")
             self._downloaded[key] = path
         return path
 
+    def release(self) -> None:
+        """Low-disk mode: delete the shards downloaded so far (the cache is never touched)."""
+        if self.scratch is None:
+            return
+        for name, path in self._downloaded.items():
+            path.unlink(missing_ok=True)
+            (self.scratch / ".cache" / "huggingface" / "download" / f"{name}.metadata").unlink(missing_ok=True)
+        self._downloaded.clear()
 
-def _download(ref: ModelRef, label: str, filename: str, revision: str) -> Path:
+
+def _download(ref: ModelRef, label: str, filename: str, revision: str, local_dir: Path | None = None) -> Path:
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(ref.repo_id, filename, revision=revision))
+        return Path(hf_hub_download(ref.repo_id, filename, revision=revision, local_dir=local_dir))
     except Exception as exc:  # noqa: BLE001 - mapped to one clear message
         raise hub_error(exc, ref, label, filename) from None
 
