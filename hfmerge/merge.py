@@ -78,11 +78,11 @@ class TensorMerger:
         tensors = [self._float(m.read(src), m.label, src) for m, src in zip(plan.models, t.sources)]
         return base, tensors
 
-    def params_for(self, name: str) -> dict:
+    def params_for(self, t: TensorPlan) -> dict:
         recipe = self.recipe
         params = dict(recipe.parameters)
         for p in self.method.per_model:
-            params[p.name] = [recipe.model_param(m, p.name, name) for m in recipe.models]
+            params[p.name] = [recipe.model_param(m, p.name, t.name, t.depth) for m in recipe.models]
         return params
 
     def merge(self, t: TensorPlan) -> torch.Tensor:
@@ -90,7 +90,7 @@ class TensorMerger:
         if not t.merge:
             return self._copy_unmergeable(t)
         base, tensors = self.read_inputs(t)
-        kwargs = self.params_for(t.name)
+        kwargs = self.params_for(t)
         if self.method.needs_importance:
             kwargs["importances"] = [self._float(f.read(src), f.label, src) for f, src in zip(self.plan.fishers, t.fisher_sources)]  # type: ignore[arg-type]
             if self.fisher_norms is not None:

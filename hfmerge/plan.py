@@ -8,6 +8,7 @@ and estimates memory and output size.
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from .checkpoints.reader import LocalCheckpoint, open_local_checkpoint
 from .checkpoints.safetensors_header import DTYPE_SIZES, TensorInfo, read_header
 from .checkpoints.writer import OutputTensor
 from .errors import CheckpointError, FisherFileError, HfMergeError, IncompatibleCheckpointsError
-from .recipe import FilteredValue, Recipe
+from .recipe import Recipe
 from .refs import ModelRef
 
 # The Python process with torch loaded, measured on CPU; added to the estimate of peak memory.
@@ -49,6 +50,7 @@ class TensorPlan:
     fisher_sources: tuple[str, ...] | None
     merge: bool  # False: a non-float tensor copied from the reference model
     alias_key: str  # the canonical name of its tied group (itself when untied)
+    depth: float = 0.0  # relative depth t in [0, 1] for gradient parameters
 
     @property
     def numel(self) -> int:
@@ -132,6 +134,33 @@ def _open_fisher(path: Path, label: str) -> FisherFile:
     return FisherFile(path, infos, label)
 
 
+# The first numeric path component is the layer index ("model.layers.3.", "encoder.block.3.").
+_LAYER = re.compile(r"^(.*?)\.(\d+)\.")
+# Tensors before the first layer (their t is 0); every other non-layer tensor comes after the last (t = 1).
+_BEFORE_LAYERS = re.compile(r"embed|wte|wpe|shared|position|token_type")
+
+
+def relative_depths(names: list[str]) -> dict[str, float]:
+    """Relative depth t of each tensor, as mergekit evaluates gradients: layer i of L has
+    t = i / (L − 1) (1 when L = 1), embeddings 0, tensors after the layers (final norm,
+    output head) 1. Layer stacks are told apart by the name before the index, so an
+    encoder and a decoder each span [0, 1]."""
+    sizes: dict[str, int] = {}
+    for n in names:
+        m = _LAYER.match(n)
+        if m:
+            sizes[m.group(1)] = max(sizes.get(m.group(1), 0), int(m.group(2)) + 1)
+    depths = {}
+    for n in names:
+        m = _LAYER.match(n)
+        if m:
+            count = sizes[m.group(1)]
+            depths[n] = int(m.group(2)) / (count - 1) if count > 1 else 1.0
+        else:
+            depths[n] = 0.0 if _BEFORE_LAYERS.search(n) else 1.0
+    return depths
+
+
 def _find(name: str, stored: dict[str, TensorInfo], group: frozenset[str] | None) -> str | None:
     if name in stored:
         return name
@@ -176,6 +205,7 @@ def build_plan(recipe: Recipe, *, low_disk: bool = False) -> MergePlan:
 
     inputs = ([base] if base is not None else []) + models
     ordered = sorted(reference.tensors.values(), key=lambda i: (str(i.file), i.begin))
+    depths = relative_depths([i.name for i in ordered])
     tensors: list[TensorPlan] = []
     missing: list[tuple[str, str]] = []
     for info in ordered:
@@ -216,7 +246,7 @@ def build_plan(recipe: Recipe, *, low_disk: bool = False) -> MergePlan:
             base_source=found[0] if base is not None else None,
             sources=tuple(found[1:] if base is not None else found),  # type: ignore[arg-type]
             fisher_sources=tuple(fisher_sources) if fisher_sources is not None else None,
-            merge=mergeable, alias_key=min(group) if group else name,
+            merge=mergeable, alias_key=min(group) if group else name, depth=depths[name],
         ))
     if missing:
         shown = "; ".join(f"{n!r} missing in {label}" for n, label in missing[:5])
@@ -251,10 +281,10 @@ def build_plan(recipe: Recipe, *, low_disk: bool = False) -> MergePlan:
 def _check_method_settings(recipe: Recipe, warnings: list[str]) -> None:
     method = recipe.method
     if method.name == "ties" and recipe.parameters.get("trim") == "model":
-        for m in recipe.models:
-            if isinstance(m.parameters.get("density"), FilteredValue):
-                raise HfMergeError(f"{recipe.source}: {m.key}.parameters.density: trim: model needs one density per model, not a filter list")
-    if method.model_param("density") is not None and all("density" not in m.parameters for m in recipe.models):
+        for key, value in [(f"{m.key}.parameters.density", m.parameters.get("density")) for m in recipe.models] + [("parameters.density", recipe.model_defaults.get("density"))]:
+            if value is not None and not isinstance(value, float):
+                raise HfMergeError(f"{recipe.source}: {key}: trim: model needs one density per model, not a filter list or gradient")
+    if method.model_param("density") is not None and "density" not in recipe.model_defaults and all("density" not in m.parameters for m in recipe.models):
         if method.name == "ties":
             warnings.append("ties without density keeps every entry (density 1.0, mergekit's default); the TIES paper trims to density: 0.2")
         else:

@@ -39,23 +39,48 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
 @dataclass(frozen=True)
+class Gradient:
+    """mergekit's gradient: values spread evenly over the layers and interpolated linearly.
+
+    A tensor at relative depth t (0 for the first layer and the embeddings, 1 for the last
+    layer and the output head) gets the piecewise-linear interpolation of the list at t.
+    """
+
+    values: tuple[float, ...]
+
+    def at(self, t: float) -> float:
+        scaled = t * (len(self.values) - 1)
+        i0 = int(scaled)
+        i1 = min(len(self.values) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * self.values[i0] + frac * self.values[i1]
+
+
+@dataclass(frozen=True)
 class FilteredValue:
-    """A per-model parameter given as mergekit's filter list: the first filter contained in the
-    tensor name wins; an entry without a filter is the default."""
+    """mergekit's filter list: the first entry whose filter is absent, ``*`` or a substring of
+    the tensor name applies (order matters); its value may be a number or a gradient. No match
+    falls through to the global ``parameters`` and then to the method's default."""
 
-    entries: tuple[tuple[str | None, float], ...]
+    entries: tuple[tuple[str | None, "float | Gradient"], ...]
 
-    def resolve(self, tensor_name: str) -> float | None:
-        default = None
+    def resolve(self, tensor_name: str, t: float) -> float | None:
         for flt, value in self.entries:
-            if flt is None:
-                default = value if default is None else default
-            elif flt in tensor_name:
-                return value
-        return default
+            if flt is None or flt == "*" or flt in tensor_name:
+                return value.at(t) if isinstance(value, Gradient) else value
+        return None
 
 
-ParamValue = Any  # a scalar, or a FilteredValue for per-model parameters
+def resolve_setting(value: Any, tensor_name: str, t: float) -> float | None:
+    """The value of a per-model setting for one tensor at relative depth `t`."""
+    if isinstance(value, FilteredValue):
+        return value.resolve(tensor_name, t)
+    if isinstance(value, Gradient):
+        return value.at(t)
+    return value
+
+
+ParamValue = Any  # a scalar, a Gradient or a FilteredValue for per-model parameters
 
 
 @dataclass(frozen=True)
@@ -83,6 +108,7 @@ class Recipe:
     allow_pickle: bool = False
     allow_nonfinite: bool = False
     push_to_hub: str | None = None
+    model_defaults: dict[str, ParamValue] = field(default_factory=dict)  # per-model keys given under `parameters`
     path: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -90,16 +116,19 @@ class Recipe:
     def source(self) -> str:
         return str(self.path) if self.path else "recipe"
 
-    def model_param(self, model: ModelSpec, name: str, tensor_name: str) -> float:
-        """A per-model parameter's value for one tensor (filters resolved, defaults applied)."""
-        value = model.parameters.get(name)
-        if isinstance(value, FilteredValue):
-            value = value.resolve(tensor_name)
-        if value is None:
-            spec = self.method.model_param(name)
-            assert spec is not None
-            value = spec.default
-        return float(value)
+    def model_param(self, model: ModelSpec, name: str, tensor_name: str, t: float = 0.0) -> float:
+        """A per-model parameter's value for one tensor at relative depth `t`.
+
+        As in mergekit: the model's own setting, else the global ``parameters`` setting, else the
+        method's default (a filter list that matches nothing falls through).
+        """
+        for setting in (model.parameters.get(name), self.model_defaults.get(name)):
+            value = resolve_setting(setting, tensor_name, t) if setting is not None else None
+            if value is not None:
+                return float(value)
+        spec = self.method.model_param(name)
+        assert spec is not None
+        return float(spec.default)
 
 
 def _fail(source: str, path: str, message: str) -> RecipeError:
@@ -119,20 +148,33 @@ def _check_param(source: str, path: str, spec: Param, value: Any) -> Any:
     return float(value) if spec.kind is float else value
 
 
-def _model_param_value(source: str, path: str, spec: Param, value: Any) -> ParamValue:
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _setting_value(source: str, path: str, spec: Param, value: Any) -> "float | Gradient":
     if isinstance(value, list):
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            raise _fail(source, path, "gradient lists (one value per layer range) are not supported yet; give a number or a filter list")
+        if len(value) < 1 or not all(_is_number(v) for v in value):
+            raise _fail(source, path, f"got {value!r}; expected a number or a gradient (a list of numbers)")
+        return Gradient(tuple(_check_param(source, f"{path}[{i}]", spec, v) for i, v in enumerate(value)))
+    return _check_param(source, path, spec, value)
+
+
+def _model_param_value(source: str, path: str, spec: Param, value: Any) -> ParamValue:
+    """A per-model setting: a number, a gradient, or a filter list (one or more {filter, value})."""
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list) and value and all(isinstance(e, dict) for e in value):
         entries = []
         for i, entry in enumerate(value):
-            if not isinstance(entry, dict) or "value" not in entry or set(entry) - {"filter", "value"}:
-                raise _fail(source, f"{path}[{i}]", f"got {entry!r}; expected {{filter: <substring of tensor names>, value: <number>}}")
+            if "value" not in entry or set(entry) - {"filter", "value"}:
+                raise _fail(source, f"{path}[{i}]", f"got {entry!r}; expected {{filter: <substring of tensor names>, value: <number or gradient>}}")
             flt = entry.get("filter")
             if flt is not None and not isinstance(flt, str):
                 raise _fail(source, f"{path}[{i}].filter", f"got {flt!r}; expected a string")
-            entries.append((flt, _check_param(source, f"{path}[{i}].value", spec, entry["value"])))
+            entries.append((flt, _setting_value(source, f"{path}[{i}].value", spec, entry["value"])))
         return FilteredValue(tuple(entries))
-    return _check_param(source, path, spec, value)
+    return _setting_value(source, path, spec, value)
 
 
 def _dtype(source: str, key: str, value: Any) -> str | None:
@@ -263,6 +305,7 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
     parameters: dict[str, Any] = {p.name: p.default for p in method.params}
     parameters.update(method.fixed)
     allowed = tuple(p.name for p in method.params)
+    model_defaults: dict[str, ParamValue] = {}
     for pk, pv in params_in.items():
         spec = method.param(pk)
         if spec is None:
@@ -270,10 +313,7 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
                 continue
             if method.model_param(pk) is not None:
                 # mergekit allows per-model parameters globally as a default for every model.
-                value = _model_param_value(source, f"parameters.{pk}", method.model_param(pk), pv)
-                for j, m in enumerate(models):
-                    if pk not in m.parameters:
-                        models[j] = ModelSpec(m.key, m.ref, {**m.parameters, pk: value}, m.fisher)
+                model_defaults[pk] = _model_param_value(source, f"parameters.{pk}", method.model_param(pk), pv)
                 continue
             extra = f" ({name!r} fixes {pk} = {method.fixed[pk]!r})" if pk in method.fixed else ""
             raise _fail(source, f"parameters.{pk}", f"not a parameter of {name!r}{extra}" + (f"; expected one of: {', '.join(allowed)}" if allowed else ""))
@@ -308,6 +348,7 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
         allow_pickle=_bool(source, "allow_pickle", data.get("allow_pickle", False)),
         allow_nonfinite=_bool(source, "allow_nonfinite", data.get("allow_nonfinite", False)),
         push_to_hub=_push_repo(source, data.get("push_to_hub")),
+        model_defaults=model_defaults,
         raw=data,
     )
 

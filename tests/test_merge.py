@@ -206,3 +206,14 @@ def test_non_float_tensors_are_copied_when_equal(t5, tmp_path):
     out = tmp_path / "out"
     assert main([str(recipe), "-o", str(out), "-q"]) == 0
     assert torch.equal(load_file(out / "model.safetensors")["steps"], torch.tensor([1, 2, 3]))
+
+
+def test_gradient_weights_follow_layer_depth_in_a_merge(t5, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="task_arithmetic", base_model=t5.base,
+                          models=[{"model": t5.finetuned[0], "parameters": {"weight": [0.0, 1.0]}}])
+    out = tmp_path / "out"
+    assert main([str(recipe), "-o", str(out), "-q"]) == 0
+    got, base, ft = load_file(out / "model.safetensors"), load_base_state(t5.base), load_base_state(t5.finetuned[0])
+    for name, expected in [("shared.weight", base), ("encoder.block.0.layer.0.SelfAttention.q.weight", base),
+                           ("decoder.block.1.layer.2.DenseReluDense.wo.weight", ft), ("decoder.final_layer_norm.weight", ft)]:
+        torch.testing.assert_close(got[name], expected[name])

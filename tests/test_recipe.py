@@ -52,12 +52,39 @@ def test_global_per_model_parameter_is_a_default_for_every_model(folders):
     assert [r.model_param(m, "density", "x") for m in r.models] == [0.2, 0.3]
 
 
-def test_filter_lists_resolve_per_tensor(folders):
-    models = [{"model": "./a", "parameters": {"weight": [{"filter": "mlp", "value": 0.2}, {"value": 1.0}]}}, {"model": "./b"}]
-    r = parse(folders, models=models)
+def test_filter_lists_resolve_per_tensor_in_order(folders):
+    models = [{"model": "./a", "parameters": {"weight": [{"filter": "mlp", "value": 0.2}, {"value": 1.0}, {"filter": "attn", "value": 7.0}]}},
+              {"model": "./b", "parameters": {"weight": [{"filter": "mlp", "value": 0.3}]}}]
+    r = parse(folders, models=models, parameters={"weight": 0.9})
     assert isinstance(r.models[0].parameters["weight"], FilteredValue)
     assert r.model_param(r.models[0], "weight", "layers.0.mlp.up.weight") == 0.2
+    # an entry without filter matches everything, so the later `attn` entry is never reached (mergekit)
     assert r.model_param(r.models[0], "weight", "layers.0.attn.q.weight") == 1.0
+    # no match falls through to the global parameter, then to the method's default
+    assert r.model_param(r.models[1], "weight", "layers.0.attn.q.weight") == 0.9
+    assert parse(folders, models=models).model_param(r.models[1], "weight", "x") == 1.0
+
+
+def test_gradients_interpolate_over_relative_depth(folders):
+    models = [{"model": "./a", "parameters": {"weight": [0.0, 1.0, 0.5]}},
+              {"model": "./b", "parameters": {"weight": [{"filter": "mlp", "value": [1.0, 3.0]}, {"value": 2.0}]}}]
+    r = parse(folders, models=models)
+    a, b = r.models
+    assert [r.model_param(a, "weight", "x", t) for t in (0.0, 0.25, 0.5, 0.75, 1.0)] == [0.0, 0.5, 1.0, 0.75, 0.5]
+    assert r.model_param(b, "weight", "layers.1.mlp.w", 0.5) == 2.0 and r.model_param(b, "weight", "layers.1.attn", 0.5) == 2.0
+    assert r.model_param(b, "weight", "layers.1.mlp.w", 0.25) == 1.5
+
+
+def test_relative_depths_follow_mergekit_layer_positions():
+    from hfmerge.plan import relative_depths
+
+    names = ["shared.weight", "encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.block.2.layer.1.DenseReluDense.wi.weight",
+             "encoder.block.1.layer.0.SelfAttention.q.weight", "decoder.block.0.layer.0.SelfAttention.q.weight",
+             "decoder.block.1.layer.0.SelfAttention.q.weight", "encoder.final_layer_norm.weight", "lm_head.weight"]
+    d = relative_depths(names)
+    assert d["shared.weight"] == 0.0 and d["lm_head.weight"] == 1.0 and d["encoder.final_layer_norm.weight"] == 1.0
+    assert d["encoder.block.0.layer.0.SelfAttention.q.weight"] == 0.0 and d["encoder.block.1.layer.0.SelfAttention.q.weight"] == 0.5
+    assert d["encoder.block.2.layer.1.DenseReluDense.wi.weight"] == 1.0 and d["decoder.block.1.layer.0.SelfAttention.q.weight"] == 1.0
 
 
 def test_base_listed_among_models_contributes_no_task_vector(folders):
