@@ -79,11 +79,15 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__, "huggingface_hub": huggingface_hub.__version__, "safetensors": safetensors.__version__}
 
 
-def build_card(plan: MergePlan, folder: Path, title: str):
+LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas"}
+
+
+def build_card(plan: MergePlan, folder: Path, title: str, evaluation=None):
     """Build the ModelCard for the merged model written in `folder` (hashes every file there but README.md).
 
     Only Hub repos go into the `base_model` metadata (local folders have no id there); the
-    inputs table lists every input.
+    inputs table lists every input. `evaluation` (an `EvalReport` of the output) adds
+    `model-index` results and an evaluation section.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -99,7 +103,21 @@ def build_card(plan: MergePlan, folder: Path, title: str):
         pipeline_tag=pipeline,
         tags=["merge", "hfmerge", method.name],
         license=_license(plan),
+        datasets=sorted({t.dataset_path for t in recipe.tasks if not t.from_disk and t.dataset_path not in LOCAL_BUILDERS}) or None,
+        model_name=title if evaluation is not None else None,
+        eval_results=evaluation.to_eval_results() if evaluation is not None else None,
     )
+    eval_section = ""
+    if evaluation is not None:
+        eval_section = f"""
+## Evaluation
+
+Rank classification over each task's answer options, {evaluation.split} split:
+
+```
+{evaluation.to_table()}
+```
+"""
     rows = []
     if plan.base is not None:
         rows.append(f"| {_ref_name(plan.base)} | `{_commit(plan.base)}` | base | |")
@@ -125,6 +143,7 @@ This model is a merge of {len(plan.models)} fine-tuned model(s){' of ' + _ref_na
 
 `merge_method: {method.name}`; parameters: {params}. Computation in float32; output dtype: {_DTYPE_NAMES.get(recipe.out_dtype or '', 'as stored in the base checkpoint')}.
 
+{eval_section}
 ## Recipe (revisions resolved)
 
 ```yaml

@@ -19,13 +19,14 @@ from . import __version__
 from .checkpoints.writer import plan_shards
 from .errors import HfMergeError
 
-SUBCOMMANDS = ("demo",)
+SUBCOMMANDS = ("demo", "eval")
 
 EPILOG = """\
 examples:
   hfmerge recipe.yaml --dry-run           print the plan and exit
   hfmerge recipe.yaml --output ./merged   merge into ./merged (written atomically)
   hfmerge demo                            build small local checkpoints and merge them
+  hfmerge eval recipe.yaml --model DIR    score a model on the recipe's tasks
 
 The recipe format (mergekit-compatible keys) is documented in docs/recipes.md.
 """
@@ -62,6 +63,8 @@ def _merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", nargs="?", const=True, default=None, metavar="REPO_ID",
                    help="upload the output folder to this Hub repo in one commit (default: the recipe's push_to_hub)")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    p.add_argument("--no-eval", action="store_true", help="do not evaluate the output on the recipe's tasks")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="evaluation batch size (default: 32)")
     p.add_argument("--low-disk", action="store_true",
                    help="download Hub shards to a scratch folder, at most one per model at a time, instead of the Hugging Face cache")
     _common(p)
@@ -151,7 +154,20 @@ def run_recipe(args: argparse.Namespace) -> int:
         return 0
     if not args.quiet:
         _print_plan(summary)
-    result = run_merge(plan, output, overwrite=args.overwrite, progress=not args.quiet)
+    evaluate = None
+    if recipe.tasks and not args.no_eval:
+        from .evaluation.evaluate_model import prepare_tasks
+        from .evaluation.evaluate_model import evaluate_model as _evaluate_model
+
+        # Task data and metrics are loaded and checked before any weight moves.
+        prepared = prepare_tasks(recipe.tasks, "validation", progress=not args.quiet)
+
+        def evaluate(folder: Path):
+            return _evaluate_model(folder, prepared, "validation", batch_size=args.batch_size, progress=not args.quiet,
+                                   model_name=output.name)
+    result = run_merge(plan, output, overwrite=args.overwrite, progress=not args.quiet, evaluate=evaluate)
+    if result.evaluation is not None:
+        print(result.evaluation.to_table())
     for w in result.warnings[len(plan.warnings):]:
         print(f"warning: {w}", file=sys.stderr)
     print(f"Merged model written to {result.output} ({len(result.files)} files)")
@@ -186,6 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "demo":
         args = _demo_parser().parse_args(argv[1:])
         command = "demo"
+    elif argv and argv[0] == "eval":
+        from .evaluation.cli import add_arguments
+
+        p = argparse.ArgumentParser(prog="hfmerge eval", description="Score a model on a recipe's tasks by rank classification over the answer options.")
+        add_arguments(p)
+        _common(p)
+        args = p.parse_args(argv[1:])
+        command = "eval"
     else:
         args = _merge_parser().parse_args(argv)
         command = "merge"
@@ -195,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(Path(args.output), progress=not args.quiet)
+        if command == "eval":
+            from .evaluation.cli import run
+
+            return run(args)
         return run_recipe(args)
     except HfMergeError as exc:
         if args.verbose:

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -43,6 +44,7 @@ class MergeResult:
     output: Path
     files: list[str]
     warnings: list[str]
+    evaluation: Any = None  # EvalReport when the recipe has tasks and evaluation ran
 
 
 def dare_seed(seed: int, alias_key: str, model_index: int) -> int:
@@ -191,8 +193,17 @@ def check_output(output: Path, overwrite: bool) -> None:
     _check_output(Path(output), overwrite)
 
 
-def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progress: bool = True) -> MergeResult:
+def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progress: bool = True,
+              evaluate: Callable[[Path], Any] | None = None) -> MergeResult:
     """Merge according to `plan` and write a loadable model folder at `output` atomically.
+
+    Args:
+        plan: From `build_plan`.
+        output: The folder to create.
+        overwrite: Replace `output` if it exists (only once the new folder is complete).
+        progress: Show progress bars.
+        evaluate: Called with the finished (not yet renamed) folder; its report goes into the
+            model card and ``eval_results.json``.
 
     Raises:
         OutputExistsError: `output` exists and `overwrite` is false.
@@ -207,9 +218,13 @@ def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progres
         merger.prepare(progress)
         files = _write_weights(plan, merger, tmp, progress)
         files += _copy_side_files(plan, tmp)
+        report = evaluate(tmp) if evaluate is not None else None
+        if report is not None:
+            (tmp / "eval_results.json").write_text(report.to_json())
+            files.append("eval_results.json")
         from .card import build_card
 
-        build_card(plan, tmp, output.name).save(tmp / "README.md")
+        build_card(plan, tmp, output.name, report).save(tmp / "README.md")
         files.append("README.md")
         _finalize(output, tmp, overwrite)
     except BaseException:
@@ -217,7 +232,7 @@ def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progres
         raise
     finally:
         plan.release()
-    return MergeResult(output, sorted(files), plan.warnings + merger.warnings)
+    return MergeResult(output, sorted(files), plan.warnings + merger.warnings, report)
 
 
 def _write_weights(plan: MergePlan, merger: TensorMerger, folder: Path, progress: bool) -> list[str]:

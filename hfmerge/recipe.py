@@ -24,7 +24,7 @@ from .refs import ModelRef, parse_model_ref
 
 TOP_LEVEL_KEYS = (
     "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "config_source",
-    "max_shard_size", "allow_pickle", "allow_nonfinite", "push_to_hub",
+    "max_shard_size", "allow_pickle", "allow_nonfinite", "push_to_hub", "tasks",
 )
 MODEL_KEYS = ("model", "parameters", "fisher")
 # mergekit keys hfmerge does not implement: reported as such rather than as typos.
@@ -109,6 +109,7 @@ class Recipe:
     allow_nonfinite: bool = False
     push_to_hub: str | None = None
     model_defaults: dict[str, ParamValue] = field(default_factory=dict)  # per-model keys given under `parameters`
+    tasks: list = field(default_factory=list)  # evaluation.tasks.TaskSpec, validated but not loaded
     path: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -214,6 +215,16 @@ def _push_repo(source: str, value: Any) -> str | None:
     if ref is None or ref.repo_id is None or ref.revision is not None:
         raise _fail(source, "push_to_hub", f"got {value!r}; expected a Hub repo id org/name")
     return ref.repo_id
+
+
+def _tasks(value: Any, source: str, base_dir: Path | None, models: list[ModelSpec]) -> list:
+    if value is None:
+        return []
+    from .evaluation.tasks import match_tasks_to_models, parse_tasks
+
+    tasks = parse_tasks(value, source=source, base_dir=base_dir)
+    match_tasks_to_models(tasks, [m.ref.text for m in models], source=source)
+    return tasks
 
 
 def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
@@ -349,6 +360,7 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
         allow_nonfinite=_bool(source, "allow_nonfinite", data.get("allow_nonfinite", False)),
         push_to_hub=_push_repo(source, data.get("push_to_hub")),
         model_defaults=model_defaults,
+        tasks=_tasks(data.get("tasks"), source, base_dir, models),
         raw=data,
     )
 
@@ -358,8 +370,11 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
+    from .evaluation.tasks import yaml_loader
+
     try:
-        data = yaml.safe_load(path.read_text())
+        # Safe loading; harness `!function` tags are read as markers so tasks can reject them clearly.
+        data = yaml.load(path.read_text(), Loader=yaml_loader())  # noqa: S506
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
     recipe = parse_recipe(data, source=str(path), base_dir=path.parent.resolve())

@@ -320,6 +320,9 @@ def _score_decoder_only(model: Any, encoded: list[EncodedExample], batch_size: i
     length = {(i, j): len(encoded[i].contexts[j]) + len(encoded[i].option_ids[j]) for i, j in pairs}  # type: ignore[index]
     pairs.sort(key=lambda p: -length[p])
     keep_logits = _accepts(model, "logits_to_keep")
+    # Models with position embeddings take position_ids; ALiBi models (BLOOM, MPT) take none and
+    # derive what they need from the attention mask.
+    pass_positions = _accepts(model, "position_ids")
     sums = [[0.0] * len(e.option_ids) for e in encoded]
     counts = [[0] * len(e.option_ids) for e in encoded]
     done_options = [0] * len(encoded)
@@ -333,8 +336,10 @@ def _score_decoder_only(model: Any, encoded: list[EncodedExample], batch_size: i
         input_ids, attention = _pad(rows, pad, device, left=True)
         position_ids = (attention.long().cumsum(dim=1) - 1).clamp(min=0)
         window = int(cont_len.max()) + 1
-        kwargs = {"logits_to_keep": window} if keep_logits else {}
-        logits = model(input_ids=input_ids, attention_mask=attention.long(), position_ids=position_ids, use_cache=False, **kwargs).logits
+        kwargs: dict[str, Any] = {"logits_to_keep": window} if keep_logits else {}
+        if pass_positions:
+            kwargs["position_ids"] = position_ids
+        logits = model(input_ids=input_ids, attention_mask=attention.long(), use_cache=False, **kwargs).logits
         logits = logits[:, -window:, :]
         # Window position w holds the logits of absolute position T - window + w, which predict
         # the token at T - window + w + 1.

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "TaskError", "TaskSpec", "Example", "TaskData", "parse_tasks", "load_task_data", "load_tasks_file",
-    "match_tasks_to_models", "NORMALIZATIONS",
+    "match_tasks_to_models", "yaml_loader", "NORMALIZATIONS",
 ]
 
 
@@ -93,7 +93,10 @@ class PythonFunctionTag(str):
     """A harness ``!function module.name`` YAML value, kept only to be reported as unsupported."""
 
 
-def _yaml_loader():
+def yaml_loader():
+    """A `yaml.SafeLoader` subclass that reads lm-evaluation-harness's ``!function`` tag as a
+    `PythonFunctionTag` (so `parse_tasks` can report it) instead of failing to parse. Use it as
+    ``yaml.load(text, Loader=yaml_loader())`` where a recipe may hold pasted harness tasks."""
     import yaml
 
     class TaskYamlLoader(yaml.SafeLoader):
@@ -368,7 +371,9 @@ def _parse_task(entry: Any, i: int, *, source: str, base_dir: Path | None) -> Ta
             hint = {"trust_remote_code": "dataset scripts are never run", "split": "use validation_split / test_split",
                     "path": "use dataset_path", "name": "use dataset_name"}[forbidden]
             raise _fail(source, f"{key}.dataset_kwargs.{forbidden}", f"not allowed here: {hint}")
-    if "data_files" in dataset_kwargs:
+    # data_files of a file builder are local paths (relative to the recipe); those of a Hub
+    # dataset or a local dataset folder are relative to that dataset, as in datasets.
+    if "data_files" in dataset_kwargs and dataset_path in FILE_BUILDERS:
         dataset_kwargs["data_files"] = _resolve_data_files(source, f"{key}.dataset_kwargs.data_files", dataset_kwargs["data_files"], base_dir)
     if isinstance(dataset_kwargs.get("data_dir"), str) and not _is_remote(dataset_kwargs["data_dir"]) and dataset_path in FILE_BUILDERS:
         data_dir = _resolve_local(dataset_kwargs["data_dir"], base_dir)
@@ -518,7 +523,7 @@ def load_tasks_file(path: str | Path) -> list[TaskSpec]:
     if not path.is_file():
         raise TaskError(f"{path}: recipe file not found")
     try:
-        data = yaml.load(path.read_text(), Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(path.read_text(), Loader=yaml_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise TaskError(f"{path}: not valid YAML: {exc}") from None
     if isinstance(data, dict) and "task" in data and "tasks" not in data:
@@ -733,11 +738,31 @@ def _datasets_quiet(quiet: bool) -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+def _split_files(spec: TaskSpec, split: str) -> list[Path]:
+    """The local data files of `split` (none for Hub datasets and folders)."""
+    files = spec.dataset_kwargs.get("data_files")
+    if files is None:
+        return []
+    if isinstance(files, dict):
+        files = files.get(split, [])
+    files = [files] if isinstance(files, str) else list(files)
+    out = []
+    for f in files:
+        if _is_remote(f):
+            return []
+        out += [Path(p) for p in glob.glob(f)] if glob.has_magic(f) else [Path(f)]
+    return out
+
+
 def _load_split(spec: TaskSpec, split: str, which: str):
     """One split of the task's dataset as a `datasets.Dataset`."""
     import datasets
 
     key = f"{spec.key}.{which}_split"
+    files = _split_files(spec, split)
+    if files and all(f.is_file() and f.stat().st_size == 0 for f in files):
+        # datasets fails on an empty json file with a bare StopIteration; say what it means.
+        raise _fail(spec.source, key, f"split {split!r} of task {spec.name!r} is empty ({', '.join(map(str, files))} has no data)")
     try:
         if spec.from_disk:
             loaded = datasets.load_from_disk(spec.dataset_path)

@@ -1,0 +1,35 @@
+"""Validation and test tasks, rank-classification scoring, metrics and model evaluation.
+
+    tasks.py           the recipe's ``tasks:`` (lm-evaluation-harness keys), data loading, templates
+    scoring.py         batched rank classification (encoder-decoder and decoder-only) + naive reference
+    metrics.py         metrics through `evaluate`, from modules shipped in ``metric_modules/`` (offline)
+    evaluate_model.py  `evaluate_model` / `TaskEvaluator` -> `EvalReport` (table, JSON, model-index)
+    cli.py             ``hfmerge eval``
+
+Importing this package does not import torch, transformers, datasets or evaluate; the names
+below are loaded on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "TaskError": "tasks", "TaskSpec": "tasks", "TaskData": "tasks", "Example": "tasks", "parse_tasks": "tasks",
+    "load_task_data": "tasks", "load_tasks_file": "tasks", "match_tasks_to_models": "tasks",
+    "MetricError": "metrics", "MetricSpec": "metrics", "load_metric": "metrics", "compute_metric": "metrics",
+    "OptionScores": "scoring", "score_options": "scoring", "score_options_naive": "scoring", "encode_examples": "scoring",
+    "score_encoded": "scoring",
+    "EvaluationError": "evaluate_model", "EvalReport": "evaluate_model", "TaskResult": "evaluate_model",
+    "TaskEvaluator": "evaluate_model", "evaluate_model": "evaluate_model", "load_model_for_eval": "evaluate_model",
+    "prepare_tasks": "evaluate_model",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,116 @@
+"""``hfmerge eval``: evaluate a model on a recipe's tasks.
+
+    hfmerge eval RECIPE --model PATH [--split validation|test] [--json PATH]
+                 [--batch-size N] [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16|float16]
+                 [--tasks NAME,...]
+
+RECIPE is any YAML file with a ``tasks:`` list (a recipe; its other keys are ignored), a bare
+list of tasks, or one lm-evaluation-harness task. Prints one row per task and metric and the
+average of the tasks' first metrics; ``--json`` also writes them.
+
+`add_arguments` and `run` plug into the main ``hfmerge`` parser; `main` runs standalone
+(``python -m hfmerge.evaluation.cli``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ..errors import HfMergeError
+
+__all__ = ["add_arguments", "run", "main"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``eval`` arguments to `parser` (not -v/-q, which the main parser adds).
+
+    Args:
+        parser: The subcommand's parser.
+
+    Returns:
+        The same parser.
+    """
+    parser.add_argument("recipe", help="a YAML file with a tasks: list (a recipe, a list of tasks or one harness task)")
+    parser.add_argument("-m", "--model", required=True, help="the model to evaluate: a local folder (or a Hub repo id, with the network)")
+    parser.add_argument("--split", choices=("validation", "test"), default="validation", help="which split of each task to score (default: validation)")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="(example, option) pairs per forward pass (default: 32)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=None,
+                        help="model dtype (default: float32 on CPU, the checkpoint's on GPU)")
+    parser.add_argument("--tasks", metavar="NAME[,NAME...]", help="evaluate only these tasks")
+    parser.add_argument("--predictions", action="store_true", help="with --json: also write each example's predicted option")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``hfmerge eval`` with parsed arguments.
+
+    Args:
+        args: From a parser set up by `add_arguments` (``quiet`` is read if present).
+
+    Returns:
+        The exit code (0).
+
+    Raises:
+        HfMergeError: A task, metric or model problem (the caller prints it).
+    """
+    from .evaluate_model import evaluate_model
+    from .tasks import TaskError, load_tasks_file
+
+    if args.batch_size < 1:
+        raise TaskError(f"--batch-size: got {args.batch_size}; expected a positive number")
+    quiet = bool(getattr(args, "quiet", False))
+    tasks = load_tasks_file(args.recipe)
+    if args.tasks:
+        wanted = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        names = [t.name for t in tasks]
+        unknown = [w for w in wanted if w not in names]
+        if unknown:
+            raise TaskError(f"--tasks: {', '.join(map(repr, unknown))} not in {args.recipe} (tasks: {', '.join(names)})")
+        tasks = [t for t in tasks if t.name in wanted]
+    report = evaluate_model(args.model, tasks, args.split, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                            progress=not quiet, model_name=str(args.model))
+    if not quiet:
+        print(f"{report.model} on {len(report.results)} task(s), {report.split} split ({report.seconds:.1f} s)")
+    print(report.to_table())
+    if args.json:
+        Path(args.json).write_text(report.to_json(predictions=bool(getattr(args, "predictions", False))))
+        if not quiet:
+            print(f"figures written to {args.json}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point: parse `argv`, run, print errors without a traceback.
+
+    Args:
+        argv: Arguments after the program name (default: sys.argv[1:]).
+
+    Returns:
+        0 on success, 1 on an hfmerge error, 130 when interrupted.
+    """
+    parser = argparse.ArgumentParser(prog="hfmerge eval", description="Evaluate a model on a recipe's tasks by rank classification over answer options.")
+    add_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="store_true", help="more logging, and tracebacks on errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only the table")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except HfMergeError as exc:
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
