@@ -171,3 +171,14 @@ def test_persistent_503_is_reported_clearly(hub, hub_family, tmp_path):
     with pytest.raises(CheckpointError, match=r"models\[0\].model .*model.safetensors: could not be downloaded: the Hub did not answer or answered with an error .*503.*retry later"):
         run_merge(plan, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_repo_without_weights_is_reported_in_the_plan(hub, hub_family, t5, tmp_path):
+    repos, _ = hub_family
+    empty = hub.unique_repo_id("config-only")
+    hub.create_repo_direct(empty, {"config.json": (t5.base / "config.json").read_bytes(), "adapter_model.safetensors": b"x" * 16})
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="task_arithmetic", base_model=repos["base"], models=[{"model": empty}])
+    hub.clear_requests()
+    with pytest.raises(CheckpointError, match=r"has no model.safetensors or model.safetensors.index.json \(found adapter_model.safetensors; is this an adapter repo\?\)"):
+        build_plan(load_recipe(recipe))
+    assert not [r for r in hub.requests_matching("GET", ".safetensors") if not r.range]  # no weights moved

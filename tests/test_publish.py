@@ -30,7 +30,8 @@ def test_push_round_trip_one_commit_card_and_from_pretrained(hub, hf_token, t5, 
     # transformers loads the pushed model through the Hub, bit-identical to the local output
     model = transformers.AutoModelForSeq2SeqLM.from_pretrained(target)
     local = load_file(tmp_path / "out" / "model.safetensors")
-    assert torch.equal(model.state_dict()["shared.weight"], local["shared.weight"])
+    state = model.state_dict()
+    assert all(torch.equal(state[name], tensor) for name, tensor in local.items())
     # the card reads back with the metadata that was meant
     card = ModelCard.load(target)
     data = card.data.to_dict()
@@ -64,3 +65,15 @@ def test_push_to_hub_needs_a_repo_id(t5, tmp_path, capsys):
     assert main([str(recipe), "-o", str(tmp_path / "out"), "--push-to-hub"]) == 1
     assert "--push-to-hub needs a repo id" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_push_with_a_read_only_token_gives_the_permission_message(hub, hf_token, t5, tmp_path, capsys):
+    target = hub.unique_repo_id("readonly")
+    hub.create_repo_direct(target, {"README.md": b"original\n"})
+    before = hub.head_sha(target)
+    hub.inject_auth_error(status=403, path_contains="/commit/", times=None)
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="average", base_model=t5.base, models=[{"model": p} for p in t5.finetuned[:2]])
+    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q", "--push-to-hub", target]) == 1
+    err = capsys.readouterr().err
+    assert "permission denied (HTTP 403)" in err and "write access" in err and hf_token not in err
+    assert hub.head_sha(target) == before
