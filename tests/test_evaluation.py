@@ -15,7 +15,7 @@ import torch
 
 from hfmerge.errors import HfMergeError, RecipeError
 from hfmerge.evaluation import evaluate_model as evaluate_model_module
-from hfmerge.evaluation.cli import main as eval_main
+from hfmerge.cli import main as hfmerge_main
 from hfmerge.evaluation.evaluate_model import EvalReport, TaskEvaluator, TaskResult, evaluate_model
 from hfmerge.evaluation.metrics import LOCAL_METRICS, MetricError, compute_metric, resolve_metric
 from hfmerge.evaluation.scoring import OptionScores, score_options, score_options_naive
@@ -567,7 +567,7 @@ def _recipe(tmp_path: Path, rows: list[dict]) -> Path:
 def test_eval_command_prints_table_and_writes_json(tmp_path, tiny_models, family, capsys):
     recipe = _recipe(tmp_path, sentiment_rows(10))
     out = tmp_path / "scores.json"
-    code = eval_main([str(recipe), "--model", str(tiny_models[family]), "--json", str(out), "--batch-size", "4", "--device", "cpu", "-q"])
+    code = hfmerge_main(["eval", str(recipe), "--model", str(tiny_models[family]), "--json", str(out), "--batch-size", "4", "--device", "cpu", "-q"])
     printed = capsys.readouterr().out
     assert code == 0
     assert "sentiment" in printed and "answer" in printed and "average" in printed
@@ -579,20 +579,20 @@ def test_eval_command_prints_table_and_writes_json(tmp_path, tiny_models, family
     direct = evaluate_model(model, load_tasks_file(recipe), tokenizer=tokenizer, progress=False)
     assert data["tasks"]["sentiment"]["score"] == pytest.approx(direct.scores["sentiment"])
     assert data["average"] == pytest.approx(direct.average)
-    code = eval_main([str(recipe), "--model", str(tiny_models[family]), "--split", "test", "--tasks", "sentiment", "-q"])
+    code = hfmerge_main(["eval", str(recipe), "--model", str(tiny_models[family]), "--split", "test", "--tasks", "sentiment", "-q"])
     assert code == 0 and "test" in capsys.readouterr().out
 
 
 def test_eval_command_errors_are_one_line(tmp_path, tiny_models, capsys):
     recipe = _recipe(tmp_path, sentiment_rows(4))
-    assert eval_main([str(recipe), "--model", str(tmp_path / "nothing"), "-q"]) == 1
+    assert hfmerge_main(["eval", str(recipe), "--model", str(tmp_path / "nothing"), "-q"]) == 1
     assert "error: --model: folder not found" in capsys.readouterr().err
-    assert eval_main([str(recipe), "--model", str(tiny_models["t5"]), "--split", "test", "-q"]) == 1  # 'answer' has no test split
+    assert hfmerge_main(["eval", str(recipe), "--model", str(tiny_models["t5"]), "--split", "test", "-q"]) == 1  # 'answer' has no test split
     assert "tasks[1].test_split: missing; task 'answer' has no test split" in capsys.readouterr().err
-    assert eval_main([str(recipe), "--model", str(tiny_models["t5"]), "--tasks", "nope", "-q"]) == 1
+    assert hfmerge_main(["eval", str(recipe), "--model", str(tiny_models["t5"]), "--tasks", "nope", "-q"]) == 1
     assert "--tasks: 'nope' not in" in capsys.readouterr().err
     (tmp_path / "plain.yaml").write_text("merge_method: linear\n")
-    assert eval_main([str(tmp_path / "plain.yaml"), "--model", str(tiny_models["t5"]), "-q"]) == 1
+    assert hfmerge_main(["eval", str(tmp_path / "plain.yaml"), "--model", str(tiny_models["t5"]), "-q"]) == 1
     assert "tasks: missing" in capsys.readouterr().err
 
 

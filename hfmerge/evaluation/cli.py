@@ -8,20 +8,17 @@ RECIPE is any YAML file with a ``tasks:`` list (a recipe; its other keys are ign
 list of tasks, or one lm-evaluation-harness task. Prints one row per task and metric and the
 average of the tasks' first metrics; ``--json`` also writes them.
 
-`add_arguments` and `run` plug into the main ``hfmerge`` parser; `main` runs standalone
-(``python -m hfmerge.evaluation.cli``).
+`add_arguments` and `run` plug into the main ``hfmerge`` parser (hfmerge/cli.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from pathlib import Path
 
 from ..errors import HfMergeError
 
-__all__ = ["add_arguments", "run", "main"]
+__all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -82,35 +79,3 @@ def run(args: argparse.Namespace) -> int:
         if not quiet:
             print(f"figures written to {args.json}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: parse `argv`, run, print errors without a traceback.
-
-    Args:
-        argv: Arguments after the program name (default: sys.argv[1:]).
-
-    Returns:
-        0 on success, 1 on an hfmerge error, 130 when interrupted.
-    """
-    parser = argparse.ArgumentParser(prog="hfmerge eval", description="Evaluate a model on a recipe's tasks by rank classification over answer options.")
-    add_arguments(parser)
-    parser.add_argument("-v", "--verbose", action="store_true", help="more logging, and tracebacks on errors")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, only the table")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run(args)
-    except HfMergeError as exc:
-        if args.verbose:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
