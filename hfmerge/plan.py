@@ -96,18 +96,20 @@ class MergePlan:
     def estimated_peak_bytes(self) -> int:
         """Peak memory of the streaming merge: the largest tensor position in flight.
 
-        Per position: every input in its stored dtype and as a float32 copy, the Fisher
-        tensors likewise, the method's float32 work space (the M task vectors, their weighted
-        copy and a mask: ~3 M tensors) and the output in float32 and output dtype; plus the
-        process itself.
+        Per position: every input as read (a float32 copy too when stored in another dtype),
+        the Fisher tensors likewise, the method's float32 work space (the stacked task vectors
+        plus a few single-tensor temporaries: magnitudes, masks, the running sums) and the
+        output in float32 and output dtype; plus the process itself.
         """
         m = len(self.models)
         n_inputs = m + (1 if self.base is not None else 0)
         n_imp = m if self.fishers else 0
         worst = 0
         for t in self.tensors:
-            stored = DTYPE_SIZES[self.reference.tensors[t.base_source or t.sources[0]].dtype] if (t.base_source or t.sources[0]) in self.reference.tensors else 4
-            per_entry = (n_inputs + n_imp) * (stored + 4) + 3 * m * 4 + 4 + DTYPE_SIZES[t.out_dtype]
+            name = t.base_source or t.sources[0]
+            stored = DTYPE_SIZES[self.reference.tensors[name].dtype] if name in self.reference.tensors else 4
+            per_input = 4 if stored == 4 else stored + 4
+            per_entry = (n_inputs + n_imp) * per_input + (m + 5) * 4 + 4 + DTYPE_SIZES[t.out_dtype]
             worst = max(worst, t.numel * per_entry)
         return PROCESS_BASELINE_BYTES + worst
 

@@ -103,8 +103,12 @@ def test_dare_drops_about_p_and_is_unbiased_in_expectation():
 def test_dare_ties_combines_with_sign_election():
     base = torch.zeros(3)
     models = [t([1.0, -2.0, 3.0]), t([-3.0, -2.0, 1.0])]
-    out = run("dare_ties", base, models, density=[1.0, 1.0], generators=None)
-    assert torch.allclose(out, t([-3.0, -2.0, 2.0]))  # sums -2, -4, 4 → disjoint means
+    # sums -2, -4, 4 elect -, -, +; `dare` with TIES takes the disjoint mean of agreeing entries
+    out = run("dare", base, models, density=[1.0, 1.0], generators=None, combine="ties")
+    assert torch.allclose(out, t([-3.0, -2.0, 2.0]))
+    # mergekit's dare_ties sums them unless normalize is set
+    assert torch.allclose(run("dare_ties", base, models, density=[1.0, 1.0], generators=None), t([-3.0, -4.0, 4.0]))
+    assert torch.allclose(run("dare_ties", base, models, density=[1.0, 1.0], generators=None, normalize=True), t([-3.0, -2.0, 2.0]))
     linear = run("dare_linear", base, models, density=[1.0, 1.0], generators=None)
     assert torch.allclose(linear, t([-2.0, -4.0, 4.0]))
 

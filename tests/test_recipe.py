@@ -43,6 +43,8 @@ def test_a_mergekit_ties_recipe_parses_with_mergekit_defaults(folders):
 def test_dare_aliases_fix_the_combination(folders):
     r = parse(folders, merge_method="dare_ties")
     assert r.method.name == "dare_ties" and r.parameters["combine"] == "ties"
+    assert r.parameters["normalize"] is False  # mergekit's default for dare_ties
+    assert parse(folders, merge_method="ties").parameters["normalize"] is True
     with pytest.raises(RecipeError, match=r"parameters.combine: not a parameter of 'dare_linear' \('dare_linear' fixes combine"):
         parse(folders, merge_method="dare_linear", parameters={"combine": "ties"})
 

@@ -8,8 +8,9 @@ import torch
 
 
 def task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """τ_i = θ_i − θ_pre, stacked on a new first dimension (M, *shape)."""
-    return torch.stack([t - base for t in tensors])
+    """τ_i = θ_i − θ_pre, stacked on a new first dimension (M, *shape); a fresh tensor the
+    caller may modify in place."""
+    return torch.stack(list(tensors)).sub_(base)
 
 
 def per_model(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
@@ -17,62 +18,58 @@ def per_model(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(list(values), dtype=like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def trim_top_magnitude(delta: torch.Tensor, density: float, threshold: float | None = None) -> torch.Tensor:
-    """TIES step 1: keep the largest-magnitude entries of one task vector.
+def trim_top_magnitude_(delta: torch.Tensor, density: float, threshold: float | None = None) -> torch.Tensor:
+    """TIES step 1, in place: keep the largest-magnitude entries of one task vector.
 
     With `threshold` (whole-model trim) keep entries with |δ| >= threshold; otherwise keep the
     top ``int(density * numel)`` entries of this tensor (per-tensor trim, as mergekit does).
     """
     if threshold is not None:
-        return delta * (delta.abs() >= threshold)
+        return delta.mul_(delta.abs() >= threshold)
     if density >= 1:
         return delta
     k = int(density * delta.numel())
     if k <= 0:
-        return torch.zeros_like(delta)
-    flat = delta.reshape(-1)
-    keep = torch.zeros_like(flat, dtype=torch.bool)
+        return delta.zero_()
+    flat = delta.view(-1)
+    keep = torch.zeros(flat.shape, dtype=torch.bool)
     keep[torch.topk(flat.abs(), k, sorted=False).indices] = True
-    return (flat * keep).reshape(delta.shape)
+    return delta.mul_(keep.view(delta.shape))
 
 
-def random_drop(delta: torch.Tensor, density: float, generator: torch.Generator | None, rescale: bool = True) -> torch.Tensor:
-    """DARE: keep each entry with probability `density` (= 1 − p), rescale survivors by 1/density."""
+def random_drop_(delta: torch.Tensor, density: float, generator: torch.Generator | None, rescale: bool = True) -> torch.Tensor:
+    """DARE, in place: keep each entry with probability `density` (= 1 − p), rescale survivors by 1/density."""
     if density >= 1:
         return delta
-    keep = torch.bernoulli(torch.full_like(delta, density), generator=generator)
-    out = delta * keep
-    return out / density if rescale else out
-
-
-def elect_sign_mask(weighted: torch.Tensor) -> torch.Tensor:
-    """TIES step 2: elect a sign per entry by total mass; mask the entries that agree with it.
-
-    The elected sign is + where the sum is >= 0 (an exact tie goes to +, as in mergekit).
-    Zero entries never agree, so they do not count in the disjoint mean.
-    """
-    elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
-    return weighted.sign() == elected
+    delta.mul_(torch.bernoulli(torch.full_like(delta, density), generator=generator))
+    return delta.div_(density) if rescale else delta
 
 
 def combine(base: torch.Tensor, deltas: torch.Tensor, weight: Sequence[float], *, lambda_: float, normalize: bool, consensus: bool) -> torch.Tensor:
     """θ_pre + λ · mix(w_i τ_i): the shared last step of task arithmetic, TIES and DARE.
 
     Without consensus: Σ w_i τ_i (divided by Σ w_i when `normalize`). With consensus (TIES
-    steps 2–3): the entries agreeing with the elected sign, divided by the sum of their
-    weights when `normalize` (the disjoint mean for unit weights).
+    steps 2–3): the sign of Σ w_i τ_i is elected per entry (+ on an exact tie, as in
+    mergekit); entries agreeing with it are summed and, when `normalize`, divided by the sum of
+    their weights (the disjoint mean for unit weights). Zero entries never agree.
+
+    `deltas` (M, *shape) is consumed: it is scaled in place, and the consensus is accumulated
+    model by model, so the work space stays at about one extra stack.
     """
-    w = per_model(weight, deltas)
-    weighted = deltas * w
+    weighted = deltas.mul_(per_model(weight, deltas))
     if consensus:
-        mask = elect_sign_mask(weighted)
-        mixed = (weighted * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
+        elected_positive = weighted.sum(dim=0) >= 0
+        mixed = torch.zeros_like(base)
+        divisor = torch.zeros_like(base)
+        for i, w in enumerate(weight):
+            agree = torch.where(elected_positive, weighted[i] > 0, weighted[i] < 0)
+            mixed.add_(weighted[i] * agree)
+            divisor.add_(agree, alpha=w)
         divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
     else:
         mixed = weighted.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+        total = float(sum(weight))
+        divisor = total if abs(total) >= 1e-8 else 1.0
     if normalize:
         mixed = mixed / divisor
-    return base + lambda_ * mixed
+    return mixed.mul_(lambda_).add_(base)

@@ -6,7 +6,9 @@ per (model, tensor) seeded from ``seed``, the model's index and the tensor name,
 reproducible and does not depend on the order tensors are processed.
 
 ``combine: task_arithmetic`` is mergekit's ``dare_linear``; ``combine: ties`` (sign election
-and disjoint mean on the dropped vectors, no magnitude trim) is mergekit's ``dare_ties``.
+and disjoint mean on the dropped vectors, no magnitude trim) is ``dare`` + TIES. mergekit's
+``dare_ties`` is the same with ``normalize: false`` by default (agreeing entries summed, not
+averaged), kept here under that name so its recipes give the same tensors.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Sequence
 import torch
 
 from ._common import combine as combine_deltas
-from ._common import random_drop, task_vectors
+from ._common import random_drop_, task_vectors
 from .registry import Param, merge_method
 from .task_arithmetic import LAMBDA, WEIGHT
 
@@ -37,15 +39,16 @@ DENSITY = Param("density", 1.0, low=0.0, high=1.0, low_open=True, help="keep pro
     paper="https://arxiv.org/abs/2311.03099",
     summary="drop each task-vector entry with probability p, rescale by 1/(1−p), then task arithmetic or TIES",
     aliases={"dare_linear": {"combine": "task_arithmetic"}, "dare_ties": {"combine": "ties"}},
+    # mergekit's dare_ties sums the agreeing entries unless `normalize: true` is given.
+    alias_defaults={"dare_linear": {"normalize": False}, "dare_ties": {"normalize": False}},
 )
 def dare(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, weight: Sequence[float], density: Sequence[float],
          generators: Sequence[torch.Generator] | None = None, combine: str = "task_arithmetic", normalize: bool | None = None,
          rescale: bool = True, **params: object) -> torch.Tensor:
     deltas = task_vectors(base, tensors)
-    dropped = torch.stack([
-        random_drop(deltas[i], density[i], None if generators is None else generators[i], rescale) for i in range(len(tensors))
-    ])
+    for i in range(len(tensors)):
+        random_drop_(deltas[i], density[i], None if generators is None else generators[i], rescale)
     ties = combine == "ties"
     if normalize is None:
         normalize = ties
-    return combine_deltas(base, dropped, weight, lambda_=float(params.get("lambda", 1.0)), normalize=normalize, consensus=ties)
+    return combine_deltas(base, deltas, weight, lambda_=float(params.get("lambda", 1.0)), normalize=normalize, consensus=ties)

@@ -17,7 +17,7 @@ Adding a method = one module with a function decorated by `merge_method` + its i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -110,7 +110,7 @@ METHODS: dict[str, MergeMethod] = {}
 
 def merge_method(name: str, *, per_model: tuple[Param, ...] = (), params: tuple[Param, ...] = (), needs_base: bool = True,
                  needs_importance: bool = False, random: bool = False, paper: str = "", summary: str = "",
-                 aliases: dict[str, dict[str, Any]] | None = None) -> Callable:
+                 aliases: dict[str, dict[str, Any]] | None = None, alias_defaults: dict[str, dict[str, Any]] | None = None) -> Callable:
     """Register a pure tensor function as a merge method.
 
     Args:
@@ -123,14 +123,17 @@ def merge_method(name: str, *, per_model: tuple[Param, ...] = (), params: tuple[
         paper: Link to the method's paper, for docs and the model card.
         summary: One line describing the method.
         aliases: Other names for the same function with some parameters fixed, e.g.
-            mergekit's ``dare_ties`` = ``dare`` with ``consensus: sum``.
+            mergekit's ``dare_ties`` = ``dare`` with ``combine: ties``.
+        alias_defaults: Per alias, parameters whose default differs from the main name's
+            (to keep mergekit's defaults under mergekit's names).
     """
 
     def register(func: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         for method_name, fixed in {name: {}, **(aliases or {})}.items():
             if method_name in METHODS:
                 raise ValueError(f"merge method {method_name!r} registered twice")
-            visible = tuple(p for p in params if p.name not in fixed)
+            defaults = (alias_defaults or {}).get(method_name, {})
+            visible = tuple(replace(p, default=defaults[p.name]) if p.name in defaults else p for p in params if p.name not in fixed)
             METHODS[method_name] = MergeMethod(method_name, func, per_model, visible, needs_base, needs_importance, random, paper, summary, dict(fixed))
         return func
 

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from ._common import combine, task_vectors, trim_top_magnitude
+from ._common import combine, task_vectors, trim_top_magnitude_
 from .registry import Param, merge_method
 from .task_arithmetic import LAMBDA, WEIGHT
 
@@ -36,7 +36,6 @@ DENSITY = Param("density", 1.0, low=0.0, high=1.0, low_open=True, help="fraction
 def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, weight: Sequence[float], density: Sequence[float], normalize: bool = True,
          thresholds: Sequence[float] | None = None, **params: object) -> torch.Tensor:
     deltas = task_vectors(base, tensors)
-    trimmed = torch.stack([
-        trim_top_magnitude(deltas[i], density[i], None if thresholds is None else thresholds[i]) for i in range(len(tensors))
-    ])
-    return combine(base, trimmed, weight, lambda_=float(params.get("lambda", 1.0)), normalize=normalize, consensus=True)
+    for i in range(len(tensors)):
+        trim_top_magnitude_(deltas[i], density[i], None if thresholds is None else thresholds[i])
+    return combine(base, deltas, weight, lambda_=float(params.get("lambda", 1.0)), normalize=normalize, consensus=True)
