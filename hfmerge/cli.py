@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -214,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         args = _merge_parser().parse_args(argv)
         command = "merge"
     _setup_logging(args.verbose, args.quiet)
+    # A terminated run cleans up like an interrupted one (no half-written output folder).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     try:
         if command == "demo":
             from .demo import run_demo

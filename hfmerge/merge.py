@@ -236,22 +236,14 @@ def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progres
 
 
 def _write_weights(plan: MergePlan, merger: TensorMerger, folder: Path, progress: bool) -> list[str]:
-    # Tied aliases stored under several names in the reference are merged once.
-    group_sizes: dict[str, int] = {}
-    for t in plan.tensors:
-        group_sizes[t.alias_key] = group_sizes.get(t.alias_key, 0) + 1
-    cache: dict[tuple, torch.Tensor] = {}
+    # A reference that stores tied copies under several names (e.g. `shared` and
+    # `encoder.embed_tokens`) gets each copy merged from identical inputs with the same seed
+    # (TensorPlan.alias_key), so the copies stay identical.
     metadata = {"hfmerge_version": __version__, "merge_method": plan.recipe.method.name}
     bar = tqdm(total=plan.output_bytes, desc="Merging", unit="B", unit_scale=True, disable=not progress)
     with ShardedSafetensorsWriter(folder, plan.output_tensors, plan.recipe.max_shard_size, metadata) as writer:
         for t in plan.tensors:
-            key = (t.alias_key, t.base_source, t.sources, t.fisher_sources)
-            if group_sizes[t.alias_key] > 1 and key in cache:
-                merged = cache[key]
-            else:
-                merged = merger.merge(t)
-                if group_sizes[t.alias_key] > 1:
-                    cache[key] = merged
+            merged = merger.merge(t)
             writer.write(t.name, merged)
             bar.update(merged.numel() * merged.element_size())
     bar.close()

@@ -109,7 +109,7 @@ class MergePlan:
             name = t.base_source or t.sources[0]
             stored = DTYPE_SIZES[self.reference.tensors[name].dtype] if name in self.reference.tensors else 4
             per_input = 4 if stored == 4 else stored + 4
-            per_entry = (n_inputs + n_imp) * per_input + (m + 5) * 4 + 4 + DTYPE_SIZES[t.out_dtype]
+            per_entry = (n_inputs + n_imp) * per_input + (m + 8) * 4 + 4 + DTYPE_SIZES[t.out_dtype]
             worst = max(worst, t.numel * per_entry)
         return PROCESS_BASELINE_BYTES + worst
 

@@ -57,6 +57,9 @@ def build_base(folder: Path, family: str, *, seed: int = 0, **config_kwargs) -> 
         state = load_file(folder / "model.safetensors")
         state["lm_head.weight"] = torch.randn_like(state["shared.weight"]) * 0.05
         save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["tie_word_embeddings"] = False  # as flan-T5's config.json says
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return folder
 
 

@@ -217,3 +217,18 @@ def test_gradient_weights_follow_layer_depth_in_a_merge(t5, tmp_path):
     for name, expected in [("shared.weight", base), ("encoder.block.0.layer.0.SelfAttention.q.weight", base),
                            ("decoder.block.1.layer.2.DenseReluDense.wo.weight", ft), ("decoder.final_layer_norm.weight", ft)]:
         torch.testing.assert_close(got[name], expected[name])
+
+
+def test_untied_lm_head_gets_its_own_random_mask(families):
+    """transformers forces T5 tying; a config declaring tie_word_embeddings: false keeps lm_head apart."""
+    import json as _json
+
+    from hfmerge.checkpoints.aliases import tied_groups
+
+    config = _json.loads((families["t5_v1_1"].base / "config.json").read_text())
+    groups, warning = tied_groups(config)
+    assert warning is None
+    assert not any("lm_head.weight" in g for g in groups)
+    assert any({"shared.weight", "encoder.embed_tokens.weight"} <= g for g in groups)
+    original = _json.loads((families["t5"].base / "config.json").read_text())
+    assert any({"shared.weight", "lm_head.weight"} <= g for g in tied_groups(original)[0])

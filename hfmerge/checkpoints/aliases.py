@@ -46,4 +46,14 @@ def tied_groups(config: dict) -> tuple[list[frozenset[str]], str | None]:
         by_tensor[id(p)].append(name)
     for name, b in model.named_buffers(remove_duplicate=False):
         by_tensor[id(b)].append(name)
-    return [frozenset(names) for names in by_tensor.values() if len(names) > 1], None
+    untied: set[str] = set()
+    if config.get("tie_word_embeddings") is False:
+        # Some configs (T5 in transformers 5) force tying whatever config.json says; a checkpoint
+        # that declares untied output embeddings (flan-T5's lm_head) keeps them separate.
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if out is not None:
+            prefix = next((n for n, mod in model.named_modules(remove_duplicate=False) if mod is out), None)
+            if prefix is not None:
+                untied = {f"{prefix}.{n}" for n, _ in out.named_parameters(remove_duplicate=False)}
+    groups = [frozenset(n for n in names if n not in untied) for names in by_tensor.values()]
+    return [g for g in groups if len(g) > 1], None

@@ -6,7 +6,6 @@ from typing import Sequence
 
 import torch
 
-from ._common import per_model
 from .registry import Param, merge_method
 
 WEIGHT = Param("weight", 1.0, help="the model's weight in the weighted mean")
@@ -22,9 +21,9 @@ WEIGHT = Param("weight", 1.0, help="the model's weight in the weighted mean")
     aliases={"linear": {}},
 )
 def average(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], *, weight: Sequence[float], normalize: bool = True, **_: object) -> torch.Tensor:
-    stacked = torch.stack(list(tensors))
-    w = per_model(weight, stacked)
-    total = (stacked * w).sum(dim=0)
+    total = torch.zeros_like(tensors[0])
+    for w, theta in zip(weight, tensors):
+        total.add_(theta, alpha=w)
     if normalize:
         divisor = float(sum(weight))
         total = total / (divisor if abs(divisor) >= 1e-8 else 1.0)

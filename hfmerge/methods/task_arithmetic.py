@@ -10,7 +10,6 @@ from typing import Sequence
 
 import torch
 
-from ._common import combine, task_vectors
 from .registry import Param, merge_method
 
 WEIGHT = Param("weight", 1.0, help="per-model coefficient (λ_i of General Task Arithmetic)")
@@ -25,4 +24,11 @@ LAMBDA = Param("lambda", 1.0, low=0.0, high=10.0, help="global scale λ of the m
     summary="θ_pre + λ Σ w_i τ_i",
 )
 def task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, weight: Sequence[float], normalize: bool = False, **params: object) -> torch.Tensor:
-    return combine(base, task_vectors(base, tensors), weight, lambda_=float(params.get("lambda", 1.0)), normalize=normalize, consensus=False)
+    # Accumulate w_i (θ_i − θ_pre) model by model: no stacked copy of the M task vectors.
+    mixed = torch.zeros_like(base)
+    for w, theta in zip(weight, tensors):
+        mixed.add_(theta - base, alpha=w)
+    total = float(sum(weight))
+    if normalize:
+        mixed.div_(total if abs(total) >= 1e-8 else 1.0)
+    return mixed.mul_(float(params.get("lambda", 1.0))).add_(base)
