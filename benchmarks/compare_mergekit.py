@@ -1,0 +1,309 @@
+#!/usr/bin/env python
+"""Compare hfmerge with mergekit on the same flan-T5-style inputs and the same YAML recipes.
+
+mergekit is not a dependency of hfmerge and must not be installed into hfmerge's virtualenv
+(it changes pinned packages). Install it into a separate virtualenv and pass its python::
+
+    python3 -m venv /tmp/mk-venv
+    /tmp/mk-venv/bin/pip install torch==2.13.0      # the CPU build first
+    /tmp/mk-venv/bin/pip install mergekit
+    python benchmarks/compare_mergekit.py --mergekit-python /tmp/mk-venv/bin/python
+
+For every method the script writes one recipe, runs ``mergekit-yaml RECIPE OUT`` (CPU) and
+``hfmerge RECIPE --output OUT2`` on it, each in a fresh child process (wall time and peak
+RSS from ``os.wait4``), then reads both outputs tensor by tensor with safetensors:
+
+* ``linear``, ``task_arithmetic``, ``ties``: the outputs should be equal up to float32
+  rounding; the table shows max |difference|, max relative difference (per tensor:
+  max |hf - mk| / max |mk|, the largest over tensors) and how many entries differ beyond
+  1e-6 of their tensor's scale. For TIES, differing tensors are checked for ties in magnitude
+  at the top-k threshold (where the choice of kept entries is arbitrary).
+* ``dare_linear``, ``dare_ties``: the random masks differ, so only statistics are compared:
+  the standardised mean of hf - mk per tensor (near 0), the ratio of the merged task
+  vectors' norms ||mk - base|| / ||hf - base||, and for ``dare_linear`` each tool's relative
+  distance to the expectation (task arithmetic with the same weights and λ).
+
+The inputs (base + 3 experts, ~230 MB each by default) are cached under benchmarks/_work/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from merge_memory import WORK, Hfmerge, Measure, T5Dims, build_family, print_table, run_measured  # noqa: E402
+
+WEIGHTS = (1.0, 0.6, 0.3, 0.8, 0.5)
+REL_TOL = 1e-6  # relative to the tensor's max |value|: float32 rounding of a few operations
+
+# label -> (merge_method, uses base, global parameters, per-model parameters besides weight)
+RECIPES: dict[str, tuple[str, bool, dict, dict]] = {
+    "linear": ("linear", False, {}, {}),
+    "task_arithmetic": ("task_arithmetic", True, {"lambda": 0.7}, {}),
+    "ties": ("ties", True, {"normalize": True}, {"density": 0.3}),
+    "dare_linear": ("dare_linear", True, {"lambda": 0.7}, {"density": 0.5}),
+    "dare_ties": ("dare_ties", True, {}, {"density": 0.5}),
+    "dare_ties_normalize": ("dare_ties", True, {"normalize": True}, {"density": 0.5}),
+}
+RANDOM = {"dare_linear", "dare_ties", "dare_ties_normalize"}
+
+
+def write_recipe(path: Path, label: str, base: Path, experts: list[Path]) -> dict:
+    method, uses_base, params, per_model = RECIPES[label]
+    recipe: dict = {"merge_method": method}
+    if uses_base:
+        recipe["base_model"] = str(base)
+    recipe["models"] = [{"model": str(e), "parameters": {"weight": WEIGHTS[i % len(WEIGHTS)], **per_model}} for i, e in enumerate(experts)]
+    if params:
+        recipe["parameters"] = dict(params)
+    recipe["dtype"] = "float32"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return recipe
+
+
+class Weights:
+    """Tensor-by-tensor access to a model folder's safetensors (one file or an index)."""
+
+    def __init__(self, folder: Path):
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise SystemExit(f"no safetensors files in {folder}")
+        self.where: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), "pt") as h:
+                for k in h.keys():
+                    self.where[k] = f
+
+    def names(self) -> set[str]:
+        return set(self.where)
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(str(self.where[name]), "pt") as h:
+            return h.get_tensor(name).to(torch.float32)
+
+
+@dataclass
+class Comparison:
+    method: str
+    recipe: dict
+    hf_wall_s: float  # shortest of the runs
+    hf_cpu_s: float
+    hf_peak_mib: float  # largest of the runs
+    mk_wall_s: float
+    mk_cpu_s: float
+    mk_peak_mib: float
+    hf_anon_mib: float = 0.0  # largest sampled RssAnon (allocated memory, without mapped files)
+    mk_anon_mib: float = 0.0
+    mk_file_mib: float = 0.0  # largest sampled RssFile (mergekit memory-maps its inputs)
+    hf_runs: list = field(default_factory=list)
+    mk_runs: list = field(default_factory=list)
+    tensors_compared: int = 0
+    only_in_hf: list[str] = field(default_factory=list)
+    only_in_mk: list[str] = field(default_factory=list)
+    max_abs_diff: float = 0.0
+    max_rel_diff: float = 0.0
+    worst_tensor: str = ""
+    entries_differing: int = 0
+    tensors_differing: int = 0
+    tie_explained_entries: int = 0
+    # DARE statistics
+    max_std_mean_diff: float = 0.0
+    max_abs_z: float = 0.0
+    norm_ratio_mk_hf: float = 0.0
+    norm_ratio_range: tuple[float, float] = (0.0, 0.0)
+    dist_to_expectation_hf: float = 0.0
+    dist_to_expectation_mk: float = 0.0
+
+
+def _tied_at_threshold(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Entries whose |tau| equals the k-th largest magnitude while the top-k is not unique.
+
+    Only at such entries may two correct TIES implementations keep different entries (the
+    choice among equal magnitudes is arbitrary). Returns a flat bool mask (all False when
+    the top-k is unique).
+    """
+    flat = tau.abs().reshape(-1)
+    k = int(density * flat.numel())
+    none = torch.zeros_like(flat, dtype=torch.bool)
+    if k <= 0 or k >= flat.numel():
+        return none
+    kth = torch.topk(flat, k, sorted=True).values[-1]
+    at = flat == kth
+    return at if int((flat > kth).sum()) + int(at.sum()) > k else none
+
+
+def compare(label: str, hf_dir: Path, mk_dir: Path, base_dir: Path, experts: list[Path], recipe: dict, c: Comparison) -> Comparison:
+    hf, mk = Weights(hf_dir), Weights(mk_dir)
+    base = Weights(base_dir)
+    models = [Weights(e) for e in experts]
+    common = sorted(hf.names() & mk.names())
+    c.only_in_hf = sorted(hf.names() - mk.names())
+    c.only_in_mk = sorted(mk.names() - hf.names())
+    c.tensors_compared = len(common)
+    weights = [m["parameters"]["weight"] for m in recipe["models"]]
+    lam = float(recipe.get("parameters", {}).get("lambda", 1.0))
+    density = recipe["models"][0]["parameters"].get("density", 1.0)
+    sq_hf = sq_mk = sq_e = sq_hf_e = sq_mk_e = 0.0
+    ratios = []
+    for name in common:
+        a, b = hf.get(name), mk.get(name)
+        diff = (a - b).abs()
+        scale = float(b.abs().max()) or 1.0
+        mx = float(diff.max())
+        rel = mx / scale
+        if mx > c.max_abs_diff:
+            c.max_abs_diff = mx
+        if rel > c.max_rel_diff:
+            c.max_rel_diff, c.worst_tensor = rel, name
+        n_bad = int((diff > REL_TOL * scale).sum())
+        c.entries_differing += n_bad
+        if n_bad:
+            c.tensors_differing += 1
+            if recipe["merge_method"] == "ties":
+                th = base.get(name)
+                tied = torch.zeros(th.numel(), dtype=torch.bool)
+                for m in models:
+                    tied |= _tied_at_threshold(m.get(name) - th, density)
+                bad = (diff > REL_TOL * scale).reshape(-1)
+                c.tie_explained_entries += int((bad & tied).sum())
+        if label in RANDOM:
+            th = base.get(name)
+            da, db = a - th, b - th
+            sd = float(da.std()) if da.numel() > 1 else 0.0
+            if sd > 0:
+                c.max_std_mean_diff = max(c.max_std_mean_diff, abs(float((a - b).mean())) / sd)
+            se = float((a - b).std()) / da.numel() ** 0.5 if da.numel() > 1 else 0.0
+            if se > 0:
+                c.max_abs_z = max(c.max_abs_z, abs(float((a - b).mean())) / se)
+            na, nb = float(da.double().pow(2).sum()), float(db.double().pow(2).sum())
+            sq_hf += na
+            sq_mk += nb
+            if na > 0:
+                ratios.append((nb / na) ** 0.5)
+            if recipe["merge_method"] == "dare_linear":
+                expect = lam * sum(w * (m.get(name) - th) for w, m in zip(weights, models))
+                sq_e += float(expect.double().pow(2).sum())
+                sq_hf_e += float((da - expect).double().pow(2).sum())
+                sq_mk_e += float((db - expect).double().pow(2).sum())
+    if label in RANDOM:
+        c.norm_ratio_mk_hf = (sq_mk / sq_hf) ** 0.5 if sq_hf else float("nan")
+        c.norm_ratio_range = (min(ratios), max(ratios)) if ratios else (float("nan"), float("nan"))
+        if sq_e:
+            c.dist_to_expectation_hf = (sq_hf_e / sq_e) ** 0.5
+            c.dist_to_expectation_mk = (sq_mk_e / sq_e) ** 0.5
+    return c
+
+
+def recipe_is_ties(c: Comparison) -> bool:
+    return c.recipe["merge_method"] == "ties"
+
+
+def mergekit_cmd(python: str) -> list[str]:
+    script = Path(python).parent / "mergekit-yaml"
+    return [str(script)] if script.is_file() else [python, "-m", "mergekit.scripts.run_yaml"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Run the same YAML recipes with mergekit and hfmerge on flan-T5-style checkpoints and compare the outputs.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--mergekit-python", required=True, help="python of a separate virtualenv with mergekit installed (its mergekit-yaml is used)")
+    p.add_argument("--hfmerge-python", default=sys.executable, help="python that has hfmerge and its dependencies installed (default: this one)")
+    p.add_argument("--hfmerge-src", type=Path, help="folder holding the hfmerge package to measure, put first on PYTHONPATH (default: the installed hfmerge)")
+    p.add_argument("--methods", nargs="+", choices=list(RECIPES), default=["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "dare_ties_normalize"],
+                   help="recipes to run (dare_ties_normalize is dare_ties with normalize: true set explicitly)")
+    p.add_argument("--layers", type=int, default=4, help="blocks per stack (default 4)")
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--d-ff", type=int, default=1024)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32128)
+    p.add_argument("--experts", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random checkpoints (the merges use seed 0)")
+    p.add_argument("--mergekit-args", default="--no-cuda --no-lazy-unpickle --no-copy-tokenizer --random-seed 0 --quiet",
+                   help="extra options for mergekit-yaml (default: %(default)s)")
+    p.add_argument("--repeat", type=int, default=1, help="runs of each tool per recipe, each in a fresh process; the table shows the shortest "
+                   "wall time and the largest peak RSS (default 1)")
+    p.add_argument("--keep-outputs", action="store_true", help="keep both merged models under benchmarks/_work/compare")
+    p.add_argument("--json-out", metavar="PATH", help="also write the comparison as JSON")
+    args = p.parse_args(argv)
+
+    hf = Hfmerge(args.hfmerge_python, args.hfmerge_src.resolve() if args.hfmerge_src else None)
+    print(f"hfmerge {hf.describe()}")
+    dims = T5Dims(d_model=args.d_model, d_ff=args.d_ff, layers=args.layers, heads=args.heads, vocab=args.vocab)
+    fam = build_family(dims, args.experts, seed=args.seed)
+    runs = WORK / "compare"
+    runs.mkdir(parents=True, exist_ok=True)
+    results: list[Comparison] = []
+    for label in args.methods:
+        recipe_path = runs / f"{label}.yml"
+        recipe = write_recipe(recipe_path, label, fam.base, fam.experts)
+        hf_out, mk_out = runs / f"{label}-hfmerge", runs / f"{label}-mergekit"
+        for d in (hf_out, mk_out):
+            shutil.rmtree(d, ignore_errors=True)
+        mk_runs: list[Measure] = []
+        hf_runs: list[Measure] = []
+        for i in range(args.repeat):
+            for d in (hf_out, mk_out):
+                shutil.rmtree(d, ignore_errors=True)
+            print(f"{label}: mergekit ..." + (f" (run {i + 1}/{args.repeat})" if args.repeat > 1 else ""), flush=True)
+            mk_runs.append(run_measured(mergekit_cmd(args.mergekit_python) + [str(recipe_path), str(mk_out)] + args.mergekit_args.split(),
+                                        log_path=runs / f"{label}-mergekit.log", cwd=runs))
+            print(f"  {mk_runs[-1].short()}; hfmerge ...", flush=True)
+            hf_runs.append(hf.run([str(recipe_path), "--output", str(hf_out), "-q"], log_path=runs / f"{label}-hfmerge.log"))
+            print(f"  {hf_runs[-1].short()}", flush=True)
+        print("  comparing ...", flush=True)
+        c = Comparison(label, recipe,
+                       min(m.wall_s for m in hf_runs), min(m.cpu_s for m in hf_runs), max(m.peak_mib for m in hf_runs),
+                       min(m.wall_s for m in mk_runs), min(m.cpu_s for m in mk_runs), max(m.peak_mib for m in mk_runs),
+                       max(m.anon_mib for m in hf_runs), max(m.anon_mib for m in mk_runs), max(m.file_mib for m in mk_runs),
+                       [asdict(m) for m in hf_runs], [asdict(m) for m in mk_runs])
+        results.append(compare(label, hf_out, mk_out, fam.base, fam.experts, recipe, c))
+        if not args.keep_outputs:
+            shutil.rmtree(hf_out, ignore_errors=True)
+            shutil.rmtree(mk_out, ignore_errors=True)
+
+    print()
+    print(f"Inputs: flan-T5 layout, d_model {dims.d_model}, d_ff {dims.d_ff}, {dims.layers}+{dims.layers} layers, vocab {dims.vocab}, "
+          f"{fam.params / 1e6:.1f}M params ({fam.bytes_per_model / 1e6:.0f} MB float32) per model, base + {args.experts} experts")
+    rows, trows = [], []
+    for c in results:
+        if c.method in RANDOM:
+            verdict = "random masks: see statistics"
+        elif c.entries_differing == 0:
+            verdict = "equal to float32 rounding"
+        else:
+            verdict = f"{c.entries_differing} entries in {c.tensors_differing} tensors differ"
+            if recipe_is_ties(c):
+                verdict += f"; {c.tie_explained_entries} of them at magnitude ties on the top-k threshold"
+        rows.append([c.method, f"{c.max_abs_diff:.3g}", f"{c.max_rel_diff:.3g}", verdict])
+        trows.append([c.method, f"{c.hf_wall_s:.1f}", f"{c.hf_cpu_s:.1f}", f"{c.hf_peak_mib:.0f}", f"{c.hf_anon_mib:.0f}",
+                      f"{c.mk_wall_s:.1f}", f"{c.mk_cpu_s:.1f}", f"{c.mk_peak_mib:.0f}", f"{c.mk_anon_mib:.0f}", f"{c.mk_file_mib:.0f}"])
+    print_table(["method", "max |diff|", "max rel diff", "outputs"], rows)
+    print()
+    print_table(["method", "hfmerge wall s", "CPU s", "peak RSS MiB", "anon MiB", "mergekit wall s", "CPU s", "peak RSS MiB", "anon MiB", "file MiB"], trows)
+    dare = [c for c in results if c.method in RANDOM]
+    if dare:
+        print()
+        srows = []
+        for c in dare:
+            srows.append([c.method, f"{c.max_std_mean_diff:.3g}", f"{c.max_abs_z:.2f}", f"{c.norm_ratio_mk_hf:.4f}", f"{c.norm_ratio_range[0]:.3f} - {c.norm_ratio_range[1]:.3f}",
+                          f"{c.dist_to_expectation_hf:.4f}" if c.dist_to_expectation_hf else "-", f"{c.dist_to_expectation_mk:.4f}" if c.dist_to_expectation_mk else "-"])
+        print_table(["method", "max |mean(hf-mk)|/std(hf-base)", "max |z| of mean(hf-mk)", "norm ratio mk/hf (model)", "per tensor", "hf: rel. dist. to E", "mk: rel. dist. to E"], srows)
+    for c in results:
+        if c.only_in_hf or c.only_in_mk:
+            print(f"{c.method}: tensors only in hfmerge's output: {c.only_in_hf or 'none'}; only in mergekit's: {c.only_in_mk or 'none'}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps([asdict(c) for c in results], indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
