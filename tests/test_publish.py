@@ -77,3 +77,11 @@ def test_push_with_a_read_only_token_gives_the_permission_message(hub, hf_token,
     err = capsys.readouterr().err
     assert "permission denied (HTTP 403)" in err and "write access" in err and hf_token not in err
     assert hub.head_sha(target) == before
+
+
+def test_private_flag_creates_a_private_repo(hub, hf_token, t5, tmp_path):
+    target = hub.unique_repo_id("private")
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="average", base_model=t5.base, models=[{"model": p} for p in t5.finetuned[:2]])
+    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q", "--push-to-hub", target, "--private"]) == 0
+    assert hub.get_repo(target).private is True
+    assert "model.safetensors" in hub.list_files(target)
