@@ -181,16 +181,13 @@ class TensorMerger:
         return thresholds
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
+def check_output(output: Path, overwrite: bool) -> None:
+    """Fail early (in the plan step) when the output cannot be written."""
+    output = Path(output)
     if output.exists() and not overwrite:
         raise OutputExistsError(f"output folder {output} already exists; choose another --output or pass --overwrite to replace it")
     if output.exists() and not output.is_dir():
         raise OutputExistsError(f"output {output} exists and is not a folder; remove it or choose another --output")
-
-
-def check_output(output: Path, overwrite: bool) -> None:
-    """Fail early (in the plan step) when the output cannot be written."""
-    _check_output(Path(output), overwrite)
 
 
 def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progress: bool = True,
@@ -210,7 +207,7 @@ def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progres
         HfMergeError: Any problem found while merging (nothing is left behind).
     """
     output = Path(output).absolute()
-    _check_output(output, overwrite)
+    check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.hfmerge-", dir=output.parent))
     merger = TensorMerger(plan)

@@ -138,8 +138,3 @@ def merge_method(name: str, *, per_model: tuple[Param, ...] = (), params: tuple[
         return func
 
     return register
-
-
-def get_method(name: str) -> MergeMethod:
-    """The registered method called `name` (import `hfmerge.methods` first to register them all)."""
-    return METHODS[name]
