@@ -269,7 +269,7 @@ def test_a_pasted_harness_task_works(tmp_path):
     ({"dataset_kwargs": None}, "tasks[0].dataset_kwargs.data_files", "missing"),
     ({"dataset_path": "val.jsonl", "dataset_kwargs": None}, "tasks[0].dataset_path", "write dataset_path: json"),
     ({"dataset_path": "./no/such/folder", "dataset_kwargs": None}, "tasks[0].dataset_path", "folder not found"),
-    ({"output_type": "generate_until"}, "tasks[0].output_type", "multiple_choice"),
+    ({"output_type": "loglikelihood"}, "tasks[0].output_type", "expected multiple_choice (rank classification over options, the default) or generate_until"),
     ({"num_fewshot": 5}, "tasks[0].num_fewshot", "few-shot"),
     ({"process_docs": "x"}, "tasks[0].process_docs", "not supported"),
     ({"validation_fraction": 1.5}, "tasks[0].validation_fraction", "(0, 1]"),
@@ -488,7 +488,7 @@ def test_local_metric_modules_work_offline_and_agree_with_references():
     assert macro == pytest.approx((2 / 3 + 0.5 + 0.8) / 3)
     with pytest.raises(MetricError, match="average='binary' needs at most two classes"):
         compute_metric(resolve_metric("f1"), three, [0, 2, 2, 2, 1, 1])
-    assert set(LOCAL_METRICS) == {"accuracy", "f1", "matthews_correlation", "spearmanr", "pearsonr"}
+    assert set(LOCAL_METRICS) == {"accuracy", "f1", "matthews_correlation", "spearmanr", "pearsonr", "exact_match"}
 
 
 def test_correlation_metrics_use_numeric_option_values():

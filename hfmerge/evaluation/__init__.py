@@ -1,7 +1,8 @@
-"""Validation and test tasks, rank-classification scoring, metrics and model evaluation.
+"""Validation and test tasks, rank-classification and generation scoring, metrics and model evaluation.
 
     tasks.py           the recipe's ``tasks:`` (lm-evaluation-harness keys), data loading, templates
     scoring.py         batched rank classification (encoder-decoder and decoder-only) + naive reference
+    generation.py      batched greedy generation (output_type: generate_until)
     metrics.py         metrics through `evaluate`, from modules shipped in ``metric_modules/`` (offline)
     evaluate_model.py  `evaluate_model` / `TaskEvaluator` -> `EvalReport` (table, JSON, model-index)
     cli.py             ``hfmerge eval``
@@ -19,6 +20,9 @@ _EXPORTS = {
     "TaskError": "tasks", "TaskSpec": "tasks", "TaskData": "tasks", "Example": "tasks", "parse_tasks": "tasks",
     "load_task_data": "tasks", "load_tasks_file": "tasks", "match_tasks_to_models": "tasks",
     "MetricError": "metrics", "MetricSpec": "metrics", "load_metric": "metrics", "compute_metric": "metrics",
+    "compute_generation_metric": "metrics", "parse_number": "metrics",
+    "generate_texts": "generation", "generate_encoded": "generation", "encode_prompts": "generation",
+    "postprocess_generation": "generation",
     "OptionScores": "scoring", "score_options": "scoring", "score_options_naive": "scoring", "encode_examples": "scoring",
     "score_encoded": "scoring",
     "EvaluationError": "evaluate_model", "EvalReport": "evaluate_model", "TaskResult": "evaluate_model",

@@ -34,12 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("-m", "--model", required=True, help="the model to evaluate: a local folder (or a Hub repo id, with the network)")
     parser.add_argument("--split", choices=("validation", "test"), default="validation", help="which split of each task to score (default: validation)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
-    parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="(example, option) pairs per forward pass (default: 32)")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="(example, option) pairs per forward pass; prompts per generate call for generate_until tasks (default: 32)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default=None,
                         help="model dtype (default: float32 on CPU, the checkpoint's on GPU)")
     parser.add_argument("--tasks", metavar="NAME[,NAME...]", help="evaluate only these tasks")
-    parser.add_argument("--predictions", action="store_true", help="with --json: also write each example's predicted option")
+    parser.add_argument("--predictions", action="store_true", help="with --json: also write each example's predicted option (or generated answer)")
     return parser
 
 

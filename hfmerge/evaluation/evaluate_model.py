@@ -4,11 +4,15 @@ Everything that can be wrong with the tasks (data, templates, labels, metrics) i
 before the model is loaded. `TaskEvaluator` keeps the rendered and tokenised examples and the
 loaded metrics, so a search that evaluates the same model object after each change of its
 weights pays for them once.
+
+A ``multiple_choice`` task is scored by rank classification (scoring.py), a ``generate_until``
+task by greedy generation (generation.py); the report says which for each task.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -19,13 +23,18 @@ from typing import Any
 import torch
 
 from ..errors import HfMergeError
-from .metrics import compute_metric, load_metric
+from .generation import encode_prompts, generate_encoded
+from .metrics import compute_generation_metric, compute_metric, load_metric, parse_number
 from .scoring import EncodedExample, OptionScores, _max_positions, encode_examples, is_encoder_decoder, score_encoded
 from .tasks import TaskData, TaskSpec, load_task_data
 
 __all__ = ["EvaluationError", "TaskResult", "EvalReport", "TaskEvaluator", "prepare_tasks", "load_model_for_eval", "evaluate_model"]
 
 SPLITS = ("validation", "test")
+logger = logging.getLogger(__name__)
+# How each output type is named in model cards (model-index task type, metric name suffix).
+TASK_TYPES = {"multiple_choice": "multiple-choice", "generate_until": "text-generation"}
+SCORING = {"multiple_choice": "rank classification", "generate_until": "greedy generation"}
 
 
 class EvaluationError(HfMergeError):
@@ -43,8 +52,12 @@ class TaskResult:
         num_examples: How many examples were scored.
         metrics: Figure per metric, keyed by the name as written in ``metric_list``.
         primary_metric: The first metric: the task's score, averaged across tasks.
-        predictions: Per example, the index of the predicted option.
+        predictions: Per example, the index of the predicted option (multiple_choice) or the
+            generated answer (generate_until).
         dataset_path, dataset_name: The data source (for model cards).
+        metric_modules: Metric name as written -> the module's result key (for model cards).
+        output_type: ``multiple_choice`` (rank classification) or ``generate_until`` (greedy
+            generation).
     """
 
     task: str
@@ -53,10 +66,11 @@ class TaskResult:
     num_examples: int
     metrics: dict[str, float]
     primary_metric: str
-    predictions: list[int] = field(default_factory=list, repr=False)
+    predictions: list[int] | list[str] = field(default_factory=list, repr=False)
     dataset_path: str = ""
     dataset_name: str | None = None
     metric_modules: dict[str, str] = field(default_factory=dict, repr=False)
+    output_type: str = "multiple_choice"
 
     @property
     def score(self) -> float:
@@ -105,7 +119,7 @@ class EvalReport:
         tasks = {}
         for r in self.results:
             entry: dict[str, Any] = {
-                "split": r.split, "dataset_split": r.dataset_split, "num_examples": r.num_examples,
+                "split": r.split, "dataset_split": r.dataset_split, "output_type": r.output_type, "num_examples": r.num_examples,
                 "primary_metric": r.primary_metric, "score": _json_number(r.score),
                 "metrics": {k: _json_number(v) for k, v in r.metrics.items()},
             }
@@ -120,18 +134,24 @@ class EvalReport:
         return json.dumps(self.to_dict(predictions=predictions), indent=indent) + "\n"
 
     def to_table(self, digits: int = 4) -> str:
-        """A plain-text table: one row per task and metric, then the average."""
+        """A plain-text table: one row per task and metric, then the average. When a task was
+        scored by generation, an ``output`` column says how each task was scored."""
         def fmt(v: float) -> str:
             return f"{v:.{digits}f}" if math.isfinite(v) else "nan"
 
+        show_output = any(r.output_type != "multiple_choice" for r in self.results)
         rows = [("task", "split", "examples", "metric", "score")]
         for r in self.results:
             for j, (name, value) in enumerate(r.metrics.items()):
                 rows.append((r.task if j == 0 else "", r.dataset_split if j == 0 else "", str(r.num_examples) if j == 0 else "", name, fmt(value)))
         rows.append(("average", "", "", self.results[0].primary_metric if len({r.primary_metric for r in self.results}) == 1 else "mixed", fmt(self.average))
                     if self.results else ("average", "", "", "", "nan"))
-        widths = [max(len(row[c]) for row in rows) for c in range(5)]
-        right = {2, 4}
+        if show_output:
+            column = ["output"] + [r.output_type if j == 0 else "" for r in self.results for j in range(len(r.metrics))] + [""]
+            rows = [row[:2] + (out,) + row[2:] for row, out in zip(rows, column)]
+        width = len(rows[0])
+        widths = [max(len(row[c]) for row in rows) for c in range(width)]
+        right = {width - 3, width - 1}
 
         def line(row: Sequence[str]) -> str:
             return "  ".join(cell.rjust(w) if c in right else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths))).rstrip()
@@ -152,9 +172,10 @@ class EvalReport:
             dataset: dict[str, Any] = {"name": r.task, "type": r.dataset_path, "split": r.dataset_split}
             if r.dataset_name:
                 dataset["config"] = r.dataset_name
-            metrics = [{"type": r.metric_modules.get(name, name), "name": f"{name} (rank classification)", "value": _json_number(v)}
+            scoring = SCORING.get(r.output_type, r.output_type)
+            metrics = [{"type": r.metric_modules.get(name, name), "name": f"{name} ({scoring})", "value": _json_number(v)}
                        for name, v in r.metrics.items()]
-            results.append({"task": {"type": "multiple-choice", "name": r.task}, "dataset": dataset, "metrics": metrics})
+            results.append({"task": {"type": TASK_TYPES.get(r.output_type, r.output_type), "name": r.task}, "dataset": dataset, "metrics": metrics})
         return [{"name": model_name, "results": results}]
 
     def to_eval_results(self) -> list:
@@ -170,9 +191,10 @@ class EvalReport:
                 # file has no Hub dataset id, so the task's name identifies it there.
                 local = r.dataset_path in ("json", "csv", "parquet", "text", "arrow", "pandas") or r.dataset_path.startswith("/")
                 out.append(EvalResult(
-                    task_type="multiple-choice", task_name=r.task, dataset_type=r.task if local else r.dataset_path, dataset_name=r.task,
-                    dataset_config=r.dataset_name, dataset_split=r.dataset_split, metric_type=r.metric_modules.get(name, name),
-                    metric_name=f"{name} (rank classification)", metric_value=value,
+                    task_type=TASK_TYPES.get(r.output_type, r.output_type), task_name=r.task, dataset_type=r.task if local else r.dataset_path,
+                    dataset_name=r.task, dataset_config=r.dataset_name, dataset_split=r.dataset_split,
+                    metric_type=r.metric_modules.get(name, name), metric_name=f"{name} ({SCORING.get(r.output_type, r.output_type)})",
+                    metric_value=value,
                 ))
         return out
 
@@ -210,12 +232,15 @@ class TaskEvaluator:
 
     Examples are rendered and tokenised once; metrics are loaded once. Use it when the same
     model object is evaluated repeatedly with new weights (a coefficient search).
+    ``multiple_choice`` tasks are scored by rank classification (`scores`), ``generate_until``
+    tasks by greedy generation (`generations`); `evaluate` does both and computes the metrics.
 
     Args:
         tasks: Parsed or loaded tasks (loaded here if needed; errors come before any scoring).
         tokenizer: The tokenizer of the models to evaluate.
         split: "validation" or "test".
-        batch_size: (example, option) pairs per forward pass.
+        batch_size: (example, option) pairs per forward pass; prompts per `generate` call for
+            generate_until tasks.
         progress: Show progress bars.
     """
 
@@ -227,6 +252,19 @@ class TaskEvaluator:
         self.batch_size = batch_size
         self.progress = progress
         self._encoded: dict[tuple[bool, int | None, str], list[EncodedExample]] = {}
+        self._prompts: dict[tuple[bool, int | None, str], list[tuple[int, ...]]] = {}
+
+    def _encode_prompts(self, model: Any, data: TaskData) -> list[tuple[int, ...]]:
+        encoder_decoder = is_encoder_decoder(model)
+        max_length = _max_positions(model.config)
+        key = (encoder_decoder, max_length, data.spec.name)
+        if key not in self._prompts:
+            try:
+                self._prompts[key] = encode_prompts(self.tokenizer, [e.prompt for e in data.examples(self.split)], encoder_decoder=encoder_decoder,
+                                                    max_gen_toks=data.spec.max_gen_toks, max_length=max_length)
+            except ValueError as exc:
+                raise EvaluationError(f"task {data.spec.name!r}: {exc}") from None
+        return self._prompts[key]
 
     def _encode(self, model: Any, data: TaskData) -> list[EncodedExample]:
         encoder_decoder = is_encoder_decoder(model)
@@ -244,12 +282,30 @@ class TaskEvaluator:
         return self._encoded[key]
 
     def scores(self, model: Any, *, device: str | torch.device | None = None) -> dict[str, list[OptionScores]]:
-        """Per task, the option scores of every example (no metrics)."""
+        """Per multiple_choice task, the option scores of every example (no metrics)."""
         out = {}
         for data in self.tasks:
+            if data.spec.generates:
+                continue
             encoded = self._encode(model, data)
             try:
                 out[data.spec.name] = score_encoded(model, encoded, self.batch_size, device, self.progress, desc=data.spec.name)
+            except ValueError as exc:
+                raise EvaluationError(f"task {data.spec.name!r}: {exc}") from None
+        return out
+
+    def generations(self, model: Any, *, device: str | torch.device | None = None) -> dict[str, list[str]]:
+        """Per generate_until task, the greedy answer to every example (no metrics): new tokens
+        decoded without special tokens, cut at the first ``until`` string and stripped."""
+        out = {}
+        for data in self.tasks:
+            if not data.spec.generates:
+                continue
+            prompts = self._encode_prompts(model, data)
+            try:
+                out[data.spec.name] = generate_encoded(model, self.tokenizer, prompts, max_gen_toks=data.spec.max_gen_toks,
+                                                       until=data.spec.until, batch_size=self.batch_size, device=device,
+                                                       progress=self.progress, desc=data.spec.name)
             except ValueError as exc:
                 raise EvaluationError(f"task {data.spec.name!r}: {exc}") from None
         return out
@@ -271,9 +327,13 @@ class TaskEvaluator:
         """
         start = time.perf_counter()
         all_scores = self.scores(model, device=device)
+        all_generations = self.generations(model, device=device)
         results = []
         for data in self.tasks:
             spec, examples = data.spec, data.examples(self.split)
+            if spec.generates:
+                results.append(self._generation_result(data, all_generations[spec.name]))
+                continue
             option_scores = all_scores[spec.name]
             references = [e.label for e in examples]
             options = [e.options for e in examples]
@@ -294,6 +354,24 @@ class TaskEvaluator:
             ))
         name = model_name or str(getattr(model, "name_or_path", "") or type(model).__name__)
         return EvalReport(name, self.split, results, time.perf_counter() - start)
+
+    def _generation_result(self, data: TaskData, answers: list[str]) -> TaskResult:
+        spec, examples = data.spec, data.examples(self.split)
+        # Both sides stripped: the answers are, and a reference's surrounding whitespace
+        # (" yes" as a harness target) is formatting, not content.
+        references = [e.target.strip() for e in examples]
+        if any(m.uses_values for m in spec.metrics):
+            unparsed = sum(parse_number(a) is None for a in answers)
+            if unparsed:
+                logger.warning("task %s: %d of %d generated answers are not numbers; the correlation counts them as 0.0",
+                               spec.name, unparsed, len(answers))
+        metrics = {m.name: compute_generation_metric(m, answers, references) for m in spec.metrics}
+        return TaskResult(
+            task=spec.name, split=self.split, dataset_split=spec.split_name(self.split) or self.split, num_examples=len(examples),
+            metrics=metrics, primary_metric=spec.metrics[0].name, predictions=list(answers),
+            dataset_path=spec.dataset_path if not Path(spec.dataset_path).is_absolute() else "local",
+            dataset_name=spec.dataset_name, metric_modules={m.name: m.result_key for m in spec.metrics}, output_type=spec.output_type,
+        )
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -369,7 +447,8 @@ def evaluate_model(model_or_path: Any, tasks: Sequence[TaskSpec | TaskData], spl
         tasks: Parsed or loaded tasks.
         split: "validation" or "test".
         tokenizer: The tokenizer, when a model object is given.
-        batch_size: (example, option) pairs per forward pass.
+        batch_size: (example, option) pairs per forward pass; prompts per `generate` call for
+            generate_until tasks.
         device: "cpu", "cuda" or "auto"/None.
         dtype: See `load_model_for_eval`.
         progress: Show progress bars.

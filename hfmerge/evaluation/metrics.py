@@ -9,6 +9,12 @@ needs the network; a folder path is a local module of your own).
 lm-evaluation-harness's multiple-choice metric names are accepted as aliases: ``acc`` and
 ``acc_norm`` (accuracy; ``acc_norm`` compares option log-likelihoods divided by the option's
 length in characters, as the harness does), ``mcc`` (Matthews correlation).
+
+Rank classification (`compute_metric`) gives each metric option indices; correlations get
+the options' numbers and ``exact_match`` the options' texts. Greedy generation
+(`compute_generation_metric`) gives each metric the generated and reference texts;
+correlations get the numbers parsed from them (`parse_number`; a generated text that is not a
+number counts as `NUMBER_FALLBACK`, 0.0, as in FusionBench).
 """
 
 from __future__ import annotations
@@ -21,11 +27,11 @@ from typing import Any
 
 from ..errors import RecipeError
 
-__all__ = ["MetricError", "MetricSpec", "LOCAL_METRICS", "METRIC_ALIASES", "resolve_metric", "load_metric", "compute_metric",
-           "metric_module_path"]
+__all__ = ["MetricError", "MetricSpec", "LOCAL_METRICS", "METRIC_ALIASES", "NUMBER_FALLBACK", "resolve_metric", "load_metric",
+           "compute_metric", "compute_generation_metric", "parse_number", "metric_module_path"]
 
 MODULES_DIR = Path(__file__).parent / "metric_modules"
-LOCAL_METRICS = ("accuracy", "f1", "matthews_correlation", "spearmanr", "pearsonr")
+LOCAL_METRICS = ("accuracy", "f1", "matthews_correlation", "spearmanr", "pearsonr", "exact_match")
 # name as written -> (local module, normalization it forces or None)
 METRIC_ALIASES: dict[str, tuple[str, str | None]] = {
     "acc": ("accuracy", None),
@@ -38,6 +44,13 @@ METRIC_ALIASES: dict[str, tuple[str, str | None]] = {
 # These compare values, not classes: a prediction is the chosen option's number when every
 # option is a number (STS-B's "0.0" ... "5.0"), else the option's index.
 VALUE_METRICS = ("spearmanr", "pearsonr")
+# These compare class indices: they need options to choose from (rank classification).
+INDEX_METRICS = ("accuracy", "f1", "matthews_correlation")
+# These compare texts: the chosen option's (rank classification) or the generated one.
+TEXT_METRICS = ("exact_match",)
+# What a generated text that is not a number counts as, for correlation metrics: FusionBench's
+# choice (its STS-B evaluation parses the generated text with float() and falls back to 0.0).
+NUMBER_FALLBACK = 0.0
 
 
 class MetricError(RecipeError):
@@ -71,6 +84,16 @@ class MetricSpec:
     def uses_values(self) -> bool:
         """A correlation metric, fed option values rather than option indices."""
         return Path(self.module).name in VALUE_METRICS
+
+    @property
+    def uses_indices(self) -> bool:
+        """A class metric, fed option indices (rank classification only)."""
+        return self.module in INDEX_METRICS or self.normalization is not None
+
+    @property
+    def uses_text(self) -> bool:
+        """A text metric (exact_match), fed the chosen option's text in rank classification."""
+        return self.module in TEXT_METRICS
 
     @property
     def result_key(self) -> str:
@@ -182,8 +205,71 @@ def compute_metric(spec: MetricSpec, predictions: Sequence[int], references: Seq
         numeric = options is not None and all(_is_number(o) for opts in options for o in opts)
         preds: list = [_as_value(options[i][p] if options else "", p, numeric) for i, p in enumerate(predictions)]
         refs: list = [_as_value(options[i][r] if options else "", r, numeric) for i, r in enumerate(references)]
+    elif spec.uses_text and options is not None:
+        preds = [options[i][p] for i, p in enumerate(predictions)]
+        refs = [options[i][r] for i, r in enumerate(references)]
     else:
         preds, refs = [int(p) for p in predictions], [int(r) for r in references]
+    return _run(spec, module, preds, refs)
+
+
+def parse_number(text: str) -> float | None:
+    """The number a generated text states, or None.
+
+    The whole text, stripped, must be a number as Python's `float` reads it ("3.8", "4",
+    "-0.5", "1e-1"); infinities and NaN do not count. This is FusionBench's rule for STS-B,
+    which parses the decoded answer with `float()`; "3.8 out of 5" is not a number.
+
+    Args:
+        text: A generated answer (or a reference).
+
+    Returns:
+        The number, or None when the text is not one.
+    """
+    try:
+        value = float(text.strip())
+    except (ValueError, AttributeError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def compute_generation_metric(spec: MetricSpec, predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Compute one metric from generated answers and reference answers.
+
+    Args:
+        spec: The metric (not a class metric such as accuracy; tasks are checked for that).
+        predictions: Per example, the generated answer (cut at the first stop string, stripped).
+        references: Per example, the reference answer.
+
+    Returns:
+        The metric's figure. Correlation metrics (spearmanr, pearsonr) compare the numbers the
+        texts state (`parse_number`); a generated text that is not a number counts as
+        `NUMBER_FALLBACK` (0.0). Other metrics get the texts (exact_match compares them as
+        they are, or with its ignore_case / ignore_punctuation / ignore_numbers /
+        regexes_to_ignore options).
+
+    Raises:
+        MetricError: A class metric, a reference that is not a number for a correlation, or the
+            module failed.
+    """
+    if spec.uses_indices:
+        raise MetricError(f"metric {spec.name!r} compares option indices (rank classification); use exact_match for generated text")
+    module = load_metric(spec)
+    if spec.uses_values:
+        refs: list = []
+        for r in references:
+            value = parse_number(r)
+            if value is None:
+                raise MetricError(f"metric {spec.name!r}: the reference {r!r} is not a number")
+            refs.append(value)
+        parsed = [parse_number(p) for p in predictions]
+        preds: list = [NUMBER_FALLBACK if v is None else v for v in parsed]
+    else:
+        preds, refs = [str(p) for p in predictions], [str(r) for r in references]
+    return _run(spec, module, preds, refs)
+
+
+def _run(spec: MetricSpec, module: Any, preds: list, refs: list) -> float:
     try:
         result = module.compute(predictions=preds, references=refs, **dict(spec.kwargs))
     except Exception as exc:  # noqa: BLE001

@@ -1,18 +1,26 @@
 """Validation and test tasks: the recipe's ``tasks:`` section, parsed, checked and rendered.
 
-A task is written with lm-evaluation-harness's multiple-choice task keys (``task``,
-``dataset_path``, ``dataset_name``, ``dataset_kwargs``, ``validation_split``, ``test_split``,
-``doc_to_text``, ``doc_to_choice``, ``doc_to_target``, ``metric_list``, ``description``,
-``target_delimiter``), so a harness task can be pasted in; hfmerge adds a few keys of its own
-(``validation_fraction``, ``test_fraction``, ``num_validation_examples``, ``num_test_examples``,
-``limit``, ``seed``, ``model``, ``normalization``). docs/tasks.md is the reference.
+A task is written with lm-evaluation-harness's task keys (``task``, ``dataset_path``,
+``dataset_name``, ``dataset_kwargs``, ``validation_split``, ``test_split``, ``doc_to_text``,
+``doc_to_choice``, ``doc_to_target``, ``metric_list``, ``description``, ``target_delimiter``,
+``output_type``, ``generation_kwargs``), so a harness task can be pasted in; hfmerge adds a few
+keys of its own (``validation_fraction``, ``test_fraction``, ``num_validation_examples``,
+``num_test_examples``, ``limit``, ``seed``, ``model``, ``normalization``). docs/tasks.md is the
+reference.
+
+A task is scored one of two ways, chosen by ``output_type`` as in the harness:
+``multiple_choice`` (the default) ranks the options by log-likelihood (scoring.py);
+``generate_until`` generates an answer greedily and compares it with the reference text
+(generation.py). One task definition with ``doc_to_choice`` serves both: for generation the
+label picks the option whose text is the reference.
 
 Two steps, both before any model is loaded:
 
 1. `parse_tasks` checks the keys, types and values and that every local data file exists
    (no data is read).
 2. `load_task_data` reads the splits with `datasets`, carves and subsamples them with the
-   task's seed, and renders every example into (prompt, options, label index). Templates
+   task's seed, and renders every example into (prompt, options, label index); for a
+   ``generate_until`` task without ``doc_to_choice`` the options are the one reference. Templates
    are checked against the data's fields first, so a typo in a field name is reported as
    such, naming the task, the key and the field.
 
@@ -37,6 +45,7 @@ from typing import Any
 
 from ..errors import RecipeError
 from .metrics import METRIC_ALIASES, MetricSpec, resolve_metric
+from .metrics import parse_number as _parse_number
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +64,7 @@ class TaskError(RecipeError):
 HARNESS_KEYS = (
     "task", "dataset_path", "dataset_name", "dataset_kwargs", "validation_split", "test_split", "doc_to_text",
     "doc_to_choice", "doc_to_target", "metric_list", "description", "target_delimiter", "output_type",
-    "num_fewshot", "repeats",
+    "generation_kwargs", "num_fewshot", "repeats",
 )
 HFMERGE_KEYS = (
     "validation_fraction", "test_fraction", "num_validation_examples", "num_test_examples", "limit", "seed", "model",
@@ -71,8 +80,8 @@ IGNORED_HARNESS_KEYS = (
 UNSUPPORTED_HARNESS_KEYS = {
     "process_docs": "Python hooks are not run from recipes; prepare the data file instead, or express the change in the templates",
     "process_results": "Python hooks are not run from recipes; use metric_list",
-    "filter_list": "filters apply to generated text; hfmerge scores multiple-choice tasks by rank classification",
-    "generation_kwargs": "hfmerge scores multiple-choice tasks by rank classification and generates nothing",
+    "filter_list": "filters are not run; a generated answer is cut at the first generation_kwargs.until string and stripped, "
+                   "and exact_match takes ignore_case, ignore_punctuation, ignore_numbers and regexes_to_ignore",
     "include": "paste the included task's keys into this task",
     "doc_to_image": "only text tasks are supported",
     "doc_to_audio": "only text tasks are supported",
@@ -81,7 +90,25 @@ UNSUPPORTED_HARNESS_KEYS = {
 TASK_KEYS = HARNESS_KEYS + HFMERGE_KEYS
 
 NORMALIZATIONS = ("token", "none", "char")
+OUTPUT_TYPES = ("multiple_choice", "generate_until")
+# lm-evaluation-harness's defaults for a generate_until task whose generation_kwargs do not say:
+# stop at a blank line (its few-shot delimiter), at most 256 new tokens.
+DEFAULT_UNTIL: tuple[str, ...] = ("\n\n",)
+DEFAULT_MAX_GEN_TOKS = 256
 DEFAULT_METRICS = ({"metric": "accuracy"},)
+# The harness's default metric of a generate_until task.
+DEFAULT_GENERATION_METRICS = ({"metric": "exact_match"},)
+# generation_kwargs hfmerge reads (greedy decoding only), and what to write for others.
+GENERATION_KEYS = ("until", "max_gen_toks", "do_sample", "temperature")
+GENERATION_KEY_HINTS = {
+    "max_new_tokens": "write max_gen_toks (lm-evaluation-harness's name for it)",
+    "max_length": "write max_gen_toks, the most new tokens (lm-evaluation-harness's name for it)",
+    "num_beams": "only greedy decoding is supported (one beam)",
+    "top_p": "only greedy decoding is supported; top_p applies to sampling",
+    "top_k": "only greedy decoding is supported; top_k applies to sampling",
+    "stop": "write until (lm-evaluation-harness's name for the stop strings)",
+    "stop_strings": "write until (lm-evaluation-harness's name for the stop strings)",
+}
 # datasets' packaged builders that read files named by data_files.
 FILE_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "pandas", "xml")
 DATA_FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
@@ -132,14 +159,20 @@ class TaskSpec:
         limit: At most this many examples of each split, the first ones (harness ``--limit``).
         seed: Seed of the carving and subsampling.
         doc_to_text, doc_to_choice, doc_to_target: As written (field names or templates;
-            a fixed option list; a fixed label index).
+            a fixed option list; a fixed label index). A generate_until task without options
+            has ``doc_to_choice == ()``.
         description: A template prepended to every prompt.
-        target_delimiter: Put between the prompt and each option for decoder-only models.
+        target_delimiter: Put between the prompt and each option for decoder-only models
+            (rank classification only).
         normalization: How option log-likelihoods are compared: ``token`` (mean over tokens,
             the default), ``none`` (sum) or ``char`` (sum / characters).
         metrics: The metrics to report; the first one is the task's score.
         model: The fine-tuned model this task belongs to (index or reference), or None.
         raw: The mapping as written.
+        output_type: ``multiple_choice`` (rank classification) or ``generate_until`` (greedy
+            generation compared with the reference text).
+        until: ``generate_until``: stop strings; the answer is cut at the first one.
+        max_gen_toks: ``generate_until``: the most new tokens.
     """
 
     name: str
@@ -166,6 +199,14 @@ class TaskSpec:
     metrics: tuple[MetricSpec, ...] = ()
     model: int | str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    output_type: str = "multiple_choice"
+    until: tuple[str, ...] = DEFAULT_UNTIL
+    max_gen_toks: int = DEFAULT_MAX_GEN_TOKS
+
+    @property
+    def generates(self) -> bool:
+        """Scored by greedy generation (``output_type: generate_until``)."""
+        return self.output_type == "generate_until"
 
     def split_name(self, which: str) -> str | None:
         """The dataset split `which` ("validation" or "test") is read from, or None."""
@@ -182,11 +223,20 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class Example:
-    """One rendered example: the prompt, its answer options and the index of the right one."""
+    """One rendered example: the prompt, its answer options and the index of the right one.
+
+    For a ``generate_until`` task the options are the task's ``doc_to_choice`` options when it
+    has them, else the one reference answer (label 0); `target` is the reference either way.
+    """
 
     prompt: str
     options: tuple[str, ...]
     label: int
+
+    @property
+    def target(self) -> str:
+        """The reference answer's text: the right option."""
+        return self.options[self.label]
 
 
 @dataclass
@@ -293,9 +343,10 @@ def _split_names_of(data_files: Any) -> list[str] | None:
     return ["train"]
 
 
-def _metric_list(source: str, path: str, value: Any, base_dir: Path | None) -> tuple[MetricSpec, ...]:
+def _metric_list(source: str, path: str, value: Any, base_dir: Path | None, output_type: str = "multiple_choice") -> tuple[MetricSpec, ...]:
+    generates = output_type == "generate_until"
     if value is None:
-        value = list(DEFAULT_METRICS)
+        value = list(DEFAULT_GENERATION_METRICS if generates else DEFAULT_METRICS)
     if not isinstance(value, list) or not value:
         raise _fail(source, path, f"got {value!r}; expected a non-empty list of {{metric: <name>}}")
     specs = []
@@ -319,9 +370,67 @@ def _metric_list(source: str, path: str, value: Any, base_dir: Path | None) -> t
             raise _fail(source, f"{here}.metric", str(exc)) from None
         if spec.name in seen:
             raise _fail(source, f"{here}.metric", f"{name!r} is listed twice")
+        if spec.uses_text:
+            _exact_match_kwargs(source, here, kwargs)
+        if generates and spec.uses_indices:
+            raise _fail(source, f"{here}.metric", f"{name!r} compares chosen options (rank classification, output_type: multiple_choice); "
+                        "a generate_until task is scored on its generated text: use exact_match (with ignore_case / ignore_punctuation "
+                        "if wanted), or spearmanr / pearsonr on generated numbers")
         seen.add(spec.name)
         specs.append(spec)
     return tuple(specs)
+
+
+def _generation_kwargs(source: str, path: str, value: Any) -> tuple[tuple[str, ...], int]:
+    """The (until, max_gen_toks) of a generate_until task's generation_kwargs; only greedy
+    decoding is accepted."""
+    if value is None:
+        return DEFAULT_UNTIL, DEFAULT_MAX_GEN_TOKS
+    if not isinstance(value, dict):
+        raise _fail(source, path, f"got {value!r}; expected a mapping such as {{until: ['\\n'], max_gen_toks: 10, do_sample: false}}")
+    for k in value:
+        if k not in GENERATION_KEYS:
+            hint = GENERATION_KEY_HINTS.get(str(k), f"unknown key{_suggest(k, GENERATION_KEYS)}")
+            raise _fail(source, f"{path}.{k}", f"{hint} (hfmerge reads {', '.join(GENERATION_KEYS)}; decoding is greedy)")
+    until = value.get("until", list(DEFAULT_UNTIL))
+    if isinstance(until, str):  # the harness accepts one string
+        until = [until]
+    if not isinstance(until, list):
+        raise _fail(source, f"{path}.until", f"got {until!r}; expected a list of stop strings (or [] for none)")
+    for j, stop in enumerate(until):
+        if not isinstance(stop, str) or not stop:
+            raise _fail(source, f"{path}.until[{j}]", f"got {stop!r}; expected a non-empty stop string")
+    max_gen_toks = value.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS)
+    if isinstance(max_gen_toks, bool) or not isinstance(max_gen_toks, int) or max_gen_toks < 1:
+        raise _fail(source, f"{path}.max_gen_toks", f"got {max_gen_toks!r}; expected a positive whole number (the most new tokens)")
+    do_sample = value.get("do_sample", False)
+    if do_sample is not False:
+        raise _fail(source, f"{path}.do_sample", f"got {do_sample!r}; only greedy decoding is supported: do_sample: false")
+    temperature = value.get("temperature", 0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature != 0:
+        raise _fail(source, f"{path}.temperature", f"got {temperature!r}; only greedy decoding is supported: temperature: 0 (or leave it out)")
+    return tuple(until), max_gen_toks
+
+
+EXACT_MATCH_KWARGS = ("ignore_case", "ignore_punctuation", "ignore_numbers", "regexes_to_ignore")
+
+
+def _exact_match_kwargs(source: str, path: str, kwargs: Mapping[str, Any]) -> None:
+    """Check exact_match's options now rather than after the model has generated."""
+    for k, v in kwargs.items():
+        if k not in EXACT_MATCH_KWARGS:
+            raise _fail(source, f"{path}.{k}", f"unknown exact_match option{_suggest(k, EXACT_MATCH_KWARGS)} (expected one of: {', '.join(EXACT_MATCH_KWARGS)})")
+        if k == "regexes_to_ignore":
+            patterns = [v] if isinstance(v, str) else v
+            if not isinstance(patterns, list) or not all(isinstance(x, str) for x in patterns):
+                raise _fail(source, f"{path}.{k}", f"got {v!r}; expected a list of regular expressions")
+            for j, pattern in enumerate(patterns):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise _fail(source, f"{path}.{k}" + (f"[{j}]" if isinstance(v, list) else ""), f"not a valid regular expression: {exc}") from None
+        elif not isinstance(v, bool):
+            raise _fail(source, f"{path}.{k}", f"got {v!r}; expected true or false")
 
 
 def _parse_task(entry: Any, i: int, *, source: str, base_dir: Path | None) -> TaskSpec:
@@ -349,13 +458,22 @@ def _parse_task(entry: Any, i: int, *, source: str, base_dir: Path | None) -> Ta
     if not name.strip():
         raise _fail(source, f"{key}.task", "got an empty name; expected the task's name")
 
-    output_type = entry.get("output_type", "multiple_choice")
-    if output_type != "multiple_choice":
-        raise _fail(source, f"{key}.output_type", f"got {output_type!r}; expected multiple_choice (hfmerge scores tasks by rank classification over options)")
+    output_type = entry.get("output_type")
+    if output_type is None:
+        output_type = "multiple_choice"
+    if output_type not in OUTPUT_TYPES:
+        raise _fail(source, f"{key}.output_type", f"got {output_type!r}; expected multiple_choice (rank classification over options, the default) "
+                    "or generate_until (greedy generation compared with the reference text)")
+    generates = output_type == "generate_until"
     if entry.get("num_fewshot") not in (None, 0):
         raise _fail(source, f"{key}.num_fewshot", f"got {entry['num_fewshot']!r}; expected 0: few-shot prompts are not supported")
     if entry.get("repeats") not in (None, 1):
-        raise _fail(source, f"{key}.repeats", f"got {entry['repeats']!r}; expected 1 (rank classification is deterministic)")
+        raise _fail(source, f"{key}.repeats", f"got {entry['repeats']!r}; expected 1 (rank classification and greedy generation are deterministic)")
+    if entry.get("generation_kwargs") is not None and not generates:
+        raise _fail(source, f"{key}.generation_kwargs", "only used with output_type: generate_until; a multiple_choice task is scored "
+                    "by rank classification and generates nothing")
+    until, max_gen_toks = _generation_kwargs(source, f"{key}.generation_kwargs", entry.get("generation_kwargs")) if generates \
+        else (DEFAULT_UNTIL, DEFAULT_MAX_GEN_TOKS)
 
     # Where the data is.
     dataset_path = _string(source, f"{key}.dataset_path", req("dataset_path"))
@@ -438,30 +556,37 @@ def _parse_task(entry: Any, i: int, *, source: str, base_dir: Path | None) -> Ta
     doc_to_text = _string(source, f"{key}.doc_to_text", req("doc_to_text"), "a Jinja template or a field name")
     description = _string(source, f"{key}.description", entry.get("description", ""), "a Jinja template (prepended to the prompt)")
     target_delimiter = _string(source, f"{key}.target_delimiter", entry.get("target_delimiter", " "))
-    choice = req("doc_to_choice")
+    # A generate_until task needs no options; given, they map a label index to its text.
+    choice = entry.get("doc_to_choice") if generates else req("doc_to_choice")
     if isinstance(choice, dict):  # the harness accepts {key: option} and uses the values
         choice = list(choice.values())
-    if isinstance(choice, list):
-        if len(choice) < 2:
-            raise _fail(source, f"{key}.doc_to_choice", f"got {choice!r}; expected at least two options")
+    fewest = 1 if generates else 2
+    if choice is None:
+        doc_to_choice: str | tuple[str, ...] | None = None
+    elif isinstance(choice, list):
+        if len(choice) < fewest:
+            raise _fail(source, f"{key}.doc_to_choice", f"got {choice!r}; expected at least {'one option' if generates else 'two options'}")
         for j, c in enumerate(choice):
             if isinstance(c, bool) or not isinstance(c, (str, int, float)):
                 raise _fail(source, f"{key}.doc_to_choice[{j}]", f"got {c!r}; expected an option's text")
-        doc_to_choice: str | tuple[str, ...] = tuple(str(c) for c in choice)
+        doc_to_choice = tuple(str(c) for c in choice)
     else:
         doc_to_choice = _string(source, f"{key}.doc_to_choice", choice, "a list of options, a field name or a Jinja template rendering a list")
     target = req("doc_to_target")
     if isinstance(target, bool) or not isinstance(target, (str, int)):
         _string(source, f"{key}.doc_to_target", target, "a field name, a Jinja template or a fixed option index")
-    if isinstance(target, int):
+    if isinstance(target, int) and doc_to_choice is not None:
         if target < 0 or (isinstance(doc_to_choice, tuple) and target >= len(doc_to_choice)):
             bound = f"0..{len(doc_to_choice) - 1}" if isinstance(doc_to_choice, tuple) else "0 or more"
             raise _fail(source, f"{key}.doc_to_target", f"label {target} is out of range; expected an option index {bound}")
+    if generates and entry.get("normalization") is not None:
+        raise _fail(source, f"{key}.normalization", "compares option log-likelihoods (rank classification, output_type: multiple_choice); "
+                    "a generate_until task generates its answer: remove the key")
     normalization = entry.get("normalization", "token")
     if normalization not in NORMALIZATIONS:
         raise _fail(source, f"{key}.normalization", f"got {normalization!r}; expected one of {', '.join(NORMALIZATIONS)}")
 
-    metrics = _metric_list(source, f"{key}.metric_list", entry.get("metric_list"), base_dir)
+    metrics = _metric_list(source, f"{key}.metric_list", entry.get("metric_list"), base_dir, output_type)
     model = entry.get("model")
     if model is not None and (isinstance(model, bool) or not isinstance(model, (int, str)) or (isinstance(model, int) and model < 0)):
         raise _fail(source, f"{key}.model", f"got {model!r}; expected the index of a model in models (0, 1, ...) or its reference as written")
@@ -469,8 +594,9 @@ def _parse_task(entry: Any, i: int, *, source: str, base_dir: Path | None) -> Ta
         name=name, key=key, source=source, dataset_path=dataset_path, dataset_name=dataset_name, dataset_kwargs=dataset_kwargs,
         from_disk=from_disk, validation_split=validation_split, test_split=test_split, validation_fraction=validation_fraction,
         test_fraction=test_fraction, num_validation_examples=num_validation, num_test_examples=num_test, limit=limit, seed=seed,
-        doc_to_text=doc_to_text, doc_to_choice=doc_to_choice, doc_to_target=target, description=description,
-        target_delimiter=target_delimiter, normalization=normalization, metrics=metrics, model=model, raw=entry,
+        doc_to_text=doc_to_text, doc_to_choice=() if doc_to_choice is None else doc_to_choice, doc_to_target=target,
+        description=description, target_delimiter=target_delimiter, normalization=normalization, metrics=metrics, model=model,
+        raw=entry, output_type=output_type, until=until, max_gen_toks=max_gen_toks,
     )
 
 
@@ -667,6 +793,19 @@ def _render(spec: TaskSpec, key: str, fn: _Field | _Template, doc: Mapping[str, 
         raise _fail(spec.source, f"{spec.key}.{key}", f"{where}: template failed: {type(exc).__name__}: {exc}") from None
 
 
+def _as_reference(spec: TaskSpec, value: Any, where: str) -> str:
+    """The reference answer of a generate_until task without options: the target's text."""
+    key = f"{spec.key}.doc_to_target"
+    if isinstance(value, (list, tuple)):
+        raise _fail(spec.source, key, f"{where}: got {value!r}; several reference answers are not supported, give one")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise _fail(spec.source, key, f"{where}: got {value!r}; expected the reference answer's text (or a number)")
+    text = str(value)
+    if not text.strip():
+        raise _fail(spec.source, key, f"{where}: the reference answer is empty")
+    return text
+
+
 def _as_options(spec: TaskSpec, value: Any, where: str) -> tuple[str, ...]:
     key = f"{spec.key}.doc_to_choice"
     if isinstance(value, str):
@@ -684,8 +823,9 @@ def _as_options(spec: TaskSpec, value: Any, where: str) -> tuple[str, ...]:
         if isinstance(option, bool) or not isinstance(option, (str, int, float)):
             raise _fail(spec.source, key, f"{where}: option {j} is {option!r}; expected text")
         options.append(str(option))
-    if len(options) < 2:
-        raise _fail(spec.source, key, f"{where}: got {len(options)} option(s) {options!r}; expected at least two")
+    fewest = 1 if spec.generates else 2  # for generation the options only name the labels
+    if len(options) < fewest:
+        raise _fail(spec.source, key, f"{where}: got {len(options)} option(s) {options!r}; expected at least {'one' if fewest == 1 else 'two'}")
     for j, option in enumerate(options):
         if not option.strip():
             raise _fail(spec.source, key, f"{where}: option {j} is empty")
@@ -828,6 +968,9 @@ def _render_split(spec: TaskSpec, which: str, dataset, indices: list[int]) -> li
     description_fn = _compile(spec, "description", spec.description, columns, which) if spec.description else None
     choice_fn = None if isinstance(spec.doc_to_choice, tuple) else _compile(spec, "doc_to_choice", spec.doc_to_choice, columns, which)
     target_fn = None if isinstance(spec.doc_to_target, int) else _compile(spec, "doc_to_target", spec.doc_to_target, columns, which)
+    # A generate_until task without doc_to_choice: the target is the reference text itself.
+    free_text = spec.generates and spec.doc_to_choice == ()
+    numbers = [m.name for m in spec.metrics if m.uses_values] if spec.generates else []
     examples = []
     rows = dataset.select(indices) if len(indices) != len(dataset) else dataset
     for position, doc in zip(indices, rows):
@@ -837,9 +980,16 @@ def _render_split(spec: TaskSpec, which: str, dataset, indices: list[int]) -> li
             prompt = str(prompt)
         if description_fn is not None:
             prompt = str(_render(spec, "description", description_fn, doc, where)) + prompt
-        options = spec.doc_to_choice if choice_fn is None else _as_options(spec, _render(spec, "doc_to_choice", choice_fn, doc, where), where)
-        target = spec.doc_to_target if target_fn is None else _render(spec, "doc_to_target", target_fn, doc, where)
-        label = _as_label(spec, target, options, where)
+        if free_text:
+            target = spec.doc_to_target if target_fn is None else _render(spec, "doc_to_target", target_fn, doc, where)
+            options, label = (_as_reference(spec, target, where),), 0
+        else:
+            options = spec.doc_to_choice if choice_fn is None else _as_options(spec, _render(spec, "doc_to_choice", choice_fn, doc, where), where)
+            target = spec.doc_to_target if target_fn is None else _render(spec, "doc_to_target", target_fn, doc, where)
+            label = _as_label(spec, target, options, where)
+        if numbers and _parse_number(options[label]) is None:
+            raise _fail(spec.source, f"{spec.key}.doc_to_target", f"{where}: the reference {options[label]!r} is not a number, which "
+                        f"{numbers[0]} compares with the number in the generated text")
         examples.append(Example(prompt, options, label))
     return examples
 
@@ -859,8 +1009,9 @@ def load_task_data(spec: TaskSpec, splits: Sequence[str] | None = None, *, progr
 
     Raises:
         TaskError: A split cannot be read or is empty, a template names a field the data lacks,
-            an example has fewer than two options, or a label is out of range or not among
-            the options. Messages name the task, the key and the example.
+            an example has fewer than two options (one for generate_until), a label is out of
+            range or not among the options, or a generate_until reference is empty (or not a
+            number for a correlation metric). Messages name the task, the key and the example.
     """
     wanted = [s for s in ("validation", "test") if spec.split_name(s) is not None] if splits is None else list(splits)
     data = TaskData(spec)

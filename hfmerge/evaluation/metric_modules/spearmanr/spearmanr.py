@@ -46,6 +46,10 @@ class Spearmanr(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, return_pvalue=False):
+        if len(set(predictions)) < 2 or len(set(references)) < 2:
+            # scipy warns and returns NaN for a constant input (e.g. a model that answers the
+            # same number every time); say NaN without the warning.
+            return {"spearmanr": float("nan"), **({"spearmanr_pvalue": float("nan")} if return_pvalue else {})}
         result = spearmanr(references, predictions)
         if return_pvalue:
             return {"spearmanr": float(result[0]), "spearmanr_pvalue": float(result[1])}
