@@ -82,12 +82,13 @@ def _versions() -> dict[str, str]:
 LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas"}
 
 
-def build_card(plan: MergePlan, folder: Path, title: str, evaluation=None):
+def build_card(plan: MergePlan, folder: Path, title: str, evaluation=None, extra_sections: str = ""):
     """Build the ModelCard for the merged model written in `folder` (hashes every file there but README.md).
 
     Only Hub repos go into the `base_model` metadata (local folders have no id there); the
     inputs table lists every input. `evaluation` (an `EvalReport` of the output) adds
-    `model-index` results and an evaluation section.
+    `model-index` results and an evaluation section; `extra_sections` (markdown, e.g. the
+    coefficient search) follows it.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -112,18 +113,20 @@ def build_card(plan: MergePlan, folder: Path, title: str, evaluation=None):
         eval_section = f"""
 ## Evaluation
 
-Rank classification over each task's answer options, {evaluation.split} split:
+{evaluation.split.capitalize()} split; multiple-choice tasks are scored by rank classification over their answer options, generation tasks by greedy generation:
 
 ```
 {evaluation.to_table()}
 ```
 """
+    eval_section += extra_sections
     rows = []
     if plan.base is not None:
         rows.append(f"| {_ref_name(plan.base)} | `{_commit(plan.base)}` | base | |")
     for spec, ckpt in zip(recipe.models, plan.models):
         coeffs = ", ".join(f"{p.name}={recipe.model_param(spec, p.name, '')}" for p in method.per_model)
-        rows.append(f"| {_ref_name(ckpt)} | `{_commit(ckpt)}` | fine-tuned ({spec.key}) | {coeffs} |")
+        role = "LoRA adapter" if getattr(ckpt, "format", "") == "lora" else "fine-tuned"  # applied to the base (checkpoints/lora.py)
+        rows.append(f"| {_ref_name(ckpt)} | `{_commit(ckpt)}` | {role} ({spec.key}) | {coeffs} |")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md")
     hashes = "\n".join(f"| `{p.relative_to(folder).as_posix()}` | `{sha256_file(p)}` |" for p in files)
     params = ", ".join(f"`{k}` = {v}" for k, v in recipe.parameters.items()) or "none"
@@ -131,7 +134,7 @@ Rank classification over each task's answer options, {evaluation.split} split:
     body = f"""
 # {title}
 
-This model is a merge of {len(plan.models)} fine-tuned model(s){' of ' + _ref_name(plan.base) if plan.base is not None else ''}, made with hfmerge using **{method.name}** ([paper]({method.paper})): {method.summary}.
+This model is a merge of {len(plan.models)} fine-tuned model(s){' of ' + _ref_name(plan.base) if plan.base is not None else ''}, made with hfmerge using **{method.name}** ({_paper(method.paper)}): {method.summary}.
 
 ## Inputs
 
@@ -162,3 +165,8 @@ This model is a merge of {len(plan.models)} fine-tuned model(s){' of ' + _ref_na
 """
     content = f"---\n{data.to_yaml()}\n---\n{body}"
     return ModelCard(content)
+
+
+def _paper(paper: str) -> str:
+    """A link when the method's paper is a URL, else its citation."""
+    return f"[paper]({paper})" if paper.startswith("http") else paper

@@ -20,7 +20,7 @@ from . import __version__
 from .checkpoints.writer import plan_shards
 from .errors import HfMergeError
 
-SUBCOMMANDS = ("demo", "eval")
+SUBCOMMANDS = ("demo", "eval", "fisher")
 
 EPILOG = """\
 examples:
@@ -28,6 +28,7 @@ examples:
   hfmerge recipe.yaml --output ./merged   merge into ./merged (written atomically)
   hfmerge demo                            build small local checkpoints and merge them
   hfmerge eval recipe.yaml --model DIR    score a model on the recipe's tasks
+  hfmerge fisher recipe.yaml              compute and cache the Fishers a recipe needs
 
 The recipe format (mergekit-compatible keys) is documented in docs/recipes.md.
 """
@@ -68,6 +69,14 @@ def _merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="evaluation batch size (default: 32)")
     p.add_argument("--low-disk", action="store_true",
                    help="download Hub shards to a scratch folder, at most one per model at a time, instead of the Hugging Face cache")
+    from .fisher.cli import add_device_arguments
+
+    add_device_arguments(p)
+    search = p.add_argument_group("coefficient search (merge_method: dfmerge)")
+    search.add_argument("--resume", action="store_true", help="continue an interrupted search (completed trials are kept)")
+    search.add_argument("--storage", metavar="URL", help="Optuna storage shared by several workers, e.g. postgresql://user:pw@host/db (default: a journal file beside the output)")
+    search.add_argument("--study-name", metavar="NAME", help="the Optuna study's name (workers sharing --storage use the same one)")
+    search.add_argument("--n-trials", type=int, metavar="N", help="total trials of the search (overrides the recipe's n_trials)")
     _common(p)
     return p
 
@@ -116,6 +125,8 @@ def _print_plan(s: dict) -> None:
     print(f"  parameters:  {_count(s['parameters_count'])}")
     print(f"  output:      {_human(s['output_bytes'])} in {s['output_shards']} shard(s)")
     print(f"  peak memory: about {_human(s['estimated_peak_memory_bytes'])} (estimated)")
+    if s.get("fishers_to_compute"):
+        print(f"  fishers:     computed (or read from the cache) for {len(s['fishers_to_compute'])} model(s) on their tasks")
     if s["warnings"]:
         print("  warnings:")
         for w in s["warnings"]:
@@ -147,6 +158,9 @@ def run_recipe(args: argparse.Namespace) -> int:
         check_output(output, args.overwrite)
     plan = build_plan(recipe, low_disk=args.low_disk)
     summary = plan_summary(plan)
+    needs_fishers = recipe.method.needs_importance and not recipe.method.search and plan.fishers is None
+    if needs_fishers:
+        summary["fishers_to_compute"] = [m.ref.text for m in recipe.models if m.fisher is None]
     if args.dry_run:
         plan.release()
         _print_plan(summary)
@@ -166,7 +180,22 @@ def run_recipe(args: argparse.Namespace) -> int:
         def evaluate(folder: Path):
             return _evaluate_model(folder, prepared, "validation", batch_size=args.batch_size, progress=not args.quiet,
                                    model_name=output.name)
-    result = run_merge(plan, output, overwrite=args.overwrite, progress=not args.quiet, evaluate=evaluate)
+    if recipe.method.search:
+        from .dfmerge import run_dfmerge
+
+        result = run_dfmerge(plan, output, args, evaluate=evaluate)
+    else:
+        if needs_fishers:
+            from .fisher.cli import device_options
+            from .fisher.engine import ensure_fishers
+
+            try:
+                for r in ensure_fishers(plan, progress=not args.quiet, **device_options(args)):
+                    logging.getLogger("hfmerge").info("Fisher of %s: %s (%s)", r.model, r.path, r.source)
+            except BaseException:
+                plan.release()
+                raise
+        result = run_merge(plan, output, overwrite=args.overwrite, progress=not args.quiet, evaluate=evaluate)
     if result.evaluation is not None:
         print(result.evaluation.to_table())
     for w in result.warnings[len(plan.warnings):]:
@@ -203,6 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "demo":
         args = _demo_parser().parse_args(argv[1:])
         command = "demo"
+    elif argv and argv[0] == "fisher":
+        from .fisher.cli import add_arguments as add_fisher_arguments
+
+        p = argparse.ArgumentParser(prog="hfmerge fisher", description="Compute and cache the Fishers a fisher or fisher_nodes recipe needs.")
+        add_fisher_arguments(p)
+        _common(p)
+        args = p.parse_args(argv[1:])
+        command = "fisher"
     elif argv and argv[0] == "eval":
         from .evaluation.cli import add_arguments
 
@@ -226,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
             from .evaluation.cli import run
 
             return run(args)
+        if command == "fisher":
+            from .fisher.cli import run as run_fisher
+
+            return run_fisher(args)
         return run_recipe(args)
     except HfMergeError as exc:
         if args.verbose:

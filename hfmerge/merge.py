@@ -64,6 +64,7 @@ class TensorMerger:
         self.warnings: list[str] = []
         self.fisher_norms: list[float] | None = None
         self.thresholds: list[float] | None = None
+        self._node_fishers: list[dict[str, torch.Tensor]] | None = None
 
     def _float(self, tensor: torch.Tensor, label: str, name: str) -> torch.Tensor:
         t = tensor.to(torch.float32)
@@ -94,7 +95,7 @@ class TensorMerger:
         base, tensors = self.read_inputs(t)
         kwargs = self.params_for(t)
         if self.method.needs_importance:
-            kwargs["importances"] = [self._float(f.read(src), f.label, src) for f, src in zip(self.plan.fishers, t.fisher_sources)]  # type: ignore[arg-type]
+            kwargs["importances"] = self.importances(t)
             if self.fisher_norms is not None:
                 kwargs["fisher_norms"] = self.fisher_norms
         if self.method.random:
@@ -104,6 +105,21 @@ class TensorMerger:
             kwargs["thresholds"] = self.thresholds
         merged = self.method.func(base, tensors, **kwargs)
         return merged.to(out_dtype)
+
+    def importances(self, t: TensorPlan) -> list[torch.Tensor] | None:
+        """Per model, the importance of every entry of `t` (None: the method runs without)."""
+        plan = self.plan
+        if plan.fishers is None:
+            if self.method.importance_optional:
+                return None
+            raise HfMergeError(f"{self.recipe.source}: merge_method {self.method.name!r} needs the models' Fishers; compute them first (hfmerge fisher)")
+        if self.method.importance == "nodes":
+            if self._node_fishers is None:
+                from safetensors.torch import load_file
+
+                self._node_fishers = [load_file(str(f.path)) for f in plan.fishers]
+            return [plan.node_layout.importance(nf, t.name, t.shape) for nf in self._node_fishers]
+        return [self._float(f.read(src), f.label, src) for f, src in zip(plan.fishers, t.fisher_sources)]  # type: ignore[arg-type]
 
     def _copy_unmergeable(self, t: TensorPlan) -> torch.Tensor:
         ref = self.plan.reference
@@ -120,7 +136,7 @@ class TensorMerger:
 
     def prepare(self, progress: bool) -> None:
         """Compute what needs the whole model before the per-tensor merge (Fisher norms, global TIES thresholds)."""
-        if self.method.needs_importance and self.recipe.parameters.get("normalize_fishers"):
+        if self.method.needs_importance and self.recipe.parameters.get("normalize_fishers") and self.method.importance == "diagonal":
             sq = [0.0] * len(self.plan.models)
             for t in tqdm(self.plan.tensors, desc="Fisher norms", disable=not progress, unit="tensor"):
                 if t.merge:
@@ -191,7 +207,8 @@ def check_output(output: Path, overwrite: bool) -> None:
 
 
 def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progress: bool = True,
-              evaluate: Callable[[Path], Any] | None = None) -> MergeResult:
+              evaluate: Callable[[Path], Any] | None = None,
+              extra: Callable[[Path, Any], tuple[list[str], str]] | None = None) -> MergeResult:
     """Merge according to `plan` and write a loadable model folder at `output` atomically.
 
     Args:
@@ -201,6 +218,9 @@ def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progres
         progress: Show progress bars.
         evaluate: Called with the finished (not yet renamed) folder; its report goes into the
             model card and ``eval_results.json``.
+        extra: Called with the folder and the report before the card is written; writes more
+            files there (e.g. a search's plot) and returns their names and a markdown section
+            for the card.
 
     Raises:
         OutputExistsError: `output` exists and `overwrite` is false.
@@ -219,9 +239,13 @@ def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progres
         if report is not None:
             (tmp / "eval_results.json").write_text(report.to_json())
             files.append("eval_results.json")
+        section = ""
+        if extra is not None:
+            more, section = extra(tmp, report)
+            files += more
         from .card import build_card
 
-        build_card(plan, tmp, output.name, report).save(tmp / "README.md")
+        build_card(plan, tmp, output.name, report, section).save(tmp / "README.md")
         files.append("README.md")
         _finalize(output, tmp, overwrite)
     except BaseException:

@@ -11,8 +11,9 @@ import math
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from .checkpoints.aliases import tied_groups
 from .checkpoints.reader import LocalCheckpoint, open_local_checkpoint
@@ -68,6 +69,8 @@ class MergePlan:
     tokenizer_folder: Path
     warnings: list[str] = field(default_factory=list)
     scratch: Path | None = None  # low-disk download folder, removed by `release`
+    group_of: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)  # tied aliases of each name
+    node_layout: Any = None  # fisher.nodes.NodeLayout for methods weighing by mask nodes
 
     def release(self) -> None:
         """Delete low-disk downloads (a later read downloads again)."""
@@ -103,7 +106,8 @@ class MergePlan:
         """
         m = len(self.models)
         n_inputs = m + (1 if self.base is not None else 0)
-        n_imp = m if self.fishers else 0
+        method = self.recipe.method
+        n_imp = m if method.needs_importance and method.importance == "diagonal" else 0
         worst = 0
         for t in self.tensors:
             name = t.base_source or t.sources[0]
@@ -118,12 +122,13 @@ def _label(key: str, ref: ModelRef) -> str:
     return f"{key} ({ref.text})"
 
 
-def _open(ref: ModelRef, key: str, recipe: Recipe) -> LocalCheckpoint:
+def _open(ref: ModelRef, key: str, recipe: Recipe, base: LocalCheckpoint | None = None) -> LocalCheckpoint:
+    # `base`: what a PEFT adapter among the models is applied to (checkpoints/lora.py).
     if not ref.is_local:
         from .checkpoints.hub import open_hub_checkpoint
 
-        return open_hub_checkpoint(ref, label=_label(key, ref), allow_pickle=recipe.allow_pickle)
-    return open_local_checkpoint(ref, label=_label(key, ref), allow_pickle=recipe.allow_pickle)
+        return open_hub_checkpoint(ref, label=_label(key, ref), allow_pickle=recipe.allow_pickle, base=base)
+    return open_local_checkpoint(ref, label=_label(key, ref), allow_pickle=recipe.allow_pickle, base=base)
 
 
 def _open_fisher(path: Path, label: str) -> FisherFile:
@@ -186,7 +191,7 @@ def build_plan(recipe: Recipe, *, low_disk: bool = False) -> MergePlan:
         IncompatibleCheckpointsError: Names, shapes or dtypes disagree.
     """
     base = _open(recipe.base, "base_model", recipe) if recipe.base is not None else None
-    models = [_open(m.ref, f"{m.key}.model", recipe) for m in recipe.models]
+    models = [_open(m.ref, f"{m.key}.model", recipe, base) for m in recipe.models]
     scratch = None
     if low_disk and any(getattr(c, "commit", "") for c in [base, *models] if c is not None):
         scratch = Path(tempfile.mkdtemp(prefix="hfmerge-low-disk-"))
@@ -194,16 +199,13 @@ def build_plan(recipe: Recipe, *, low_disk: bool = False) -> MergePlan:
             if ckpt is not None and getattr(ckpt, "commit", ""):
                 ckpt.scratch = scratch / f"input-{i}"
     reference = base if base is not None else models[0]
-    warnings: list[str] = []
+    warnings: list[str] = [w for c in models for w in getattr(c, "warnings", ())]  # e.g. an adapter's base matched by name only
 
     groups, alias_warning = tied_groups(reference.config)
     if alias_warning:
         warnings.append(f"{reference.label}: {alias_warning}")
     group_of: dict[str, frozenset[str]] = {n: g for g in groups for n in g}
 
-    fishers = None
-    if recipe.method.needs_importance:
-        fishers = [_open_fisher(m.fisher, f"{recipe.source}: {m.key}.fisher") for m in recipe.models]  # type: ignore[arg-type]
 
     inputs = ([base] if base is not None else []) + models
     ordered = sorted(reference.tensors.values(), key=lambda i: (str(i.file), i.begin))
@@ -230,24 +232,12 @@ def build_plan(recipe: Recipe, *, low_disk: bool = False) -> MergePlan:
         if len(set(float_flags.values())) > 1:
             detail = "; ".join(f"{k}: {ckpt.tensors[src].dtype}" for (k, _), ckpt, src in zip(float_flags.items(), inputs, found))  # type: ignore[index]
             raise IncompatibleCheckpointsError(f"tensor {name!r} is floating point in some models and not in others ({detail}); a non-float tensor cannot be merged")
-        fisher_sources = None
-        if fishers is not None and mergeable:
-            fisher_sources = []
-            for fisher, model_ckpt in zip(fishers, models):
-                src = _find(name, fisher.tensors, group)
-                if src is None:
-                    raise FisherFileError(f"{fisher.label}: {fisher.path.name} has no tensor {name!r} (nor a tied alias of it); compute the Fisher for {model_ckpt.label} with the checkpoint's tensor names")
-                if fisher.tensors[src].shape != info.shape:
-                    raise FisherFileError(f"{fisher.label}: tensor {src!r} has shape {list(fisher.tensors[src].shape)} but the checkpoint's is {list(info.shape)}")
-                if not fisher.tensors[src].is_float:
-                    raise FisherFileError(f"{fisher.label}: tensor {src!r} has dtype {fisher.tensors[src].dtype}; Fisher values must be floating point")
-                fisher_sources.append(src)
         out_dtype = (recipe.out_dtype or info.dtype) if mergeable else info.dtype
         tensors.append(TensorPlan(
             name=name, shape=info.shape, out_dtype=out_dtype,
             base_source=found[0] if base is not None else None,
             sources=tuple(found[1:] if base is not None else found),  # type: ignore[arg-type]
-            fisher_sources=tuple(fisher_sources) if fisher_sources is not None else None,
+            fisher_sources=None,
             merge=mergeable, alias_key=min(group) if group else name, depth=depths[name],
         ))
     if missing:
@@ -277,7 +267,58 @@ def build_plan(recipe: Recipe, *, low_disk: bool = False) -> MergePlan:
             tokenizer_folder = recipe.tokenizer_source.path
         else:
             raise CheckpointError(f"{recipe.source}: tokenizer_source: folder {recipe.tokenizer_source.text!r} not found")
-    return MergePlan(recipe, base, models, fishers, tensors, config_ckpt, tokenizer_folder, warnings, scratch)
+    plan = MergePlan(recipe, base, models, None, tensors, config_ckpt, tokenizer_folder, warnings, scratch, group_of=group_of)
+    if recipe.method.needs_importance and recipe.method.importance == "nodes":
+        from .fisher.nodes import layout_from_config
+
+        plan.node_layout = layout_from_config(reference.config, reference.label)
+    given = [m.fisher for m in recipe.models]
+    if recipe.method.needs_importance and all(f is not None for f in given):
+        attach_fishers(plan, given, [f"{recipe.source}: {m.key}.fisher" for m in recipe.models])  # type: ignore[arg-type]
+    return plan
+
+
+def attach_fishers(plan: MergePlan, paths: list[Path], labels: list[str] | None = None) -> None:
+    """Open one Fisher file per model (header only) and check it against the checkpoints.
+
+    A diagonal Fisher must hold every merged tensor (or a tied alias) with its shape; a node
+    Fisher every head and neuron group of the architecture.
+
+    Raises:
+        FisherFileError: A file is missing, unreadable or does not match.
+    """
+    labels = labels or [f"{plan.recipe.source}: {m.key}.fisher" for m in plan.recipe.models]
+    fishers = [_open_fisher(Path(p), label) for p, label in zip(paths, labels)]
+    if plan.recipe.method.importance == "nodes":
+        layout = plan.node_layout
+        for fisher, model_ckpt in zip(fishers, plan.models):
+            for unit in layout.units:
+                info = fisher.tensors.get(unit.key)
+                if info is None:
+                    raise FisherFileError(f"{fisher.label}: {fisher.path.name} has no node Fisher {unit.key!r}; compute it for {model_ckpt.label} with hfmerge fisher")
+                if info.shape != (unit.size,):
+                    raise FisherFileError(f"{fisher.label}: {unit.key!r} has shape {list(info.shape)}; the architecture has {unit.size} nodes there")
+        plan.fishers = fishers
+        return
+    tensors = []
+    for t in plan.tensors:
+        if not t.merge:
+            tensors.append(t)
+            continue
+        group = plan.group_of.get(t.name)
+        sources = []
+        for fisher, model_ckpt in zip(fishers, plan.models):
+            src = _find(t.name, fisher.tensors, group)
+            if src is None:
+                raise FisherFileError(f"{fisher.label}: {fisher.path.name} has no tensor {t.name!r} (nor a tied alias of it); compute the Fisher for {model_ckpt.label} with the checkpoint's tensor names")
+            if fisher.tensors[src].shape != t.shape:
+                raise FisherFileError(f"{fisher.label}: tensor {src!r} has shape {list(fisher.tensors[src].shape)} but the checkpoint's is {list(t.shape)}")
+            if not fisher.tensors[src].is_float:
+                raise FisherFileError(f"{fisher.label}: tensor {src!r} has dtype {fisher.tensors[src].dtype}; Fisher values must be floating point")
+            sources.append(src)
+        tensors.append(replace(t, fisher_sources=tuple(sources)))
+    plan.tensors = tensors
+    plan.fishers = fishers
 
 
 def _check_method_settings(recipe: Recipe, warnings: list[str]) -> None:

@@ -11,7 +11,7 @@ read.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,7 @@ class ModelSpec:
     ref: ModelRef
     parameters: dict[str, ParamValue]
     fisher: Path | None = None
+    task: int | None = None  # index into Recipe.tasks of the model's own task
 
 
 @dataclass
@@ -217,14 +218,49 @@ def _push_repo(source: str, value: Any) -> str | None:
     return ref.repo_id
 
 
-def _tasks(value: Any, source: str, base_dir: Path | None, models: list[ModelSpec]) -> list:
+def _tasks(value: Any, source: str, base_dir: Path | None, models: list[ModelSpec]) -> tuple[list, list[int | None]]:
     if value is None:
-        return []
+        return [], []
     from .evaluation.tasks import match_tasks_to_models, parse_tasks
 
     tasks = parse_tasks(value, source=source, base_dir=base_dir)
-    match_tasks_to_models(tasks, [m.ref.text for m in models], source=source)
-    return tasks
+    return tasks, match_tasks_to_models(tasks, [m.ref.text for m in models], source=source)
+
+
+def _check_method_data(source: str, name: str, method: MergeMethod, models: list[ModelSpec], tasks: list, parameters: dict[str, Any]) -> None:
+    """Methods that need data: a Fisher file or a task per model; a search needs one task per model."""
+    if method.search:
+        if not tasks:
+            raise _fail(source, "tasks", f"missing; merge_method {name!r} searches coefficients on validation data and needs one task per fine-tuned model")
+        lacking = [m for m in models if m.task is None]
+        if lacking:
+            raise _fail(source, "tasks", f"merge_method {name!r} needs one task per fine-tuned model: {len(tasks)} task(s) for {len(models)} model(s), "
+                        f"{lacking[0].key} ({lacking[0].ref.text!r}) has none; list the tasks in the models' order or give each task a `model:` key")
+        given = [m for m in models if "weight" in m.parameters]
+        if given and len(given) != len(models):
+            missing = next(m for m in models if "weight" not in m.parameters)
+            raise _fail(source, f"{missing.key}.parameters.weight", f"missing; merge_method {name!r} searches every λ_i, or takes one for every model "
+                        "(then the search is skipped): give a weight to every model or to none")
+        for m in given:
+            if not isinstance(m.parameters["weight"], float):
+                raise _fail(source, f"{m.key}.parameters.weight", f"merge_method {name!r} takes one number per model, not a filter list or gradient")
+        if parameters["low"] >= parameters["high"]:
+            raise _fail(source, "parameters.low", f"the search bounds are empty: low = {parameters['low']} >= high = {parameters['high']}; low must be below high")
+        if parameters["n_startup_trials"] > parameters["n_trials"]:
+            raise _fail(source, "parameters.n_startup_trials", f"{parameters['n_startup_trials']} random start trials exceed n_trials = {parameters['n_trials']}")
+        enqueue = parameters.get("enqueue") or []
+        points = [enqueue] if enqueue and not isinstance(enqueue[0], list) else enqueue
+        for j, point in enumerate(points):
+            if len(point) != len(models):
+                raise _fail(source, "parameters.enqueue", f"point {j} has {len(point)} value(s) for {len(models)} model(s); give one λ per model")
+            if any(not parameters["low"] <= v <= parameters["high"] for v in point):
+                raise _fail(source, "parameters.enqueue", f"point {j} {point} leaves the bounds [{parameters['low']}, {parameters['high']}]")
+        return
+    if method.needs_importance:
+        for m in models:
+            if m.fisher is None and m.task is None:
+                raise _fail(source, f"{m.key}.fisher", f"missing; merge_method {name!r} needs per-model Fisher information: give a Fisher file "
+                            "(safetensors with the checkpoint's tensor names) or a task for this model under `tasks:` to compute it from")
 
 
 def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
@@ -304,8 +340,8 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
             fisher = Path(entry["fisher"]).expanduser()
             if not fisher.is_absolute() and base_dir is not None:
                 fisher = base_dir / fisher
-        elif method.needs_importance:
-            raise _fail(source, f"{key}.fisher", f"missing; merge_method {name!r} needs a Fisher file (safetensors with the checkpoint's tensor names) per model")
+        if fisher is not None and method.search:
+            raise _fail(source, f"{key}.fisher", f"merge_method {name!r} computes each model's Fisher at the searched coefficient; a fixed Fisher file does not apply")
         models.append(ModelSpec(key, ref, params, fisher))
     if not models:
         raise _fail(source, "models", "lists only the base model; add at least one fine-tuned model")
@@ -353,6 +389,10 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
         max_shard = parse_size(data.get("max_shard_size", DEFAULT_MAX_SHARD_SIZE), field=f"{source}: max_shard_size")
     except HfMergeError as exc:
         raise RecipeError(str(exc)) from None
+    tasks, owners = _tasks(data.get("tasks"), source, base_dir, models)
+    task_of = {owner: i for i, owner in enumerate(owners) if owner is not None}
+    models = [replace(m, task=task_of.get(i)) for i, m in enumerate(models)]
+    _check_method_data(source, name, method, models, tasks, parameters)
     return Recipe(
         method=method, base=base, models=models, parameters=parameters, out_dtype=out_dtype,
         tokenizer_source=tokenizer_source, config_source=config_source, max_shard_size=max_shard,
@@ -360,7 +400,7 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
         allow_nonfinite=_bool(source, "allow_nonfinite", data.get("allow_nonfinite", False)),
         push_to_hub=_push_repo(source, data.get("push_to_hub")),
         model_defaults=model_defaults,
-        tasks=_tasks(data.get("tasks"), source, base_dir, models),
+        tasks=tasks,
         raw=data,
     )
 

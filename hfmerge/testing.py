@@ -100,3 +100,47 @@ def write_checkpoint(folder: Path, state: dict[str, torch.Tensor], config: Path,
 
         save_torch_state_dict(state, folder, max_shard_size=sharded_max)
     return folder
+
+
+def keyword_rows(n: int, *, keyword: str, seed: int, words: list[str] | None = None) -> list[dict]:
+    """Rows of a synthetic yes/no task: does the text contain `keyword`? Half the rows do."""
+    import random
+
+    rng = random.Random(seed)
+    pool = [w for w in (words or [f"w{i}" for i in range(52)]) if w != keyword]
+    rows = []
+    for i in range(n):
+        text = [rng.choice(pool) for _ in range(rng.randint(3, 7))]
+        if i % 2:
+            text[rng.randrange(len(text))] = keyword
+        rows.append({"text": " ".join(text), "label": i % 2})
+    return rows
+
+
+def train_expert(base: Path, folder: Path, tokenizer, examples: list[tuple[str, str]], *, steps: int = 40, lr: float = 3e-3,
+                 seed: int = 0, batch_size: int = 8) -> Path:
+    """Fine-tune a tiny encoder-decoder from `base` on (prompt, answer) pairs with teacher forcing
+    and save it (with `tokenizer`) into `folder`: a small but real expert for tests."""
+    import random
+
+    from transformers import AutoModelForSeq2SeqLM
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(base))
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
+        enc = tokenizer([p for p, _ in batch], return_tensors="pt", padding=True)
+        labels = tokenizer([a for _, a in batch], return_tensors="pt", padding=True)["input_ids"]
+        labels[labels == tokenizer.pad_token_id] = -100
+        loss = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -133,7 +133,7 @@ def test_dare_seed_must_be_a_non_negative_integer(folders):
 
 
 def test_fisher_method_requires_a_fisher_file_per_model(folders):
-    with pytest.raises(RecipeError, match=r"models\[0\].fisher: missing; merge_method 'fisher' needs a Fisher file"):
+    with pytest.raises(RecipeError, match=r"models\[0\].fisher: missing; merge_method 'fisher' needs per-model Fisher information: give a Fisher file .* or a task"):
         parse(folders, merge_method="fisher", parameters={}, models=[{"model": "./a"}])
     with pytest.raises(RecipeError, match=r"models\[0\].fisher: merge_method 'ties' does not use Fisher files"):
         parse(folders, models=[{"model": "./a", "fisher": "f.safetensors"}])

@@ -18,12 +18,13 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def tied_groups(config: dict) -> tuple[list[frozenset[str]], str | None]:
-    """Groups of state-dict names that are one tensor in the architecture of `config`.
+def meta_model(config: dict) -> tuple[torch.nn.Module | None, str | None]:
+    """The architecture named in `config` instantiated on the meta device (no memory, no weights).
+
+    Only classes that transformers itself defines are used; remote code is never run.
 
     Returns:
-        The groups (each with at least two names), and a warning text when the architecture
-        could not be instantiated (then no aliases are known and names must match exactly).
+        The model, or ``None`` and a text saying why it could not be built.
     """
     import transformers
 
@@ -32,15 +33,27 @@ def tied_groups(config: dict) -> tuple[list[frozenset[str]], str | None]:
     cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
     model_type = config.get("model_type")
     if cls is None or not isinstance(model_type, str):
-        return [], f"architecture {arch!r} is not one transformers knows (custom code is never run); tied tensors must be stored under the same names in every model"
+        return None, f"architecture {arch!r} is not one transformers knows (custom code is never run)"
     try:
         cfg_kwargs = {k: v for k, v in config.items() if k not in ("auto_map", "model_type")}
         cfg = transformers.AutoConfig.for_model(model_type, **cfg_kwargs)
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
-            model = cls(cfg)
-    except Exception as exc:  # noqa: BLE001 - any failure only means "no alias information"
-        return [], f"could not instantiate {arch} to find tied tensors ({type(exc).__name__}: {exc}); tied tensors must be stored under the same names in every model"
+            return cls(cfg), None
+    except Exception as exc:  # noqa: BLE001 - any failure only means "no architecture information"
+        return None, f"could not instantiate {arch} ({type(exc).__name__}: {exc})"
+
+
+def tied_groups(config: dict) -> tuple[list[frozenset[str]], str | None]:
+    """Groups of state-dict names that are one tensor in the architecture of `config`.
+
+    Returns:
+        The groups (each with at least two names), and a warning text when the architecture
+        could not be instantiated (then no aliases are known and names must match exactly).
+    """
+    model, problem = meta_model(config)
+    if model is None:
+        return [], f"{problem}; tied tensors must be stored under the same names in every model"
     by_tensor: dict[int, list[str]] = defaultdict(list)
     for name, p in model.named_parameters(remove_duplicate=False):
         by_tensor[id(p)].append(name)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from ..refs import ModelRef
+from .lora import ADAPTER_CONFIG, open_hub_adapter
 from .reader import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, LocalCheckpoint, safe_relative_path
 from .safetensors_header import MAX_HEADER_BYTES, TensorInfo, parse_header_bytes
 
@@ -145,8 +146,11 @@ def _read_remote_header(ref: ModelRef, label: str, commit: str, filename: str, s
     return infos
 
 
-def open_hub_checkpoint(ref: ModelRef, *, label: str, allow_pickle: bool = False) -> HubCheckpoint:
+def open_hub_checkpoint(ref: ModelRef, *, label: str, allow_pickle: bool = False, base: LocalCheckpoint | None = None) -> HubCheckpoint:
     """Pin a Hub reference to a commit and read its headers (no weight bytes).
+
+    A repo with ``adapter_config.json`` is a PEFT adapter, opened as a `LoraCheckpoint` applied
+    to `base` (the recipe's opened base checkpoint).
 
     Raises:
         CheckpointError: Missing or gated repo, unknown revision, missing files, unsafe shard
@@ -154,31 +158,56 @@ def open_hub_checkpoint(ref: ModelRef, *, label: str, allow_pickle: bool = False
     """
     assert ref.repo_id is not None
     if _offline():
-        return _open_from_cache(ref, label=label, allow_pickle=allow_pickle)
+        return _open_from_cache(ref, label=label, allow_pickle=allow_pickle, base=base)
     from huggingface_hub import HfApi
 
     # Resolve the revision with the config download: it pins the commit and records the
     # branch or tag in the cache, so a later offline run resolves it the same way.
-    config_path = _download(ref, label, "config.json", ref.revision or "main")
+    config_path = _download_config(ref, label, ref.revision or "main")
     commit = config_path.parent.name
     try:
         info = HfApi().model_info(ref.repo_id, revision=commit, files_metadata=True)
     except Exception as exc:  # noqa: BLE001
         raise hub_error(exc, ref, label) from None
     sizes = {s.rfilename: s.size for s in (info.siblings or [])}
-    return _assemble(ref, label, commit, sizes, allow_pickle, remote=True)
+    return _assemble(ref, label, commit, sizes, allow_pickle, remote=True, base=base)
 
 
-def _open_from_cache(ref: ModelRef, *, label: str, allow_pickle: bool) -> HubCheckpoint:
-    path = _download(ref, label, "config.json", ref.revision or "main")
+def _download_config(ref: ModelRef, label: str, revision: str) -> Path:
+    """``config.json``, or ``adapter_config.json`` in a PEFT adapter repo (which has no config.json)."""
+    from huggingface_hub import errors as e
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(ref.repo_id, "config.json", revision=revision))
+    except Exception as exc:  # noqa: BLE001 - mapped to one clear message
+        missing = isinstance(exc, e.RemoteEntryNotFoundError) or (isinstance(exc, e.EntryNotFoundError) and _offline())
+        if not missing:
+            raise hub_error(exc, ref, label, "config.json") from None
+        first = exc
+    try:
+        return Path(hf_hub_download(ref.repo_id, ADAPTER_CONFIG, revision=revision))
+    except Exception:  # noqa: BLE001 - neither file: report the config.json problem
+        raise hub_error(first, ref, label, "config.json") from None
+
+
+def _open_from_cache(ref: ModelRef, *, label: str, allow_pickle: bool, base: LocalCheckpoint | None = None) -> HubCheckpoint:
+    path = _download_config(ref, label, ref.revision or "main")
     commit = path.parent.name  # snapshots/<commit>/config.json
     snapshot = path.parent
     sizes = {p.relative_to(snapshot).as_posix(): p.stat().st_size for p in snapshot.rglob("*") if p.is_file()}
-    return _assemble(ref, label, commit, sizes, allow_pickle, remote=False)
+    return _assemble(ref, label, commit, sizes, allow_pickle, remote=False, base=base)
 
 
-def _assemble(ref: ModelRef, label: str, commit: str, sizes: dict[str, int | None], allow_pickle: bool, *, remote: bool) -> HubCheckpoint:
+def _assemble(ref: ModelRef, label: str, commit: str, sizes: dict[str, int | None], allow_pickle: bool, *, remote: bool,
+              base: LocalCheckpoint | None = None) -> HubCheckpoint:
     pinned = ModelRef(text=ref.text, repo_id=ref.repo_id, revision=commit)
+    if ADAPTER_CONFIG in sizes:
+        # A PEFT adapter (as for transformers' from_pretrained, adapter_config.json decides). Its
+        # small side files come along: a tokenizer_source may name the adapter.
+        side = {name: _download(ref, label, name, commit) for name in (ADAPTER_CONFIG, *SIDE_FILES) if name in sizes}
+        return open_hub_adapter(pinned, label=label, commit=commit, folder=side[ADAPTER_CONFIG].parent, sizes=sizes,  # type: ignore[return-value]
+                                base=base, allow_pickle=allow_pickle, remote=remote)
     if "config.json" not in sizes:
         raise CheckpointError(f"{label}: {ref.repo_id}@{ref.revision or 'main'} has no config.json; it is not a transformers checkpoint")
     side = {name: _download(ref, label, name, commit) for name in SIDE_FILES if name in sizes}

@@ -150,17 +150,21 @@ def _read_index(path: Path, label: str) -> dict[str, str]:
     return weight_map
 
 
-def open_local_checkpoint(ref: ModelRef, *, label: str, allow_pickle: bool = False) -> LocalCheckpoint:
+def open_local_checkpoint(ref: ModelRef, *, label: str, allow_pickle: bool = False, base: LocalCheckpoint | None = None) -> LocalCheckpoint:
     """Open a local checkpoint folder, reading headers only.
+
+    A folder with ``adapter_config.json`` is a PEFT adapter (as for transformers' own
+    ``from_pretrained``): it is opened as a `LoraCheckpoint` applied to `base`.
 
     Args:
         ref: A local model reference.
         label: How messages name the model (e.g. ``"models[1].model (./rte)"``).
         allow_pickle: Accept ``pytorch_model.bin`` checkpoints (loaded with ``weights_only=True``).
+        base: The recipe's opened base checkpoint, which an adapter is applied to.
 
     Raises:
         CheckpointError: Missing folder or config, no weights, a pickle-only folder without
-            ``allow_pickle``, a corrupted header or index.
+            ``allow_pickle``, a corrupted header or index, an adapter without `base`.
     """
     assert ref.path is not None
     folder = ref.path
@@ -168,6 +172,10 @@ def open_local_checkpoint(ref: ModelRef, *, label: str, allow_pickle: bool = Fal
         raise CheckpointError(f"{label}: folder {folder} does not exist; check the path in the recipe")
     if not folder.is_dir():
         raise CheckpointError(f"{label}: {folder} is a file, expected a checkpoint folder holding config.json and safetensors weights")
+    from .lora import is_adapter_folder, open_local_adapter
+
+    if is_adapter_folder(folder):
+        return open_local_adapter(ref, label=label, base=base, allow_pickle=allow_pickle)  # type: ignore[return-value]
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{label}: {folder} has no config.json; a checkpoint folder needs the model's config.json beside its weights")

@@ -5,6 +5,9 @@ As in the reference implementation, F is floored at ``fisher_floor`` (1e-6) — 
 model only when ``favor_target_model`` (the default), so the denominator is never zero and
 entries no model cares about take the first model's value — and with ``normalize_fishers``
 each c_i is divided by ‖F_i‖₂ over the whole model (the engine computes the norms).
+
+F_i comes from the model's ``fisher:`` file, or is computed at θ_i on the model's task
+(`hfmerge.fisher`) and cached.
 """
 
 from __future__ import annotations
@@ -15,6 +18,16 @@ import torch
 
 from .registry import Param, merge_method
 
+# How Fishers are computed from the recipe's tasks (models without a `fisher:` file).
+FISHER_DATA_PARAMS = (
+    Param("fisher_examples", 30, kind=int, low=1, help="N: validation examples per task the Fisher is computed on"),
+    Param("fisher_mode", "exact", kind=str, choices=("exact", "sampled", "empirical"),
+          help="expectation over the options (exact), one sampled option, or the label (empirical)"),
+    Param("fisher_seed", 0, kind=int, low=0, help="seed of the example draw and of sampled options"),
+)
+FISHER_IMPLEMENTATION = Param("fisher_implementation", "auto", kind=str, choices=("auto", "vmap", "loop"),
+                              help="per-example gradients vectorised (vmap) or one by one (loop); same result")
+
 
 @merge_method(
     "fisher",
@@ -23,6 +36,8 @@ from .registry import Param, merge_method
         Param("fisher_floor", 1e-6, low=0.0, help="lower bound applied to the Fisher"),
         Param("favor_target_model", True, kind=bool, help="apply the floor to the first model only"),
         Param("normalize_fishers", False, kind=bool, help="divide each c_i by the model's Fisher L2 norm"),
+        *FISHER_DATA_PARAMS,
+        FISHER_IMPLEMENTATION,
     ),
     needs_base=False,
     needs_importance=True,

@@ -30,7 +30,7 @@ class Param:
     Attributes:
         name: Recipe key (mergekit's name where mergekit has the concept).
         default: Value when the recipe omits it (mergekit's default where it has one).
-        kind: ``float``, ``int``, ``bool`` or ``str``.
+        kind: ``float``, ``int``, ``bool``, ``str`` or ``list`` (of numbers or of lists of numbers).
         low, high: Allowed range (inclusive unless `low_open` / `high_open`).
         choices: Allowed values for ``str`` parameters.
         help: One line for the docs and error messages.
@@ -51,6 +51,8 @@ class Param:
             return "one of " + ", ".join(repr(c) for c in self.choices)
         if self.kind is bool:
             return "true or false"
+        if self.kind is list:
+            return "a list of numbers (or a list of such lists)"
         what = "an integer" if self.kind is int else "a number"
         if self.low is not None and self.high is not None:
             lo = "(" if self.low_open else "["
@@ -66,6 +68,10 @@ class Param:
             return None if isinstance(value, bool) else self.expected()
         if self.kind is str:
             return None if isinstance(value, str) and (not self.choices or value in self.choices) else self.expected()
+        if self.kind is list:
+            def numbers(v: Any) -> bool:
+                return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+            return None if isinstance(value, list) and (numbers(value) or all(numbers(v) for v in value)) else self.expected()
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.kind is int and not isinstance(value, int)):
             return self.expected()
         if not math.isfinite(value):
@@ -91,6 +97,9 @@ class MergeMethod:
     paper: str = ""
     summary: str = ""
     fixed: dict[str, Any] = field(default_factory=dict)
+    importance: str = "diagonal"  # "diagonal" (per-entry Fisher) or "nodes" (Fisher Mask Nodes)
+    search: bool = False  # coefficients found by a search (DF-Merge) before the streaming merge
+    importance_optional: bool = False  # the method also runs without importances (F = 1)
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
@@ -110,7 +119,8 @@ METHODS: dict[str, MergeMethod] = {}
 
 def merge_method(name: str, *, per_model: tuple[Param, ...] = (), params: tuple[Param, ...] = (), needs_base: bool = True,
                  needs_importance: bool = False, random: bool = False, paper: str = "", summary: str = "",
-                 aliases: dict[str, dict[str, Any]] | None = None, alias_defaults: dict[str, dict[str, Any]] | None = None) -> Callable:
+                 aliases: dict[str, dict[str, Any]] | None = None, alias_defaults: dict[str, dict[str, Any]] | None = None,
+                 importance: str = "diagonal", search: bool = False, importance_optional: bool = False) -> Callable:
     """Register a pure tensor function as a merge method.
 
     Args:
@@ -126,6 +136,10 @@ def merge_method(name: str, *, per_model: tuple[Param, ...] = (), params: tuple[
             mergekit's ``dare_ties`` = ``dare`` with ``combine: ties``.
         alias_defaults: Per alias, parameters whose default differs from the main name's
             (to keep mergekit's defaults under mergekit's names).
+        importance: ``diagonal`` (a Fisher per entry) or ``nodes`` (per head and neuron,
+            spread to the entries by the engine).
+        search: The per-model coefficients are searched (DF-Merge) before the merge.
+        importance_optional: Importances may be switched off (then all ones).
     """
 
     def register(func: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -134,7 +148,8 @@ def merge_method(name: str, *, per_model: tuple[Param, ...] = (), params: tuple[
                 raise ValueError(f"merge method {method_name!r} registered twice")
             defaults = (alias_defaults or {}).get(method_name, {})
             visible = tuple(replace(p, default=defaults[p.name]) if p.name in defaults else p for p in params if p.name not in fixed)
-            METHODS[method_name] = MergeMethod(method_name, func, per_model, visible, needs_base, needs_importance, random, paper, summary, dict(fixed))
+            METHODS[method_name] = MergeMethod(method_name, func, per_model, visible, needs_base, needs_importance, random, paper, summary,
+                                               dict(fixed), importance, search, importance_optional)
         return func
 
     return register

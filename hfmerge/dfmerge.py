@@ -1,0 +1,287 @@
+"""DF-Merge end to end: search the coefficients λ, then merge and publish like any recipe.
+
+For a candidate λ (one trial):
+
+1. for each model i: put θ_pre + λ_i τ_i into the one working model (in place), compute its
+   diagonal Fisher F_i on task i's N Fisher examples (drawn once, reused by every trial) and
+   add F_i ⊙ λ_i τ_i and F_i into two running sums (equation 8; F_i is then dropped);
+2. put θ = θ_pre + M · Σ F_i λ_i τ_i / Σ F_i into the working model;
+3. score it on the tasks' validation splits: the mean of the tasks' metrics is the objective.
+
+The task vectors τ_i are read once from the checkpoints and kept; nothing else is copied per
+trial. Memory: the base and the working model, M task vectors, the two sums, and one Fisher
+computation (its squared-gradient buffers): about (M + 6) × the model's float32 size (see
+docs/search.md).
+
+The best λ then goes through the ordinary streaming merge (`hfmerge.methods.dfmerge`, the same
+arithmetic) with the Fishers at the best λ, saved as Fisher files in the cache; the output is
+evaluated on validation (and test when the tasks have one), and the coefficients, the trial
+log, the study and a plot of the search go into the output folder and its model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import HfMergeError
+from .fisher.cache import cache_key, cached_path, lookup, save_fisher
+from .fisher.diagonal import diagonal_fisher
+from .fisher.engine import FisherSettings, encode_for_model, fisher_examples, fisher_metadata, settings_from_recipe, to_checkpoint_names
+from .methods.dfmerge import Equation8
+from .search import SearchSettings, TrialOutcome, plot_trajectory, run_search
+
+logger = logging.getLogger(__name__)
+
+SEARCH_FILES = ("trials.jsonl", "search.png", "dfmerge_search.json")
+
+
+class DFMergeObjective:
+    """The search objective: λ → merged candidate in the working model → validation score.
+
+    Args:
+        plan: The merge plan (base and fine-tuned checkpoints opened).
+        tasks: Per model, its task with the validation split loaded (`TaskData`).
+        tokenizer: The models' tokenizer.
+        use_fisher: False for the "without Fisher" ablation (F_i = 1: General Task Arithmetic).
+        batch_size: Evaluation batch size.
+        device: Where the working model runs.
+        progress: Show progress bars for Fishers and scoring.
+    """
+
+    def __init__(self, plan: Any, tasks: list, tokenizer: Any, *, use_fisher: bool = True, batch_size: int = 32,
+                 device: str | torch.device = "cpu", progress: bool = False) -> None:
+        from .evaluation.evaluate_model import TaskEvaluator
+        from .fisher.models import checkpoint_name_map, load_model
+
+        self.plan = plan
+        self.recipe = plan.recipe
+        self.settings: FisherSettings = settings_from_recipe(self.recipe)
+        self.use_fisher = use_fisher
+        self.tasks = tasks
+        self.progress = progress
+        self.model = load_model(plan.base, device=device)
+        self.params = dict(self.model.named_parameters())
+        self.base = {name: p.detach().clone() for name, p in self.params.items()}
+        # τ_i = θ_i − θ_pre, read once per model.
+        self.task_vectors: list[dict[str, torch.Tensor]] = []
+        for ckpt in plan.models:
+            names = checkpoint_name_map(self.model, ckpt.tensors, ckpt.label)
+            self.task_vectors.append({name: ckpt.read(stored[0]).to(device=self.base[name].device, dtype=torch.float32) - self.base[name]
+                                      for name, stored in names.items()})
+        self.fisher_data = [fisher_examples(data, self.settings.num_examples, self.settings.seed) for data in tasks]
+        self.fisher_inputs = [encode_for_model(self.model, tokenizer, ex, target_delimiter=data.spec.target_delimiter, label=data.spec.name)
+                              for ex, data in zip(self.fisher_data, tasks)]
+        self.evaluator = TaskEvaluator(tasks, tokenizer, split="validation", batch_size=batch_size, progress=False)
+        self.last_report = None
+
+    # -- the working model -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def set_scaled(self, i: int, lam: float) -> None:
+        """Working model ← θ_pre + λ τ_i."""
+        for name, p in self.params.items():
+            p.copy_(self.base[name]).add_(self.task_vectors[i][name], alpha=float(lam))
+
+    def fisher_at(self, i: int, lam: float) -> dict[str, torch.Tensor]:
+        """F_i at θ_pre + λ τ_i (parameter names): from the cache when these inputs were seen."""
+        key = cache_key(self._metadata(i, lam))
+        hit = lookup(key)
+        if hit is not None:
+            from safetensors.torch import load_file
+
+            stored = load_file(str(hit))
+            names = self._names(i)
+            return {name: stored[names[name][0]] for name in self.params}
+        self.set_scaled(i, lam)
+        labels = [e.label for e in self.fisher_data[i]]
+        return diagonal_fisher(self.model, self.fisher_inputs[i], labels, mode=self.settings.mode, implementation=self.settings.implementation,
+                               seed=self.settings.seed, progress=self.progress, desc=f"Fisher {self.tasks[i].spec.name}")
+
+    @torch.no_grad()
+    def build(self, lambdas: list[float], timings: dict[str, float] | None = None) -> None:
+        """Working model ← the DF-Merge candidate for `lambdas` (equation 8)."""
+        sums = {name: Equation8() for name in self.params}
+        fisher_s = 0.0
+        for i, lam in enumerate(lambdas):
+            fisher = None
+            if self.use_fisher:
+                start = time.perf_counter()
+                with torch.enable_grad():
+                    fisher = self.fisher_at(i, lam)
+                fisher_s += time.perf_counter() - start
+            for name, acc in sums.items():
+                acc.add(self.task_vectors[i][name], lam, None if fisher is None else fisher[name].to(self.base[name].device))
+            del fisher
+        start = time.perf_counter()
+        for name, p in self.params.items():
+            p.copy_(sums[name].result(self.base[name]))
+        if timings is not None:
+            timings["fisher_s"] = fisher_s
+            timings["merge_s"] = time.perf_counter() - start
+
+    def __call__(self, lambdas: list[float]) -> TrialOutcome:
+        timings: dict[str, float] = {}
+        self.build(lambdas, timings)
+        start = time.perf_counter()
+        report = self.evaluator.evaluate(self.model, model_name="candidate")
+        timings["eval_s"] = time.perf_counter() - start
+        self.last_report = report
+        return TrialOutcome(report.average, report.scores, timings)
+
+    # -- Fisher files for the final merge ----------------------------------------------------------
+
+    def _metadata(self, i: int, lam: float) -> dict[str, str]:
+        return fisher_metadata(self.plan.models[i], self.tasks[i].spec.name, self.fisher_data[i], self.settings, scale=lam, base=self.plan.base)
+
+    def _names(self, i: int) -> dict[str, list[str]]:
+        from .fisher.models import checkpoint_name_map
+
+        return checkpoint_name_map(self.model, self.plan.models[i].tensors, self.plan.models[i].label)
+
+    def fisher_files(self, lambdas: list[float]) -> list[Path]:
+        """Fisher files (checkpoint names, in the cache) of every model at its λ."""
+        paths = []
+        for i, lam in enumerate(lambdas):
+            meta = self._metadata(i, lam)
+            key = cache_key(meta)
+            hit = lookup(key)
+            if hit is None:
+                with torch.enable_grad():
+                    fisher = self.fisher_at(i, lam)
+                hit = save_fisher(cached_path(key), to_checkpoint_names(fisher, self._names(i)), {**meta, "cache_key": key})
+            paths.append(hit)
+        return paths
+
+
+def search_workdir(output: Path) -> Path:
+    """Where an unfinished search keeps its study and trial log: beside the output folder."""
+    output = Path(output).absolute()
+    return output.parent / f".{output.name}.hfmerge-search"
+
+
+def search_settings(recipe: Any, args: argparse.Namespace) -> SearchSettings:
+    p = recipe.parameters
+    enqueue = p.get("enqueue") or []
+    points = [enqueue] if enqueue and not isinstance(enqueue[0], list) else enqueue
+    n_trials = getattr(args, "n_trials", None) or int(p["n_trials"])
+    return SearchSettings(names=[m.ref.text for m in recipe.models], low=float(p["low"]), high=float(p["high"]), n_trials=n_trials,
+                          n_startup_trials=min(int(p["n_startup_trials"]), n_trials), seed=int(p["seed"]),
+                          enqueue=[[float(v) for v in pt] for pt in points], patience=int(p["patience"]) or None,
+                          storage=getattr(args, "storage", None), study_name=getattr(args, "study_name", None) or "hfmerge-dfmerge")
+
+
+def run_dfmerge(plan: Any, output: Path, args: argparse.Namespace, *, evaluate: Callable[[Path], Any] | None = None) -> Any:
+    """Search λ (unless the recipe fixes them), then merge, evaluate and write the output.
+
+    Args:
+        plan: From `build_plan` for a ``dfmerge`` recipe.
+        output: The output folder (written atomically, as every merge).
+        args: The merge command's arguments (``quiet``, ``overwrite``, ``resume``, ``storage``,
+            ``study_name``, ``n_trials``, ``batch_size``, ``device``).
+        evaluate: Validation evaluation of the written folder (the card's model-index).
+
+    Returns:
+        The `MergeResult`.
+    """
+    from .evaluation.evaluate_model import prepare_tasks
+    from .fisher.cli import device_options
+    from .fisher.models import load_tokenizer
+    from .merge import run_merge
+    from .plan import attach_fishers
+
+    recipe = plan.recipe
+    quiet = bool(getattr(args, "quiet", False))
+    output = Path(output).absolute()
+    tasks_in_order = [recipe.tasks[m.task] for m in recipe.models]
+    tasks = prepare_tasks(tasks_in_order, "validation")
+    tokenizer = load_tokenizer(plan.tokenizer_folder, f"{recipe.source}: tokenizer_source")
+    device = device_options(args)["device"]
+    use_fisher = bool(recipe.parameters.get("fisher", True))
+    workdir = search_workdir(output)
+    fixed = all("weight" in m.parameters for m in recipe.models)
+    try:
+        objective = DFMergeObjective(plan, tasks, tokenizer, use_fisher=use_fisher, batch_size=getattr(args, "batch_size", 32), device=device,
+                                     progress=False)
+        result = None
+        if fixed:
+            lambdas = [float(m.parameters["weight"]) for m in recipe.models]
+        else:
+            settings = search_settings(recipe, args)
+            result = run_search(objective, settings, workdir=workdir, resume=bool(getattr(args, "resume", False)), progress=not quiet)
+            lambdas = result.best_params
+            if not quiet:
+                shown = ", ".join(f"{v:.4f}" for v in lambdas)
+                print(f"Best of {len(result.trials)} trials: trial {result.best_trial}, validation score {result.best_value:.4f}, λ = [{shown}]")
+        fisher_paths = objective.fisher_files(lambdas) if use_fisher else None
+        del objective
+    except BaseException:
+        plan.release()
+        raise
+    # The final merge is an ordinary recipe with the coefficients fixed: echoed that way, it
+    # reproduces this model without searching again.
+    raw = json.loads(json.dumps(recipe.raw))
+    raw["models"] = [{"model": m.ref.text, "parameters": {"weight": float(lam)}} for m, lam in zip(recipe.models, lambdas)]
+    plan.recipe = replace(recipe, models=[replace(m, parameters={**m.parameters, "weight": float(lam)}) for m, lam in zip(recipe.models, lambdas)], raw=raw)
+    if fisher_paths is not None:
+        attach_fishers(plan, fisher_paths, [f"Fisher of {m.key} at λ = {lam:.4f}" for m, lam in zip(recipe.models, lambdas)])
+
+    def extra(folder: Path, report: Any) -> tuple[list[str], str]:
+        return _write_search_outputs(folder, plan, result, lambdas, use_fisher, workdir, tasks_in_order, args, quiet)
+
+    merged = run_merge(plan, output, overwrite=bool(getattr(args, "overwrite", False)), progress=not quiet, evaluate=evaluate, extra=extra)
+    if result is not None and getattr(args, "storage", None) is None:
+        shutil.rmtree(workdir, ignore_errors=True)  # the study and log now live in the output folder
+    return merged
+
+
+def _write_search_outputs(folder: Path, plan: Any, result: Any, lambdas: list[float], use_fisher: bool, workdir: Path, tasks: list,
+                          args: argparse.Namespace, quiet: bool) -> tuple[list[str], str]:
+    recipe = plan.recipe
+    files: list[str] = []
+    summary: dict[str, Any] = {"method": "dfmerge", "fisher": use_fisher, "lambdas": {m.ref.text: lam for m, lam in zip(recipe.models, lambdas)}}
+    section = "\n## Coefficients\n\n| model | λ |\n|---|---|\n" + "".join(f"| {m.ref.text} | {lam:.4f} |\n" for m, lam in zip(recipe.models, lambdas))
+    if result is not None:
+        summary.update({"best_trial": result.best_trial, "best_validation_score": result.best_value, "trials": result.trials,
+                        "study_name": result.study_name, "storage": result.storage, "stopped_early": result.stopped_early,
+                        "n_startup_trials": int(recipe.parameters["n_startup_trials"])})
+        plot_trajectory(result.trials, int(recipe.parameters["n_startup_trials"]), folder / "search.png", [m.ref.text for m in recipe.models])
+        files.append("search.png")
+        for name in ("trials.jsonl", "study.journal"):
+            if (workdir / name).is_file():
+                shutil.copyfile(workdir / name, folder / name)
+                files.append(name)
+        timings = [t.get("timings", {}) for t in result.trials]
+        mean = {k: sum(t.get(k, 0.0) for t in timings) / max(len(timings), 1) for k in ("fisher_s", "merge_s", "eval_s")}
+        section += (f"\nFound by Bayesian optimisation (Optuna GPSampler, logEI) over {len(result.trials)} completed trials "
+                    f"({recipe.parameters['n_startup_trials']} random start), λ in [{recipe.parameters['low']}, {recipe.parameters['high']}], "
+                    f"seed {recipe.parameters['seed']}{', Fisher-weighted' if use_fisher else ', without Fisher (General Task Arithmetic)'}. "
+                    f"Best validation score {result.best_value:.4f} at trial {result.best_trial}. Mean seconds per trial: "
+                    f"Fisher {mean['fisher_s']:.2f}, merge {mean['merge_s']:.2f}, evaluation {mean['eval_s']:.2f}. "
+                    "The trial log is `trials.jsonl`" + (", the Optuna study `study.journal`" if "study.journal" in files else "") + ".\n\n"
+                    "![Search trajectory: best score so far and the coefficients by trial; the random start is shaded](search.png)\n")
+    if any(t.test_split for t in tasks):
+        from .evaluation.evaluate_model import evaluate_model
+
+        with_test = [t for t in tasks if t.test_split]
+        report = evaluate_model(folder, with_test, "test", batch_size=getattr(args, "batch_size", 32), progress=not quiet, model_name=folder.name)
+        (folder / "eval_results_test.json").write_text(report.to_json())
+        files.append("eval_results_test.json")
+        summary["test"] = report.to_dict()
+        section += f"\n## Test\n\n```\n{report.to_table()}\n```\n"
+        if not quiet:
+            print(report.to_table())
+    (folder / "dfmerge_search.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    files.append("dfmerge_search.json")
+    return files, section
+
+
+__all__ = ["DFMergeObjective", "run_dfmerge", "search_workdir", "HfMergeError"]

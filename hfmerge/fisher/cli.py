@@ -1,0 +1,103 @@
+"""``hfmerge fisher``: compute and cache the Fishers a recipe needs.
+
+    hfmerge fisher RECIPE [--device cpu|cuda|auto] [--max-memory DEV=SIZE,...] [--offload-folder DIR]
+                   [--copy-to DIR] [--json PATH]
+
+For ``fisher`` and ``fisher_nodes`` recipes: every model without a ``fisher:`` file gets its
+Fisher on its task at θ_i, from the cache when the same inputs were seen before. A later
+``hfmerge RECIPE`` then only reads them. Prints one row per model (task, where the Fisher came
+from, seconds, file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from ..errors import RecipeError
+
+__all__ = ["add_arguments", "run", "parse_max_memory", "device_options"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``fisher`` arguments to `parser` (not -v/-q)."""
+    parser.add_argument("recipe", help="a fisher or fisher_nodes recipe with a task per model")
+    add_device_arguments(parser)
+    parser.add_argument("--copy-to", metavar="DIR", help="also copy the Fisher files into DIR as <model-index>-<name>.safetensors")
+    parser.add_argument("--json", metavar="PATH", help="also write the records as JSON")
+    return parser
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where Fisher models run: shared by ``hfmerge fisher`` and the merge command."""
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where Fisher models run (default: cuda if available, else cpu)")
+    parser.add_argument("--max-memory", metavar="DEV=SIZE[,...]",
+                        help="load Fisher models with an accelerate device map within these budgets, e.g. 0=20GiB,cpu=60GiB (layers beyond go to disk)")
+    parser.add_argument("--offload-folder", metavar="DIR", help="where a device map offloads layers that fit nowhere else (with --max-memory)")
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """``0=20GiB,cpu=60GiB`` → ``{0: "20GiB", "cpu": "60GiB"}`` (accelerate's ``max_memory``)."""
+    if not text:
+        return None
+    out: dict = {}
+    for part in text.split(","):
+        if "=" not in part:
+            raise RecipeError(f"--max-memory: {part!r} is not DEVICE=SIZE (e.g. 0=20GiB or cpu=60GiB)")
+        dev, size = (s.strip() for s in part.split("=", 1))
+        out[int(dev) if dev.isdigit() else dev] = size
+    return out
+
+
+def device_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments for `engine.ensure_fishers` from parsed device arguments."""
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("--device cuda: no CUDA device is available here; use --device cpu")
+    max_memory = parse_max_memory(getattr(args, "max_memory", None))
+    return {"device": device, "max_memory": max_memory, "offload_folder": getattr(args, "offload_folder", None),
+            "device_map": "auto" if max_memory else None}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``hfmerge fisher`` with parsed arguments."""
+    from ..plan import build_plan
+    from ..recipe import load_recipe
+    from .engine import ensure_fishers
+
+    quiet = bool(getattr(args, "quiet", False))
+    recipe = load_recipe(args.recipe)
+    if not recipe.method.needs_importance:
+        raise RecipeError(f"{recipe.source}: merge_method {recipe.method.name!r} uses no Fisher; nothing to compute")
+    if recipe.method.search:
+        raise RecipeError(f"{recipe.source}: merge_method {recipe.method.name!r} computes its Fishers at each searched coefficient during the search; "
+                          "run the recipe itself")
+    options = device_options(args)
+    plan = build_plan(recipe)
+    try:
+        records = ensure_fishers(plan, progress=not quiet, **options)
+    finally:
+        plan.release()
+    if args.copy_to:
+        target = Path(args.copy_to)
+        target.mkdir(parents=True, exist_ok=True)
+        for i, r in enumerate(records):
+            dest = target / f"{i}-{Path(r.model).name}.fisher.safetensors"
+            shutil.copyfile(r.path, dest)
+            r.path = dest
+    rows = [("model", "task", "source", "seconds", "file")] + [(r.model, r.task or "", r.source, f"{r.seconds:.1f}", str(r.path)) for r in records]
+    widths = [max(len(row[c]) for row in rows) for c in range(5)]
+    for j, row in enumerate(rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+    if args.json:
+        Path(args.json).write_text(json.dumps([{"model": r.model, "task": r.task, "source": r.source, "seconds": round(r.seconds, 3),
+                                                "path": str(r.path)} for r in records], indent=2) + "\n")
+    return 0

@@ -1,0 +1,142 @@
+"""DF-Merge: equation (8), the search end to end on tiny trained experts, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import ModelCard
+
+from hfmerge.cli import main
+from hfmerge.errors import RecipeError
+from hfmerge.methods.dfmerge import dfmerge_tensor
+from hfmerge.recipe import load_recipe, parse_recipe
+from test_fisher import experts, one_torch_thread, task_entries  # noqa: F401  (fixtures)
+
+
+def test_equation_8_with_identical_fishers_is_general_task_arithmetic():
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(50, 7, generator=gen)
+    tensors = [base + 0.1 * torch.randn(50, 7, generator=gen) for _ in range(3)]
+    lambdas = [0.2, 0.7, 1.3]
+    fisher = torch.rand(50, 7, generator=gen) + 0.5
+    gta = base + sum(lam * (t - base) for lam, t in zip(lambdas, tensors))
+    torch.testing.assert_close(dfmerge_tensor(base, tensors, lambdas, [fisher] * 3), gta, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dfmerge_tensor(base, tensors, lambdas, None), gta, rtol=1e-5, atol=1e-6)
+    # Unequal Fishers: each entry follows the model that dominates it.
+    big = [torch.full_like(base, 1e6), torch.full_like(base, 1e-3), torch.full_like(base, 1e-3)]
+    torch.testing.assert_close(dfmerge_tensor(base, tensors, lambdas, big), base + 3 * lambdas[0] * (tensors[0] - base), rtol=1e-4, atol=1e-5)
+    # Where every F is zero the 1e-12 floor gives General Task Arithmetic.
+    torch.testing.assert_close(dfmerge_tensor(base, tensors, lambdas, [torch.zeros_like(base)] * 3), gta, rtol=1e-5, atol=1e-6)
+
+
+def write(path: Path, experts, parameters: dict, **extra) -> Path:  # noqa: F811
+    recipe = {"merge_method": "dfmerge", "base_model": str(experts["base"]), "models": [{"model": str(m)} for m in experts["models"]],
+              "parameters": parameters, "tasks": task_entries(experts, 16), **extra}
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def test_fixed_coefficients_without_fisher_equal_task_arithmetic(experts, tmp_path):  # noqa: F811
+    from safetensors.torch import load_file
+
+    recipe = {"merge_method": "dfmerge", "base_model": str(experts["base"]), "parameters": {"fisher": False}, "tasks": task_entries(experts, 8),
+              "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(experts["models"], (0.3, 0.8))]}
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump(recipe))
+    ta = dict(recipe, merge_method="task_arithmetic", parameters={})
+    ta.pop("tasks")
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(ta))
+    assert main([str(tmp_path / "d.yaml"), "-o", str(tmp_path / "d"), "-q", "--no-eval"]) == 0
+    assert main([str(tmp_path / "t.yaml"), "-o", str(tmp_path / "t"), "-q"]) == 0
+    a, b = load_file(tmp_path / "d" / "model.safetensors"), load_file(tmp_path / "t" / "model.safetensors")
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_search_end_to_end_records_a_score_that_a_fresh_evaluation_reproduces(experts, tmp_path, capsys):  # noqa: F811
+    from hfmerge.evaluation.evaluate_model import evaluate_model
+
+    recipe = write(tmp_path / "df.yaml", experts, {"n_trials": 6, "n_startup_trials": 3, "seed": 1, "fisher_examples": 8, "enqueue": [0.5, 0.5]})
+    out = tmp_path / "merged"
+    start = time.perf_counter()
+    assert main([str(recipe), "-o", str(out), "-q"]) == 0
+    elapsed = time.perf_counter() - start
+    summary = json.loads((out / "dfmerge_search.json").read_text())
+    assert len(summary["trials"]) == 6 and summary["trials"][0]["params"] == [0.5, 0.5]
+    best = max(summary["trials"], key=lambda t: t["score"])
+    assert summary["best_validation_score"] == best["score"]
+    assert list(summary["lambdas"].values()) == best["params"]
+    fresh = evaluate_model(out, load_recipe(recipe).tasks, "validation", progress=False)
+    assert fresh.average == pytest.approx(best["score"], abs=1e-12)
+    for name in ("search.png", "trials.jsonl", "study.journal", "eval_results.json", "hfmerge_recipe.yaml"):
+        assert (out / name).is_file(), name
+    assert (out / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert all({"fisher_s", "merge_s", "eval_s"} <= set(r["timings"]) for r in log if r["state"] == "COMPLETE")
+    card = ModelCard.load(out / "README.md")
+    assert "## Coefficients" in card.text and "](search.png)" in card.text and "dfmerge" in card.data.tags
+    # The echoed recipe fixes the found λ: it reproduces the model without a search.
+    echoed = yaml.safe_load((out / "hfmerge_recipe.yaml").read_text())
+    assert [m["parameters"]["weight"] for m in echoed["models"]] == best["params"]
+    assert not (tmp_path / ".merged.hfmerge-search").exists()  # the study moved into the output
+    assert elapsed < 300
+
+
+def test_resume_keeps_completed_trials_and_runs_no_seed_point_twice(experts, tmp_path):  # noqa: F811
+    recipe = write(tmp_path / "df.yaml", experts, {"n_trials": 6, "n_startup_trials": 2, "seed": 3, "fisher_examples": 6, "enqueue": [0.4, 0.6]})
+    out = tmp_path / "merged"
+    log = tmp_path / ".merged.hfmerge-search" / "trials.jsonl"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "hfmerge", str(recipe), "-o", str(out), "-q"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(done_before) >= 3 and not out.exists()
+    # Without --resume the existing study is not silently reused.
+    assert main([str(recipe), "-o", str(out), "-q"]) == 1
+    assert main([str(recipe), "-o", str(out), "-q", "--resume"]) == 0
+    summary = json.loads((out / "dfmerge_search.json").read_text())
+    numbers = [t["number"] for t in summary["trials"]]
+    assert len(summary["trials"]) == 6
+    kept = {r["number"]: r["params"] for r in done_before if r["state"] == "COMPLETE"}
+    for t in summary["trials"]:
+        if t["number"] in kept:
+            assert t["params"] == kept[t["number"]]
+    assert set(kept) <= set(numbers)
+    assert sum(t["params"] == [0.4, 0.6] for t in summary["trials"]) == 1
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"tasks": None}, r"tasks: missing; merge_method 'dfmerge' searches coefficients"),
+    ({"tasks": "one"}, r"needs one task per fine-tuned model: 1 task\(s\) for 2 model\(s\)"),
+    ({"parameters": {"low": 1.0, "high": 0.5}}, r"parameters.low: the search bounds are empty"),
+    ({"parameters": {"enqueue": [0.5]}}, r"parameters.enqueue: point 0 has 1 value"),
+    ({"models_fisher": True}, r"models\[0\].fisher: merge_method 'dfmerge' computes each model's Fisher"),
+])
+def test_bad_dfmerge_recipes_fail_before_any_model_is_loaded(tmp_path, change, message):
+    for name in ("a", "b", "base"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "v.jsonl").write_text('{"text": "w1", "label": 1}\n')
+    tasks = [{"task": t, "dataset_path": "json", "dataset_kwargs": {"data_files": {"validation": "v.jsonl"}}, "validation_split": "validation",
+              "doc_to_text": "{{text}}", "doc_to_choice": ["no", "yes"], "doc_to_target": "label"} for t in ("ta", "tb")]
+    data = {"merge_method": "dfmerge", "base_model": "./base", "models": [{"model": "./a"}, {"model": "./b"}], "tasks": tasks}
+    if "tasks" in change:
+        data["tasks"] = None if change["tasks"] is None else tasks[:1]
+    if "parameters" in change:
+        data["parameters"] = change["parameters"]
+    if "models_fisher" in change:
+        data["models"][0]["fisher"] = "f.safetensors"
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(data, source="r.yaml", base_dir=tmp_path)

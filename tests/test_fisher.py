@@ -1,0 +1,400 @@
+"""The Fisher engine (hfmerge.fisher): diagonal Fisher in every mode and both implementations,
+offloaded parameters, Fisher files and cache, Fisher Mask Nodes, and the fisher /
+fisher_nodes methods run from recipes on tiny experts trained in a fixture."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hfmerge.cli import main
+from hfmerge.evaluation.tasks import Example
+from hfmerge.fisher.diagonal import FisherError, diagonal_fisher
+from hfmerge.fisher.engine import FisherSettings, compute_fisher, encode_for_model, fisher_examples
+from hfmerge.fisher.nodes import HEADS, NEURONS, NodeLayoutError, node_layout
+from hfmerge.testing import build_base, build_finetuned, keyword_rows, tiny_config, train_expert
+from test_evaluation import make_tokenizer, random_examples, write_jsonl
+
+warnings.filterwarnings("ignore", message=".*batching rule.*")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(family: str, seed: int = 0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cls = {"t5": tf.T5ForConditionalGeneration, "t5_v1_1": tf.T5ForConditionalGeneration, "gpt2": tf.GPT2LMHeadModel}[family]
+    return cls(tiny_config(family)).eval(), make_tokenizer(append_eos=family.startswith("t5"))
+
+
+def encoded(model, tokenizer, n: int = 10, seed: int = 3):
+    examples = [Example(e.prompt, e.options, j % len(e.options)) for j, e in enumerate(random_examples(n, seed=seed))]
+    return examples, encode_for_model(model, tokenizer, examples)
+
+
+# ---------------------------------------------------------------------------------------------
+# The diagonal Fisher
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["t5", "gpt2"])
+@pytest.mark.parametrize("mode", ["exact", "sampled", "empirical"])
+def test_vmap_and_loop_give_the_same_fisher(family, mode):
+    model, tok = tiny(family)
+    examples, enc = encoded(model, tok)
+    labels = [e.label for e in examples]
+    loop = diagonal_fisher(model, enc, labels, mode=mode, implementation="loop", seed=5)
+    vec = diagonal_fisher(model, enc, labels, mode=mode, implementation="vmap", seed=5)
+    assert set(loop) == {n for n, _ in model.named_parameters()}
+    for name in loop:
+        scale = float(loop[name].abs().max())
+        assert scale > 0, name
+        torch.testing.assert_close(vec[name], loop[name], rtol=1e-5, atol=1e-6 * scale)
+
+
+def naive_exact_fisher(model, examples, enc):
+    """Σ_n Σ_k p_k (∇ℓ_k)² / N with ℓ_k = −(the model's own mean token loss), one option at a time."""
+    params = [p for _, p in model.named_parameters()]
+    total = [torch.zeros_like(p) for p in params]
+    for e in enc:
+        logliks = []
+        for option in e.option_ids:
+            out = model(input_ids=torch.tensor([e.prompt_ids]), labels=torch.tensor([option]))
+            logliks.append(-out.loss)
+        p = torch.softmax(torch.stack(logliks).detach().double(), 0)
+        for k, ll in enumerate(logliks):
+            grads = torch.autograd.grad(ll, params, retain_graph=True)
+            for t, g in zip(total, grads):
+                t.add_(float(p[k]) * g * g)
+    return {n: t / len(enc) for (n, _), t in zip(model.named_parameters(), total)}
+
+
+def test_exact_fisher_equals_a_naive_per_option_reference():
+    model, tok = tiny("t5", seed=1)
+    examples, enc = encoded(model, tok, n=6)
+    reference = naive_exact_fisher(model, examples, enc)
+    for impl in ("loop", "vmap"):
+        got = diagonal_fisher(model, enc, [0] * len(enc), implementation=impl)
+        for name, ref in reference.items():
+            torch.testing.assert_close(got[name], ref, rtol=1e-4, atol=1e-7 * float(ref.abs().max()))
+
+
+def test_fisher_is_per_example_not_the_square_of_a_batch_sum():
+    model, tok = tiny("t5", seed=2)
+    examples, enc = encoded(model, tok, n=4)
+    both = diagonal_fisher(model, enc[:2], [0, 0], mode="empirical")
+    one = diagonal_fisher(model, enc[:1], [0], mode="empirical")
+    two = diagonal_fisher(model, enc[1:2], [0], mode="empirical")
+    for name in both:  # the mean of per-example squares, with no cross term
+        torch.testing.assert_close(both[name], (one[name] + two[name]) / 2, rtol=1e-5, atol=1e-6 * float(both[name].abs().max()))
+
+
+def test_sampled_mode_is_seeded_and_modes_differ():
+    model, tok = tiny("t5", seed=3)
+    examples, enc = encoded(model, tok)
+    labels = [e.label for e in examples]
+    a = diagonal_fisher(model, enc, labels, mode="sampled", seed=1)
+    b = diagonal_fisher(model, enc, labels, mode="sampled", seed=1)
+    exact = diagonal_fisher(model, enc, labels, mode="exact")
+    name = "shared.weight"
+    assert torch.equal(a[name], b[name])
+    assert not torch.allclose(a[name], exact[name])
+
+
+def test_fisher_leaves_the_model_as_it_was():
+    model, tok = tiny("t5")
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    examples, enc = encoded(model, tok, n=3)
+    diagonal_fisher(model, enc, [0, 0, 0], implementation="loop")
+    assert model.training
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) and p.grad is None and p.requires_grad == flags[n]
+
+
+def test_bad_fisher_requests_are_clear_errors():
+    model, tok = tiny("t5")
+    examples, enc = encoded(model, tok, n=2)
+    with pytest.raises(FisherError, match="mode 'fuzzy'"):
+        diagonal_fisher(model, enc, [0, 0], mode="fuzzy")
+    with pytest.raises(FisherError, match="label 7 is out of range"):
+        diagonal_fisher(model, enc, [7, 0], mode="empirical")
+    with pytest.raises(FisherError, match="no examples"):
+        diagonal_fisher(model, [], [])
+    with pytest.raises(FisherError, match="at least one example"):
+        FisherSettings(num_examples=0)
+
+
+def test_fisher_with_a_block_offloaded_to_disk_equals_the_in_memory_one(tmp_path):
+    from transformers import T5ForConditionalGeneration
+
+    folder = build_base(tmp_path / "t5", "t5", seed=4)
+    tok = make_tokenizer(append_eos=True)
+    memory = T5ForConditionalGeneration.from_pretrained(folder).eval()
+    device_map = {"shared": "cpu", "encoder.embed_tokens": "cpu", "encoder.block.0": "disk", "encoder.block.1": "cpu",
+                  "encoder.final_layer_norm": "cpu", "decoder": "cpu", "lm_head": "cpu"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        offloaded = T5ForConditionalGeneration.from_pretrained(folder, device_map=device_map, offload_folder=str(tmp_path / "offload")).eval()
+    assert any(p.device.type == "meta" for p in offloaded.parameters())  # really offloaded
+    examples, enc = encoded(memory, tok, n=5)
+    expected = diagonal_fisher(memory, enc, [0] * 5, implementation="loop")
+    got = diagonal_fisher(offloaded, enc, [0] * 5, implementation="auto")  # auto must pick the loop
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-9 * float(expected[name].abs().max()))
+    assert float(got["encoder.block.0.layer.0.SelfAttention.q.weight"].abs().sum()) > 0
+    with pytest.raises(FisherError, match="vmap"):
+        diagonal_fisher(offloaded, enc, [0] * 5, implementation="vmap")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fisher Mask Nodes
+# ---------------------------------------------------------------------------------------------
+
+
+def bert_classifier(seed: int = 0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    return tf.BertForSequenceClassification(tiny_config("bert")).eval()
+
+
+@pytest.mark.parametrize("family", ["t5", "t5_v1_1", "bert"])
+def test_node_fisher_covers_every_head_and_neuron(family):
+    if family == "bert":
+        model, tok = bert_classifier(), make_tokenizer(append_eos=False)
+        examples = [Example(e.prompt, ("no", "yes"), 1) for e in random_examples(6, seed=2)]
+    else:
+        model, tok = tiny(family)
+        examples = random_examples(6, seed=2)
+    fisher = compute_fisher(model, tok, examples, FisherSettings(kind="nodes"))
+    layout = node_layout(model)
+    expected_units = {"t5": 10, "t5_v1_1": 10, "bert": 4}[family]  # T5: 2 enc (attn, ffn) x2 + 2 dec (self, cross, ffn) x2
+    assert len(layout.units) == expected_units and set(fisher) == {u.key for u in layout.units}
+    for unit in layout.units:
+        assert fisher[unit.key].shape == (unit.size,) and bool((fisher[unit.key] > 0).all())
+    for name, p in model.named_parameters():  # every tensor gets an importance of a broadcastable shape
+        assert torch.broadcast_shapes(layout.importance(fisher, name, p.shape).shape, p.shape) == p.shape
+
+
+def test_node_fisher_equals_the_squared_gradient_of_explicit_head_masks():
+    """The head mask applied at the output projection has the gradient of a mask on the heads' outputs."""
+    model, tok = tiny("t5", seed=6)
+    examples = [Example("w1 w2 w3 Answer:", ("yes", "no"), 0)]
+    fisher = compute_fisher(model, tok, examples, FisherSettings(kind="nodes", mode="empirical"))
+    enc = encode_for_model(model, tok, examples)[0]
+    attention = model.encoder.block[1].layer[0].SelfAttention
+    mask = torch.ones(attention.n_heads, requires_grad=True)
+    original = attention.o.forward
+
+    def masked(x):
+        return original((x.view(*x.shape[:-1], attention.n_heads, -1) * mask[:, None]).view(x.shape))
+
+    attention.o.forward = masked
+    out = model(input_ids=torch.tensor([enc.prompt_ids]), labels=torch.tensor([enc.option_ids[0]]))
+    (g,) = torch.autograd.grad(-out.loss, mask)
+    attention.o.forward = original
+    torch.testing.assert_close(fisher[HEADS + "encoder.block.1.layer.0.SelfAttention"], g * g, rtol=1e-5, atol=1e-12)
+
+
+def test_node_importance_spreads_to_the_right_rows():
+    model, _ = tiny("t5")
+    layout = node_layout(model)
+    fisher = {u.key: torch.full((u.size,), 0.5) for u in layout.units}
+    unit = HEADS + "encoder.block.0.layer.0.SelfAttention"
+    fisher[unit] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    ffn = NEURONS + "encoder.block.0.layer.1.DenseReluDense"
+    fisher[ffn] = torch.arange(32, dtype=torch.float32)
+    q = layout.importance(fisher, "encoder.block.0.layer.0.SelfAttention.q.weight", (16, 16))
+    assert q.shape == (16, 1) and q[:4].eq(1).all() and q[4:8].eq(2).all() and q[12:].eq(4).all()  # d_kv = 4 rows per head
+    assert float(layout.importance(fisher, "encoder.block.0.layer.0.SelfAttention.v.weight", (16, 16))) == 2.5  # mean head
+    assert float(layout.importance(fisher, "encoder.block.0.layer.0.layer_norm.weight", (16,))) == 2.5  # the sub-layer's norm
+    bias = layout.importance(fisher, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", (32, 4))
+    assert bias.shape == (1, 4) and bias.flatten().tolist() == [1.0, 2.0, 3.0, 4.0]  # column per head
+    wi = layout.importance(fisher, "encoder.block.0.layer.1.DenseReluDense.wi.weight", (32, 16))
+    assert wi.flatten().tolist() == list(range(32))  # row per neuron
+    assert float(layout.importance(fisher, "encoder.block.0.layer.1.DenseReluDense.wo.weight", (16, 32))) == 15.5
+    heads = [f.mean() for k, f in fisher.items() if k.startswith(HEADS)]
+    neurons = [f.mean() for k, f in fisher.items() if k.startswith(NEURONS)]
+    universal = float(torch.stack(heads).mean() + torch.stack(neurons).mean())
+    assert float(layout.importance(fisher, "shared.weight", (64, 16))) == pytest.approx(universal)
+
+
+def test_fisher_nodes_refuses_architectures_it_cannot_mask():
+    model, _ = tiny("gpt2")
+    with pytest.raises(NodeLayoutError, match="use merge_method: fisher"):
+        node_layout(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes end to end, on experts trained for a few steps
+# ---------------------------------------------------------------------------------------------
+
+KEYWORDS = ("w1", "w2")
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    """A tiny T5 base and two experts: "does the text contain w1?" and "... w2?" (yes/no)."""
+    root = tmp_path_factory.mktemp("fisher-experts")
+    tok = make_tokenizer(append_eos=True)
+    base = build_base(root / "base", "t5", seed=11, d_model=32)
+    tok.save_pretrained(base)
+    data, models = [], []
+    for i, kw in enumerate(KEYWORDS):
+        rows = keyword_rows(48, keyword=kw, seed=i)
+        for r in rows:
+            r["answer"] = ["no", "yes"][r["label"]]
+        path = write_jsonl(root / f"task{i}.jsonl", rows)
+        data.append(path)
+        pairs = [(f"Review: {r['text']} Answer:", r["answer"]) for r in rows]
+        models.append(train_expert(base, root / f"expert{i}", tok, pairs, steps=30, lr=1e-2, seed=i))
+    return {"root": root, "base": base, "models": models, "data": data}
+
+
+def task_entries(experts, n: int | None = None) -> list[dict]:
+    out = []
+    for i, path in enumerate(experts["data"]):
+        out.append({"task": f"has_{KEYWORDS[i]}", "dataset_path": "json", "dataset_kwargs": {"data_files": {"validation": str(path)}},
+                    "validation_split": "validation", "doc_to_text": "Review: {{text}} Answer:", "doc_to_choice": ["no", "yes"],
+                    "doc_to_target": "label", **({"num_validation_examples": n} if n else {})})
+    return out
+
+
+def write_recipe(path: Path, method: str, experts, parameters: dict | None = None, **extra) -> Path:
+    recipe = {"merge_method": method, "base_model": str(experts["base"]), "models": [{"model": str(m)} for m in experts["models"]],
+              "parameters": parameters or {}, "tasks": task_entries(experts, 24), **extra}
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def test_fisher_recipe_computes_caches_and_merges(experts, tmp_path, capsys):
+    from hfmerge.evaluation.evaluate_model import evaluate_model
+    from hfmerge.recipe import load_recipe
+
+    recipe = write_recipe(tmp_path / "fisher.yaml", "fisher", experts, {"fisher_examples": 12})
+    assert main(["fisher", str(recipe), "-q", "--device", "cpu", "--json", str(tmp_path / "f.json")]) == 0
+    records = json.loads((tmp_path / "f.json").read_text())
+    assert [r["source"] for r in records] == ["computed", "computed"]
+    from safetensors import safe_open
+
+    with safe_open(records[0]["path"], framework="pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+    assert meta["task"] == "has_w1" and meta["num_examples"] == "12" and meta["mode"] == "exact" and meta["lambda"] == ""
+    assert "shared.weight" in keys and "encoder.block.0.layer.0.SelfAttention.q.weight" in keys
+    # A second run reuses the cache; a damaged entry is recomputed, never used.
+    assert main(["fisher", str(recipe), "-q", "--device", "cpu", "--json", str(tmp_path / "f2.json")]) == 0
+    assert [r["source"] for r in json.loads((tmp_path / "f2.json").read_text())] == ["cache", "cache"]
+    damaged = Path(records[1]["path"])
+    damaged.write_bytes(damaged.read_bytes()[:-100])
+    assert main(["fisher", str(recipe), "-q", "--device", "cpu", "--json", str(tmp_path / "f3.json")]) == 0
+    assert [r["source"] for r in json.loads((tmp_path / "f3.json").read_text())] == ["cache", "computed"]
+    # Different inputs, different entry.
+    other = write_recipe(tmp_path / "fisher16.yaml", "fisher", experts, {"fisher_examples": 16})
+    assert main(["fisher", str(other), "-q", "--device", "cpu", "--json", str(tmp_path / "f4.json")]) == 0
+    assert [r["source"] for r in json.loads((tmp_path / "f4.json").read_text())] == ["computed", "computed"]
+    capsys.readouterr()
+    # The merge reads the cached Fishers and evaluates the result.
+    out = tmp_path / "merged"
+    assert main([str(recipe), "-o", str(out), "-q"]) == 0
+    report = evaluate_model(out, load_recipe(recipe).tasks, progress=False)
+    assert 0.0 <= report.average <= 1.0 and (out / "eval_results.json").is_file()
+
+
+def test_fisher_merge_with_equal_fishers_is_averaging_and_a_dominant_fisher_wins(experts, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from hfmerge.testing import load_base_state
+
+    states = [load_base_state(m) for m in experts["models"]]
+    ones = tmp_path / "ones.safetensors"
+    save_file({k: torch.ones_like(v) for k, v in states[0].items()}, ones)
+    big = tmp_path / "big.safetensors"
+    save_file({k: torch.full_like(v, 1e6) for k, v in states[0].items()}, big)
+    for files, expected in (([ones, ones], lambda a, b: (a + b) / 2), ([big, ones], lambda a, b: a)):
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(yaml.safe_dump({"merge_method": "fisher", "models": [{"model": str(m), "fisher": str(f)} for m, f in zip(experts["models"], files)]}))
+        out = tmp_path / f"out-{files[0].stem}"
+        assert main([str(recipe), "-o", str(out), "-q"]) == 0
+        merged = load_file(out / "model.safetensors")
+        for name, value in merged.items():
+            torch.testing.assert_close(value, expected(states[0][name], states[1][name]), rtol=1e-5, atol=1e-6)
+
+
+def test_fisher_nodes_recipe_on_trained_t5_experts(experts, tmp_path):
+    recipe = write_recipe(tmp_path / "nodes.yaml", "fisher_nodes", experts, {"fisher_examples": 12})
+    out = tmp_path / "merged"
+    assert main([str(recipe), "-o", str(out), "-q"]) == 0
+    results = json.loads((out / "eval_results.json").read_text())
+    assert set(results["tasks"]) == {"has_w1", "has_w2"}
+    from safetensors.torch import load_file
+
+    from hfmerge.testing import load_base_state
+
+    merged = load_file(out / "model.safetensors")
+    a, b = (load_base_state(m) for m in experts["models"])
+    for name, value in merged.items():  # a per-entry convex combination of the two experts
+        lo, hi = torch.minimum(a[name], b[name]), torch.maximum(a[name], b[name])
+        assert bool(((value >= lo - 1e-6) & (value <= hi + 1e-6)).all()), name
+
+
+@pytest.mark.parametrize("family", ["t5_v1_1", "bert"])
+def test_fisher_nodes_recipe_on_other_architectures(family, tmp_path):
+    import transformers as tf
+
+    if family == "bert":
+        torch.manual_seed(0)
+        base = tmp_path / "base"
+        tf.BertForSequenceClassification(tiny_config("bert")).save_pretrained(base)
+    else:
+        base = build_base(tmp_path / "base", family, seed=0)
+    make_tokenizer(append_eos=family != "bert").save_pretrained(base)
+    models = [build_finetuned(base, tmp_path / f"ft{i}", seed=i, scale=0.05) for i in range(2)]
+    rows = keyword_rows(10, keyword="w1", seed=0)
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    task = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"validation": str(data)}}, "validation_split": "validation",
+            "doc_to_text": "Review: {{text}} Answer:", "doc_to_choice": ["no", "yes"], "doc_to_target": "label"}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "fisher_nodes", "base_model": str(base), "tokenizer_source": str(base),
+                                      "models": [{"model": str(m)} for m in models], "parameters": {"fisher_examples": 6},
+                                      "tasks": [dict(task, task="a"), dict(task, task="b")]}))
+    out = tmp_path / "out"
+    assert main([str(recipe), "-o", str(out), "-q", "--no-eval"]) == 0
+    loaded = tf.AutoModelForSequenceClassification.from_pretrained(out) if family == "bert" else tf.AutoModelForSeq2SeqLM.from_pretrained(out)
+    assert sum(p.numel() for p in loaded.parameters()) > 0
+
+
+def test_fisher_examples_are_drawn_once_with_the_seed(experts):
+    from hfmerge.evaluation.tasks import load_task_data, parse_tasks
+
+    spec = parse_tasks(task_entries(experts), source="r.yaml")[0]
+    data = load_task_data(spec, ("validation",))
+    a = fisher_examples(data, 10, seed=0)
+    assert a == fisher_examples(data, 10, seed=0) and len(a) == 10
+    assert a != fisher_examples(data, 10, seed=1)
+    assert fisher_examples(data, 1000, seed=0) == data.validation
+
+
+def test_a_fisher_recipe_without_files_or_tasks_fails_before_loading(experts, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "fisher", "models": [{"model": str(m)} for m in experts["models"]]}))
+    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 1
+    assert "models[0].fisher: missing" in capsys.readouterr().err
+    recipe.write_text(yaml.safe_dump({"merge_method": "average", "models": [{"model": str(m)} for m in experts["models"]]}))
+    assert main(["fisher", str(recipe), "-q"]) == 1
+    assert "uses no Fisher" in capsys.readouterr().err
