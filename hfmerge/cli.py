@@ -145,6 +145,8 @@ def run_recipe(args: argparse.Namespace) -> int:
     from .recipe import RecipeError, load_recipe
 
     recipe = load_recipe(args.recipe)
+    if getattr(args, "n_trials", None) is not None and args.n_trials < 1:
+        raise RecipeError(f"--n-trials: got {args.n_trials}; expected a positive number of trials")
     if args.max_shard_size:
         recipe.max_shard_size = parse_size(args.max_shard_size, field="--max-shard-size")
     output = Path(args.output) if args.output else Path.cwd() / f"merged-{Path(args.recipe).stem}"

@@ -67,6 +67,7 @@ class DFMergeObjective:
         self.settings: FisherSettings = settings_from_recipe(self.recipe)
         self.use_fisher = use_fisher
         self.tasks = tasks
+        self.tokenizer = tokenizer
         self.progress = progress
         self.model = load_model(plan.base, device=device)
         self.params = dict(self.model.named_parameters())
@@ -109,6 +110,7 @@ class DFMergeObjective:
     @torch.no_grad()
     def build(self, lambdas: list[float], timings: dict[str, float] | None = None) -> None:
         """Working model ← the DF-Merge candidate for `lambdas` (equation 8)."""
+        begin = time.perf_counter()
         sums = {name: Equation8() for name in self.params}
         fisher_s = 0.0
         for i, lam in enumerate(lambdas):
@@ -121,12 +123,12 @@ class DFMergeObjective:
             for name, acc in sums.items():
                 acc.add(self.task_vectors[i][name], lam, None if fisher is None else fisher[name].to(self.base[name].device))
             del fisher
-        start = time.perf_counter()
         for name, p in self.params.items():
             p.copy_(sums[name].result(self.base[name]))
         if timings is not None:
+            # merge: the λ-scaling, the running sums and the final division; Fisher: the rest.
             timings["fisher_s"] = fisher_s
-            timings["merge_s"] = time.perf_counter() - start
+            timings["merge_s"] = time.perf_counter() - begin - fisher_s
 
     def __call__(self, lambdas: list[float]) -> TrialOutcome:
         timings: dict[str, float] = {}
@@ -140,7 +142,8 @@ class DFMergeObjective:
     # -- Fisher files for the final merge ----------------------------------------------------------
 
     def _metadata(self, i: int, lam: float) -> dict[str, str]:
-        return fisher_metadata(self.plan.models[i], self.tasks[i].spec.name, self.fisher_data[i], self.settings, scale=lam, base=self.plan.base)
+        return fisher_metadata(self.plan.models[i], self.tasks[i].spec.name, self.fisher_data[i], self.settings, scale=lam, base=self.plan.base,
+                               tokenizer=self.tokenizer, target_delimiter=self.tasks[i].spec.target_delimiter)
 
     def _names(self, i: int) -> dict[str, list[str]]:
         from .fisher.models import checkpoint_name_map
@@ -172,7 +175,7 @@ def search_settings(recipe: Any, args: argparse.Namespace) -> SearchSettings:
     p = recipe.parameters
     enqueue = p.get("enqueue") or []
     points = [enqueue] if enqueue and not isinstance(enqueue[0], list) else enqueue
-    n_trials = getattr(args, "n_trials", None) or int(p["n_trials"])
+    n_trials = int(p["n_trials"]) if getattr(args, "n_trials", None) is None else int(args.n_trials)
     return SearchSettings(names=[m.ref.text for m in recipe.models], low=float(p["low"]), high=float(p["high"]), n_trials=n_trials,
                           n_startup_trials=min(int(p["n_startup_trials"]), n_trials), seed=int(p["seed"]),
                           enqueue=[[float(v) for v in pt] for pt in points], patience=int(p["patience"]) or None,
@@ -204,7 +207,11 @@ def run_dfmerge(plan: Any, output: Path, args: argparse.Namespace, *, evaluate: 
     tasks_in_order = [recipe.tasks[m.task] for m in recipe.models]
     tasks = prepare_tasks(tasks_in_order, "validation")
     tokenizer = load_tokenizer(plan.tokenizer_folder, f"{recipe.source}: tokenizer_source")
-    device = device_options(args)["device"]
+    options = device_options(args)
+    if options["max_memory"] is not None or options["offload_folder"] is not None:
+        raise HfMergeError("--max-memory / --offload-folder: a dfmerge search keeps its working model, the task vectors and the running sums on "
+                           "--device (see docs/search.md, Memory); device maps apply to the fisher and fisher_nodes methods")
+    device = options["device"]
     use_fisher = bool(recipe.parameters.get("fisher", True))
     workdir = search_workdir(output)
     fixed = all("weight" in m.parameters for m in recipe.models)
@@ -268,7 +275,7 @@ def _write_search_outputs(folder: Path, plan: Any, result: Any, lambdas: list[fl
                     f"Fisher {mean['fisher_s']:.2f}, merge {mean['merge_s']:.2f}, evaluation {mean['eval_s']:.2f}. "
                     "The trial log is `trials.jsonl`" + (", the Optuna study `study.journal`" if "study.journal" in files else "") + ".\n\n"
                     "![Search trajectory: best score so far and the coefficients by trial; the random start is shaded](search.png)\n")
-    if any(t.test_split for t in tasks):
+    if any(t.test_split for t in tasks) and not getattr(args, "no_eval", False):
         from .evaluation.evaluate_model import evaluate_model
 
         with_test = [t for t in tasks if t.test_split]

@@ -227,7 +227,8 @@ def _tasks(value: Any, source: str, base_dir: Path | None, models: list[ModelSpe
     return tasks, match_tasks_to_models(tasks, [m.ref.text for m in models], source=source)
 
 
-def _check_method_data(source: str, name: str, method: MergeMethod, models: list[ModelSpec], tasks: list, parameters: dict[str, Any]) -> None:
+def _check_method_data(source: str, name: str, method: MergeMethod, models: list[ModelSpec], tasks: list, parameters: dict[str, Any],
+                       model_defaults: dict[str, Any]) -> None:
     """Methods that need data: a Fisher file or a task per model; a search needs one task per model."""
     if method.search:
         if not tasks:
@@ -236,6 +237,9 @@ def _check_method_data(source: str, name: str, method: MergeMethod, models: list
         if lacking:
             raise _fail(source, "tasks", f"merge_method {name!r} needs one task per fine-tuned model: {len(tasks)} task(s) for {len(models)} model(s), "
                         f"{lacking[0].key} ({lacking[0].ref.text!r}) has none; list the tasks in the models' order or give each task a `model:` key")
+        if "weight" in model_defaults:
+            raise _fail(source, "parameters.weight", f"merge_method {name!r} searches every λ_i; fix them per model (models[].parameters.weight, "
+                        "then the search is skipped) rather than globally")
         given = [m for m in models if "weight" in m.parameters]
         if given and len(given) != len(models):
             missing = next(m for m in models if "weight" not in m.parameters)
@@ -259,8 +263,10 @@ def _check_method_data(source: str, name: str, method: MergeMethod, models: list
     if method.needs_importance:
         for m in models:
             if m.fisher is None and m.task is None:
-                raise _fail(source, f"{m.key}.fisher", f"missing; merge_method {name!r} needs per-model Fisher information: give a Fisher file "
-                            "(safetensors with the checkpoint's tensor names) or a task for this model under `tasks:` to compute it from")
+                what = ("a node Fisher file (from hfmerge fisher --copy-to)" if method.importance == "nodes"
+                        else "a Fisher file (safetensors with the checkpoint's tensor names)")
+                raise _fail(source, f"{m.key}.fisher", f"missing; merge_method {name!r} needs per-model Fisher information: give {what} "
+                            "or a task for this model under `tasks:` to compute it from")
 
 
 def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
@@ -392,7 +398,7 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
     tasks, owners = _tasks(data.get("tasks"), source, base_dir, models)
     task_of = {owner: i for i, owner in enumerate(owners) if owner is not None}
     models = [replace(m, task=task_of.get(i)) for i, m in enumerate(models)]
-    _check_method_data(source, name, method, models, tasks, parameters)
+    _check_method_data(source, name, method, models, tasks, parameters, model_defaults)
     return Recipe(
         method=method, base=base, models=models, parameters=parameters, out_dtype=out_dtype,
         tokenizer_source=tokenizer_source, config_source=config_source, max_shard_size=max_shard,

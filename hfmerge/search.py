@@ -273,6 +273,8 @@ def _run_trial(
         logger.warning("trial %d: the objective returned %s for λ = %s; the trial is marked FAIL and the search goes on", trial.number, score, lambdas)
         _finish(study, trial, TrialState.FAIL, None, {**record, "score": None, "error": f"non-finite score {score}"}, log_path)
         return False
+    # The trial's whole wall time (sampling and objective): what the stages' timings add up to, plus overhead.
+    record["trial_s"] = round(time.perf_counter() - start, 4)
     _finish(study, trial, TrialState.COMPLETE, score, {**record, "score": score}, log_path)
     return True
 

@@ -65,6 +65,11 @@ def test_search_end_to_end_records_a_score_that_a_fresh_evaluation_reproduces(ex
     from hfmerge.evaluation.evaluate_model import evaluate_model
 
     recipe = write(tmp_path / "df.yaml", experts, {"n_trials": 6, "n_startup_trials": 3, "seed": 1, "fisher_examples": 8, "enqueue": [0.5, 0.5]})
+    data = yaml.safe_load(recipe.read_text())
+    for t in data["tasks"]:  # a test split: the output is scored on it too
+        t["dataset_kwargs"]["data_files"]["test"] = t["dataset_kwargs"]["data_files"]["validation"]
+        t["test_split"] = "test"
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
     out = tmp_path / "merged"
     start = time.perf_counter()
     assert main([str(recipe), "-o", str(out), "-q"]) == 0
@@ -76,6 +81,8 @@ def test_search_end_to_end_records_a_score_that_a_fresh_evaluation_reproduces(ex
     assert list(summary["lambdas"].values()) == best["params"]
     fresh = evaluate_model(out, load_recipe(recipe).tasks, "validation", progress=False)
     assert fresh.average == pytest.approx(best["score"], abs=1e-12)
+    test = json.loads((out / "eval_results_test.json").read_text())
+    assert test["split"] == "test" and set(test["tasks"]) == {"has_w1", "has_w2"} and summary["test"]["average"] == test["average"]
     for name in ("search.png", "trials.jsonl", "study.journal", "eval_results.json", "hfmerge_recipe.yaml"):
         assert (out / name).is_file(), name
     assert (out / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -124,6 +131,9 @@ def test_resume_keeps_completed_trials_and_runs_no_seed_point_twice(experts, tmp
     ({"parameters": {"low": 1.0, "high": 0.5}}, r"parameters.low: the search bounds are empty"),
     ({"parameters": {"enqueue": [0.5]}}, r"parameters.enqueue: point 0 has 1 value"),
     ({"models_fisher": True}, r"models\[0\].fisher: merge_method 'dfmerge' computes each model's Fisher"),
+    ({"parameters": {"weight": 0.5}}, r"parameters.weight: merge_method 'dfmerge' searches every λ_i"),
+    ({"model_weight": 0.5}, r"models\[1\].parameters.weight: missing; .* give a weight to every model or to none"),
+    ({"parameters": {"n_trials": 3, "n_startup_trials": 5}}, r"parameters.n_startup_trials: 5 random start trials exceed n_trials = 3"),
 ])
 def test_bad_dfmerge_recipes_fail_before_any_model_is_loaded(tmp_path, change, message):
     for name in ("a", "b", "base"):
@@ -138,5 +148,16 @@ def test_bad_dfmerge_recipes_fail_before_any_model_is_loaded(tmp_path, change, m
         data["parameters"] = change["parameters"]
     if "models_fisher" in change:
         data["models"][0]["fisher"] = "f.safetensors"
+    if "model_weight" in change:
+        data["models"][0]["parameters"] = {"weight": change["model_weight"]}
     with pytest.raises(RecipeError, match=message):
         parse_recipe(data, source="r.yaml", base_dir=tmp_path)
+
+
+def test_device_maps_are_refused_for_a_search(experts, tmp_path, capsys):  # noqa: F811
+    recipe = write(tmp_path / "df.yaml", experts, {"n_trials": 2, "n_startup_trials": 1})
+    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q", "--max-memory", "cpu=1GB"]) == 1
+    assert "--max-memory / --offload-folder: a dfmerge search keeps its working model" in capsys.readouterr().err
+    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q", "--n-trials", "0"]) == 1
+    assert "--n-trials: got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

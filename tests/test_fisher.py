@@ -398,3 +398,28 @@ def test_a_fisher_recipe_without_files_or_tasks_fails_before_loading(experts, tm
     recipe.write_text(yaml.safe_dump({"merge_method": "average", "models": [{"model": str(m)} for m in experts["models"]]}))
     assert main(["fisher", str(recipe), "-q"]) == 1
     assert "uses no Fisher" in capsys.readouterr().err
+
+
+def test_fisher_through_an_accelerate_device_map_with_disk_offload_equals_the_in_memory_one(experts, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    recipe = write_recipe(tmp_path / "fisher.yaml", "fisher", experts, {"fisher_examples": 6, "fisher_mode": "empirical"})
+    monkeypatch.setenv("HFMERGE_CACHE", str(tmp_path / "cache-memory"))
+    assert main(["fisher", str(recipe), "-q", "--device", "cpu", "--copy-to", str(tmp_path / "memory")]) == 0
+    monkeypatch.setenv("HFMERGE_CACHE", str(tmp_path / "cache-offload"))
+    assert main(["fisher", str(recipe), "-q", "--device", "cpu", "--max-memory", "cpu=60KB", "--offload-folder", str(tmp_path / "offload"),
+                 "--copy-to", str(tmp_path / "offloaded")]) == 0
+    # Those settings really offload: the model the engine loads has parameters off-device.
+    from hfmerge.fisher.models import load_model_device_map
+    from hfmerge.fisher.offload import is_offloaded
+    from hfmerge.plan import build_plan
+    from hfmerge.recipe import load_recipe
+
+    plan = build_plan(load_recipe(recipe))
+    offloaded = load_model_device_map(plan.models[0], device_map="auto", max_memory={"cpu": "60KB"}, offload_folder=tmp_path / "offload")
+    assert is_offloaded(offloaded)
+    for name in ("0-expert0.fisher.safetensors", "1-expert1.fisher.safetensors"):
+        a, b = load_file(tmp_path / "memory" / name), load_file(tmp_path / "offloaded" / name)
+        assert set(a) == set(b)
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6 * float(a[key].abs().max()))

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``fisher`` arguments to `parser` (not -v/-q)."""
     parser.add_argument("recipe", help="a fisher or fisher_nodes recipe with a task per model")
     add_device_arguments(parser)
-    parser.add_argument("--copy-to", metavar="DIR", help="also copy the Fisher files into DIR as <model-index>-<name>.safetensors")
+    parser.add_argument("--copy-to", metavar="DIR", help="also copy the Fisher files into DIR as <model-index>-<name>.fisher.safetensors")
     parser.add_argument("--json", metavar="PATH", help="also write the records as JSON")
     return parser
 

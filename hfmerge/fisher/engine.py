@@ -94,10 +94,20 @@ def model_identity(ckpt: Any) -> str:
     return f"local:{Path(ckpt.folder).resolve()}:{h.hexdigest()[:16]}"
 
 
+def tokenizer_identity(tokenizer: Any) -> str:
+    """SHA-256 of what decides a tokenizer's ids: its class, vocabulary and special tokens."""
+    if tokenizer is None:
+        return ""
+    payload = json.dumps([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens,
+                          getattr(tokenizer, "eos_token_id", None)], default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
 def fisher_metadata(ckpt: Any, task: str, examples: Sequence[Example], settings: FisherSettings, *,
-                    scale: float | None = None, base: Any = None) -> dict[str, str]:
+                    scale: float | None = None, base: Any = None, tokenizer: Any = None, target_delimiter: str = " ") -> dict[str, str]:
     """The metadata that defines a Fisher (and, hashed, its cache key)."""
     meta = {
+        "tokenizer_sha256": tokenizer_identity(tokenizer), "target_delimiter": target_delimiter,
         "model": ckpt.ref.text, "model_identity": model_identity(ckpt), "task": task, "data_sha256": examples_hash(examples),
         "num_examples": str(len(examples)), "mode": settings.mode, "seed": str(settings.seed), "kind": settings.kind,
         "lambda": "" if scale is None else repr(float(scale)),
@@ -173,7 +183,7 @@ def fisher_for_checkpoint(job: FisherJob, tokenizer: Any, settings: FisherSettin
     from .models import checkpoint_name_map, load_model, load_model_device_map
 
     examples = fisher_examples(job.data, settings.num_examples, settings.seed)
-    meta = fisher_metadata(job.ckpt, job.data.spec.name, examples, settings)
+    meta = fisher_metadata(job.ckpt, job.data.spec.name, examples, settings, tokenizer=tokenizer, target_delimiter=job.data.spec.target_delimiter)
     key = cache_key(meta)
     hit = lookup(key, root=cache_root)
     if hit is not None:

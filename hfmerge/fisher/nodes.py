@@ -216,7 +216,9 @@ def node_fisher(model: Any, examples: Sequence[EncodedExample], labels: Sequence
     examples = list(examples)
     if not examples:
         raise FisherError("no examples to compute the Fisher on")
-    dev = torch.device(device) if device is not None else next(p.device for p in model.parameters())
+    from .diagonal import _execution_device
+
+    dev = torch.device(device) if device is not None else _execution_device(model)
     masks = {u.key: torch.ones(u.size, device=dev, requires_grad=True) for u in layout.units}
     sums = {k: torch.zeros(v.shape, dtype=torch.float32) for k, v in masks.items()}
     modules = dict(model.named_modules())

@@ -1,0 +1,208 @@
+#!/usr/bin/env python
+"""Fisher engine benchmarks: seconds per example (vmap, loop, auto), Fisher Mask Nodes against
+the full diagonal Fisher, and peak memory of a Fisher computation against model size.
+
+Three tables:
+
+1. ``speed``: seconds per example of the exact diagonal Fisher with the vectorised (vmap)
+   and the per-example loop implementation, and which one ``auto`` picks, on the tiny T5 of
+   the tests and on a randomly initialised model of t5-small's shape (60M parameters).
+2. ``nodes``: Fisher Mask Nodes against the full diagonal Fisher on the same models and data
+   (time ratio), and the merge quality of ``fisher_nodes`` against ``fisher`` (and averaging)
+   on tiny T5 experts trained for a few steps on keyword tasks.
+3. ``memory``: peak resident memory of one Fisher computation (loop and vmap) for T5 models
+   of growing width, each measured in a fresh process.
+
+Examples::
+
+    python benchmarks/fisher_speed.py                   # all three tables
+    python benchmarks/fisher_speed.py --tables speed --examples 16
+    python benchmarks/fisher_speed.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+warnings.filterwarnings("ignore")
+
+from scoring_speed import SETUPS, build, make_examples, timed  # noqa: E402
+
+from hfmerge.fisher.diagonal import choose_implementation, diagonal_fisher  # noqa: E402
+from hfmerge.fisher.engine import FisherSettings, compute_fisher, encode_for_model  # noqa: E402
+
+
+def speed_table(examples_n: int, repeats: int) -> list[dict]:
+    rows = []
+    for name in ("tiny-t5", "t5-small-shape"):
+        setup = SETUPS[name]
+        model, tokenizer, words = build(setup)
+        n = examples_n if name == "tiny-t5" else max(4, examples_n // 8)
+        examples = make_examples(n, words, max_prompt=24)
+        enc = encode_for_model(model, tokenizer, examples)
+        labels = [0] * len(enc)
+        times = {}
+        for impl in ("loop", "vmap"):
+            times[impl], _ = timed(lambda: diagonal_fisher(model, enc, labels, implementation=impl), repeats)
+        auto = choose_implementation(model, "auto", offloaded=False)
+        rows.append({"model": name, "parameters": sum(p.numel() for p in model.parameters()), "examples": len(enc),
+                     "options": sum(len(e.option_ids) for e in enc), "loop_s_per_example": times["loop"] / len(enc),
+                     "vmap_s_per_example": times["vmap"] / len(enc), "auto": auto, "vmap_speedup": times["loop"] / times["vmap"],
+                     "auto_is_best": times[auto] <= min(times.values()) * 1.05})
+        print(f"  speed {name}: done", file=sys.stderr)
+    return rows
+
+
+def nodes_table(examples_n: int, repeats: int) -> list[dict]:
+    rows = []
+    for name in ("tiny-t5", "t5-small-shape"):
+        setup = SETUPS[name]
+        model, tokenizer, words = build(setup)
+        n = examples_n if name == "tiny-t5" else max(4, examples_n // 8)
+        examples = make_examples(n, words, max_prompt=24)
+        full, _ = timed(lambda: compute_fisher(model, tokenizer, examples, FisherSettings(implementation="auto")), repeats)
+        loop, _ = timed(lambda: compute_fisher(model, tokenizer, examples, FisherSettings(implementation="loop")), repeats)
+        nodes, _ = timed(lambda: compute_fisher(model, tokenizer, examples, FisherSettings(kind="nodes")), repeats)
+        rows.append({"model": name, "examples": n, "full_auto_s": full, "full_loop_s": loop, "nodes_s": nodes,
+                     "ratio_vs_auto": full / nodes, "ratio_vs_loop": loop / nodes})
+        print(f"  nodes {name}: done", file=sys.stderr)
+    return rows
+
+
+def merge_quality(workdir: Path, n_tasks: int = 3) -> list[dict]:
+    """fisher vs fisher_nodes vs average on tiny T5 keyword experts (validation accuracy)."""
+    import yaml
+
+    from hfmerge.cli import main as hfmerge
+    from hfmerge.testing import build_base, keyword_rows, train_expert
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_evaluation import make_tokenizer, write_jsonl
+
+    tok = make_tokenizer(append_eos=True)
+    base = build_base(workdir / "base", "t5", seed=11, d_model=32)
+    tok.save_pretrained(base)
+    keywords = [f"w{i + 1}" for i in range(n_tasks)]
+    models, tasks = [], []
+    for i, kw in enumerate(keywords):
+        rows = keyword_rows(64, keyword=kw, seed=i)
+        for r in rows:
+            r["answer"] = ["no", "yes"][r["label"]]
+        data = write_jsonl(workdir / f"task{i}.jsonl", rows)
+        models.append(train_expert(base, workdir / f"expert{i}", tok, [(f"Review: {r['text']} Answer:", r["answer"]) for r in rows],
+                                   steps=40, lr=1e-2, seed=i))
+        tasks.append({"task": f"has_{kw}", "dataset_path": "json", "dataset_kwargs": {"data_files": {"validation": str(data)}},
+                      "validation_split": "validation", "doc_to_text": "Review: {{text}} Answer:", "doc_to_choice": ["no", "yes"],
+                      "doc_to_target": "label"})
+    out = []
+    for method, params in (("average", {}), ("fisher", {"fisher_examples": 30}), ("fisher_nodes", {"fisher_examples": 30})):
+        recipe = workdir / f"{method}.yaml"
+        recipe.write_text(yaml.safe_dump({"merge_method": method, "base_model": str(base), "models": [{"model": str(m)} for m in models],
+                                          "parameters": params, "tasks": tasks}))
+        start = time.perf_counter()
+        assert hfmerge([str(recipe), "-o", str(workdir / f"out-{method}"), "-q", "--overwrite"]) == 0
+        seconds = time.perf_counter() - start
+        results = json.loads((workdir / f"out-{method}" / "eval_results.json").read_text())
+        out.append({"method": method, "average_accuracy": results["average"], "seconds": seconds,
+                    "tasks": {k: v["score"] for k, v in results["tasks"].items()}})
+        print(f"  quality {method}: done", file=sys.stderr)
+    return out
+
+
+MEMORY_CHILD = """
+import resource, sys, torch, warnings
+warnings.filterwarnings("ignore")
+sys.path.insert(0, {benchmarks!r}); sys.path.insert(0, {repo!r})
+from scoring_speed import build, make_examples, Setup
+from hfmerge.fisher.diagonal import diagonal_fisher
+from hfmerge.fisher.engine import encode_for_model
+setup = Setup("m", "t5", {config!r}, "")
+model, tok, words = build(setup)
+enc = encode_for_model(model, tok, make_examples(4, words, max_prompt=24))
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+before = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+diagonal_fisher(model, enc, [0] * 4, implementation={impl!r})
+print(sum(p.numel() for p in model.parameters()), before, status("VmHWM"))
+"""
+
+
+def memory_table() -> list[dict]:
+    rows = []
+    for d_model in (64, 128, 256, 512):
+        config = {"d_model": d_model, "d_kv": d_model // 8, "d_ff": 4 * d_model, "num_layers": 6, "num_decoder_layers": 6, "num_heads": 8, "vocab_size": 32128}
+        for impl in ("loop", "vmap"):
+            code = MEMORY_CHILD.format(benchmarks=str(REPO / "benchmarks"), repo=str(REPO), config=config, impl=impl)
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+            params, before, after = int(out[0]), int(out[1]), int(out[2])
+            rows.append({"d_model": d_model, "parameters": params, "implementation": impl, "model_mb": params * 4 / 2**20,
+                         "rss_before_mb": before / 2**20, "peak_mb": after / 2**20, "fisher_extra_mb": (after - before) / 2**20})
+        print(f"  memory d_model={d_model}: done", file=sys.stderr)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tables", default="speed,nodes,memory", help="comma-separated: speed, nodes, memory")
+    parser.add_argument("--examples", type=int, default=32, help="examples on the tiny model (t5-small shape: an eighth, at least 4)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tables = [t.strip() for t in args.tables.split(",")]
+    load = os.getloadavg()[0]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} CPUs (load average {load:.1f}), best of {args.repeats}")
+    result: dict = {}
+    if "speed" in tables:
+        rows = result["speed"] = speed_table(args.examples, args.repeats)
+        print("\n| model | parameters | examples (options) | loop s/example | vmap s/example | vmap speed-up | auto picks | auto is the faster |")
+        print("|---|---:|---:|---:|---:|---:|---|---|")
+        for r in rows:
+            print(f"| {r['model']} | {r['parameters'] / 1e6:.3f}M | {r['examples']} ({r['options']}) | {r['loop_s_per_example']:.4f} | "
+                  f"{r['vmap_s_per_example']:.4f} | {r['vmap_speedup']:.1f}x | {r['auto']} | {'yes' if r['auto_is_best'] else 'no'} |")
+    if "nodes" in tables:
+        rows = result["nodes"] = nodes_table(args.examples, args.repeats)
+        print("\n| model | examples | full Fisher (auto) s | full Fisher (loop) s | Fisher nodes s | ratio vs auto | ratio vs loop |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['model']} | {r['examples']} | {r['full_auto_s']:.3f} | {r['full_loop_s']:.3f} | {r['nodes_s']:.3f} | "
+                  f"{r['ratio_vs_auto']:.1f}x | {r['ratio_vs_loop']:.1f}x |")
+        with tempfile.TemporaryDirectory() as tmp:
+            quality = result["quality"] = merge_quality(Path(tmp))
+        print("\n| method | average validation accuracy | per task | seconds (Fishers + merge + evaluation) |")
+        print("|---|---:|---|---:|")
+        for r in quality:
+            per = ", ".join(f"{k} {v:.3f}" for k, v in r["tasks"].items())
+            print(f"| {r['method']} | {r['average_accuracy']:.3f} | {per} | {r['seconds']:.1f} |")
+    if "memory" in tables:
+        rows = result["memory"] = memory_table()
+        print("\n| d_model | parameters | float32 model MB | implementation | RSS before MB | peak RSS during the Fisher MB | added by the Fisher MB |")
+        print("|---:|---:|---:|---|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['d_model']} | {r['parameters'] / 1e6:.1f}M | {r['model_mb']:.0f} | {r['implementation']} | {r['rss_before_mb']:.0f} | "
+                  f"{r['peak_mb']:.0f} | {r['fisher_extra_mb']:.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
