@@ -71,7 +71,7 @@ def nodes_table(examples_n: int, repeats: int) -> list[dict]:
     for name in ("tiny-t5", "t5-small-shape"):
         setup = SETUPS[name]
         model, tokenizer, words = build(setup)
-        n = examples_n if name == "tiny-t5" else max(4, examples_n // 8)
+        n = examples_n if name == "tiny-t5" else max(4, examples_n // 2)
         examples = make_examples(n, words, max_prompt=24)
         full, _ = timed(lambda: compute_fisher(model, tokenizer, examples, FisherSettings(implementation="auto")), repeats)
         loop, _ = timed(lambda: compute_fisher(model, tokenizer, examples, FisherSettings(implementation="loop")), repeats)
@@ -107,13 +107,18 @@ def merge_quality(workdir: Path, n_tasks: int = 3) -> list[dict]:
         tasks.append({"task": f"has_{kw}", "dataset_path": "json", "dataset_kwargs": {"data_files": {"validation": str(data)}},
                       "validation_split": "validation", "doc_to_text": "Review: {{text}} Answer:", "doc_to_choice": ["no", "yes"],
                       "doc_to_target": "label"})
+    import contextlib
+    import io
+
+    os.environ["HFMERGE_CACHE"] = str(workdir / "cache")  # Fishers computed here, not read from an earlier run's cache
     out = []
     for method, params in (("average", {}), ("fisher", {"fisher_examples": 30}), ("fisher_nodes", {"fisher_examples": 30})):
         recipe = workdir / f"{method}.yaml"
         recipe.write_text(yaml.safe_dump({"merge_method": method, "base_model": str(base), "models": [{"model": str(m)} for m in models],
                                           "parameters": params, "tasks": tasks}))
         start = time.perf_counter()
-        assert hfmerge([str(recipe), "-o", str(workdir / f"out-{method}"), "-q", "--overwrite"]) == 0
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert hfmerge([str(recipe), "-o", str(workdir / f"out-{method}"), "-q", "--overwrite"]) == 0
         seconds = time.perf_counter() - start
         results = json.loads((workdir / f"out-{method}" / "eval_results.json").read_text())
         out.append({"method": method, "average_accuracy": results["average"], "seconds": seconds,
@@ -160,7 +165,7 @@ def memory_table() -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tables", default="speed,nodes,memory", help="comma-separated: speed, nodes, memory")
-    parser.add_argument("--examples", type=int, default=32, help="examples on the tiny model (t5-small shape: an eighth, at least 4)")
+    parser.add_argument("--examples", type=int, default=32, help="examples on the tiny model (t5-small shape: an eighth for the speed table, half for the nodes table; at least 4)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--json", metavar="PATH")

@@ -70,13 +70,13 @@ def _license(plan: MergePlan) -> str | None:
 
 
 def _versions() -> dict[str, str]:
-    import huggingface_hub
-    import safetensors
-    import torch
-    import transformers
+    from importlib.metadata import version
 
+    import torch
+
+    # Package metadata, not imports: importing transformers costs about a second.
     return {"hfmerge": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "huggingface_hub": huggingface_hub.__version__, "safetensors": safetensors.__version__}
+            **{name: version(name) for name in ("transformers", "huggingface_hub", "safetensors")}}
 
 
 LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas"}

@@ -10,12 +10,15 @@ state-dict names that share one parameter object.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections import defaultdict
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+TIES_FORMAT = 1  # bump when the grouping rule below changes
 
 
 def meta_model(config: dict) -> tuple[torch.nn.Module | None, str | None]:
@@ -44,13 +47,52 @@ def meta_model(config: dict) -> tuple[torch.nn.Module | None, str | None]:
         return None, f"could not instantiate {arch} ({type(exc).__name__}: {exc})"
 
 
+def _cache_path(config: dict):
+    """Where the tie groups of `config` are cached: keyed by the config and the transformers
+    version (which decides the architecture), so no stale answer is ever read."""
+    import hashlib
+    import json
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from huggingface_hub import constants
+
+    root = Path(os.environ["HFMERGE_CACHE"]).expanduser() if os.environ.get("HFMERGE_CACHE") else Path(constants.HF_HOME) / "hfmerge"
+    key = hashlib.sha256(json.dumps([config, version("transformers"), TIES_FORMAT], sort_keys=True, default=str).encode()).hexdigest()
+    return root / "tied" / f"{key}.json"
+
+
 def tied_groups(config: dict) -> tuple[list[frozenset[str]], str | None]:
     """Groups of state-dict names that are one tensor in the architecture of `config`.
+
+    Building the architecture needs transformers' modelling code, whose import costs seconds;
+    the answer is cached per config and transformers version, so later merges of the same
+    architecture skip it.
 
     Returns:
         The groups (each with at least two names), and a warning text when the architecture
         could not be instantiated (then no aliases are known and names must match exactly).
     """
+    import json
+
+    path = _cache_path(config)
+    try:
+        cached = json.loads(path.read_text())
+        return [frozenset(g) for g in cached["groups"]], cached["warning"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # absent or damaged: compute it again
+    groups, warning = _tied_groups(config)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"groups": sorted(sorted(g) for g in groups), "warning": warning}))
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only cache only costs time
+        logger.debug("could not cache tie groups in %s: %s", path, exc)
+    return groups, warning
+
+
+def _tied_groups(config: dict) -> tuple[list[frozenset[str]], str | None]:
     model, problem = meta_model(config)
     if model is None:
         return [], f"{problem}; tied tensors must be stored under the same names in every model"

@@ -28,7 +28,7 @@ import torch
 
 from ..evaluation.scoring import EncodedExample, _decoder_start, _pad_id, is_encoder_decoder
 
-__all__ = ["ModelKind", "model_kind", "option_logliks", "PairBatch", "pair_batches", "pair_loglik"]
+__all__ = ["ModelKind", "model_kind", "option_logliks", "PairBatch", "pair_batches", "pair_loglik", "batch_logliks"]
 
 
 def is_sequence_classifier(model: Any) -> bool:
@@ -155,10 +155,26 @@ def pair_batches(model: Any, examples: Sequence[EncodedExample], pairs: Sequence
             positions = torch.arange(ids.shape[1] - 1, device=device).unsqueeze(0) + 1
             ends = mask.sum(dim=1, keepdim=True)
             label_mask = (positions >= torch.tensor(starts, device=device).unsqueeze(1)) & (positions < ends)
-        else:
-            raise ValueError("vectorised per-example gradients support language models; classifiers use the loop")
+        else:  # classifier: the row's option is a class index
+            ids, mask = _right_pad([examples[i].prompt_ids for i, _, _ in part], pad, device)
+            labels = torch.tensor([[k] for _, k, _ in part], dtype=torch.long, device=device)
+            label_mask = torch.ones_like(labels, dtype=torch.bool)
         out.append(PairBatch(ids, mask, labels, label_mask, weights))
     return out
+
+
+def batch_logliks(model: Any, batch: PairBatch) -> torch.Tensor:
+    """ℓ of every (example, option) row of `batch` in one ordinary batched forward pass ([R])."""
+    kind = model_kind(model)
+    if kind == "classifier":
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.input_mask.long()).logits
+        return torch.log_softmax(logits.float(), dim=-1).gather(1, batch.labels).squeeze(1)
+    if kind == "encoder-decoder":
+        decoder_input = torch.cat([torch.full_like(batch.labels[:, :1], _decoder_start(model)), batch.labels[:, :-1]], dim=1)
+        out = model(input_ids=batch.input_ids, attention_mask=batch.input_mask.long(), decoder_input_ids=decoder_input, use_cache=False)
+        return _masked_mean(_token_logprobs(out.logits, batch.labels), batch.label_mask)
+    out = model(input_ids=batch.input_ids, attention_mask=batch.input_mask.long(), use_cache=False)
+    return _masked_mean(_token_logprobs(out.logits[:, :-1], batch.labels), batch.label_mask)
 
 
 def pair_loglik(model: Any, params: dict[str, torch.Tensor], input_ids: torch.Tensor, input_mask: torch.Tensor,

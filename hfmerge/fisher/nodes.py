@@ -39,7 +39,6 @@ import torch
 from ..errors import HfMergeError
 from ..evaluation.scoring import EncodedExample
 from .diagonal import FisherError, FisherStats, option_weights
-from .loglik import option_logliks
 
 HEADS = "heads:"
 NEURONS = "neurons:"
@@ -202,63 +201,89 @@ def layout_from_config(config: dict, label: str) -> NodeLayout:
         raise NodeLayoutError(f"{label}: {exc}") from None
 
 
+def _option_weights_for(model: Any, examples: list[EncodedExample], labels: Sequence[int], mode: str, rng: random.Random,
+                        device: torch.device) -> list[tuple[int, int, float]]:
+    """(example, option, weight) rows of the Fisher: p needs every option's ℓ, from a no-grad pass."""
+    from ..evaluation.scoring import score_encoded
+    from .loglik import model_kind
+
+    for n, e in enumerate(examples):
+        if not 0 <= labels[n] < len(e.option_ids):
+            raise FisherError(f"example {n}: label {labels[n]} is out of range for its {len(e.option_ids)} options")
+    if mode == "empirical":
+        return [(n, labels[n], 1.0) for n in range(len(examples))]
+    rows: list[tuple[int, int, float]] = []
+    if model_kind(model) == "classifier":
+        with torch.no_grad():
+            for n, e in enumerate(examples):
+                logits = model(input_ids=torch.tensor([e.prompt_ids], device=device)).logits[0].float()
+                rows += [(n, k, w) for k, w in option_weights(torch.log_softmax(logits, -1).cpu(), mode, labels[n], rng)]
+        return rows
+    for n, s in enumerate(score_encoded(model, examples, batch_size=64, device=device)):
+        rows += [(n, k, w) for k, w in option_weights(torch.tensor(s.mean_logprobs), mode, labels[n], rng)]
+    return rows
+
+
 def node_fisher(model: Any, examples: Sequence[EncodedExample], labels: Sequence[int], *, mode: str = "exact", seed: int = 0,
                 progress: bool = False, desc: str = "Fisher nodes", stats: list[FisherStats] | None = None,
-                device: str | torch.device | None = None, **_: Any) -> dict[str, torch.Tensor]:
+                device: str | torch.device | None = None, batch_size: int = 32, **_: Any) -> dict[str, torch.Tensor]:
     """The Fisher of every head and neuron mask: ``{"heads:<path>": [H], "neurons:<path>": [d_ff]}``.
 
-    Only the masks need gradients (the weights' ``requires_grad`` is switched off for the
-    computation), which is what makes this much cheaper than the diagonal Fisher.
+    Every (example, option) row of a batch gets its own copy of the masks, so one backward pass
+    of the batch's summed ℓ gives each row's own mask gradient exactly (row r's ℓ depends only
+    on row r's masks): per-example squares at the cost of one batched pass, and the weights
+    need no gradients at all (``requires_grad`` is off during the computation).
     """
     from tqdm.auto import tqdm
+
+    from .diagonal import _execution_device
+    from .loglik import batch_logliks, pair_batches
 
     layout = node_layout(model)
     examples = list(examples)
     if not examples:
         raise FisherError("no examples to compute the Fisher on")
-    from .diagonal import _execution_device
-
     dev = torch.device(device) if device is not None else _execution_device(model)
-    masks = {u.key: torch.ones(u.size, device=dev, requires_grad=True) for u in layout.units}
-    sums = {k: torch.zeros(v.shape, dtype=torch.float32) for k, v in masks.items()}
+    sums = {u.key: torch.zeros(u.size, dtype=torch.float32) for u in layout.units}
+    current: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())
     handles = []
 
     def pre_hook(unit: Unit):
-        mask = masks[unit.key]
-
         def hook(module, args):
+            if unit.key not in current:  # outside the gradient passes the masks are ones
+                return None
             (x, *rest) = args
+            mask = current[unit.key].to(x.dtype)  # [rows, nodes]
+            middle = [1] * (x.dim() - 2)
             if unit.key.startswith(HEADS):
-                shaped = x.reshape(*x.shape[:-1], unit.size, unit.head_dim) * mask.to(x.dtype)[:, None]
-                x = shaped.reshape(x.shape)
+                x = (x.reshape(*x.shape[:-1], unit.size, unit.head_dim) * mask.view(mask.shape[0], *middle, unit.size, 1)).reshape(x.shape)
             else:
-                x = x * mask.to(x.dtype)
+                x = x * mask.view(mask.shape[0], *middle, unit.size)
             return (x, *rest)
         return hook
 
     for u in layout.units:
         handles.append(modules[u.projection].register_forward_pre_hook(pre_hook(u)))
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
     was_training = model.training
     model.eval()
-    rng = random.Random(seed)
-    count = 0
     start = time.perf_counter()
+    rows = _option_weights_for(model, examples, labels, mode, random.Random(seed), dev)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    bar = tqdm(total=len(rows), desc=desc, unit="grad", disable=not progress, leave=False)
     try:
-        for n, example in enumerate(tqdm(examples, desc=desc, unit="ex", disable=not progress, leave=False)):
-            logliks = option_logliks(model, example, dev)
-            label = labels[n]
-            if not 0 <= label < len(example.option_ids):
-                raise FisherError(f"example {n}: label {label} is out of range for its {len(example.option_ids)} options")
-            for k, w in option_weights(logliks.detach(), mode, label, rng):
-                grads = torch.autograd.grad(logliks[k], list(masks.values()), retain_graph=True)
-                for key, g in zip(masks, grads):
-                    sums[key].add_(w * g.detach().float().cpu() ** 2)
-                count += 1
+        for batch in pair_batches(model, examples, rows, batch_size, dev):
+            r = batch.input_ids.shape[0]
+            current.clear()
+            current.update({u.key: torch.ones(r, u.size, device=dev, requires_grad=True) for u in layout.units})
+            grads = torch.autograd.grad(batch_logliks(model, batch).sum(), list(current.values()))
+            for key, g in zip(current, grads):
+                sums[key].add_((batch.weights.unsqueeze(1) * g.detach().float().pow(2)).sum(0).cpu())
+            bar.update(r)
     finally:
+        bar.close()
         for h in handles:
             h.remove()
         for name, p in model.named_parameters():
@@ -267,5 +292,5 @@ def node_fisher(model: Any, examples: Sequence[EncodedExample], labels: Sequence
     for v in sums.values():
         v.div_(len(examples))
     if stats is not None:
-        stats.append(FisherStats(len(examples), count, "nodes", time.perf_counter() - start))
+        stats.append(FisherStats(len(examples), len(rows), "nodes", time.perf_counter() - start))
     return sums
