@@ -26,6 +26,7 @@ import json
 import logging
 import shutil
 import time
+from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -42,6 +43,8 @@ from .search import SearchSettings, TrialOutcome, plot_trajectory, run_search
 logger = logging.getLogger(__name__)
 
 SEARCH_FILES = ("trials.jsonl", "search.png", "dfmerge_search.json")
+# Fishers of recent (model, λ) pairs kept in memory for reuse, in bytes (0 for large models).
+FISHER_MEMORY_BYTES = 256 * 2**20
 
 
 class DFMergeObjective:
@@ -83,6 +86,7 @@ class DFMergeObjective:
                               for ex, data in zip(self.fisher_data, tasks)]
         self.evaluator = TaskEvaluator(tasks, tokenizer, split="validation", batch_size=batch_size, progress=False)
         self.last_report = None
+        self._recent: OrderedDict[tuple[int, float], dict[str, torch.Tensor]] = OrderedDict()
 
     # -- the working model -------------------------------------------------------------------
 
@@ -93,7 +97,25 @@ class DFMergeObjective:
             p.copy_(self.base[name]).add_(self.task_vectors[i][name], alpha=float(lam))
 
     def fisher_at(self, i: int, lam: float) -> dict[str, torch.Tensor]:
-        """F_i at θ_pre + λ τ_i (parameter names): from the cache when these inputs were seen."""
+        """F_i at θ_pre + λ τ_i (parameter names): reused when this (model, λ) was seen before.
+
+        A search proposes the same λ_i again more often than one might think (the bounds, the
+        enqueued points, a resumed study), so recent Fishers stay in memory within
+        `FISHER_MEMORY_BYTES`, and the Fisher cache on disk is consulted before computing.
+        """
+        remembered = self._recent.get((i, float(lam)))
+        if remembered is not None:
+            self._recent.move_to_end((i, float(lam)))
+            return remembered
+        fisher = self._fisher_at(i, lam)
+        size = sum(t.numel() * t.element_size() for t in fisher.values())
+        if size <= FISHER_MEMORY_BYTES:
+            self._recent[(i, float(lam))] = fisher
+            while sum(sum(t.numel() * t.element_size() for t in f.values()) for f in self._recent.values()) > FISHER_MEMORY_BYTES:
+                self._recent.popitem(last=False)
+        return fisher
+
+    def _fisher_at(self, i: int, lam: float) -> dict[str, torch.Tensor]:
         key = cache_key(self._metadata(i, lam))
         hit = lookup(key)
         if hit is not None:

@@ -161,3 +161,35 @@ def test_device_maps_are_refused_for_a_search(experts, tmp_path, capsys):  # noq
     assert main([str(recipe), "-o", str(tmp_path / "out"), "-q", "--n-trials", "0"]) == 1
     assert "--n-trials: got 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_push_to_hub_publishes_the_search_with_its_plot_in_one_commit(experts, hub, hf_token, tmp_path, capsys):  # noqa: F811
+    recipe = write(tmp_path / "df.yaml", experts, {"n_trials": 3, "n_startup_trials": 2, "fisher_examples": 6})
+    target = hub.unique_repo_id("dfmerged")
+    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q", "--push-to-hub", target]) == 0
+    assert f"Pushed to {target}:" in capsys.readouterr().out
+    assert len(hub.commit_history(target)) == 2  # the repo's initial commit, then one upload
+    files = set(hub.list_files(target))
+    assert {"search.png", "trials.jsonl", "study.journal", "dfmerge_search.json", "README.md", "model.safetensors"} <= files
+    card = ModelCard.load(target)
+    assert "](search.png)" in card.text and "## Coefficients" in card.text and hf_token not in card.text
+
+
+def test_a_fisher_for_a_model_and_lambda_already_computed_is_reused(experts, tmp_path, monkeypatch):  # noqa: F811
+    import hfmerge.dfmerge as dfm
+    from hfmerge.evaluation.evaluate_model import prepare_tasks
+    from hfmerge.fisher.models import load_tokenizer
+    from hfmerge.plan import build_plan
+
+    recipe = load_recipe(write(tmp_path / "df.yaml", experts, {"fisher_examples": 6}))
+    plan = build_plan(recipe)
+    tasks = prepare_tasks([recipe.tasks[m.task] for m in recipe.models], "validation")
+    objective = dfm.DFMergeObjective(plan, tasks, load_tokenizer(plan.tokenizer_folder, "t"))
+    computed = []
+    real = dfm.diagonal_fisher
+    monkeypatch.setattr(dfm, "diagonal_fisher", lambda *a, **k: computed.append(1) or real(*a, **k))
+    first = objective([1.0, 0.25])
+    again = objective([1.0, 0.5])  # model 0 at λ = 1.0 again: its Fisher is reused
+    assert len(computed) == 3
+    repeat = objective([1.0, 0.25])  # both reused: the same candidate, the same score
+    assert len(computed) == 3 and repeat.score == first.score and again.timings["fisher_s"] >= 0
