@@ -159,7 +159,7 @@ class DFMergeObjective:
         report = self.evaluator.evaluate(self.model, model_name="candidate")
         timings["eval_s"] = time.perf_counter() - start
         self.last_report = report
-        return TrialOutcome(report.average, report.scores, timings)
+        return TrialOutcome(report.search_score, report.scores, timings)
 
     # -- Fisher files for the final merge ----------------------------------------------------------
 

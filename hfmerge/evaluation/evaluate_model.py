@@ -106,6 +106,17 @@ class EvalReport:
         return sum(r.score for r in self.results) / len(self.results)
 
     @property
+    def search_score(self) -> float:
+        """The mean of the tasks' primary metrics with an undefined (NaN) score counted as 0.0:
+        the objective of a coefficient search. A correlation of constant answers (e.g. a merge
+        that writes the same STS-B number for every pair) carries no information about the
+        ranking, which is what a correlation of 0 says; as NaN it would void the whole trial
+        although the other tasks were scored (NaN if there are no tasks)."""
+        if not self.results:
+            return float("nan")
+        return sum(r.score if math.isfinite(r.score) else 0.0 for r in self.results) / len(self.results)
+
+    @property
     def scores(self) -> dict[str, float]:
         """Task name -> primary metric."""
         return {r.task: r.score for r in self.results}

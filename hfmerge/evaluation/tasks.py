@@ -5,8 +5,8 @@ A task is written with lm-evaluation-harness's task keys (``task``, ``dataset_pa
 ``doc_to_choice``, ``doc_to_target``, ``metric_list``, ``description``, ``target_delimiter``,
 ``output_type``, ``generation_kwargs``), so a harness task can be pasted in; hfmerge adds a few
 keys of its own (``validation_fraction``, ``test_fraction``, ``num_validation_examples``,
-``num_test_examples``, ``limit``, ``seed``, ``model``, ``normalization``). docs/tasks.md is the
-reference.
+``num_test_examples``, ``limit``, ``seed``, ``model``, ``normalization``,
+``manual_download_instructions``). docs/tasks.md is the reference.
 
 A task is scored one of two ways, chosen by ``output_type`` as in the harness:
 ``multiple_choice`` (the default) ranks the options by log-likelihood (scoring.py);
@@ -68,7 +68,7 @@ HARNESS_KEYS = (
 )
 HFMERGE_KEYS = (
     "validation_fraction", "test_fraction", "num_validation_examples", "num_test_examples", "limit", "seed", "model",
-    "normalization",
+    "normalization", "manual_download_instructions",
 )
 # Harness keys that do not change a zero-shot multiple-choice evaluation: accepted and ignored,
 # so a harness task YAML can be pasted unchanged.
@@ -113,6 +113,14 @@ GENERATION_KEY_HINTS = {
 FILE_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "pandas", "xml")
 DATA_FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# datasets' split slicing: "validation[:50%]", "test[935:]", "train[10:20]".
+_SPLIT_SLICE = re.compile(r"\s*([^\[\]]+?)\s*\[[^\[\]]*\]\s*")
+
+
+def base_split_name(split: str) -> str:
+    """The split a `datasets` split expression reads from: ``test`` for ``test[935:]``."""
+    match = _SPLIT_SLICE.fullmatch(split)
+    return match.group(1) if match else split
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -173,6 +181,10 @@ class TaskSpec:
             generation compared with the reference text).
         until: ``generate_until``: stop strings; the answer is cut at the first one.
         max_gen_toks: ``generate_until``: the most new tokens.
+        manual_download_instructions: How to obtain data that cannot be downloaded
+            automatically (datasets' name for it). When set, missing local data files are
+            reported when the task is loaded, with these instructions, instead of when the
+            recipe is read.
     """
 
     name: str
@@ -202,6 +214,7 @@ class TaskSpec:
     output_type: str = "multiple_choice"
     until: tuple[str, ...] = DEFAULT_UNTIL
     max_gen_toks: int = DEFAULT_MAX_GEN_TOKS
+    manual_download_instructions: str | None = None
 
     @property
     def generates(self) -> bool:
@@ -311,20 +324,23 @@ def _is_remote(path: str) -> bool:
     return "://" in path
 
 
-def _resolve_data_files(source: str, path: str, value: Any, base_dir: Path | None) -> Any:
-    """data_files with local paths made absolute and checked to exist (globs must match)."""
+def _resolve_data_files(source: str, path: str, value: Any, base_dir: Path | None, check: bool = True) -> Any:
+    """data_files with local paths made absolute and, with `check`, checked to exist (globs
+    must match)."""
     if isinstance(value, dict):
         if not value:
             raise _fail(source, path, "got an empty mapping; expected {split: file or list of files}")
-        return {str(k): _resolve_data_files(source, f"{path}.{k}", v, base_dir) for k, v in value.items()}
+        return {str(k): _resolve_data_files(source, f"{path}.{k}", v, base_dir, check) for k, v in value.items()}
     if isinstance(value, list):
         if not value:
             raise _fail(source, path, "got an empty list; expected one or more files")
-        return [_resolve_data_files(source, f"{path}[{i}]", v, base_dir) for i, v in enumerate(value)]
+        return [_resolve_data_files(source, f"{path}[{i}]", v, base_dir, check) for i, v in enumerate(value)]
     text = _string(source, path, value, "a file path, a list of them, or {split: files}")
     if _is_remote(text):
         return text
     resolved = _resolve_local(text, base_dir)
+    if not check:
+        return str(resolved)
     where = f" (relative paths are resolved against the recipe's folder {base_dir})" if base_dir is not None and not Path(text).expanduser().is_absolute() else ""
     if glob.has_magic(str(resolved)):
         if not glob.glob(str(resolved)):
@@ -484,6 +500,13 @@ def _parse_task(entry: Any, i: int, *, source: str, base_dir: Path | None) -> Ta
     if not isinstance(dataset_kwargs, dict):
         raise _fail(source, f"{key}.dataset_kwargs", f"got {dataset_kwargs!r}; expected a mapping of datasets.load_dataset arguments (e.g. data_files)")
     dataset_kwargs = dict(dataset_kwargs)
+    # Data that must be downloaded by hand (Story Cloze, ...): a missing file is reported when
+    # the task is loaded, with the instructions, so the recipe itself still validates.
+    manual = entry.get("manual_download_instructions")
+    if manual is not None:
+        manual = _string(source, f"{key}.manual_download_instructions", manual, "text saying how to obtain the data")
+        if not manual.strip():
+            raise _fail(source, f"{key}.manual_download_instructions", "got empty text; say how to obtain the data, or remove the key")
     for forbidden in ("trust_remote_code", "split", "path", "name"):
         if forbidden in dataset_kwargs:
             hint = {"trust_remote_code": "dataset scripts are never run", "split": "use validation_split / test_split",
@@ -492,10 +515,11 @@ def _parse_task(entry: Any, i: int, *, source: str, base_dir: Path | None) -> Ta
     # data_files of a file builder are local paths (relative to the recipe); those of a Hub
     # dataset or a local dataset folder are relative to that dataset, as in datasets.
     if "data_files" in dataset_kwargs and dataset_path in FILE_BUILDERS:
-        dataset_kwargs["data_files"] = _resolve_data_files(source, f"{key}.dataset_kwargs.data_files", dataset_kwargs["data_files"], base_dir)
+        dataset_kwargs["data_files"] = _resolve_data_files(source, f"{key}.dataset_kwargs.data_files", dataset_kwargs["data_files"], base_dir,
+                                                           check=manual is None)
     if isinstance(dataset_kwargs.get("data_dir"), str) and not _is_remote(dataset_kwargs["data_dir"]) and dataset_path in FILE_BUILDERS:
         data_dir = _resolve_local(dataset_kwargs["data_dir"], base_dir)
-        if not data_dir.is_dir():
+        if not data_dir.is_dir() and manual is None:
             raise _fail(source, f"{key}.dataset_kwargs.data_dir", f"folder not found: {data_dir}")
         dataset_kwargs["data_dir"] = str(data_dir)
 
@@ -530,7 +554,7 @@ def _parse_task(entry: Any, i: int, *, source: str, base_dir: Path | None) -> Ta
     known = _split_names_of(dataset_kwargs.get("data_files"))
     if known is not None:
         for k, v in (("validation_split", validation_split), ("test_split", test_split)):
-            if v is not None and v not in known:
+            if v is not None and base_split_name(v) not in known:
                 raise _fail(source, f"{key}.{k}", f"got {v!r}; data_files defines the split(s) {', '.join(map(repr, known))}{_suggest(v, known)}")
     validation_fraction = _fraction(source, f"{key}.validation_fraction", entry.get("validation_fraction"))
     test_fraction = _fraction(source, f"{key}.test_fraction", entry.get("test_fraction"))
@@ -596,7 +620,7 @@ def _parse_task(entry: Any, i: int, *, source: str, base_dir: Path | None) -> Ta
         test_fraction=test_fraction, num_validation_examples=num_validation, num_test_examples=num_test, limit=limit, seed=seed,
         doc_to_text=doc_to_text, doc_to_choice=() if doc_to_choice is None else doc_to_choice, doc_to_target=target,
         description=description, target_delimiter=target_delimiter, normalization=normalization, metrics=metrics, model=model,
-        raw=entry, output_type=output_type, until=until, max_gen_toks=max_gen_toks,
+        raw=entry, output_type=output_type, until=until, max_gen_toks=max_gen_toks, manual_download_instructions=manual,
     )
 
 
@@ -884,7 +908,7 @@ def _split_files(spec: TaskSpec, split: str) -> list[Path]:
     if files is None:
         return []
     if isinstance(files, dict):
-        files = files.get(split, [])
+        files = files.get(base_split_name(split), [])
     files = [files] if isinstance(files, str) else list(files)
     out = []
     for f in files:
@@ -894,11 +918,33 @@ def _split_files(spec: TaskSpec, split: str) -> list[Path]:
     return out
 
 
+def _check_manual_download(spec: TaskSpec) -> None:
+    """Raise, with the task's instructions, when data it must get by hand is not there yet."""
+    missing = []
+    data_dir = spec.dataset_kwargs.get("data_dir")
+    if isinstance(data_dir, str) and not _is_remote(data_dir) and spec.dataset_path in FILE_BUILDERS and not Path(data_dir).is_dir():
+        missing.append(data_dir)
+    files = spec.dataset_kwargs.get("data_files")
+    if isinstance(files, dict):
+        files = [f for v in files.values() for f in ([v] if isinstance(v, str) else v)]
+    elif isinstance(files, str):
+        files = [files]
+    for f in files or []:
+        if not _is_remote(f) and not (glob.glob(f) if glob.has_magic(f) else Path(f).is_file()):
+            missing.append(f)
+    if missing:
+        where = "dataset_kwargs.data_dir" if missing[0] == data_dir else "dataset_kwargs.data_files"
+        raise _fail(spec.source, f"{spec.key}.{where}", f"the data of task {spec.name!r} is not there ({', '.join(missing)} not found) "
+                    f"and cannot be downloaded automatically: {spec.manual_download_instructions.strip()}")
+
+
 def _load_split(spec: TaskSpec, split: str, which: str):
     """One split of the task's dataset as a `datasets.Dataset`."""
     import datasets
 
     key = f"{spec.key}.{which}_split"
+    if spec.manual_download_instructions is not None:
+        _check_manual_download(spec)
     files = _split_files(spec, split)
     if files and all(f.is_file() and f.stat().st_size == 0 for f in files):
         # datasets fails on an empty json file with a bare StopIteration; say what it means.
