@@ -56,7 +56,7 @@ def _merge_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("recipe", help="the recipe YAML file (or a subcommand: demo)")
+    p.add_argument("recipe", help="the recipe YAML file (or a subcommand: demo, eval, fisher)")
     p.add_argument("-o", "--output", help="folder to write the merged model into (default: ./merged-<recipe name>)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (models, tensors, memory, output size, warnings) and exit without writing")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")

@@ -8,7 +8,9 @@
     cli.py             ``hfmerge eval``
 
 Importing this package does not import torch, transformers, datasets or evaluate; the names
-below are loaded on first use.
+below are loaded on first use. The function `evaluate_model` is imported from its module
+(``from hfmerge.evaluation.evaluate_model import evaluate_model``): the package attribute of
+that name is the submodule.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ _EXPORTS = {
     "OptionScores": "scoring", "score_options": "scoring", "score_options_naive": "scoring", "encode_examples": "scoring",
     "score_encoded": "scoring",
     "EvaluationError": "evaluate_model", "EvalReport": "evaluate_model", "TaskResult": "evaluate_model",
-    "TaskEvaluator": "evaluate_model", "evaluate_model": "evaluate_model", "load_model_for_eval": "evaluate_model",
+    "TaskEvaluator": "evaluate_model", "load_model_for_eval": "evaluate_model",
     "prepare_tasks": "evaluate_model",
 }
 

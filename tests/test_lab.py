@@ -1,0 +1,107 @@
+"""The merge lab (benchmarks/lab) end to end in quick mode: build, then the table for the methods
+that exist. Runs the two commands a user runs (`python -m benchmarks.lab build|table --quick`)
+in child processes, with the lab's cache in a temporary folder so the test starts from
+nothing, and checks what the lab promises: ordinary model folders, a cached second build,
+every row of the table present (a method hfmerge lacks is listed as not implemented), and
+accuracies that are fractions, with the experts above chance where quick mode reliably gets
+there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "benchmarks" / "lab" / "data"
+TASKS = ("topic", "sentiment", "relation", "usage", "category")
+
+
+def _run(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.lab", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def quick_lab(tmp_path_factory):
+    work = tmp_path_factory.mktemp("lab-work")
+    env = {**os.environ, "HFMERGE_LAB_WORK": str(work), "HF_HUB_OFFLINE": "1"}
+    build = _run(["build", "--quick"], env, timeout=400)
+    again = _run(["build", "--quick"], env, timeout=120)
+    results = tmp_path_factory.mktemp("lab-results")
+    table = _run(["table", "--quick", "--results", str(results),
+                  "--methods", "zero_shot,experts,multitask,average,task_arithmetic,fisher,dfmerge"], env, timeout=400)
+    return {"work": work, "build": build, "again": again, "results": results, "table": table}
+
+
+def test_committed_data_is_complete_and_small():
+    manifest = json.loads((DATA / "manifest.json").read_text())
+    assert sorted(manifest["tasks"]) == sorted(TASKS)
+    total = 0
+    for task in TASKS:
+        for split in ("train", "validation", "test"):
+            path = DATA / task / f"{split}.jsonl"
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            assert len(rows) == manifest["tasks"][task][split]["examples"] > 0
+            for r in rows[:50]:
+                assert isinstance(r["prompt"], str) and r["prompt"]
+                assert 2 <= len(r["options"]) and 0 <= r["label"] < len(r["options"])
+            total += path.stat().st_size
+        # No test prompt appears in the task's train or validation split.
+        test = {json.loads(line)["prompt"] for line in (DATA / task / "test.jsonl").read_text().splitlines()}
+        for split in ("train", "validation"):
+            other = {json.loads(line)["prompt"] for line in (DATA / task / f"{split}.jsonl").read_text().splitlines()}
+            assert not test & other, f"{task}: test prompts also in {split}"
+    total += (DATA / "corpus.txt.gz").stat().st_size
+    assert total < 6_000_000
+    assert (DATA / "SOURCES.md").exists()
+
+
+def test_build_writes_hf_folders_and_caches(quick_lab):
+    from transformers import AutoConfig, AutoTokenizer
+
+    root = quick_lab["work"] / "quick"
+    folders = [p.parent for p in root.rglob("lab.json")]
+    names = {p.name for p in folders}
+    assert {"multitask", *TASKS} <= names and any(n.startswith("base-") for n in names) and any(n.startswith("tokenizer-") for n in names)
+    for folder in folders:
+        if folder.name.startswith("tokenizer-"):
+            continue
+        config = AutoConfig.from_pretrained(folder)
+        assert config.model_type == "t5" and config.feed_forward_proj == "relu" and config.tie_word_embeddings
+        assert (folder / "model.safetensors").exists()
+    tok = AutoTokenizer.from_pretrained(next(f for f in folders if f.name == "multitask"))
+    assert tok.pad_token_id == 0 and tok.eos_token_id == 1
+    assert tok("is this a word?")["input_ids"][-1] == 1  # EOS appended, as T5's tokenizer does
+    assert "<extra_id_0>" in tok.get_vocab()
+    assert "everything cached" in quick_lab["again"].stdout
+
+
+def test_table_rows_and_accuracies(quick_lab):
+    results = quick_lab["results"]
+    report = json.loads((results / "results.json").read_text())
+    rows = {r["key"]: r for r in report["rows"]}
+    assert {"chance", "zero_shot", "experts", "multitask", "average", "task_arithmetic", "fisher", "dfmerge"} <= set(rows)
+    for key, row in rows.items():
+        if row["status"] != "ok":
+            assert row["status"].startswith(("not implemented yet", "failed"))
+            assert not row["status"].startswith("failed"), f"{key}: {row['status']}"
+            continue
+        assert set(row["scores"]) == set(TASKS), key
+        assert all(0.0 <= v <= 1.0 for v in row["scores"].values()), key
+    for key in ("zero_shot", "experts", "multitask", "average", "task_arithmetic"):
+        assert rows[key]["status"] == "ok", rows[key]["status"]
+    # Quick mode's experts learn the binary tasks well above a uniform guess.
+    chance = rows["chance"]["scores"]
+    experts = rows["experts"]["scores"]
+    assert sum(experts.values()) / len(TASKS) > sum(chance.values()) / len(TASKS) + 0.05
+    table = (results / "table.md").read_text()
+    assert "| Task Arithmetic |" in table and "## Ablation" in table
+    assert "Zero-shot" in quick_lab["table"].stdout
