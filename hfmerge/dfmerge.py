@@ -42,7 +42,6 @@ from .search import SearchSettings, TrialOutcome, plot_trajectory, run_search
 
 logger = logging.getLogger(__name__)
 
-SEARCH_FILES = ("trials.jsonl", "search.png", "dfmerge_search.json")
 # Fishers of recent (model, λ) pairs kept in memory for reuse, in bytes (0 for large models).
 FISHER_MEMORY_BYTES = 256 * 2**20
 
@@ -313,4 +312,4 @@ def _write_search_outputs(folder: Path, plan: Any, result: Any, lambdas: list[fl
     return files, section
 
 
-__all__ = ["DFMergeObjective", "run_dfmerge", "search_workdir", "HfMergeError"]
+__all__ = ["DFMergeObjective", "run_dfmerge", "search_workdir"]

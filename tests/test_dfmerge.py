@@ -71,9 +71,7 @@ def test_search_end_to_end_records_a_score_that_a_fresh_evaluation_reproduces(ex
         t["test_split"] = "test"
     recipe.write_text(yaml.safe_dump(data, sort_keys=False))
     out = tmp_path / "merged"
-    start = time.perf_counter()
     assert main([str(recipe), "-o", str(out), "-q"]) == 0
-    elapsed = time.perf_counter() - start
     summary = json.loads((out / "dfmerge_search.json").read_text())
     assert len(summary["trials"]) == 6 and summary["trials"][0]["params"] == [0.5, 0.5]
     best = max(summary["trials"], key=lambda t: t["score"])
@@ -94,7 +92,6 @@ def test_search_end_to_end_records_a_score_that_a_fresh_evaluation_reproduces(ex
     echoed = yaml.safe_load((out / "hfmerge_recipe.yaml").read_text())
     assert [m["parameters"]["weight"] for m in echoed["models"]] == best["params"]
     assert not (tmp_path / ".merged.hfmerge-search").exists()  # the study moved into the output
-    assert elapsed < 300
 
 
 def test_resume_keeps_completed_trials_and_runs_no_seed_point_twice(experts, tmp_path):  # noqa: F811

@@ -187,21 +187,33 @@ def _execution_device(model: Any) -> torch.device:
     return torch.device("cpu")
 
 
+def weighted_rows(model: Any, examples: list[EncodedExample], labels: Sequence[int], mode: str, rng: random.Random,
+                  device: torch.device) -> list[tuple[int, int, float]]:
+    """The (example, option, weight) rows of the Fisher sum; p needs every option's ℓ, from one
+    batched no-grad pass (labels are checked; only ``empirical`` uses them)."""
+    from ..evaluation.scoring import score_encoded
+
+    for n, e in enumerate(examples):
+        _label(labels[n], len(e.option_ids), n)
+    if mode == "empirical":
+        return [(n, labels[n], 1.0) for n in range(len(examples))]
+    rows: list[tuple[int, int, float]] = []
+    if model_kind(model) == "classifier":
+        with torch.no_grad():
+            for n, e in enumerate(examples):
+                logits = model(input_ids=torch.tensor([e.prompt_ids], device=device)).logits[0].float()
+                rows += [(n, k, w) for k, w in option_weights(torch.log_softmax(logits, -1).cpu(), mode, labels[n], rng)]
+        return rows
+    for n, s in enumerate(score_encoded(model, examples, batch_size=64, device=device)):
+        rows += [(n, k, w) for k, w in option_weights(torch.tensor(s.mean_logprobs), mode, labels[n], rng)]
+    return rows
+
+
 def _vmap_fisher(model: Any, examples: list[EncodedExample], labels: Sequence[int], mode: str, rng: random.Random,
                  device: torch.device, bar: Any) -> tuple[dict[str, torch.Tensor], int]:
     from torch.func import grad, vmap
 
-    from ..evaluation.scoring import score_encoded
-
-    # The option weights need p, i.e. every option's ℓ: one batched no-grad scoring pass.
-    pairs: list[tuple[int, int, float]] = []
-    if mode == "empirical":
-        pairs = [(n, _label(labels[n], len(e.option_ids), n), 1.0) for n, e in enumerate(examples)]
-    else:
-        scores = score_encoded(model, examples, batch_size=64, device=device)
-        for n, s in enumerate(scores):
-            logliks = torch.tensor(s.mean_logprobs)
-            pairs += [(n, k, w) for k, w in option_weights(logliks, mode, labels[n], rng)]
+    pairs = weighted_rows(model, examples, labels, mode, rng, device)
     params = {name: p.detach() for name, p in model.named_parameters()}
     size = sum(p.numel() for p in params.values())
     chunk = max(1, min(VMAP_CHUNK, VMAP_MAX_ELEMENTS // max(size, 1)))

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..evaluation.scoring import EncodedExample, _decoder_start, _pad_id, is_encoder_decoder
+from ..evaluation.scoring import EncodedExample, _decoder_start, _pad, _pad_id, _token_logprobs, is_encoder_decoder
 
 __all__ = ["ModelKind", "model_kind", "option_logliks", "PairBatch", "pair_batches", "pair_loglik", "batch_logliks"]
 
@@ -46,25 +46,10 @@ def model_kind(model: Any) -> ModelKind:
     return "encoder-decoder" if is_encoder_decoder(model) else "decoder-only"
 
 
-def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = logits.float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
 def _masked_mean(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # torch.where rather than a product: padded positions may hold -inf.
     summed = torch.where(mask, logprobs, torch.zeros_like(logprobs)).sum(dim=-1)
     return summed / mask.sum(dim=-1).clamp(min=1)
-
-
-def _right_pad(rows: Sequence[Sequence[int]], value: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = True
-    return ids.to(device), mask.to(device)
 
 
 def option_logliks(model: Any, example: EncodedExample, device: torch.device) -> torch.Tensor:
@@ -87,7 +72,7 @@ def option_logliks(model: Any, example: EncodedExample, device: torch.device) ->
         attention = torch.ones_like(ids)
         hidden = model.get_encoder()(input_ids=ids, attention_mask=attention).last_hidden_state
         k = len(example.option_ids)
-        labels, label_mask = _right_pad(example.option_ids, pad, device)
+        labels, label_mask = _pad(example.option_ids, pad, device)
         decoder_input = torch.cat([torch.full_like(labels[:, :1], _decoder_start(model)), labels[:, :-1]], dim=1)
         from transformers.modeling_outputs import BaseModelOutput
 
@@ -97,7 +82,7 @@ def option_logliks(model: Any, example: EncodedExample, device: torch.device) ->
     # Decoder-only: row k is context_k + option_k; the logits at position t predict token t + 1.
     contexts = example.contexts or tuple(example.prompt_ids for _ in example.option_ids)
     rows = [tuple(c) + tuple(o) for c, o in zip(contexts, example.option_ids)]
-    ids, real = _right_pad(rows, pad, device)
+    ids, real = _pad(rows, pad, device)
     logits = model(input_ids=ids, attention_mask=real.long(), use_cache=False).logits
     positions = torch.arange(ids.shape[1] - 1, device=device)
     starts = torch.tensor([len(c) for c in contexts], device=device)
@@ -141,8 +126,8 @@ def pair_batches(model: Any, examples: Sequence[EncodedExample], pairs: Sequence
         part = pairs[b: b + chunk]
         weights = torch.tensor([w for _, _, w in part], dtype=torch.float32, device=device)
         if kind == "encoder-decoder":
-            ids, mask = _right_pad([examples[i].prompt_ids for i, _, _ in part], pad, device)
-            labels, label_mask = _right_pad([examples[i].option_ids[k] for i, k, _ in part], pad, device)
+            ids, mask = _pad([examples[i].prompt_ids for i, _, _ in part], pad, device)
+            labels, label_mask = _pad([examples[i].option_ids[k] for i, k, _ in part], pad, device)
         elif kind == "decoder-only":
             rows, starts = [], []
             for i, k, _ in part:
@@ -150,13 +135,13 @@ def pair_batches(model: Any, examples: Sequence[EncodedExample], pairs: Sequence
                 context = (e.contexts or tuple(e.prompt_ids for _ in e.option_ids))[k]
                 rows.append(tuple(context) + tuple(e.option_ids[k]))
                 starts.append(len(context))
-            ids, mask = _right_pad(rows, pad, device)
+            ids, mask = _pad(rows, pad, device)
             labels = ids[:, 1:]
             positions = torch.arange(ids.shape[1] - 1, device=device).unsqueeze(0) + 1
             ends = mask.sum(dim=1, keepdim=True)
             label_mask = (positions >= torch.tensor(starts, device=device).unsqueeze(1)) & (positions < ends)
         else:  # classifier: the row's option is a class index
-            ids, mask = _right_pad([examples[i].prompt_ids for i, _, _ in part], pad, device)
+            ids, mask = _pad([examples[i].prompt_ids for i, _, _ in part], pad, device)
             labels = torch.tensor([[k] for _, k, _ in part], dtype=torch.long, device=device)
             label_mask = torch.ones_like(labels, dtype=torch.bool)
         out.append(PairBatch(ids, mask, labels, label_mask, weights))

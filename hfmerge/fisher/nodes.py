@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import random
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +37,7 @@ import torch
 
 from ..errors import HfMergeError
 from ..evaluation.scoring import EncodedExample
-from .diagonal import FisherError, FisherStats, option_weights
+from .diagonal import FisherError, FisherStats, weighted_rows
 
 HEADS = "heads:"
 NEURONS = "neurons:"
@@ -189,39 +188,15 @@ def node_layout(model: Any) -> NodeLayout:
 
 def layout_from_config(config: dict, label: str) -> NodeLayout:
     """`node_layout` of the architecture in `config`, built on the meta device (no weights)."""
-    from .models import _config_object, model_class
+    from ..checkpoints.aliases import meta_model
 
-    cls = model_class(config, label)
-    with warnings.catch_warnings(), torch.device("meta"):
-        warnings.simplefilter("ignore")
-        model = cls(_config_object(config))
+    model, problem = meta_model(config)
+    if model is None:
+        raise NodeLayoutError(f"{label}: {problem}; Fisher Mask Nodes needs the architecture to find its heads and neurons")
     try:
         return node_layout(model)
     except NodeLayoutError as exc:
         raise NodeLayoutError(f"{label}: {exc}") from None
-
-
-def _option_weights_for(model: Any, examples: list[EncodedExample], labels: Sequence[int], mode: str, rng: random.Random,
-                        device: torch.device) -> list[tuple[int, int, float]]:
-    """(example, option, weight) rows of the Fisher: p needs every option's ℓ, from a no-grad pass."""
-    from ..evaluation.scoring import score_encoded
-    from .loglik import model_kind
-
-    for n, e in enumerate(examples):
-        if not 0 <= labels[n] < len(e.option_ids):
-            raise FisherError(f"example {n}: label {labels[n]} is out of range for its {len(e.option_ids)} options")
-    if mode == "empirical":
-        return [(n, labels[n], 1.0) for n in range(len(examples))]
-    rows: list[tuple[int, int, float]] = []
-    if model_kind(model) == "classifier":
-        with torch.no_grad():
-            for n, e in enumerate(examples):
-                logits = model(input_ids=torch.tensor([e.prompt_ids], device=device)).logits[0].float()
-                rows += [(n, k, w) for k, w in option_weights(torch.log_softmax(logits, -1).cpu(), mode, labels[n], rng)]
-        return rows
-    for n, s in enumerate(score_encoded(model, examples, batch_size=64, device=device)):
-        rows += [(n, k, w) for k, w in option_weights(torch.tensor(s.mean_logprobs), mode, labels[n], rng)]
-    return rows
 
 
 def node_fisher(model: Any, examples: Sequence[EncodedExample], labels: Sequence[int], *, mode: str = "exact", seed: int = 0,
@@ -269,7 +244,7 @@ def node_fisher(model: Any, examples: Sequence[EncodedExample], labels: Sequence
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    rows = _option_weights_for(model, examples, labels, mode, random.Random(seed), dev)
+    rows = weighted_rows(model, examples, labels, mode, random.Random(seed), dev)
     for p in model.parameters():
         p.requires_grad_(False)
     bar = tqdm(total=len(rows), desc=desc, unit="grad", disable=not progress, leave=False)
