@@ -105,3 +105,56 @@ def test_table_rows_and_accuracies(quick_lab):
     table = (results / "table.md").read_text()
     assert "| Task Arithmetic |" in table and "## Ablation" in table
     assert "Zero-shot" in quick_lab["table"].stdout
+
+
+def test_probe_reports_context_use_linearity_and_interference(quick_lab, tmp_path):
+    env = {**os.environ, "HFMERGE_LAB_WORK": str(quick_lab["work"]), "HF_HUB_OFFLINE": "1"}
+    proc = _run(["probe", "--quick", "--results", str(tmp_path), "--validation-examples", "16"], env, timeout=300)
+    report = json.loads((tmp_path / "probe.json").read_text())
+    ctx = report["context_use"]
+    assert ctx["blocks"] > 0
+    for key in ("loss", "loss_swapped_inputs", "span_token_loss", "span_token_loss_swapped_inputs"):
+        assert 0.0 < ctx[key] < 20.0, key
+    assert 0.0 < ctx["unigram_entropy"] < 8.0  # below log(2000), quick mode's vocabulary
+    tv = report["task_vectors"]
+    assert set(tv["rows"]) == set(TASKS)
+    for task, row in tv["rows"].items():
+        assert {"alpha=0", "alpha=0.5", "alpha=1", "+ other task vectors", "+ random, same norms"} <= set(row)
+        assert all(0.0 <= v <= 100.0 for v in row.values()), task
+    for a in TASKS:
+        assert tv["cosines"][a][a] == pytest.approx(1.0, abs=1e-4)
+        for b in TASKS:
+            assert tv["cosines"][a][b] == pytest.approx(tv["cosines"][b][a], abs=1e-5)
+        assert tv["relative_norms"][a] > 0
+    assert "## Does the base read its input?" in proc.stdout and (tmp_path / "probe.md").exists()
+
+
+def test_probe_states_are_the_experts_and_random_vectors_match_norms(quick_lab, monkeypatch):
+    monkeypatch.setenv("HFMERGE_LAB_WORK", str(quick_lab["work"]))
+    monkeypatch.syspath_prepend(str(REPO))
+    import importlib
+
+    import torch
+
+    settings_mod = importlib.reload(importlib.import_module("benchmarks.lab.settings"))
+    build = importlib.reload(importlib.import_module("benchmarks.lab.build"))
+    probe = importlib.reload(importlib.import_module("benchmarks.lab.probe"))
+    from transformers import T5ForConditionalGeneration
+
+    settings = settings_mod.settings_for(True)
+    paths = build.lab_paths(settings)
+    p = probe.TaskVectorProbe(settings, paths, validation_examples=4)
+    expert = T5ForConditionalGeneration.from_pretrained(paths["expert:usage"]).state_dict()
+    state = p.state({"usage": 1.0})
+    assert max((state[k] - expert[k]).abs().max().item() for k in state) < 1e-6
+    # Restricting the other vectors to one group leaves every other tensor at the expert's value.
+    mixed = p.state({"usage": 1.0, "topic": 1.0}, only="encoder FFN", only_tasks=("topic",))
+    for k in mixed:
+        if probe.group_of(k) == "encoder FFN":
+            assert torch.allclose(mixed[k], expert[k] + p.vectors["topic"][k], atol=1e-6), k
+        else:
+            assert torch.allclose(mixed[k], expert[k], atol=1e-6), k
+    noise = p.random_like(["topic"], seed=0)
+    for k, v in p.vectors["topic"].items():
+        assert noise[k].norm().item() == pytest.approx(v.norm().item(), rel=1e-4, abs=1e-7), k
+    assert {probe.group_of(k) for k in p.base} == set(probe.GROUPS)
