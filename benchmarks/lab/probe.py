@@ -71,7 +71,7 @@ def context_use(settings: LabSettings, model_dir: Path, n_blocks: int = 64, seed
     inputs, targets = [x for x, _ in pairs], [y for _, y in pairs]
     model = T5ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
 
-    def token_nll(batch_inputs: list[list[int]]) -> torch.Tensor:
+    def token_nll(batch_inputs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = _batch(batch_inputs, targets)
         mask = batch.pop("attention_mask")
         with torch.no_grad():
