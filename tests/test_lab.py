@@ -33,11 +33,11 @@ def _run(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProc
 def quick_lab(tmp_path_factory):
     work = tmp_path_factory.mktemp("lab-work")
     env = {**os.environ, "HFMERGE_LAB_WORK": str(work), "HF_HUB_OFFLINE": "1"}
-    build = _run(["build", "--quick"], env, timeout=400)
+    build = _run(["build", "--quick"], env, timeout=900)
     again = _run(["build", "--quick"], env, timeout=120)
     results = tmp_path_factory.mktemp("lab-results")
     table = _run(["table", "--quick", "--results", str(results),
-                  "--methods", "zero_shot,experts,multitask,average,task_arithmetic,fisher,dfmerge"], env, timeout=400)
+                  "--methods", "zero_shot,experts,multitask,average,task_arithmetic,fisher,dfmerge"], env, timeout=900)
     return {"work": work, "build": build, "again": again, "results": results, "table": table}
 
 
@@ -158,3 +158,83 @@ def test_probe_states_are_the_experts_and_random_vectors_match_norms(quick_lab, 
     for k, v in p.vectors["topic"].items():
         assert noise[k].norm().item() == pytest.approx(v.norm().item(), rel=1e-4, abs=1e-7), k
     assert {probe.group_of(k) for k in p.base} == set(probe.GROUPS)
+
+
+def test_pretraining_mixture_draws_supervised_rows_from_train_only(quick_lab, monkeypatch):
+    """From `supervised_from` on, each batch carries `supervised_per_batch` supervised train
+    examples (the prompt and its gold answer), never a test prompt; before it,
+    only span corruption (sentinels in every input)."""
+    monkeypatch.setenv("HFMERGE_LAB_WORK", str(quick_lab["work"]))
+    monkeypatch.syspath_prepend(str(REPO))
+    import dataclasses
+    import importlib
+
+    settings_mod = importlib.reload(importlib.import_module("benchmarks.lab.settings"))
+    build = importlib.reload(importlib.import_module("benchmarks.lab.build"))
+    base = settings_mod.settings_for(True)
+    tokenizer = build.load_tokenizer(build.lab_paths(base)["tokenizer"])
+    settings = dataclasses.replace(base, pretrain=dataclasses.replace(
+        base.pretrain, batch_size=8, supervised_per_batch=3, supervised_examples=20, supervised_from=5))
+    batches, info = build.pretraining_batches(settings, tokenizer)
+    assert info["supervised_examples"] == 20 * len(TASKS)
+
+    sentinel = tokenizer.convert_tokens_to_ids("<extra_id_0>")
+    limit = settings.finetune.max_input_tokens
+
+    def prompts(split):
+        texts = [json.loads(line)["prompt"] for task in TASKS
+                 for line in (DATA / task / f"{split}.jsonl").read_text().splitlines()]
+        return {tuple(p[: limit - 1] + [1] if len(p) > limit else p) for p in tokenizer(texts)["input_ids"]}
+
+    train, test = prompts("train"), prompts("test")
+    for step in range(4):
+        batch = batches(step)
+        assert batch["input_ids"].shape[0] == 8
+        assert all(sentinel in row.tolist() for row in batch["input_ids"]), step
+    for step in range(5, 9):
+        batch = batches(step)
+        plain = [tuple(i for i in row.tolist() if i != 0) for row in batch["input_ids"] if sentinel not in row.tolist()]
+        assert len(plain) == 3, step
+        for row in plain:
+            assert row in train and row not in test, tokenizer.decode(row)
+    bad = dataclasses.replace(base, pretrain=dataclasses.replace(base.pretrain, supervised_per_batch=2, supervised_examples=0))
+    with pytest.raises(ValueError, match="supervised_examples"):
+        build.pretraining_batches(bad, tokenizer)
+
+
+def test_tokenizer_pieces_get_a_canonical_order(monkeypatch):
+    """The Unigram trainer emits equal-score pieces, and the rare characters it appends, in a
+    run-dependent order; the lab's tokenizer puts them in one order, so ids are reproducible."""
+    monkeypatch.syspath_prepend(str(REPO))
+    import importlib
+    import random
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    build = importlib.import_module("benchmarks.lab.build")
+    special = [["<pad>", 0.0], ["</s>", 0.0], ["<unk>", 0.0]]
+    regular = [["▁the", -2.0], ["▁a", -2.5], ["▁cat", -4.0], ["▁dog", -4.0 + 1e-12], ["▁sat", -4.0], ["s", -4.2]]
+    appended = [["#", -9.1], ["=", -9.1001], ["^", -9.1002], ["$", -9.1002]]  # scores step down, clamped
+
+    def trained(seed):
+        rng = random.Random(seed)
+        pieces = regular[:]
+        rng.shuffle(pieces)
+        pieces.sort(key=lambda p: -round(p[1], 6))  # the trainer's order: by score, ties in any order
+        chars = [p[0] for p in appended]
+        rng.shuffle(chars)  # the appended characters get the stepped scores in hash order
+        vocab = special + pieces + [[c, s] for c, (_, s) in zip(chars, appended)]
+        tok = Tokenizer(models.Unigram([tuple(p) for p in vocab], unk_id=2))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        return tok
+
+    canon = [build._canonical_unigram(trained(seed)) for seed in range(6)]
+    vocabs = [json.loads(t.to_str())["model"]["vocab"] for t in canon]
+    assert all(v == vocabs[0] for v in vocabs[1:])
+    assert [p for p, _ in vocabs[0][:3]] == ["<pad>", "</s>", "<unk>"]
+    assert [p for p, _ in vocabs[0][-4:]] == ["#", "$", "=", "^"]
+    assert [s for _, s in vocabs[0][-4:]] == [-9.1, -9.1001, -9.1002, -9.1002]
+    # "▁cat" and "▁dog" differ by 1e-12: rounded, they tie and sort by piece; "s" stays a regular piece.
+    assert vocabs[0][3:10] == [["▁the", -2.0], ["▁a", -2.5], ["▁cat", -4.0], ["▁dog", -4.0], ["▁sat", -4.0], ["s", -4.2],
+                               ["#", -9.1]]
+    assert {tuple(canon[0].encode("the cat sat").ids)} == {tuple(t.encode("the cat sat").ids) for t in canon}

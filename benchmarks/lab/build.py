@@ -110,6 +110,7 @@ def train_tokenizer(settings: LabSettings, folder: Path) -> dict:
     trainer = trainers.UnigramTrainer(vocab_size=settings.model.vocab_size - SENTINELS, special_tokens=["<pad>", "</s>", "<unk>"],
                                       unk_token="<unk>", shrinking_factor=0.75, max_piece_length=16, show_progress=False)
     tok.train_from_iterator(lines, trainer=trainer)
+    tok = _canonical_unigram(tok)
     sentinels = [f"<extra_id_{i}>" for i in range(SENTINELS)]
     tok.add_special_tokens(sentinels)
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
@@ -118,6 +119,33 @@ def train_tokenizer(settings: LabSettings, folder: Path) -> dict:
     assert fast.pad_token_id == 0 and fast.eos_token_id == 1, (fast.pad_token_id, fast.eos_token_id)
     fast.save_pretrained(folder)
     return {"stage": "tokenizer", "vocab_size": len(fast), "corpus_lines": len(lines), "settings": settings.to_dict()}
+
+
+def _canonical_unigram(tok):
+    """The trained Unigram model with its pieces in a reproducible order.
+
+    From run to run the trainer varies the last digits of the scores and emits pieces of equal
+    score in either order; it also appends the characters it must keep (those rare in the
+    corpus) with scores stepping down by 1e-4 in hash order. So the same corpus could give
+    different token ids. Here the scores are rounded to 8 decimals, the pieces after the
+    special tokens sorted by (score descending, piece), and the appended characters (single
+    characters scored more than 0.5 below every longer piece; the trainer puts them about 1
+    below) sorted by character and given the same descending scores in that order.
+    """
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tok.to_str())
+    model = spec["model"]
+    n_special = model["unk_id"] + 1  # <pad>, </s>, <unk> come first
+    special, pieces = model["vocab"][:n_special], model["vocab"][n_special:]
+    pieces = [[piece, round(score, 8)] for piece, score in pieces]
+    floor = min((score for piece, score in pieces if len(piece) > 1), default=float("-inf")) - 0.5
+    appended = [p for p in pieces if len(p[0]) == 1 and p[1] < floor]
+    kept = sorted((p for p in pieces if not (len(p[0]) == 1 and p[1] < floor)), key=lambda p: (-p[1], p[0]))
+    scores = sorted((score for _, score in appended), reverse=True)
+    appended = [[piece, score] for (piece, _), score in zip(sorted(appended), scores)]
+    model["vocab"] = special + kept + appended
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def load_tokenizer(folder: Path):
@@ -190,10 +218,25 @@ def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
 
 
 def train(model, batches: Callable[[int], dict], *, steps: int, lr: float, warmup: int, weight_decay: float,
-          desc: str) -> list[float]:
-    """AdamW with linear warm-up and cosine decay; gradient norm clipped at 1. Returns losses."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, steps))
+          desc: str, optimizer: str = "adamw", schedule: str = "cosine") -> list[float]:
+    """Train with linear warm-up, then a cosine decay to zero or a constant rate; gradient norm
+    clipped at 1. Returns the losses.
+
+    Args:
+        optimizer: ``"adamw"``, or ``"adafactor"`` (T5's optimiser: each step is scaled by the
+            parameter's RMS, so `lr` is a relative step size).
+        schedule: ``"cosine"`` or ``"constant"`` after the warm-up.
+    """
+    if optimizer == "adafactor":
+        opt = torch.optim.Adafactor(model.parameters(), lr=lr, weight_decay=weight_decay)
+    elif optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer {optimizer!r}: use 'adamw' or 'adafactor'")
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule {schedule!r}: use 'cosine' or 'constant'")
+    shape = _lr_lambda(warmup, steps) if schedule == "cosine" else (lambda step: min(1.0, (step + 1) / max(1, warmup)))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, shape)
     model.train()
     losses: list[float] = []
     start = time.perf_counter()
@@ -206,9 +249,9 @@ def train(model, batches: Callable[[int], dict], *, steps: int, lr: float, warmu
         loss = model(**batch, attention_mask=mask).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        opt.step()
+        lr_schedule.step()
+        opt.zero_grad(set_to_none=True)
         losses.append(round(loss.item(), 4))
         if (step + 1) % every == 0 or step + 1 == steps:
             recent = losses[-every:]
@@ -228,11 +271,14 @@ def t5_config(settings: LabSettings, vocab_size: int):
                     eos_token_id=1)
 
 
-def pretrain(settings: LabSettings, tokenizer_dir: Path, folder: Path) -> dict:
-    from transformers import T5ForConditionalGeneration
+def pretraining_batches(settings: LabSettings, tokenizer) -> tuple[Callable[[int], dict], dict]:
+    """The pre-training stream: `batches(step)` and a summary of what it draws from.
 
+    Span corruption of packed corpus blocks (one epoch after another, each shuffled); from step
+    ``pretrain.supervised_from`` on, ``pretrain.supervised_per_batch`` rows of each batch are
+    supervised train examples instead (T5's pre-training mixture), cycled in shuffled epochs.
+    """
     p = settings.pretrain
-    tokenizer = load_tokenizer(tokenizer_dir)
     lines = read_corpus(settings)
     ids: list[int] = []
     for chunk in range(0, len(lines), 2000):
@@ -241,29 +287,56 @@ def pretrain(settings: LabSettings, tokenizer_dir: Path, folder: Path) -> dict:
     raw = raw_length_for(p.input_length, p.noise_density, p.mean_span_length)
     blocks = [ids[i:i + raw] for i in range(0, len(ids) - raw + 1, raw)]
     sentinel_ids = tokenizer.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(SENTINELS)])
-    log(f"pre-training corpus: {len(ids):,} tokens, {len(blocks):,} blocks of {raw} -> inputs of <= {p.input_length}; "
-        f"{p.steps * p.batch_size / len(blocks):.1f} epochs")
-
-    torch.manual_seed(settings.seed)
-    model = T5ForConditionalGeneration(t5_config(settings, len(tokenizer)))
+    if p.supervised_per_batch and not p.supervised_examples:
+        raise ValueError("pretrain.supervised_per_batch > 0 needs pretrain.supervised_examples > 0")
+    if not 0 <= p.supervised_per_batch < p.batch_size:
+        raise ValueError(f"pretrain.supervised_per_batch must be in [0, batch_size={p.batch_size})")
+    supervised = [ex for task in TASKS for ex in finetune_examples(settings, tokenizer, task)[-p.supervised_examples:]
+                  ] if p.supervised_per_batch else []
     order: list[int] = []
+    sup_order: list[int] = []
     rng = random.Random(settings.seed)
 
     def batches(step: int) -> dict:
         inputs, targets = [], []
-        for _ in range(p.batch_size):
+        n_supervised = p.supervised_per_batch if step >= p.supervised_from else 0
+        for _ in range(p.batch_size - n_supervised):
             if not order:
                 order.extend(rng.sample(range(len(blocks)), len(blocks)))
             x, y = span_corrupt(blocks[order.pop()], p.noise_density, p.mean_span_length, sentinel_ids, 1, rng)
             inputs.append(x)
             targets.append(y)
+        for _ in range(n_supervised):
+            if not sup_order:
+                sup_order.extend(rng.sample(range(len(supervised)), len(supervised)))
+            x, y = supervised[sup_order.pop()]
+            inputs.append(x)
+            targets.append(y)
         return _batch(inputs, targets)
 
-    losses = train(model, batches, steps=p.steps, lr=p.lr, warmup=p.warmup, weight_decay=p.weight_decay, desc="pre-train")
+    return batches, {"corpus_tokens": len(ids), "blocks": len(blocks), "block_length": raw,
+                     "supervised_examples": len(supervised)}
+
+
+def pretrain(settings: LabSettings, tokenizer_dir: Path, folder: Path) -> dict:
+    from transformers import T5ForConditionalGeneration
+
+    p = settings.pretrain
+    tokenizer = load_tokenizer(tokenizer_dir)
+    batches, info = pretraining_batches(settings, tokenizer)
+    log(f"pre-training corpus: {info['corpus_tokens']:,} tokens, {info['blocks']:,} blocks of {info['block_length']} -> "
+        f"inputs of <= {p.input_length}; {p.steps * p.batch_size / info['blocks']:.1f} epochs")
+    if info["supervised_examples"]:
+        log(f"pre-training mixture from step {p.supervised_from}: {p.supervised_per_batch} of {p.batch_size} rows "
+            f"per batch from {info['supervised_examples']:,} supervised train examples")
+    torch.manual_seed(settings.seed)
+    model = T5ForConditionalGeneration(t5_config(settings, len(tokenizer)))
+    losses = train(model, batches, steps=p.steps, lr=p.lr, warmup=p.warmup, weight_decay=p.weight_decay, desc="pre-train",
+                   optimizer=p.optimizer, schedule=p.schedule)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return {"stage": "base", "parameters": sum(t.numel() for t in model.parameters()), "corpus_tokens": len(ids),
-            "losses": losses, "settings": settings.to_dict()}
+    return {"stage": "base", "parameters": sum(t.numel() for t in model.parameters()), "corpus_tokens": info["corpus_tokens"],
+            "supervised_examples": info["supervised_examples"], "losses": losses, "settings": settings.to_dict()}
 
 
 def finetune_examples(settings: LabSettings, tokenizer, task: str) -> list[tuple[list[int], list[int]]]:
