@@ -179,12 +179,9 @@ def test_pretraining_mixture_draws_supervised_rows_from_train_only(quick_lab, mo
     assert info["supervised_examples"] == 20 * len(TASKS)
 
     sentinel = tokenizer.convert_tokens_to_ids("<extra_id_0>")
-    limit = settings.finetune.max_input_tokens
 
     def prompts(split):
-        texts = [json.loads(line)["prompt"] for task in TASKS
-                 for line in (DATA / task / f"{split}.jsonl").read_text().splitlines()]
-        return {tuple(p[: limit - 1] + [1] if len(p) > limit else p) for p in tokenizer(texts)["input_ids"]}
+        return {tuple(x) for task in TASKS for x, _ in build.finetune_examples(settings, tokenizer, task, split)}
 
     train, test = prompts("train"), prompts("test")
     for step in range(4):

@@ -291,8 +291,9 @@ def pretraining_batches(settings: LabSettings, tokenizer) -> tuple[Callable[[int
         raise ValueError("pretrain.supervised_per_batch > 0 needs pretrain.supervised_examples > 0")
     if not 0 <= p.supervised_per_batch < p.batch_size:
         raise ValueError(f"pretrain.supervised_per_batch must be in [0, batch_size={p.batch_size})")
-    supervised = [ex for task in TASKS for ex in finetune_examples(settings, tokenizer, task)[-p.supervised_examples:]
-                  ] if p.supervised_per_batch else []
+    supervised = []
+    if p.supervised_per_batch:
+        supervised = [ex for task in TASKS for ex in finetune_examples(settings, tokenizer, task)[-p.supervised_examples:]]
     order: list[int] = []
     sup_order: list[int] = []
     rng = random.Random(settings.seed)
@@ -339,10 +340,11 @@ def pretrain(settings: LabSettings, tokenizer_dir: Path, folder: Path) -> dict:
             "supervised_examples": info["supervised_examples"], "losses": losses, "settings": settings.to_dict()}
 
 
-def finetune_examples(settings: LabSettings, tokenizer, task: str) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids with EOS, answer ids with EOS) for a task's train split."""
-    rows = read_jsonl(data_file(task, "train"))
-    if settings.finetune.train_examples is not None:
+def finetune_examples(settings: LabSettings, tokenizer, task: str, split: str = "train") -> list[tuple[list[int], list[int]]]:
+    """(prompt ids with EOS, answer ids with EOS) for a task's split (train: the first
+    `finetune.train_examples` rows), prompts cut to `finetune.max_input_tokens`."""
+    rows = read_jsonl(data_file(task, split))
+    if split == "train" and settings.finetune.train_examples is not None:
         rows = rows[: settings.finetune.train_examples]
     limit = settings.finetune.max_input_tokens
     prompts = tokenizer([r["prompt"] for r in rows])["input_ids"]
