@@ -36,7 +36,7 @@ def quick_lab(tmp_path_factory):
     build = _run(["build", "--quick"], env, timeout=900)
     again = _run(["build", "--quick"], env, timeout=120)
     results = tmp_path_factory.mktemp("lab-results")
-    table = _run(["table", "--quick", "--results", str(results),
+    table = _run(["table", "--quick", "--results", str(results), "--search-seed", "3",
                   "--methods", "zero_shot,experts,multitask,average,task_arithmetic,fisher,dfmerge"], env, timeout=900)
     return {"work": work, "build": build, "again": again, "results": results, "table": table}
 
@@ -102,6 +102,9 @@ def test_table_rows_and_accuracies(quick_lab):
     chance = rows["chance"]["scores"]
     experts = rows["experts"]["scores"]
     assert sum(experts.values()) / len(TASKS) > sum(chance.values()) / len(TASKS) + 0.05
+    # --search-seed reaches the DF-Merge recipe (its sampler), not the models' build settings.
+    assert "seed=3" in rows["dfmerge"]["setting"], rows["dfmerge"]["setting"]
+    assert report["settings"]["search_seed"] == 3 and report["settings"]["seed"] == 0 == report["build"]["settings"]["seed"]
     table = (results / "table.md").read_text()
     assert "| Task Arithmetic |" in table and "## Ablation" in table
     assert "Zero-shot" in quick_lab["table"].stdout

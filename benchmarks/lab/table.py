@@ -497,7 +497,7 @@ def run_table(settings: LabSettings, methods: tuple[str, ...] = METHOD_ROWS, res
     ta = QUICK_TA_GRID if quick else TA_GRID
     ties = QUICK_TIES_GRID if quick else TIES_GRID
     drops, dare_l = (QUICK_DARE_DROP, QUICK_DARE_LAMBDAS) if quick else (DARE_DROP, DARE_LAMBDAS)
-    search = {"n_trials": settings.dfmerge_trials, "n_startup_trials": settings.dfmerge_startup, "seed": settings.seed}
+    search = {"n_trials": settings.dfmerge_trials, "n_startup_trials": settings.dfmerge_startup, "seed": settings.search_seed}
 
     for key in methods:
         if key in ("zero_shot", "experts", "multitask"):
@@ -568,7 +568,7 @@ def run_table(settings: LabSettings, methods: tuple[str, ...] = METHOD_ROWS, res
         build = json.loads(build_file.read_text())
     report = {
         "lab": settings.name, "key": settings.key(), "hfmerge_source": lab.fingerprint, "table_seconds": round(total, 1),
-        "build": build, "rows": [asdict(r) | {"average": r.average} for r in ordered],
+        "settings": settings.to_dict(), "build": build, "rows": [asdict(r) | {"average": r.average} for r in ordered],
         "fraction_curves": {k: v for k, v in curves.items()}, "checks": notes, "figures": figures_written,
     }
     (results_dir / "results.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -592,6 +592,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-figures", action="store_true", help="skip Figures 4 and 5 (and the extra DF-Merge runs of Figure 5)")
     p.add_argument("--dfmerge-fractions", metavar="F,F,...",
                    help="validation fractions of Figure 5's DF-Merge searches (default: the settings'; 1 alone adds no search)")
+    p.add_argument("--search-seed", type=int, metavar="N",
+                   help="the DF-Merge recipes' seed (default 0): their sampler and the Fisher's examples; the "
+                        "models stay the same, so a few seeds measure how much a search depends on its random start")
     p.add_argument("--progress", action="store_true", help="show evaluation progress bars")
     args = p.parse_args(argv)
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else METHOD_ROWS
@@ -601,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_for(args.quick)
     if args.dfmerge_fractions:
         settings = dataclasses.replace(settings, dfmerge_fractions=tuple(float(f) for f in args.dfmerge_fractions.split(",")))
+    if args.search_seed is not None:
+        settings = dataclasses.replace(settings, search_seed=args.search_seed)
     run_table(settings, methods, args.results, figures=not args.no_figures, progress=args.progress)
     return 0
 
