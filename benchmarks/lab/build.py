@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.lab build", description="Build the merge lab's models (cached).")
-    p.add_argument("--quick", action="store_true", help="small models and few steps (a few minutes): the CI smoke test")
+    p.add_argument("--quick", action="store_true", help="tiny models and few steps (seconds): the smoke test")
     p.add_argument("--clean", action="store_true", help="delete this lab's cache folder first")
     args = p.parse_args(argv)
     settings = settings_for(args.quick)

@@ -136,21 +136,26 @@ FULL = LabSettings(
                               schedule="constant", supervised_per_batch=2, supervised_examples=100, supervised_from=4000),
 )
 
+# The quick lab is a smoke test of the pipeline, not a benchmark: every stage, every row and
+# both figures run, on models too small and too briefly trained to beat chance reliably, so
+# the whole build, table and probe cost seconds of CPU. One torch thread: at this size a
+# second thread only spins (it tripled the CPU time of a quick build and table).
 QUICK = LabSettings(
     name="quick",
-    model=ModelSettings(vocab_size=2000, d_model=64, d_ff=256, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=2),
-    pretrain=PretrainSettings(steps=60, batch_size=16, input_length=64, lr=1e-2, warmup=10, optimizer="adafactor",
-                              schedule="constant", supervised_per_batch=2, supervised_examples=50, supervised_from=40),
-    finetune=FinetuneSettings(steps=250, batch_size=16, lr=2e-3, warmup=25, max_input_tokens=96, train_examples=600,
-                              multitask_steps=400),
-    corpus_bytes=400_000,
-    eval_validation=40,
-    eval_test=60,
-    dfmerge_trials=5,
+    threads=1,
+    model=ModelSettings(vocab_size=1000, d_model=32, d_ff=64, d_kv=16, num_heads=2, num_layers=1, num_decoder_layers=1),
+    pretrain=PretrainSettings(steps=30, batch_size=8, input_length=64, lr=1e-2, warmup=5, optimizer="adafactor",
+                              schedule="constant", supervised_per_batch=2, supervised_examples=20, supervised_from=20),
+    finetune=FinetuneSettings(steps=40, batch_size=8, lr=2e-3, warmup=5, max_input_tokens=48, train_examples=64,
+                              multitask_steps=80),
+    corpus_bytes=100_000,
+    eval_validation=16,
+    eval_test=24,
+    dfmerge_trials=4,  # 3 random trials, then one guided by the Gaussian process
     dfmerge_startup=3,
-    fisher_examples=8,
-    fractions=(0.25, 1.0),
-    dfmerge_fractions=(0.25, 1.0),
+    fisher_examples=4,
+    fractions=(0.5, 1.0),
+    dfmerge_fractions=(0.5, 1.0),
 )
 
 

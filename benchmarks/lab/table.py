@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.lab table", description="Run every merge method on the lab; print the tables.")
-    p.add_argument("--quick", action="store_true", help="the quick lab (small models, small grids): the CI smoke test")
+    p.add_argument("--quick", action="store_true", help="the quick lab (tiny models, small grids; seconds): the smoke test")
     p.add_argument("--methods", help=f"comma-separated rows to run (default: all): {','.join(METHOD_ROWS)}")
     p.add_argument("--results", help="folder for table.md, results.json and the PNGs")
     p.add_argument("--no-figures", action="store_true", help="skip Figures 4 and 5 (and the extra DF-Merge runs of Figure 5)")
