@@ -2,6 +2,7 @@
 
     hfmerge RECIPE [--output DIR] [--dry-run] [--overwrite] [-v | -q]
     hfmerge demo [--output DIR]
+    hfmerge push DIR REPO_ID [--private] [--message M]
 
 Errors from the `HfMergeError` family are printed as one message without a traceback
 (add --verbose for it) and the exit code is non-zero.
@@ -20,7 +21,7 @@ from . import __version__
 from .checkpoints.writer import plan_shards
 from .errors import HfMergeError
 
-SUBCOMMANDS = ("demo", "eval", "fisher")
+SUBCOMMANDS = ("demo", "eval", "fisher", "push")
 
 EPILOG = """\
 examples:
@@ -29,6 +30,7 @@ examples:
   hfmerge demo                            build small local checkpoints and merge them
   hfmerge eval recipe.yaml --model DIR    score a model on the recipe's tasks
   hfmerge fisher recipe.yaml              compute and cache the Fishers a recipe needs
+  hfmerge push ./merged org/name          publish a merged folder in one commit, without merging again
 
 The recipe format (mergekit-compatible keys) is documented in docs/recipes.md.
 """
@@ -56,7 +58,7 @@ def _merge_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("recipe", help="the recipe YAML file (or a subcommand: demo, eval, fisher)")
+    p.add_argument("recipe", help="the recipe YAML file (or a subcommand: demo, eval, fisher, push)")
     p.add_argument("-o", "--output", help="folder to write the merged model into (default: ./merged-<recipe name>)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (models, tensors, memory, output size, warnings) and exit without writing")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
@@ -140,7 +142,7 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
 
 def run_recipe(args: argparse.Namespace) -> int:
     from .checkpoints.writer import parse_size
-    from .merge import check_output, run_merge
+    from .merge import check_free_space, check_not_input, check_output, clean_stale_temp_folders, recipe_input_paths, run_merge
     from .plan import build_plan
     from .recipe import RecipeError, load_recipe
 
@@ -156,9 +158,29 @@ def run_recipe(args: argparse.Namespace) -> int:
         if not push_repo:
             raise RecipeError("--push-to-hub needs a repo id: give one after the flag or set push_to_hub in the recipe")
         _check_repo_id(push_repo)
+        from .publish import check_push_access
+
+        # A missing or read-only token fails here, in seconds, not after a long merge or search.
+        check_push_access(push_repo)
+    # Nothing the recipe reads may be replaced by what this run writes: refused before any reading.
+    inputs = recipe_input_paths(recipe, low_disk=args.low_disk, storage=getattr(args, "storage", None))
+    if args.json:
+        check_not_input(Path(args.json), inputs, what="--json file", remedy="choose another --json path")
     if not args.dry_run:
-        check_output(output, args.overwrite)
+        check_not_input(output, inputs)
+        # Temporary folders of killed runs on this output go first (a killed --overwrite may
+        # have left the old output in one, which is put back).
+        clean_stale_temp_folders(output)
+        check_output(output, args.overwrite, inputs)
+    elif args.output:
+        check_not_input(output, inputs)
     plan = build_plan(recipe, low_disk=args.low_disk)
+    if not args.dry_run:
+        try:
+            check_free_space(output, plan.output_bytes)
+        except BaseException:
+            plan.release()
+            raise
     summary = plan_summary(plan)
     needs_fishers = recipe.method.needs_importance and not recipe.method.search and plan.fishers is None
     if needs_fishers:
@@ -213,13 +235,81 @@ def run_recipe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_repo_id(repo_id: str) -> None:
+def _check_repo_id(repo_id: str, field: str = "--push-to-hub") -> None:
     from .recipe import RecipeError
     from .refs import parse_model_ref
 
-    ref = parse_model_ref(repo_id, field="--push-to-hub") if "/" in repo_id and not repo_id.startswith((".", "/", "~")) else None
+    ref = parse_model_ref(repo_id, field=field) if "/" in repo_id and not repo_id.startswith((".", "/", "~")) else None
     if ref is None or ref.repo_id is None or ref.revision is not None:
-        raise RecipeError(f"--push-to-hub: {repo_id!r} is not a Hub repo id; expected org/name")
+        raise RecipeError(f"{field}: {repo_id!r} is not a Hub repo id; expected org/name")
+
+
+def _push_parser() -> argparse.ArgumentParser:
+    from .publish import DEFAULT_COMMIT_MESSAGE
+
+    p = argparse.ArgumentParser(
+        prog="hfmerge push",
+        description="Publish a folder that a merge wrote to a Hub repo in one commit, without merging again. "
+                    "The folder is checked to be a complete hfmerge output and the token to have write access first.",
+    )
+    p.add_argument("folder", help="the merged model folder (a merge's --output)")
+    p.add_argument("repo_id", help="the Hub repo to push to, org/name (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    p.add_argument("-m", "--message", default=DEFAULT_COMMIT_MESSAGE, help=f"the commit message (default: {DEFAULT_COMMIT_MESSAGE!r})")
+    _common(p)
+    return p
+
+
+def run_push(args: argparse.Namespace) -> int:
+    """`hfmerge push DIR REPO_ID`: check the folder and the token, then push one commit."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    from .publish import push
+
+    _check_repo_id(args.repo_id, field="REPO_ID")
+    was_disabled = are_progress_bars_disabled()
+    if args.quiet:
+        disable_progress_bars()
+    try:
+        pushed = push(Path(args.folder), args.repo_id, private=args.private, message=args.message)
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+    print(f"Pushed to {pushed.repo_id}: {pushed.commit_url}")
+    return 0
+
+
+def _check_fisher_outputs(args: argparse.Namespace) -> None:
+    """`hfmerge fisher`: --json and --copy-to may not replace or land inside what the recipe reads."""
+    if not (getattr(args, "json", None) or getattr(args, "copy_to", None)):
+        return
+    from .merge import InputPath, check_not_input, recipe_input_paths
+    from .recipe import load_recipe
+
+    inputs = recipe_input_paths(load_recipe(args.recipe))
+    if args.json:
+        check_not_input(Path(args.json), inputs, what="--json file", remedy="choose another --json path")
+    if args.copy_to:
+        # Copies are added beside whatever the folder holds (nothing is deleted), so it may
+        # hold inputs; but not be one, lie inside one, or be where a Fisher file of the recipe
+        # lies (a copy could take its name).
+        folders = [i for i in inputs if i.path.is_dir()]
+        folders += [InputPath(i.path.parent, f"the folder of {i.field}", output_may_lie_inside=True) for i in inputs if i.field.endswith(".fisher")]
+        check_not_input(Path(args.copy_to), folders, what="--copy-to folder", remedy="choose another --copy-to folder", may_contain=True)
+
+
+def _check_eval_outputs(args: argparse.Namespace) -> None:
+    """`hfmerge eval`: --json may not replace or land inside the model, the tasks file or the task data."""
+    if not getattr(args, "json", None):
+        return
+    from .evaluation.tasks import load_tasks_file
+    from .merge import InputPath, cache_input_paths, check_not_input, task_input_paths
+
+    inputs = [InputPath(Path(args.recipe), "the tasks file")] + task_input_paths(load_tasks_file(args.recipe))
+    if Path(args.model).expanduser().exists():
+        inputs.append(InputPath(Path(args.model).expanduser(), "--model"))
+    inputs += cache_input_paths(datasets=True)
+    check_not_input(Path(args.json), inputs, what="--json file", remedy="choose another --json path")
 
 
 def _demo_parser() -> argparse.ArgumentParser:
@@ -250,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         _common(p)
         args = p.parse_args(argv[1:])
         command = "eval"
+    elif argv and argv[0] == "push":
+        args = _push_parser().parse_args(argv[1:])
+        command = "push"
     else:
         args = _merge_parser().parse_args(argv)
         command = "merge"
@@ -264,11 +357,15 @@ def main(argv: list[str] | None = None) -> int:
         if command == "eval":
             from .evaluation.cli import run
 
+            _check_eval_outputs(args)
             return run(args)
         if command == "fisher":
             from .fisher.cli import run as run_fisher
 
+            _check_fisher_outputs(args)
             return run_fisher(args)
+        if command == "push":
+            return run_push(args)
         return run_recipe(args)
     except HfMergeError as exc:
         if args.verbose:

@@ -37,3 +37,64 @@ class FisherFileError(CheckpointError):
 
 class OutputExistsError(HfMergeError):
     """The output folder exists and ``--overwrite`` was not given."""
+
+
+class HubAccessError(HfMergeError):
+    """No Hub token, an invalid one, or one that cannot write to the repo a push targets."""
+
+
+class IncompleteOutputError(HfMergeError):
+    """A folder given to publish is not a complete hfmerge output (missing or partial files)."""
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """Render a user-given value for an error message: at most `limit` characters.
+
+    A hostile recipe can hold a value of millions of nodes (a YAML alias bomb) or a
+    megabyte-long string; quoting it whole would flood the terminal and exhaust memory.
+    `reprlib` walks only a few levels and items of a container, so the cost is bounded
+    whatever the value's size; the result is then cut with an ellipsis.
+
+    Args:
+        value: Any value taken from a recipe or task file.
+        limit: The longest rendering returned.
+
+    Returns:
+        A ``repr``-like rendering, shortened with ``...`` when needed.
+    """
+    import reprlib
+
+    shortener = reprlib.Repr()
+    shortener.maxlevel = 3
+    shortener.maxlist = shortener.maxtuple = shortener.maxset = shortener.maxdict = 4
+    shortener.maxstring = shortener.maxother = shortener.maxlong = limit
+    try:
+        text = shortener.repr(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class OutputIsInputError(HfMergeError):
+    """An output path (folder, ``--json`` file, copy target) is, contains or lies inside
+    something the recipe reads; writing it could replace or delete an input."""
+
+
+class OutputWriteError(HfMergeError):
+    """The output cannot be written: no space left, quota exceeded, file too large, read-only
+    file system or permission denied. Nothing is left behind.
+
+    Attributes:
+        path: The path that could not be written.
+        errno: The operating system's error number.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, errno: int | None = None):
+        super().__init__(message)
+        self.path = path
+        self.errno = errno
+
+
+class DownloadIntegrityError(CheckpointError):
+    """A file downloaded from the Hub does not match the hash (or size) the Hub announces for it,
+    again after one fresh download. Nothing of it is kept, in the cache or elsewhere."""

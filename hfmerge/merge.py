@@ -3,15 +3,24 @@
 Memory stays bounded by the tensors of one position times the number of models. The output
 is written into a temporary folder beside the target and renamed into place only when
 complete; on any failure the temporary folder is removed and the target is untouched.
+
+The output may never be, contain or lie inside anything the run reads (model folders, Fisher
+files, task data, the caches, the recipe itself): `check_output` refuses it before anything is
+read. A full, read-only or forbidden disk is reported as one `OutputWriteError` naming the
+path. Each temporary folder records its owner, so the next run on the same output removes
+those of killed runs.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +32,10 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoints.reader import TORCH_DTYPES
-from .checkpoints.writer import ShardedSafetensorsWriter
-from .errors import HfMergeError, IncompatibleCheckpointsError, NonFiniteTensorError, OutputExistsError
+from .checkpoints.writer import WRITE_ERRNOS, ShardedSafetensorsWriter, current_umask, free_bytes, human_size, output_write_error
+from .errors import (
+    HfMergeError, IncompatibleCheckpointsError, NonFiniteTensorError, OutputExistsError, OutputIsInputError, OutputWriteError,
+)
 from .plan import MergePlan, TensorPlan
 
 logger = logging.getLogger(__name__)
@@ -197,19 +208,345 @@ class TensorMerger:
         return thresholds
 
 
-def check_output(output: Path, overwrite: bool) -> None:
-    """Fail early (in the plan step) when the output cannot be written."""
+# -- what the output may not touch -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputPath:
+    """A local path a run reads, with the recipe field (or setting) that names it.
+
+    Attributes:
+        path: The file or folder as given.
+        field: Where it comes from, for messages: ``recipe.yaml: models[0].model``,
+            ``HF_HUB_CACHE``, ...
+        output_may_lie_inside: True for a folder of which the run reads only some parts or
+            only fresh subfolders it creates (``HF_HOME``, the temporary-files folder): an
+            output inside it harms nothing, one that is or contains it does.
+    """
+
+    path: Path
+    field: str
+    output_may_lie_inside: bool = False
+
+
+def _real(path: Path | str) -> Path:
+    # realpath resolves every symlink of the part that exists, so a link to an input (or a
+    # folder reached through a linked parent) compares equal to the input itself.
+    return Path(os.path.realpath(os.path.expanduser(str(path))))
+
+
+def cache_input_paths(*, datasets: bool = False) -> list[InputPath]:
+    """The cache folders a run reads: the Hugging Face Hub cache, ``HF_HOME``, hfmerge's own
+    cache (Fishers, tie groups) and, when tasks are loaded, the datasets cache."""
+    from huggingface_hub import constants
+
+    from .fisher.cache import cache_root
+
+    paths = [
+        InputPath(Path(constants.HF_HUB_CACHE), "HF_HUB_CACHE, the Hugging Face Hub cache"),
+        InputPath(cache_root(), "HFMERGE_CACHE, hfmerge's cache"),
+        # HF_HOME also holds the token and settings; only the caches inside it are read, so an
+        # output in another subfolder of it is harmless, but HF_HOME itself must survive.
+        InputPath(Path(constants.HF_HOME), "HF_HOME, the Hugging Face home folder", output_may_lie_inside=True),
+    ]
+    if datasets:
+        root = os.environ.get("HF_DATASETS_CACHE") or str(Path(constants.HF_HOME) / "datasets")
+        paths.append(InputPath(Path(root), "HF_DATASETS_CACHE, the datasets cache"))
+    return paths
+
+
+def _data_file_paths(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _data_file_paths(v)]
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in _data_file_paths(v)]
+    # Local files were made absolute when the task was validated; a relative name belongs to a
+    # Hub dataset or a dataset folder (and a URL to the network), not to this file system.
+    if isinstance(value, str) and os.path.isabs(value):
+        # A glob names the files it matches (existing ones; nothing is opened).
+        return sorted(glob.glob(value)) if glob.has_magic(value) else [value]
+    return []
+
+
+def task_input_paths(tasks: list, source: str | None = None) -> list[InputPath]:
+    """The local files and folders the tasks read: ``data_files``, ``data_dir``, a local
+    ``dataset_path`` folder and metric modules given as paths.
+
+    Args:
+        tasks: Validated `TaskSpec`s (paths already absolute).
+        source: Prefix of the field names (the recipe's path); default each task's own.
+    """
+    found: list[InputPath] = []
+    for task in tasks:
+        where = f"{source or task.source}: {task.key}"
+        kwargs = dict(task.dataset_kwargs or {})
+        for path in _data_file_paths(kwargs.get("data_files")):
+            found.append(InputPath(Path(path), f"{where}.dataset_kwargs.data_files"))
+        if isinstance(kwargs.get("data_dir"), str) and os.path.isabs(kwargs["data_dir"]):
+            found.append(InputPath(Path(kwargs["data_dir"]), f"{where}.dataset_kwargs.data_dir"))
+        if Path(task.dataset_path).is_absolute():
+            found.append(InputPath(Path(task.dataset_path), f"{where}.dataset_path"))
+        for metric in task.metrics:
+            if Path(metric.module).is_absolute():
+                found.append(InputPath(Path(metric.module), f"{where}.metric_list ({metric.name})"))
+    return found
+
+
+def recipe_input_paths(recipe: Any, *, low_disk: bool = False, storage: str | None = None) -> list[InputPath]:
+    """Every local path a run of `recipe` reads, found without reading any of them.
+
+    The recipe file, local model folders (base, models, PEFT adapters, tokenizer and config
+    sources), Fisher files, the tasks' data and metric modules, the caches, the low-disk
+    scratch root and a search's storage file.
+
+    Args:
+        recipe: A validated `Recipe`.
+        low_disk: The run downloads into a scratch folder under the temporary-files folder.
+        storage: The DF-Merge search storage (a journal file path or an ``sqlite:///`` URL).
+    """
+    source = recipe.source
+    found: list[InputPath] = []
+    if recipe.path is not None:
+        found.append(InputPath(Path(recipe.path), "the recipe file"))
+    refs = [("base_model", recipe.base)] + [(f"{m.key}.model", m.ref) for m in recipe.models]
+    refs += [("tokenizer_source", recipe.tokenizer_source), ("config_source", recipe.config_source)]
+    for field_name, ref in refs:
+        if ref is not None and ref.is_local and ref.path is not None:
+            found.append(InputPath(ref.path, f"{source}: {field_name}"))
+    for m in recipe.models:
+        if m.fisher is not None:
+            found.append(InputPath(Path(m.fisher), f"{source}: {m.key}.fisher"))
+    found += task_input_paths(recipe.tasks, source)
+    found += cache_input_paths(datasets=bool(recipe.tasks))
+    if low_disk:
+        found.append(InputPath(Path(tempfile.gettempdir()), "TMPDIR, where --low-disk downloads", output_may_lie_inside=True))
+    if storage:
+        if storage.startswith("sqlite:///"):
+            found.append(InputPath(Path(storage[len("sqlite:///"):]), "--storage, the search's database"))
+        elif "://" not in storage:
+            found.append(InputPath(Path(storage), "--storage, the search's journal"))
+    return found
+
+
+def plan_input_paths(plan: MergePlan) -> list[InputPath]:
+    """`recipe_input_paths` plus what the plan resolved: the opened folders (Hub snapshots
+    included), Fisher files attached later (a search's) and the low-disk scratch folder."""
+    found = recipe_input_paths(plan.recipe)
+    source = plan.recipe.source
+    for ckpt in ([plan.base] if plan.base is not None else []) + list(plan.models) + [plan.config_source]:
+        found.append(InputPath(Path(ckpt.folder), f"{source}: {ckpt.label}"))
+    found.append(InputPath(Path(plan.tokenizer_folder), f"{source}: tokenizer_source"))
+    for f in plan.fishers or []:
+        found.append(InputPath(Path(f.path), f.label))
+    if plan.scratch is not None:
+        found.append(InputPath(Path(plan.scratch), "the low-disk scratch folder"))
+    return found
+
+
+def check_not_input(path: Path, inputs: list[InputPath], *, what: str = "output folder", remedy: str = "choose another --output",
+                    may_contain: bool = False) -> None:
+    """Refuse an output path that is, contains or lies inside an input (real paths compared).
+
+    Args:
+        path: The output folder or file.
+        inputs: From `recipe_input_paths` / `plan_input_paths` / `task_input_paths`.
+        what: How the message names the output ("output folder", "--json file").
+        remedy: What to do, for the message.
+        may_contain: The output only gains new files and never replaces the folder, so
+            holding an input (e.g. beside the model folders) is harmless.
+
+    Raises:
+        OutputIsInputError: Naming the input and the field it comes from.
+    """
+    out = _real(path)
+    for inp in inputs:
+        real = _real(inp.path)
+        if out == real:
+            relation = "is"
+        elif real.is_relative_to(out) and not may_contain:
+            relation = "contains"
+        elif out.is_relative_to(real) and not inp.output_may_lie_inside:
+            relation = "lies inside"
+        else:
+            continue
+        resolved = f" (resolved: {out})" if out != Path(path).absolute() else ""
+        raise OutputIsInputError(
+            f"{what} {path}{resolved} {relation} {inp.path} ({inp.field}); an output may not be, contain or lie inside anything "
+            f"the run reads, with or without --overwrite: {remedy}"
+        )
+
+
+def check_output(output: Path, overwrite: bool, inputs: list[InputPath] | None = None) -> None:
+    """Fail early (in the plan step, before anything is read) when the output cannot be written.
+
+    Args:
+        output: The output folder.
+        overwrite: Whether an existing folder may be replaced.
+        inputs: What the run reads (`recipe_input_paths`); the output may be, contain or lie
+            inside none of them.
+
+    Raises:
+        OutputIsInputError: The output is, contains or lies inside an input.
+        OutputExistsError: It exists and `overwrite` is false, or it is not a folder.
+    """
     output = Path(output)
+    check_not_input(output, inputs or [])
     if output.exists() and not overwrite:
         raise OutputExistsError(f"output folder {output} already exists; choose another --output or pass --overwrite to replace it")
     if output.exists() and not output.is_dir():
         raise OutputExistsError(f"output {output} exists and is not a folder; remove it or choose another --output")
 
 
+def check_free_space(output: Path, needed: int) -> None:
+    """Refuse up front when the disk of `output` clearly cannot hold `needed` bytes.
+
+    With ``--overwrite`` the old folder stays until the new one is complete, so the whole size
+    is needed either way.
+
+    Raises:
+        OutputWriteError: With the bytes needed and free.
+    """
+    free = free_bytes(Path(output).absolute())
+    if free is not None and free < needed:
+        raise OutputWriteError(
+            f"not enough space for {output}: the merged model needs {human_size(needed)}, {human_size(free)} is free on that disk; "
+            "free some space or choose an --output on another disk", path=str(output), errno=errno.ENOSPC)
+
+
+# -- temporary folders beside the output ------------------------------------------------------
+
+OWNER_FILE = ".hfmerge-owner.json"
+_SEARCH_SUFFIX = "search"  # dfmerge's study folder `.NAME.hfmerge-search`: not a temporary folder
+
+
+def _temp_prefix(output: Path) -> str:
+    return f".{output.name}.hfmerge-"
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks after boot, Linux), which tells a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:].split()[19]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _owner_alive(pid: int, started: str | None) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        stat = None
+    if stat is not None:
+        try:
+            fields = stat[stat.rindex(")") + 2:].split()
+            state, start = fields[0], fields[19]
+        except (ValueError, IndexError):
+            return True  # unreadable: assume it runs rather than delete its work
+        if state in ("Z", "X"):  # killed, not yet reaped by its parent
+            return False
+        return started is None or start == started
+    try:  # no /proc: ask the kernel whether the pid exists
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def make_temp_folder(output: Path, kind: str = "") -> Path:
+    """Create ``.NAME.hfmerge-[kind-]XXXX`` beside `output`, with the umask's mode and a record
+    of its owner (pid, host, process start time) so that a later run can tell it is stale."""
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(output) + (f"{kind}-" if kind else ""), dir=output.parent))
+    try:
+        # mkdtemp makes the folder 0700 whatever the umask; the output must be readable like
+        # any folder mkdir creates.
+        os.chmod(tmp, 0o777 & ~current_umask())
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": _start_time(os.getpid())}
+        (tmp / (OWNER_FILE + ".part")).write_text(json.dumps(record))
+        os.replace(tmp / (OWNER_FILE + ".part"), tmp / OWNER_FILE)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def clean_stale_temp_folders(output: Path) -> list[Path]:
+    """Remove the temporary folders beside `output` left by runs that were killed.
+
+    A folder is stale when its owner record names this host and a process that no longer
+    runs (or a reused pid with another start time). Folders of live processes, of other hosts
+    and without a record are left alone. A backup of an old output (``--overwrite`` killed
+    between its two renames) is put back in place when the output is missing.
+
+    Returns:
+        The folders removed.
+    """
+    output = Path(output).absolute()
+    prefix = _temp_prefix(output)
+    try:
+        candidates = sorted(p for p in output.parent.iterdir() if p.name.startswith(prefix))
+    except OSError:
+        return []
+    host = socket.gethostname()
+    removed: list[Path] = []
+    restored = False
+    for folder in candidates:
+        if folder.name[len(prefix):] == _SEARCH_SUFFIX or folder.is_symlink() or not folder.is_dir():
+            continue
+        try:
+            owner = json.loads((folder / OWNER_FILE).read_text())
+            pid, owner_host = int(owner["pid"]), str(owner["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if owner_host != host or _owner_alive(pid, owner.get("started")):
+            continue
+        old = folder / "old"
+        if folder.name[len(prefix):].startswith("old-") and old.is_dir() and not os.path.lexists(output):
+            try:
+                os.rename(old, output)
+            except OSError:
+                continue  # left for the user: it holds the only copy of the old output
+            restored = True
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    if removed:
+        logger.info("removed %d temporary folder(s) left beside %s by killed runs: %s%s", len(removed), output,
+                    ", ".join(p.name for p in removed), "; the old output folder was put back" if restored else "")
+    return removed
+
+
+def _written_path(exc: OSError, tmp: Path | None, output: Path) -> Path | None:
+    """The output-side path an `OSError` concerns, as the user knows it, or None when it is
+    not about writing the output (a read of an input, say). The temporary folders beside the
+    output are never shown: they are gone when the message is read."""
+    output_side = [output, *output.parents]
+    for name in (exc.filename2, exc.filename):
+        if not name:
+            continue
+        p = Path(os.fsdecode(name)).absolute()
+        if tmp is not None and p.is_relative_to(tmp):
+            return output / p.relative_to(tmp)
+        if p.parent == output.parent and p.name.startswith(_temp_prefix(output)):
+            return output
+        if p.is_relative_to(output) or p in output_side:
+            return p
+    if exc.filename is None and exc.errno in WRITE_ERRNOS:
+        return output  # a write into an open file in the temporary folder names no file
+    return None
+
+
 def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progress: bool = True,
               evaluate: Callable[[Path], Any] | None = None,
               extra: Callable[[Path, Any], tuple[list[str], str]] | None = None) -> MergeResult:
     """Merge according to `plan` and write a loadable model folder at `output` atomically.
+
+    The model is written into a temporary folder beside `output` and renamed into place when
+    complete. Temporary folders left there by killed runs are removed first. The folder gets
+    the mode the umask gives any new folder.
 
     Args:
         plan: From `build_plan`.
@@ -223,46 +560,62 @@ def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progres
             for the card.
 
     Raises:
+        OutputIsInputError: `output` is, contains or lies inside an input of the plan.
         OutputExistsError: `output` exists and `overwrite` is false.
+        OutputWriteError: The disk is full, read-only or not writable (nothing is left behind).
         HfMergeError: Any problem found while merging (nothing is left behind).
     """
     output = Path(output).absolute()
-    check_output(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.hfmerge-", dir=output.parent))
-    merger = TensorMerger(plan)
     try:
-        merger.prepare(progress)
-        files = _write_weights(plan, merger, tmp, progress)
-        files += _copy_side_files(plan, tmp)
-        report = evaluate(tmp) if evaluate is not None else None
-        if report is not None:
-            (tmp / "eval_results.json").write_text(report.to_json())
-            files.append("eval_results.json")
-        section = ""
-        if extra is not None:
-            more, section = extra(tmp, report)
-            files += more
-        from .card import build_card
+        inputs = plan_input_paths(plan)
+        check_not_input(output, inputs)
+        # First, as a killed --overwrite may have left the old output in a backup to put back.
+        clean_stale_temp_folders(output)
+        check_output(output, overwrite, inputs)
+        check_free_space(output, plan.output_bytes)
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            tmp = make_temp_folder(output)
+        except OSError as exc:
+            raise output_write_error(exc, _written_path(exc, None, output) or output, needed=plan.output_bytes,
+                                     what="the merged model") from exc
+        merger = TensorMerger(plan)
+        try:
+            merger.prepare(progress)
+            files = _write_weights(plan, merger, tmp, progress, shown=output)
+            files += _copy_side_files(plan, tmp)
+            report = evaluate(tmp) if evaluate is not None else None
+            if report is not None:
+                (tmp / "eval_results.json").write_text(report.to_json())
+                files.append("eval_results.json")
+            section = ""
+            if extra is not None:
+                more, section = extra(tmp, report)
+                files += more
+            from .card import build_card
 
-        build_card(plan, tmp, output.name, report, section).save(tmp / "README.md")
-        files.append("README.md")
-        _finalize(output, tmp, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            build_card(plan, tmp, output.name, report, section).save(tmp / "README.md")
+            files.append("README.md")
+            _finalize(output, tmp, overwrite)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                written = _written_path(exc, tmp, output)
+                if written is not None:
+                    raise output_write_error(exc, written, needed=plan.output_bytes, what="the merged model") from exc
+            raise
     finally:
         plan.release()
     return MergeResult(output, sorted(files), plan.warnings + merger.warnings, report)
 
 
-def _write_weights(plan: MergePlan, merger: TensorMerger, folder: Path, progress: bool) -> list[str]:
+def _write_weights(plan: MergePlan, merger: TensorMerger, folder: Path, progress: bool, shown: Path | None = None) -> list[str]:
     # A reference that stores tied copies under several names (e.g. `shared` and
     # `encoder.embed_tokens`) gets each copy merged from identical inputs with the same seed
     # (TensorPlan.alias_key), so the copies stay identical.
     metadata = {"hfmerge_version": __version__, "merge_method": plan.recipe.method.name}
     bar = tqdm(total=plan.output_bytes, desc="Merging", unit="B", unit_scale=True, disable=not progress)
-    with ShardedSafetensorsWriter(folder, plan.output_tensors, plan.recipe.max_shard_size, metadata) as writer:
+    with ShardedSafetensorsWriter(folder, plan.output_tensors, plan.recipe.max_shard_size, metadata, shown_folder=shown) as writer:
         for t in plan.tensors:
             merged = merger.merge(t)
             writer.write(t.name, merged)
@@ -298,15 +651,20 @@ def _copy_side_files(plan: MergePlan, folder: Path) -> list[str]:
 
 
 def _finalize(output: Path, tmp: Path, overwrite: bool) -> None:
-    if output.exists():
+    # The owner record belongs to the temporary folder, not to the model.
+    (tmp / OWNER_FILE).unlink(missing_ok=True)
+    if os.path.lexists(output):
         if not overwrite:  # appeared while we were merging
             raise OutputExistsError(f"output folder {output} appeared while merging; nothing was replaced (the result was discarded)")
-        backup = Path(tempfile.mkdtemp(prefix=f".{output.name}.hfmerge-old-", dir=output.parent))
+        # The old folder waits in an owned backup folder until the new one is in place: a run
+        # killed in between leaves it there, and the next run on this output puts it back.
+        backup = make_temp_folder(output, "old")
         os.rename(output, backup / "old")
         try:
             os.rename(tmp, output)
         except BaseException:
             os.rename(backup / "old", output)
+            shutil.rmtree(backup, ignore_errors=True)
             raise
         shutil.rmtree(backup, ignore_errors=True)
     else:

@@ -128,7 +128,8 @@ def _open(ref: ModelRef, key: str, recipe: Recipe, base: LocalCheckpoint | None 
         from .checkpoints.hub import open_hub_checkpoint
 
         return open_hub_checkpoint(ref, label=_label(key, ref), allow_pickle=recipe.allow_pickle, base=base)
-    return open_local_checkpoint(ref, label=_label(key, ref), allow_pickle=recipe.allow_pickle, base=base)
+    return open_local_checkpoint(ref, label=_label(key, ref), allow_pickle=recipe.allow_pickle, base=base,
+                                 allow_external_symlinks=recipe.allow_external_symlinks)
 
 
 def _open_fisher(path: Path, label: str) -> FisherFile:

@@ -15,16 +15,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .checkpoints.writer import parse_size
-from .errors import HfMergeError, RecipeError
+from .errors import HfMergeError, RecipeError, short_repr
 from .methods import METHODS, MergeMethod, Param
 from .refs import ModelRef, parse_model_ref
 
 TOP_LEVEL_KEYS = (
     "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "config_source",
-    "max_shard_size", "allow_pickle", "allow_nonfinite", "push_to_hub", "tasks",
+    "max_shard_size", "allow_pickle", "allow_external_symlinks", "allow_nonfinite", "push_to_hub", "tasks",
 )
 MODEL_KEYS = ("model", "parameters", "fisher")
 # mergekit keys hfmerge does not implement: reported as such rather than as typos.
@@ -107,6 +105,7 @@ class Recipe:
     config_source: ModelRef | None
     max_shard_size: int
     allow_pickle: bool = False
+    allow_external_symlinks: bool = False  # local checkpoints: follow symlinks out of the model folder
     allow_nonfinite: bool = False
     push_to_hub: str | None = None
     model_defaults: dict[str, ParamValue] = field(default_factory=dict)  # per-model keys given under `parameters`
@@ -137,16 +136,23 @@ def _fail(source: str, path: str, message: str) -> RecipeError:
     return RecipeError(f"{source}: {path}: {message}")
 
 
+def _key_name(key: Any) -> str:
+    """A user-written mapping key as it appears in a key path: itself when it is a short
+    string, else a shortened rendering (a key can be any YAML scalar, of any length)."""
+    return key if isinstance(key, str) and len(key) <= 80 else short_repr(key)
+
+
 def _unknown_key(source: str, where: str, key: Any, allowed: tuple[str, ...]) -> RecipeError:
-    close = difflib.get_close_matches(str(key), allowed, n=1)
+    name = _key_name(key)
+    close = difflib.get_close_matches(name, allowed, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return _fail(source, f"{where}{key}" if where else str(key), f"unknown key{hint} (expected one of: {', '.join(allowed)})")
+    return _fail(source, f"{where}{name}", f"unknown key{hint} (expected one of: {', '.join(allowed)})")
 
 
 def _check_param(source: str, path: str, spec: Param, value: Any) -> Any:
     problem = spec.check(value)
     if problem is not None:
-        raise _fail(source, path, f"got {value!r}; expected {problem}")
+        raise _fail(source, path, f"got {short_repr(value)}; expected {problem}")
     return float(value) if spec.kind is float else value
 
 
@@ -157,7 +163,7 @@ def _is_number(v: Any) -> bool:
 def _setting_value(source: str, path: str, spec: Param, value: Any) -> "float | Gradient":
     if isinstance(value, list):
         if len(value) < 1 or not all(_is_number(v) for v in value):
-            raise _fail(source, path, f"got {value!r}; expected a number or a gradient (a list of numbers)")
+            raise _fail(source, path, f"got {short_repr(value)}; expected a number or a gradient (a list of numbers)")
         return Gradient(tuple(_check_param(source, f"{path}[{i}]", spec, v) for i, v in enumerate(value)))
     return _check_param(source, path, spec, value)
 
@@ -170,10 +176,10 @@ def _model_param_value(source: str, path: str, spec: Param, value: Any) -> Param
         entries = []
         for i, entry in enumerate(value):
             if "value" not in entry or set(entry) - {"filter", "value"}:
-                raise _fail(source, f"{path}[{i}]", f"got {entry!r}; expected {{filter: <substring of tensor names>, value: <number or gradient>}}")
+                raise _fail(source, f"{path}[{i}]", f"got {short_repr(entry)}; expected {{filter: <substring of tensor names>, value: <number or gradient>}}")
             flt = entry.get("filter")
             if flt is not None and not isinstance(flt, str):
-                raise _fail(source, f"{path}[{i}].filter", f"got {flt!r}; expected a string")
+                raise _fail(source, f"{path}[{i}].filter", f"got {short_repr(flt)}; expected a string")
             entries.append((flt, _setting_value(source, f"{path}[{i}].value", spec, entry["value"])))
         return FilteredValue(tuple(entries))
     return _setting_value(source, path, spec, value)
@@ -182,20 +188,20 @@ def _model_param_value(source: str, path: str, spec: Param, value: Any) -> Param
 def _dtype(source: str, key: str, value: Any) -> str | None:
     if value is None:
         return None
-    if value not in DTYPES:
-        raise _fail(source, key, f"got {value!r}; expected one of float32, float16, bfloat16")
+    if not isinstance(value, str) or value not in DTYPES:
+        raise _fail(source, key, f"got {short_repr(value)}; expected one of float32, float16, bfloat16")
     return DTYPES[value]
 
 
 def _bool(source: str, key: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise _fail(source, key, f"got {value!r}; expected true or false")
+        raise _fail(source, key, f"got {short_repr(value)}; expected true or false")
     return value
 
 
 def _ref(source: str, key: str, value: Any, base_dir: Path | None) -> ModelRef:
     if not isinstance(value, str):
-        raise _fail(source, key, f"got {value!r}; expected a model reference (org/name, org/name@revision or a folder)")
+        raise _fail(source, key, f"got {short_repr(value)}; expected a model reference (org/name, org/name@revision or a folder)")
     try:
         return parse_model_ref(value, base_dir=base_dir, field=f"{source}: {key}")
     except HfMergeError:
@@ -214,8 +220,13 @@ def _push_repo(source: str, value: Any) -> str | None:
         except HfMergeError:
             ref = None
     if ref is None or ref.repo_id is None or ref.revision is not None:
-        raise _fail(source, "push_to_hub", f"got {value!r}; expected a Hub repo id org/name")
+        raise _fail(source, "push_to_hub", f"got {short_repr(value)}; expected a Hub repo id org/name")
     return ref.repo_id
+
+
+def _identity(ref: ModelRef) -> str:
+    """What makes two references the same model: the resolved folder, or repo id and revision."""
+    return str(ref.path) if ref.is_local else f"{ref.repo_id}@{ref.revision or ''}"
 
 
 def _tasks(value: Any, source: str, base_dir: Path | None, models: list[ModelSpec]) -> tuple[list, list[int | None]]:
@@ -236,7 +247,7 @@ def _check_method_data(source: str, name: str, method: MergeMethod, models: list
         lacking = [m for m in models if m.task is None]
         if lacking:
             raise _fail(source, "tasks", f"merge_method {name!r} needs one task per fine-tuned model: {len(tasks)} task(s) for {len(models)} model(s), "
-                        f"{lacking[0].key} ({lacking[0].ref.text!r}) has none; list the tasks in the models' order or give each task a `model:` key")
+                        f"{lacking[0].key} ({short_repr(lacking[0].ref.text)}) has none; list the tasks in the models' order or give each task a `model:` key")
         if "weight" in model_defaults:
             raise _fail(source, "parameters.weight", f"merge_method {name!r} searches every λ_i; fix them per model (models[].parameters.weight, "
                         "then the search is skipped) rather than globally")
@@ -258,7 +269,7 @@ def _check_method_data(source: str, name: str, method: MergeMethod, models: list
             if len(point) != len(models):
                 raise _fail(source, "parameters.enqueue", f"point {j} has {len(point)} value(s) for {len(models)} model(s); give one λ per model")
             if any(not parameters["low"] <= v <= parameters["high"] for v in point):
-                raise _fail(source, "parameters.enqueue", f"point {j} {point} leaves the bounds [{parameters['low']}, {parameters['high']}]")
+                raise _fail(source, "parameters.enqueue", f"point {j} {short_repr(point)} leaves the bounds [{parameters['low']}, {parameters['high']}]")
         return
     if method.needs_importance:
         for m in models:
@@ -284,17 +295,19 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
         raise RecipeError(f"{source}: expected a YAML mapping with merge_method, base_model and models, got {type(data).__name__}")
     for key in data:
         if key in UNSUPPORTED_MERGEKIT_KEYS:
-            raise _fail(source, str(key), UNSUPPORTED_MERGEKIT_KEYS[key])
+            raise _fail(source, key, UNSUPPORTED_MERGEKIT_KEYS[key])
         if key not in TOP_LEVEL_KEYS:
             raise _unknown_key(source, "", key, TOP_LEVEL_KEYS)
 
     name = data.get("merge_method")
     if name is None:
         raise _fail(source, "merge_method", f"missing; expected one of {', '.join(sorted(METHODS))}")
+    if not isinstance(name, str):
+        raise _fail(source, "merge_method", f"got {short_repr(name)}; expected a method name, one of {', '.join(sorted(METHODS))}")
     if name not in METHODS:
-        close = difflib.get_close_matches(str(name), list(METHODS), n=1)
+        close = difflib.get_close_matches(name, list(METHODS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise _fail(source, "merge_method", f"unknown method {name!r}{hint}; expected one of {', '.join(sorted(METHODS))}")
+        raise _fail(source, "merge_method", f"unknown method {short_repr(name)}{hint}; expected one of {', '.join(sorted(METHODS))}")
     method = METHODS[name]
 
     base = _ref(source, "base_model", data["base_model"], base_dir) if data.get("base_model") is not None else None
@@ -305,44 +318,49 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
     if raw_models is None:
         raise _fail(source, "models", "missing; expected a list of fine-tuned models, each {model: <reference>}")
     if not isinstance(raw_models, list) or not raw_models:
-        raise _fail(source, "models", f"got {raw_models!r}; expected a non-empty list of {{model: <reference>}}")
+        raise _fail(source, "models", f"got {short_repr(raw_models)}; expected a non-empty list of {{model: <reference>}}")
     models: list[ModelSpec] = []
     seen: dict[str, str] = {}
+    base_identity = _identity(base) if base is not None else None
     for i, entry in enumerate(raw_models):
         key = f"models[{i}]"
         if isinstance(entry, str):  # shorthand: a bare reference
             entry = {"model": entry}
         if not isinstance(entry, dict):
-            raise _fail(source, key, f"got {entry!r}; expected {{model: <reference>, parameters: {{...}}}}")
+            raise _fail(source, key, f"got {short_repr(entry)}; expected {{model: <reference>, parameters: {{...}}}}")
         for k in entry:
             if k not in MODEL_KEYS:
                 raise _unknown_key(source, f"{key}.", k, MODEL_KEYS)
         if "model" not in entry:
             raise _fail(source, f"{key}.model", "missing; expected a model reference")
         ref = _ref(source, f"{key}.model", entry["model"], base_dir)
-        identity = str(ref.path) if ref.is_local else f"{ref.repo_id}@{ref.revision or ''}"
-        if base is not None and identity == (str(base.path) if base.is_local else f"{base.repo_id}@{base.revision or ''}"):
-            # mergekit lets the base appear among the models; it contributes no task vector.
+        identity = _identity(ref)
+        if identity == base_identity and method.needs_base:
+            # A method on task vectors: the base listed among the models has τ = 0 and is
+            # skipped, as mergekit skips it. Methods that average models (needs_base false)
+            # keep it: it is averaged with its weight, as mergekit's linear does.
             continue
         if identity in seen:
-            raise _fail(source, f"{key}.model", f"{entry['model']!r} is the same model as {seen[identity]}; list each model once")
+            raise _fail(source, f"{key}.model", f"{short_repr(entry['model'])} is the same model as {seen[identity]}; list each model once")
         seen[identity] = f"{key}.model"
-        params_in = entry.get("parameters") or {}
+        params_in = entry.get("parameters")
+        if params_in is None:
+            params_in = {}
         if not isinstance(params_in, dict):
-            raise _fail(source, f"{key}.parameters", f"got {params_in!r}; expected a mapping")
+            raise _fail(source, f"{key}.parameters", f"got {short_repr(params_in)}; expected a mapping")
         allowed = tuple(p.name for p in method.per_model)
         params: dict[str, ParamValue] = {}
         for pk, pv in params_in.items():
             spec = method.model_param(pk)
             if spec is None:
-                raise _fail(source, f"{key}.parameters.{pk}", f"not a per-model parameter of {name!r}" + (f" (expected one of: {', '.join(allowed)})" if allowed else " (it takes none)"))
+                raise _fail(source, f"{key}.parameters.{_key_name(pk)}", f"not a per-model parameter of {name!r}" + (f" (expected one of: {', '.join(allowed)})" if allowed else " (it takes none)"))
             params[pk] = _model_param_value(source, f"{key}.parameters.{pk}", spec, pv)
         fisher = None
         if "fisher" in entry:
             if not method.needs_importance:
                 raise _fail(source, f"{key}.fisher", f"merge_method {name!r} does not use Fisher files")
             if not isinstance(entry["fisher"], str):
-                raise _fail(source, f"{key}.fisher", f"got {entry['fisher']!r}; expected the path of a safetensors Fisher file")
+                raise _fail(source, f"{key}.fisher", f"got {short_repr(entry['fisher'])}; expected the path of a safetensors Fisher file")
             fisher = Path(entry["fisher"]).expanduser()
             if not fisher.is_absolute() and base_dir is not None:
                 fisher = base_dir / fisher
@@ -351,10 +369,11 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
         models.append(ModelSpec(key, ref, params, fisher))
     if not models:
         raise _fail(source, "models", "lists only the base model; add at least one fine-tuned model")
-
-    params_in = data.get("parameters") or {}
+    params_in = data.get("parameters")
+    if params_in is None:
+        params_in = {}
     if not isinstance(params_in, dict):
-        raise _fail(source, "parameters", f"got {params_in!r}; expected a mapping")
+        raise _fail(source, "parameters", f"got {short_repr(params_in)}; expected a mapping")
     parameters: dict[str, Any] = {p.name: p.default for p in method.params}
     parameters.update(method.fixed)
     allowed = tuple(p.name for p in method.params)
@@ -369,8 +388,17 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
                 model_defaults[pk] = _model_param_value(source, f"parameters.{pk}", method.model_param(pk), pv)
                 continue
             extra = f" ({name!r} fixes {pk} = {method.fixed[pk]!r})" if pk in method.fixed else ""
-            raise _fail(source, f"parameters.{pk}", f"not a parameter of {name!r}{extra}" + (f"; expected one of: {', '.join(allowed)}" if allowed else ""))
+            raise _fail(source, f"parameters.{_key_name(pk)}", f"not a parameter of {name!r}{extra}" + (f"; expected one of: {', '.join(allowed)}" if allowed else ""))
         parameters[pk] = _check_param(source, f"parameters.{pk}", spec, pv)
+    if base_identity is not None and method.fixed.get("include_base") and base_identity not in seen:
+        # mergekit's linear adds an unlisted base_model to the average with the global weight
+        # (and fails without one): do the same, and say clearly when there is no weight to use.
+        if "weight" not in model_defaults:
+            raise _fail(source, "base_model", f"merge_method {name!r} averages base_model with the models, as mergekit does, but it is "
+                        "not listed under models and parameters.weight is not set: list it under models with its weight, set "
+                        "parameters.weight, or use merge_method: average, where an unlisted base_model only supplies the tensor "
+                        "names, config and tokenizer")
+        models.insert(0, ModelSpec("base_model", base, {}))
 
     dtype = _dtype(source, "dtype", data.get("dtype"))
     out_dtype = _dtype(source, "out_dtype", data.get("out_dtype")) or dtype
@@ -391,8 +419,11 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
         # Without a base model, config and tokenizer come from the first model.
         tokenizer_source = tokenizer_source or models[0].ref
         config_source = config_source or models[0].ref
+    shard_size = data.get("max_shard_size", DEFAULT_MAX_SHARD_SIZE)
+    if isinstance(shard_size, bool) or not isinstance(shard_size, (int, str)) or (isinstance(shard_size, str) and len(shard_size) > 32):
+        raise _fail(source, "max_shard_size", f"got {short_repr(shard_size)}; expected a size such as '5GB', '500MiB' or a number of bytes")
     try:
-        max_shard = parse_size(data.get("max_shard_size", DEFAULT_MAX_SHARD_SIZE), field=f"{source}: max_shard_size")
+        max_shard = parse_size(shard_size, field=f"{source}: max_shard_size")
     except HfMergeError as exc:
         raise RecipeError(str(exc)) from None
     tasks, owners = _tasks(data.get("tasks"), source, base_dir, models)
@@ -403,6 +434,7 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
         method=method, base=base, models=models, parameters=parameters, out_dtype=out_dtype,
         tokenizer_source=tokenizer_source, config_source=config_source, max_shard_size=max_shard,
         allow_pickle=_bool(source, "allow_pickle", data.get("allow_pickle", False)),
+        allow_external_symlinks=_bool(source, "allow_external_symlinks", data.get("allow_external_symlinks", False)),
         allow_nonfinite=_bool(source, "allow_nonfinite", data.get("allow_nonfinite", False)),
         push_to_hub=_push_repo(source, data.get("push_to_hub")),
         model_defaults=model_defaults,
@@ -412,17 +444,22 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file. Relative model paths are resolved against its folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
-    from .evaluation.tasks import yaml_loader
+    """Read and validate a recipe file. Relative model paths are resolved against its folder.
 
-    try:
-        # Safe loading; harness `!function` tags are read as markers so tasks can reject them clearly.
-        data = yaml.load(path.read_text(), Loader=yaml_loader())  # noqa: S506
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    Args:
+        path: The recipe's YAML file.
+
+    Raises:
+        RecipeError: The file is missing, not UTF-8 YAML, larger than 1 MiB or past 100,000
+            values once its aliases are expanded (checked before the document is built), or the
+            recipe is invalid; the message names the file and the key path.
+    """
+    path = Path(path)
+    from .evaluation.tasks import load_yaml_file
+
+    # Safe loading, bounded in size and alias expansion; harness `!function` tags are read as
+    # markers so tasks can reject them clearly.
+    data = load_yaml_file(path, error=RecipeError)
     recipe = parse_recipe(data, source=str(path), base_dir=path.parent.resolve())
     recipe.path = path
     return recipe

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelReferenceError
+from .errors import ModelReferenceError, short_repr
 
 # Hub repo ids: an optional namespace and a name of letters, digits, '-', '_', '.'.
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -40,6 +40,14 @@ class ModelRef:
         return self.text
 
 
+def _is_dir(path: Path) -> bool:
+    """`Path.is_dir`, but False for a name the OS refuses (too long, say) instead of raising."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def parse_model_ref(text: str, *, base_dir: Path | None = None, field: str = "model") -> ModelRef:
     """Parse a model reference.
 
@@ -59,7 +67,7 @@ def parse_model_ref(text: str, *, base_dir: Path | None = None, field: str = "mo
         ModelReferenceError: If the text is neither a local path nor a valid repo id.
     """
     if not isinstance(text, str) or not text.strip():
-        raise ModelReferenceError(f"{field}: expected a model reference (org/name, org/name@revision or a folder), got {text!r}")
+        raise ModelReferenceError(f"{field}: expected a model reference (org/name, org/name@revision or a folder), got {short_repr(text)}")
     text = text.strip()
     explicit_path = text.startswith(("/", "./", "../", "~")) or text in (".", "..")
     candidates = []
@@ -68,7 +76,7 @@ def parse_model_ref(text: str, *, base_dir: Path | None = None, field: str = "mo
         candidates.append(base_dir / expanded)
     candidates.append(expanded)
     for candidate in candidates:
-        if candidate.is_dir():
+        if _is_dir(candidate):
             return ModelRef(text=text, path=candidate.resolve())
     if explicit_path:
         # Keep the path so that the reader reports "folder not found" with the full path.
@@ -76,9 +84,9 @@ def parse_model_ref(text: str, *, base_dir: Path | None = None, field: str = "mo
     repo_id, _, revision = text.partition("@")
     if not _REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id:
         raise ModelReferenceError(
-            f"{field}: {text!r} is neither an existing folder nor a Hub repo id "
+            f"{field}: {short_repr(text)} is neither an existing folder nor a Hub repo id "
             "(expected org/name, org/name@revision, or a path such as ./models/base)"
         )
     if "@" in text and not revision:
-        raise ModelReferenceError(f"{field}: {text!r} has an empty revision after '@'")
+        raise ModelReferenceError(f"{field}: {short_repr(text)} has an empty revision after '@'")
     return ModelRef(text=text, repo_id=repo_id, revision=revision or None)

@@ -11,8 +11,10 @@ Storage is git-like: every commit is an immutable snapshot ``{path: FileEntry}``
 File contents live once on disk, addressed by sha256; ETags follow the Hub (sha256 for LFS
 files, git-blob sha1 for regular files).
 
-Tests steer it through plain attributes (``tokens``, ``require_auth_for_writes``, ...), a
-thread-safe fault list (``faults`` / ``fail_next`` / ``drop_connection_after`` / ``set_delay``),
+Tests steer it through plain attributes (``tokens``, ``require_auth_for_writes``, ...), token
+identities that whoami reports and the write endpoints enforce (``add_token``: read, write or
+fine-grained tokens, organizations), a thread-safe fault list (``faults`` / ``fail_next`` /
+``drop_connection_after`` / ``set_delay`` / ``fail_commits``),
 a request log (``requests``) and helpers that seed repos without HTTP (``create_repo_direct``,
 ``commit_direct``, ``tag``, ``head_sha``...).
 
@@ -48,6 +50,7 @@ __all__ = [
     "HubError",
     "HubServer",
     "RequestRecord",
+    "TokenProfile",
     "git_blob_sha1",
 ]
 
@@ -198,6 +201,10 @@ class Fault:
     - `drop_after`: handle the request, send the headers and the first `drop_after` body bytes,
       then close the socket (the client sees a truncated body).
     - `delay`: sleep this many seconds before answering (combines with the above).
+    - `corrupt`: serve a `/resolve` body with one byte flipped (same length, same headers),
+      as if damaged in transit.
+    - `ranged`: True matches only requests with a `Range` header, False only those without
+      (e.g. a whole-file download but not a header range read of the same file); None: both.
     `times` is how many requests it applies to (None: forever); `hits` counts them.
     """
 
@@ -209,20 +216,24 @@ class Fault:
     headers: dict[str, str] = field(default_factory=dict)
     drop_after: int | None = None
     delay: float = 0.0
+    corrupt: bool = False
+    ranged: bool | None = None
     times: int | None = 1
     hits: int = 0
 
     @property
     def is_action(self) -> bool:
         """True for faults that change the answer (status or dropped body), not just its timing."""
-        return self.status is not None or self.drop_after is not None
+        return self.status is not None or self.drop_after is not None or self.corrupt
 
     @property
     def exhausted(self) -> bool:
         return self.times is not None and self.hits >= self.times
 
-    def matches(self, method: str, path: str, target: str) -> bool:
+    def matches(self, method: str, path: str, target: str, ranged: bool = False) -> bool:
         if self.method is not None and self.method.upper() != method:
+            return False
+        if self.ranged is not None and self.ranged != ranged:
             return False
         # A dropped body needs a body: never let a HEAD consume a drop fault.
         if self.drop_after is not None and self.method is None and method == "HEAD":
@@ -259,13 +270,13 @@ class FaultSet:
         with self._lock:
             return [f for f in self._faults if not f.exhausted]
 
-    def take(self, method: str, path: str, target: str) -> tuple[float, Fault | None]:
+    def take(self, method: str, path: str, target: str, ranged: bool = False) -> tuple[float, Fault | None]:
         """Consume the faults matching a request: (total delay, action fault or None)."""
         delay = 0.0
         action: Fault | None = None
         with self._lock:
             for fault in self._faults:
-                if fault.exhausted or not fault.matches(method, path, target):
+                if fault.exhausted or not fault.matches(method, path, target, ranged):
                     continue
                 if fault.is_action:
                     if action is not None:
@@ -306,6 +317,44 @@ class RequestRecord:
 
 
 # ----------------------------------------------------------------------------------------------
+# Token identities (whoami) for publishing tests
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenProfile:
+    """What `/api/whoami-v2` says about a token, and what the write endpoints then allow.
+
+    - `role`: "read", "write" or "fineGrained" (the Hub's access-token roles).
+    - `orgs`: (organization, roleInOrg) pairs; roleInOrg is "admin", "write", "contributor" or "read".
+    - `scoped`: for fine-grained tokens, (entity type, entity name, permissions) triples, the
+      entity being a "user", an "org" or a repo ("model" with `ns/name`); `repo.write` grants writes.
+    """
+
+    user: str
+    role: str = "write"
+    orgs: tuple[tuple[str, str], ...] = ()
+    scoped: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+
+    def can_write(self, repo_id: str | None = None) -> bool:
+        """Whether this token may write to `repo_id` (None: anywhere, judging by the role alone)."""
+        if self.role == "read":
+            return False
+        namespace = repo_id.split("/", 1)[0] if repo_id else None
+        if namespace is not None:
+            org_roles = dict(self.orgs)
+            if namespace != self.user and org_roles.get(namespace, "read") == "read":
+                return False
+        if self.role == "fineGrained":
+            return any(
+                "repo.write" in perms
+                and (namespace is None or name in (namespace, repo_id))
+                for _, name, perms in self.scoped
+            )
+        return True
+
+
+# ----------------------------------------------------------------------------------------------
 # The server
 # ----------------------------------------------------------------------------------------------
 
@@ -339,6 +388,9 @@ class HubServer:
         """Restore the default behaviour knobs."""
         # None: any bearer token is valid. A set: only those tokens; others get 401.
         self.tokens: set[str] | None = None
+        # Who a token is and what it may do (see `add_token`); tokens not listed are write
+        # tokens of `username`.
+        self.token_profiles: dict[str, TokenProfile] = {}
         self.require_auth_for_writes: bool = True
         # Files at least this big (or with an LFS extension, or binary) are uploaded as LFS.
         self.lfs_threshold: int = 10 * 1024 * 1024
@@ -443,6 +495,13 @@ class HubServer:
         """Send the headers and the first `nbytes` of the body of matching answers, then close the socket."""
         return self.faults.add(Fault(method=method, path_contains=path_contains, drop_after=nbytes, times=times))
 
+    def corrupt_next(
+        self, path_contains: str | None = None, times: int | None = 1, *, ranged: bool | None = False
+    ) -> Fault:
+        """Serve the next `times` matching file downloads (GET `/resolve`, by default whole-file ones
+        only, not range reads) with one byte flipped: same length and headers, wrong content."""
+        return self.faults.add(Fault(method="GET", path_contains=path_contains, corrupt=True, times=times, ranged=ranged))
+
     def set_delay(
         self, seconds: float, path_contains: str | None = None, method: str | None = None, times: int | None = None
     ) -> Fault:
@@ -468,6 +527,74 @@ class HubServer:
 
     def token_is_valid(self, token: str | None) -> bool:
         return bool(token) and (self.tokens is None or token in self.tokens)
+
+    # -- publishing: token identities and failed commits ---------------------------------------
+
+    def add_token(
+        self,
+        token: str,
+        *,
+        user: str | None = None,
+        role: str = "write",
+        orgs: Mapping[str, str] | None = None,
+        scoped: Iterable[tuple[str, str, Iterable[str]]] = (),
+    ) -> str:
+        """Register `token` as belonging to `user` (default: `username`) with a role, orgs and scopes.
+
+        whoami then describes it accordingly, and commits, repo creation and the other write
+        endpoints answer 403 where it has no write access. Returns the token.
+        """
+        if role not in ("read", "write", "fineGrained"):
+            raise ValueError(f"unknown token role {role!r}")
+        self.token_profiles[token] = TokenProfile(
+            user=user or self.username,
+            role=role,
+            orgs=tuple((orgs or {}).items()),
+            scoped=tuple((kind, name, tuple(perms)) for kind, name, perms in scoped),
+        )
+        if self.tokens is not None:
+            self.tokens.add(token)
+        return token
+
+    def token_profile(self, token: str) -> TokenProfile:
+        return self.token_profiles.get(token) or TokenProfile(user=self.username)
+
+    def whoami_answer(self, token: str) -> dict[str, Any]:
+        """The `/api/whoami-v2` body for a valid token, shaped like the Hub's."""
+        profile = self.token_profile(token)
+        access: dict[str, Any] = {"displayName": "hfmerge-tests", "role": profile.role, "createdAt": "2024-01-01T00:00:00.000Z"}
+        if profile.role == "fineGrained":
+            access["fineGrained"] = {
+                "canReadGatedRepos": True,
+                "global": [],
+                "scoped": [
+                    {"entity": {"_id": hashlib.sha1(name.encode()).hexdigest()[:24], "type": kind, "name": name}, "permissions": list(perms)}
+                    for kind, name, perms in profile.scoped
+                ],
+            }
+        return {
+            "type": "user",
+            "id": hashlib.sha1(profile.user.encode()).hexdigest()[:24],
+            "name": profile.user,
+            "fullname": "Test User",
+            "email": None,
+            "canPay": False,
+            "isPro": False,
+            "orgs": [
+                {"type": "org", "id": hashlib.sha1(org.encode()).hexdigest()[:24], "name": org, "fullname": org, "roleInOrg": role}
+                for org, role in profile.orgs
+            ],
+            "auth": {"type": "access_token", "accessToken": access},
+        }
+
+    def fail_commits(self, status: int = 500, repo_id: str | None = None, times: int | None = None) -> Fault:
+        """Make the commit POST fail with `status` (every time by default), e.g. on a repo a push just created.
+
+        Repo creation and the LFS uploads before the commit still succeed, which is what a push
+        sees when the Hub breaks mid-way: a new, empty repo and a refused commit.
+        """
+        where = f"/api/models/{repo_id}/commit/" if repo_id else "/commit/"
+        return self.fail_next("POST", where, status, times)
 
     # -- blob store -------------------------------------------------------------------------
 
@@ -917,6 +1044,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._sent = 0
         self._logged = False
         self._drop_after: int | None = None
+        self._corrupt = False
         self._method = method
         target = self.path
         split = urlsplit(target)
@@ -935,7 +1063,7 @@ class _Handler(BaseHTTPRequestHandler):
             # Logged before answering: once the client has its answer, the record is there.
             self.hub._record(self._entry)
             self._logged = True
-            delay, fault = self.hub.faults.take(method, path, target)
+            delay, fault = self.hub.faults.take(method, path, target, ranged=self._entry.range is not None)
             if delay > 0:
                 self.hub._stop_event.wait(delay)
             if fault is not None and fault.status is not None:
@@ -943,6 +1071,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HubError(fault.status, code, fault.message or f"Injected {fault.status} ({code})", fault.headers)
             if fault is not None and fault.drop_after is not None:
                 self._drop_after = fault.drop_after
+            self._corrupt = fault is not None and fault.corrupt
             self._dispatch(method, split.path, parse_qs(split.query, keep_blank_values=True), body)
         except HubError as err:
             try:
@@ -1105,6 +1234,8 @@ class _Handler(BaseHTTPRequestHandler):
     ) -> tuple[Repo, str | None]:
         """Look up a repo and check access. `content` reads (file bytes) are also subject to gating."""
         token = self._require_write() if write else self._auth()
+        if write:
+            self._check_write_scope(token, repo_id)
         repo = self.hub._repos.get((repo_type, repo_id))
         if repo is None or (repo.private and token is None):
             raise HubError(
@@ -1122,6 +1253,11 @@ class _Handler(BaseHTTPRequestHandler):
             )
         return repo, token
 
+    def _check_write_scope(self, token: str | None, repo_id: str) -> None:
+        """403 when a token registered with `add_token` may not write to `repo_id`."""
+        if token is not None and not self.hub.token_profile(token).can_write(repo_id):
+            raise HubError(403, "Forbidden", f"You don't have the rights to write to {repo_id}")
+
     def _rev(self, repo: Repo, revision: str) -> str:
         sha = repo.resolve(revision)
         if sha is None:
@@ -1134,19 +1270,7 @@ class _Handler(BaseHTTPRequestHandler):
         token = self._auth()
         if token is None:
             raise HubError(401, "Unauthorized", "Invalid credentials in Authorization header")
-        self._send_json(
-            {
-                "type": "user",
-                "id": "0" * 24,
-                "name": self.hub.username,
-                "fullname": "Test User",
-                "email": None,
-                "canPay": False,
-                "isPro": False,
-                "orgs": [],
-                "auth": {"type": "access_token", "accessToken": {"displayName": "hfmerge-tests", "role": "write"}},
-            }
-        )
+        self._send_json(self.hub.whoami_answer(token))
 
     def _repo_info(self, repo_type: str, repo_id: str, revision: str, query: dict[str, list[str]]) -> None:
         repo, _ = self._repo(repo_type, repo_id)
@@ -1365,11 +1489,22 @@ class _Handler(BaseHTTPRequestHandler):
                 chunk = f.read(min(_CHUNK, remaining))
                 if not chunk:
                     raise RuntimeError(f"blob {entry.sha256} shorter than recorded size")
+                if self._corrupt:
+                    chunk = self._corrupted(chunk, length - remaining, length)
                 self._write(chunk)
                 remaining -= len(chunk)
         if self._drop_after is not None:
             self.wfile.flush()
             raise _DropConnection()
+
+    @staticmethod
+    def _corrupted(chunk: bytes, offset: int, length: int) -> bytes:
+        """`chunk` (at `offset` in a body of `length` bytes) with the body's middle byte flipped."""
+        middle = length // 2
+        if not offset <= middle < offset + len(chunk):
+            return chunk
+        i = middle - offset
+        return chunk[:i] + bytes([chunk[i] ^ 0xFF]) + chunk[i + 1 :]
 
     @staticmethod
     def _parse_range(header: str, size: int) -> tuple[int, int]:
@@ -1410,6 +1545,7 @@ class _Handler(BaseHTTPRequestHandler):
             _check_repo_id(repo_id, repo_type)
         except ValueError as err:
             raise HubError(400, "BadRequest", str(err)) from None
+        self._check_write_scope(self._token(), repo_id)
         private = payload.get("visibility") == "private" or bool(payload.get("private"))
         url = self.hub.repo_url(repo_id, repo_type)
         try:

@@ -160,8 +160,11 @@ def test_503_on_a_header_read_is_retried(hub, hub_family, tmp_path):
     assert statuses[0] == 503 and statuses[1] == 206 and plan.base.tensors and plan.models[0].tensors
 
 
-def test_persistent_503_is_reported_clearly(hub, hub_family, tmp_path):
-    # The client retries the HEAD with backoff (about 23 s) before giving up.
+def test_persistent_503_is_reported_clearly(hub, hub_family, tmp_path, monkeypatch):
+    # Every try fails; the retry policy's waits are shortened so the test stays fast.
+    import hfmerge.checkpoints.hub as hub_module
+
+    monkeypatch.setattr(hub_module, "RETRY_POLICY", hub_module.RetryPolicy(attempts=3, base_wait_s=0.01, max_wait_s=0.02))
     repos, _ = hub_family
     recipe = write_recipe(tmp_path / "r.yaml", merge_method="task_arithmetic", base_model=repos["base"], models=[{"model": repos["a"]}])
     plan = build_plan(load_recipe(recipe))

@@ -48,7 +48,10 @@ def test_push_round_trip_one_commit_card_and_from_pretrained(hub, hf_token, t5, 
     assert len(hub.commit_history(target)) == 3
 
 
-def test_push_without_auth_gives_the_login_message_and_leaves_the_repo_unchanged(hub, t5, tmp_path, capsys, monkeypatch):
+def test_commit_refused_with_401_gives_the_login_message_and_leaves_the_repo_unchanged(hub, hf_token, t5, tmp_path, capsys):
+    # The token passes the early check (whoami) but the Hub refuses the commit, e.g. because the
+    # token was revoked during the merge. A missing token fails before the merge instead
+    # (test_publish_safety.py).
     target = hub.unique_repo_id("locked")
     hub.create_repo_direct(target, {"README.md": b"original\n"})
     before = hub.head_sha(target)

@@ -7,12 +7,20 @@ are refused unless the recipe sets ``allow_pickle: true``; even then they are lo
 
 Tensors are read with plain positioned reads, one at a time, so memory holds only the
 tensors in flight (no memory-mapped pages of the whole file).
+
+Symbolic links are followed only where they stay inside the checkpoint (`confinement_root`):
+a file that hfmerge reads or copies (weights, index, config, tokenizer, model card) and whose
+real path lies outside the folder is refused, unless the recipe sets
+``allow_external_symlinks: true``. A Hub checkpoint's files must lie inside that repo's folder
+of the Hugging Face cache (whose snapshot files are links into its ``blobs/``) or in the
+low-disk scratch folder; no recipe key relaxes that.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +57,60 @@ def safe_relative_path(name: str, *, source: str) -> str:
     return name
 
 
+# The recipe key that lets a local checkpoint's symlinks lead out of its folder.
+ALLOW_EXTERNAL_SYMLINKS = "allow_external_symlinks"
+
+
+def confinement_root(folder: Path) -> Path:
+    """The real folder that a checkpoint's files must resolve into.
+
+    That is the folder itself, except for a snapshot of the Hugging Face cache
+    (``models--org--name/snapshots/<commit>``, a Hub checkpoint or a local path into the cache),
+    whose files are links to ``../../blobs/``: there it is the repo's cache folder.
+    """
+    real = Path(os.path.realpath(folder))
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith(("models--", "datasets--", "spaces--")):
+        return real.parent.parent
+    return real
+
+
+def check_inside(path: Path, roots: list[Path], *, label: str, allow_external: bool = False, hub: bool = False) -> None:
+    """Refuse a file whose real path (symlinks resolved) lies outside every one of `roots`.
+
+    Args:
+        path: The file as the checkpoint names it; a missing file passes (its reader reports it).
+        roots: Real folders, as `confinement_root` gives them.
+        label: How messages name the model.
+        allow_external: The recipe's ``allow_external_symlinks`` (ignored for Hub checkpoints).
+        hub: The file belongs to a Hub checkpoint.
+
+    Raises:
+        CheckpointError: The file leads outside, naming it, its target and the recipe key.
+    """
+    if not os.path.lexists(path):
+        return
+    real = Path(os.path.realpath(path))
+    if any(real == root or root in real.parents for root in roots):
+        return
+    if hub:
+        raise CheckpointError(
+            f"{label}: {path} resolves to {real}, outside this repo's folder of the Hugging Face cache ({roots[0]}); "
+            "the cache has been altered: delete that folder and run again to download the repo afresh"
+        )
+    if allow_external:
+        return
+    raise CheckpointError(
+        f"{label}: {path} leads through a symbolic link to {real}, outside the model folder {roots[0]}; hfmerge follows links only inside "
+        f"the folder. Copy the file into the folder, or set `{ALLOW_EXTERNAL_SYMLINKS}: true` in the recipe to follow it"
+    )
+
+
+def _side_files() -> tuple[str, ...]:
+    from .hub import SIDE_FILES  # config, tokenizer and model card files: read in the plan or copied to the output
+
+    return SIDE_FILES
+
+
 @dataclass
 class LocalCheckpoint:
     """A checkpoint in a local folder, opened header-only.
@@ -70,6 +132,26 @@ class LocalCheckpoint:
     format: str = "safetensors"
     _pickle_cache: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        # A Hub checkpoint's folder is its cache snapshot: everything already there (config,
+        # tokenizer, index; offline, the shards too) must resolve inside that repo's cache folder.
+        # Local folders are checked file by file as they are opened (`open_local_checkpoint`).
+        if self.ref.repo_id is None or not self.folder.is_dir():
+            return
+        for parent, dirs, files in os.walk(self.folder):
+            for name in (*dirs, *files):
+                self._confined(Path(parent) / name)
+
+    def _confined(self, path: Path) -> Path:
+        """`path`, after checking that a Hub checkpoint's file lies in its cache or scratch folder."""
+        if self.ref.repo_id is not None:
+            roots = [confinement_root(self.folder)]
+            scratch = getattr(self, "scratch", None)  # low-disk downloads (HubCheckpoint)
+            if scratch is not None:
+                roots.append(Path(os.path.realpath(scratch)))
+            check_inside(path, roots, label=self.label, hub=True)
+        return path
+
     @property
     def files(self) -> list[Path]:
         return sorted({info.file for info in self.tensors.values()})
@@ -89,7 +171,7 @@ class LocalCheckpoint:
         if info.numel == 0:
             return torch.empty(info.shape, dtype=dtype)
         buf = bytearray(info.nbytes)
-        with open(self.local_file(info), "rb") as f:
+        with open(self._confined(self.local_file(info)), "rb") as f:
             f.seek(info.begin)
             got = f.readinto(buf)
         if got != info.nbytes:
@@ -103,7 +185,7 @@ class LocalCheckpoint:
     def _read_pickle(self, info: TensorInfo) -> torch.Tensor:
         state = self._pickle_cache.get(info.file)
         if state is None:
-            state = _load_pickle(self.local_file(info), self.label)
+            state = _load_pickle(self._confined(self.local_file(info)), self.label)
             self._pickle_cache.clear()  # keep one shard's state at a time
             self._pickle_cache[info.file] = state
         return state[info.name]
@@ -120,16 +202,16 @@ def _load_pickle(path: Path, label: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _pickle_infos(folder: Path, label: str) -> dict[str, TensorInfo]:
+def _pickle_infos(folder: Path, label: str, inside: Callable[[Path], Path]) -> dict[str, TensorInfo]:
     index = folder / PICKLE_INDEX
     if index.is_file():
-        weight_map = _read_index(index, label)
+        weight_map = _read_index(inside(index), label)
         files = sorted(set(weight_map.values()))
     else:
         files = [PICKLE_SINGLE]
     infos: dict[str, TensorInfo] = {}
     for fname in files:
-        path = folder / fname
+        path = inside(folder / fname)
         if not path.is_file():
             raise CheckpointError(f"{label}: {fname} is listed in {PICKLE_INDEX} but missing from {folder}")
         for name, t in _load_pickle(path, label).items():
@@ -150,7 +232,8 @@ def _read_index(path: Path, label: str) -> dict[str, str]:
     return weight_map
 
 
-def open_local_checkpoint(ref: ModelRef, *, label: str, allow_pickle: bool = False, base: LocalCheckpoint | None = None) -> LocalCheckpoint:
+def open_local_checkpoint(ref: ModelRef, *, label: str, allow_pickle: bool = False, base: LocalCheckpoint | None = None,
+                          allow_external_symlinks: bool = False) -> LocalCheckpoint:
     """Open a local checkpoint folder, reading headers only.
 
     A folder with ``adapter_config.json`` is a PEFT adapter (as for transformers' own
@@ -161,10 +244,12 @@ def open_local_checkpoint(ref: ModelRef, *, label: str, allow_pickle: bool = Fal
         label: How messages name the model (e.g. ``"models[1].model (./rte)"``).
         allow_pickle: Accept ``pytorch_model.bin`` checkpoints (loaded with ``weights_only=True``).
         base: The recipe's opened base checkpoint, which an adapter is applied to.
+        allow_external_symlinks: Follow symlinks that lead out of the folder (the recipe key).
 
     Raises:
         CheckpointError: Missing folder or config, no weights, a pickle-only folder without
-            ``allow_pickle``, a corrupted header or index, an adapter without `base`.
+            ``allow_pickle``, a corrupted header or index, an adapter without `base`, a file
+            that is a symlink out of the folder without ``allow_external_symlinks``.
     """
     assert ref.path is not None
     folder = ref.path
@@ -172,11 +257,22 @@ def open_local_checkpoint(ref: ModelRef, *, label: str, allow_pickle: bool = Fal
         raise CheckpointError(f"{label}: folder {folder} does not exist; check the path in the recipe")
     if not folder.is_dir():
         raise CheckpointError(f"{label}: {folder} is a file, expected a checkpoint folder holding config.json and safetensors weights")
-    from .lora import is_adapter_folder, open_local_adapter
+    from .lora import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_SAFE, is_adapter_folder, open_local_adapter
 
+    roots = [confinement_root(folder)]
+
+    def inside(path: Path) -> Path:
+        # Checked before the file is first opened, so nothing outside the folder is read unless allowed.
+        check_inside(path, roots, label=label, allow_external=allow_external_symlinks)
+        return path
+
+    for name in _side_files():
+        inside(folder / name)
     if is_adapter_folder(folder):
+        inside(folder / ADAPTER_CONFIG)
+        inside(folder / (ADAPTER_SAFE if (folder / ADAPTER_SAFE).is_file() else ADAPTER_PICKLE))  # the weights it reads
         return open_local_adapter(ref, label=label, base=base, allow_pickle=allow_pickle)  # type: ignore[return-value]
-    config_path = folder / "config.json"
+    config_path = inside(folder / "config.json")
     if not config_path.is_file():
         raise CheckpointError(f"{label}: {folder} has no config.json; a checkpoint folder needs the model's config.json beside its weights")
     try:
@@ -187,10 +283,10 @@ def open_local_checkpoint(ref: ModelRef, *, label: str, allow_pickle: bool = Fal
     index = folder / SAFE_INDEX
     single = folder / SAFE_SINGLE
     if index.is_file():
-        weight_map = _read_index(index, label)
+        weight_map = _read_index(inside(index), label)
         tensors: dict[str, TensorInfo] = {}
         for fname in sorted(set(weight_map.values())):
-            path = folder / fname
+            path = inside(folder / fname)
             if not path.is_file():
                 raise CheckpointError(f"{label}: shard {fname} is listed in {SAFE_INDEX} but missing from {folder}")
             infos, _ = read_header(path)
@@ -200,7 +296,7 @@ def open_local_checkpoint(ref: ModelRef, *, label: str, allow_pickle: bool = Fal
             raise CheckpointError(f"{label}: {SAFE_INDEX} maps {missing[0]!r} to a shard that does not hold it; the index or a shard is corrupted")
         return LocalCheckpoint(ref, label, folder, {n: tensors[n] for n in weight_map}, config)
     if single.is_file():
-        infos, _ = read_header(single)
+        infos, _ = read_header(inside(single))
         return LocalCheckpoint(ref, label, folder, infos, config)
 
     if (folder / PICKLE_SINGLE).is_file() or (folder / PICKLE_INDEX).is_file():
@@ -209,7 +305,7 @@ def open_local_checkpoint(ref: ModelRef, *, label: str, allow_pickle: bool = Fal
                 f"{label}: {folder} holds only pickle weights ({PICKLE_SINGLE}); loading pickle can run arbitrary code, so hfmerge refuses it. "
                 "Convert the checkpoint to safetensors, or set `allow_pickle: true` in the recipe to load it with torch.load(weights_only=True)"
             )
-        return LocalCheckpoint(ref, label, folder, _pickle_infos(folder, label), config, format="pickle")
+        return LocalCheckpoint(ref, label, folder, _pickle_infos(folder, label, inside), config, format="pickle")
     others = sorted(p.name for p in folder.glob("*.safetensors"))
     hint = f" (found {', '.join(others)}; is this an adapter folder?)" if others else ""
     raise CheckpointError(f"{label}: {folder} has no {SAFE_SINGLE} or {SAFE_INDEX}{hint}; a checkpoint folder needs safetensors weights")

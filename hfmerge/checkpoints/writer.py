@@ -9,8 +9,11 @@ conventions (``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` with
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +21,7 @@ from typing import BinaryIO
 
 import torch
 
-from ..errors import HfMergeError
+from ..errors import HfMergeError, OutputWriteError
 from .reader import SAFE_DTYPE_NAMES, SAFE_INDEX, SAFE_SINGLE
 from .safetensors_header import DTYPE_SIZES
 
@@ -71,6 +74,87 @@ def plan_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[list[O
     return shards
 
 
+# What the operating system says when a write cannot succeed here at all (as opposed to a bug):
+# no space, quota, a file-size limit, a read-only file system, no permission.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def human_size(n: float) -> str:
+    """``1234567`` → ``1.2 MB`` (powers of 1000, as ``max_shard_size`` reads them)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free space on the file system holding `path` (its nearest existing folder), or None."""
+    path = Path(path).absolute()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            try:
+                return shutil.disk_usage(folder).free
+            except OSError:
+                return None
+    return None
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # Elsewhere the only way is to set it and put it back (briefly process-wide).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def output_write_error(exc: OSError, path: Path | str, *, needed: int | None = None, what: str = "the output",
+                       remedy: str | None = None) -> OutputWriteError:
+    """Turn an `OSError` from writing `path` into a one-line `OutputWriteError`.
+
+    The message names the path, what went wrong in words, for a full disk the space needed
+    and what is free, and what to do.
+
+    Args:
+        exc: The error the write raised.
+        path: The file or folder being written (as the user knows it).
+        needed: Bytes the whole write needs, when known.
+        what: What is being written, for the message ("the merged model", "the Fisher cache").
+        remedy: What to do instead of the default advice for a full or read-only disk.
+
+    Returns:
+        The error to raise (``from exc``).
+    """
+    code = exc.errno
+    free = free_bytes(Path(path))
+    if code in _SPACE_ERRNOS:
+        reason = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                  errno.EFBIG: "file too large for this file system or this process's file-size limit (ulimit -f)"}[code]
+        numbers = []
+        if needed is not None:
+            numbers.append(f"{what} needs {human_size(needed)}")
+        if free is not None:
+            numbers.append(f"{human_size(free)} free there")
+        detail = f" ({', '.join(numbers)})" if numbers else ""
+        advice = remedy or "free some space or write to another disk"
+        if code == errno.EFBIG:
+            advice = "raise the file-size limit or set a smaller max_shard_size"
+        return OutputWriteError(f"cannot write {path}: {reason}{detail}; {advice}", path=str(path), errno=code)
+    if code == errno.EROFS:
+        return OutputWriteError(f"cannot write {path}: the file system is read-only; {remedy or 'write to a folder on a writable disk'}", path=str(path), errno=code)
+    if code in (errno.EACCES, errno.EPERM):
+        return OutputWriteError(f"cannot write {path}: permission denied; {remedy or 'write to a folder you may write to, or fix its permissions'}", path=str(path), errno=code)
+    reason = exc.strerror or str(exc)
+    return OutputWriteError(f"cannot write {path}: {reason}; check the path and the disk", path=str(path), errno=code)
+
+
 def shard_file_names(n: int) -> list[str]:
     if n == 1:
         return [SAFE_SINGLE]
@@ -80,11 +164,24 @@ def shard_file_names(n: int) -> list[str]:
 class ShardedSafetensorsWriter:
     """Writes tensors in a fixed order into shards whose headers are written up front.
 
-    Use as a context manager; call `write` once per planned tensor, in plan order.
+    Use as a context manager; call `write` once per planned tensor, in plan order. A failed
+    write (full disk, read-only folder, no permission) raises `OutputWriteError` naming the
+    file; removing the half-written folder is the caller's job (it owns the folder).
     """
 
-    def __init__(self, folder: Path, tensors: list[OutputTensor], max_shard_size: int, metadata: dict[str, str] | None = None):
+    def __init__(self, folder: Path, tensors: list[OutputTensor], max_shard_size: int, metadata: dict[str, str] | None = None,
+                 *, shown_folder: Path | None = None):
+        """
+        Args:
+            folder: Where the files are written (usually a temporary folder).
+            tensors: Every tensor, in the order `write` will receive them.
+            max_shard_size: Bytes per shard at most (a larger tensor gets its own shard).
+            metadata: Extra ``__metadata__`` strings of every shard.
+            shown_folder: The folder named in error messages, when `folder` is a temporary
+                folder that becomes it (default: `folder`).
+        """
         self.folder = Path(folder)
+        self.shown_folder = Path(shown_folder) if shown_folder is not None else self.folder
         self.shards = plan_shards(tensors, max_shard_size)
         self.file_names = shard_file_names(len(self.shards))
         self.metadata = {"format": "pt", **(metadata or {})}
@@ -93,13 +190,26 @@ class ShardedSafetensorsWriter:
         self._file: BinaryIO | None = None
         self._shard = -1
 
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of tensor data in all shards (headers add a little)."""
+        return sum(t.nbytes for _, t in self._order)
+
+    def _failed(self, exc: OSError, name: str) -> OutputWriteError:
+        return output_write_error(exc, self.shown_folder / name, needed=self.total_bytes, what="the model")
+
     def __enter__(self) -> "ShardedSafetensorsWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            try:
+                self._file.close()
+            except OSError as close_exc:
+                if exc_type is None:  # a close that flushes into a full disk fails here
+                    raise self._failed(close_exc, self.file_names[self._shard]) from close_exc
+            finally:
+                self._file = None
         if exc_type is None:
             self.finish()
 
@@ -109,7 +219,13 @@ class ShardedSafetensorsWriter:
 
     def _open_shard(self, index: int) -> None:
         if self._file is not None:
-            self._file.close()
+            name = self.file_names[self._shard]
+            try:
+                self._file.close()
+            except OSError as exc:
+                raise self._failed(exc, name) from exc
+            finally:
+                self._file = None
         header: dict[str, object] = {"__metadata__": self.metadata}
         offset = 0
         for t in self.shards[index]:
@@ -117,10 +233,13 @@ class ShardedSafetensorsWriter:
             offset += t.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
-        self._file = open(self.folder / self.file_names[index], "wb")
-        self._file.write(struct.pack("<Q", len(raw)))
-        self._file.write(raw)
         self._shard = index
+        try:
+            self._file = open(self.folder / self.file_names[index], "wb")
+            self._file.write(struct.pack("<Q", len(raw)))
+            self._file.write(raw)
+        except OSError as exc:
+            raise self._failed(exc, self.file_names[index]) from exc
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next tensor; it must be the one the plan expects, with its shape and dtype."""
@@ -136,7 +255,10 @@ class ShardedSafetensorsWriter:
             self._open_shard(shard)
         assert self._file is not None
         if planned.nbytes:
-            self._file.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            try:
+                self._file.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            except OSError as exc:
+                raise self._failed(exc, self.file_names[shard]) from exc
         self._next += 1
 
     def finish(self) -> list[str]:
@@ -144,17 +266,21 @@ class ShardedSafetensorsWriter:
         if self._next != len(self._order):
             missing = self._order[self._next][1].name
             raise HfMergeError(f"internal error: writer closed before tensor {missing!r} was written")
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if not self._order:  # an empty model still gets a valid file
+        if not self._order and self._file is None:  # an empty model still gets a valid file
             self._open_shard(0)
-            self._file.close()  # type: ignore[union-attr]
-            self._file = None
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError as exc:
+                raise self._failed(exc, self.file_names[self._shard]) from exc
+            finally:
+                self._file = None
         files = list(self.file_names)
         if len(self.shards) > 1:
             weight_map = {t.name: self.file_names[si] for si, t in self._order}
-            total = sum(t.nbytes for _, t in self._order)
-            (self.folder / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+            try:
+                (self.folder / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=2) + "\n")
+            except OSError as exc:
+                raise self._failed(exc, SAFE_INDEX) from exc
             files.append(SAFE_INDEX)
         return files

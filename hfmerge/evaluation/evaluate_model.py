@@ -415,6 +415,7 @@ def load_model_for_eval(model: str | Path, *, device: str | torch.device | None 
 
     Raises:
         EvaluationError: The folder is missing, or the model or tokenizer cannot be loaded.
+        CheckpointError: A Hub model cannot be downloaded or does not verify.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -432,6 +433,12 @@ def load_model_for_eval(model: str | Path, *, device: str | torch.device | None 
         torch_dtype = _DTYPES[dtype]
     else:
         raise EvaluationError(f"--dtype: got {dtype!r}; expected one of auto, {', '.join(_DTYPES)}")
+    if not path.is_dir():
+        # A Hub id: fetched through hfmerge's reader (pinned, retried, every file verified), then loaded locally.
+        from ..checkpoints.hub import download_hub_model
+        from ..refs import parse_model_ref
+
+        source = str(download_hub_model(parse_model_ref(text, field="--model"), label="--model"))
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=False)
         cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM

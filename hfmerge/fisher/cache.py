@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -29,16 +30,22 @@ from ..errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 FORMAT = "hfmerge-fisher-1"
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def cache_root() -> Path:
+    """hfmerge's cache folder: ``$HFMERGE_CACHE``, else ``$HF_HOME/hfmerge`` (``~/.cache/huggingface/hfmerge``)."""
+    root = os.environ.get("HFMERGE_CACHE")
+    if root:
+        return Path(root).expanduser()
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "hfmerge"
 
 
 def cache_dir() -> Path:
     """``$HFMERGE_CACHE/fisher``, else ``$HF_HOME/hfmerge/fisher`` (``~/.cache/huggingface``)."""
-    root = os.environ.get("HFMERGE_CACHE")
-    if root:
-        return Path(root).expanduser() / "fisher"
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HOME) / "hfmerge" / "fisher"
+    return cache_root() / "fisher"
 
 
 def cache_key(metadata: dict[str, str]) -> str:
@@ -47,19 +54,42 @@ def cache_key(metadata: dict[str, str]) -> str:
 
 
 def save_fisher(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Write a Fisher file atomically (temporary file in the same folder, then rename)."""
+    """Write a Fisher file atomically: a temporary file in the same folder, then `os.replace`.
+
+    A run killed mid-write leaves at most a hidden ``.NAME.*.tmp`` file, which no lookup reads;
+    the entry's own name only ever holds a complete file. The file gets the umask's mode (as
+    any file `open` creates) so that a shared cache stays readable.
+
+    Raises:
+        OutputWriteError: The cache folder's disk is full, read-only or not writable (the
+            temporary file is removed).
+    """
     from safetensors.torch import save_file
 
+    from ..checkpoints.writer import current_umask, output_write_error
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    data = {k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()}
+    tmp: str | None = None
     try:
-        save_file({k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={"format": "pt", "hfmerge_format": FORMAT, **metadata})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        save_file(data, tmp, metadata={"format": "pt", "hfmerge_format": FORMAT, **metadata})
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp made it 0600
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        # safetensors reports the operating system's error inside its own exception's text.
+        os_error = exc if isinstance(exc, OSError) else None
+        found = None if os_error is not None or not isinstance(exc, Exception) else _OS_ERROR.search(str(exc))
+        if found is not None:
+            os_error = OSError(int(found.group(1)), os.strerror(int(found.group(1))))
+        if os_error is not None:
+            needed = sum(t.numel() * t.element_size() for t in data.values())
+            raise output_write_error(os_error, path, needed=needed, what="the Fisher file",
+                                     remedy="free some space there, or set HFMERGE_CACHE to a writable folder on a disk with space") from exc
         raise
     return path
 

@@ -1,4 +1,9 @@
-"""Averaging (model soup, Wortsman et al. 2022) and mergekit's ``linear``: θ = Σ w_i θ_i / Σ w_i."""
+"""Averaging (model soup, Wortsman et al. 2022) and mergekit's ``linear``: θ = Σ w_i θ_i / Σ w_i.
+
+The average runs over the recipe's ``models``; a base model listed there is one of them, with
+its weight. An unlisted ``base_model`` is not averaged by ``average``, and ``linear`` (which in
+mergekit always averages it) asks for it to be listed.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,9 @@ WEIGHT = Param("weight", 1.0, help="the model's weight in the weighted mean")
     needs_base=False,
     paper="https://arxiv.org/abs/2203.05482",
     summary="mean of the fine-tuned models (model soup); per-model weights give a weighted mean",
-    aliases={"linear": {}},
+    # mergekit's linear always averages base_model too; `average` takes an unlisted base_model as
+    # the reference only (tensor names, config, tokenizer). The recipe reads this flag.
+    aliases={"linear": {"include_base": True}},
 )
 def average(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], *, weight: Sequence[float], normalize: bool = True, **_: object) -> torch.Tensor:
     total = torch.zeros_like(tensors[0])
