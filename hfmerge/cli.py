@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .checkpoints.writer import plan_shards
+from .checkpoints.writer import plan_shards, write_report_file
 from .errors import HfMergeError
 
 SUBCOMMANDS = ("demo", "eval", "fisher", "push")
@@ -189,7 +189,7 @@ def run_recipe(args: argparse.Namespace) -> int:
         plan.release()
         _print_plan(summary)
         if args.json:
-            Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+            write_report_file(args.json, json.dumps(summary, indent=2) + "\n", what="the --json report")
         return 0
     if not args.quiet:
         _print_plan(summary)
@@ -231,7 +231,8 @@ def run_recipe(args: argparse.Namespace) -> int:
         pushed = push_folder(result.output, push_repo, private=args.private, message=f"Merge with hfmerge ({recipe.method.name})")
         print(f"Pushed to {pushed.repo_id}: {pushed.commit_url}")
     if args.json:
-        Path(args.json).write_text(json.dumps({**summary, "output": str(result.output), "files": result.files, "warnings": result.warnings}, indent=2) + "\n")
+        write_report_file(args.json, json.dumps({**summary, "output": str(result.output), "files": result.files, "warnings": result.warnings}, indent=2) + "\n",
+                          what="the --json report")
     return 0
 
 

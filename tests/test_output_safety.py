@@ -413,3 +413,24 @@ def test_a_fisher_cache_write_on_a_full_disk_is_one_error_and_leaves_nothing(tmp
     with pytest.raises(HfMergeError, match="no space left.*HFMERGE_CACHE"):
         save_fisher(target, {"w": torch.ones(3)}, {})
     assert list(target.parent.iterdir()) == []
+
+
+def test_a_json_report_that_cannot_be_written_is_one_line_and_never_half_written(work, tmp_path, capsys, monkeypatch):
+    report = tmp_path / "reports" / "plan.json"
+    # The report's folder does not exist: one line naming the path, no traceback.
+    assert main([str(work["simple"]), "--dry-run", "--json", str(report), "-q"]) == 1
+    err = one_line_error(capsys)
+    assert str(report) in err
+    # A full disk mid-write: an existing report stays whole, no temporary file is left.
+    report.parent.mkdir()
+    report.write_text('{"old": true}\n')
+
+    def full(self, text, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    assert main([str(work["simple"]), "--dry-run", "--json", str(report), "-q"]) == 1
+    monkeypatch.undo()
+    err = one_line_error(capsys)
+    assert str(report) in err and "no space left" in err
+    assert report.read_text() == '{"old": true}\n' and sorted(p.name for p in report.parent.iterdir()) == ["plan.json"]

@@ -155,6 +155,27 @@ def output_write_error(exc: OSError, path: Path | str, *, needed: int | None = N
     return OutputWriteError(f"cannot write {path}: {reason}; check the path and the disk", path=str(path), errno=code)
 
 
+def write_report_file(path: Path | str, text: str, *, what: str = "the report") -> None:
+    """Write a small report file (``--json``) whole or not at all.
+
+    The text goes to a hidden temporary file beside `path` that is renamed over it, so a full
+    disk or a kill never leaves a truncated report.
+
+    Raises:
+        OutputWriteError: The write failed for a disk or permission reason (one line naming `path`).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in WRITE_ERRNOS or exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR):
+            raise output_write_error(exc, path, needed=len(text.encode()), what=what) from exc
+        raise
+
+
 def shard_file_names(n: int) -> list[str]:
     if n == 1:
         return [SAFE_SINGLE]
