@@ -270,7 +270,7 @@ def _data_file_paths(value: Any) -> list[str]:
 
 def task_input_paths(tasks: list, source: str | None = None) -> list[InputPath]:
     """The local files and folders the tasks read: ``data_files``, ``data_dir``, a local
-    ``dataset_path`` folder and metric modules given as paths.
+    ``dataset_path`` folder, metric modules given as paths and the task files they include.
 
     Args:
         tasks: Validated `TaskSpec`s (paths already absolute).
@@ -289,6 +289,8 @@ def task_input_paths(tasks: list, source: str | None = None) -> list[InputPath]:
         for metric in task.metrics:
             if Path(metric.module).is_absolute():
                 found.append(InputPath(Path(metric.module), f"{where}.metric_list ({metric.name})"))
+        for included in sorted(set(task.origins.values())):
+            found.append(InputPath(included, f"{where}.include"))
     return found
 
 

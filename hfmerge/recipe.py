@@ -439,7 +439,9 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
         push_to_hub=_push_repo(source, data.get("push_to_hub")),
         model_defaults=model_defaults,
         tasks=tasks,
-        raw=data,
+        # The tasks with their includes merged, so the recipe written beside a merge (and the
+        # card) says the whole run without the files it included.
+        raw={**data, "tasks": [t.raw for t in tasks]} if tasks else data,
     )
 
 

@@ -1,6 +1,6 @@
 """Validation and test tasks, rank-classification and generation scoring, metrics and model evaluation.
 
-    tasks.py           the recipe's ``tasks:`` (lm-evaluation-harness keys), data loading, templates
+    tasks/             the recipe's ``tasks:`` (lm-evaluation-harness keys, ``include:``), data loading, templates
     scoring.py         batched rank classification (encoder-decoder and decoder-only) + naive reference
     generation.py      batched greedy generation (output_type: generate_until)
     metrics.py         metrics through `evaluate`, from modules shipped in ``metric_modules/`` (offline)
