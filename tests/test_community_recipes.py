@@ -213,6 +213,39 @@ def test_glue_task_definitions_are_fusionbench_s_and_the_same_in_every_recipe():
         assert [re.search(r"glue-(\w+?)(_lora-16)?$", m).group(1) for m in models] == list(GLUE), path.name
 
 
+def test_each_glue_task_is_defined_in_one_file_that_every_recipe_includes():
+    defined: dict[str, list[str]] = {t: [] for t in GLUE}
+
+    def definitions(node):  # every mapping that writes a GLUE prompt itself
+        if isinstance(node, dict):
+            if node.get("dataset_name") in GLUE and "doc_to_text" in node:
+                yield node["dataset_name"]
+            for value in node.values():
+                yield from definitions(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from definitions(value)
+
+    for path in sorted(RECIPES.rglob("*.yaml")):
+        for name in definitions(yaml.safe_load(path.read_text())):
+            defined[name].append(str(path.relative_to(RECIPES)))
+    assert defined == {t: [f"tasks/glue/{t}.yaml"] for t in GLUE}
+    users = [*glue_recipes(), RECIPES / "dfmerge_example.yaml"]
+    for path in users:
+        for spec in load_recipe(path).tasks:
+            assert spec.origins["doc_to_text"] == RECIPES / "tasks" / "glue" / f"{spec.name}.yaml", (path.name, spec.name)
+    for spec in load_tasks_file(RECIPES / "tasks" / "glue.yaml"):
+        assert spec.origins["doc_to_text"] == RECIPES / "tasks" / "glue" / f"{spec.name}.yaml"
+
+
+def test_the_example_recipe_scores_the_included_glue_tasks_by_rank_classification():
+    canonical = {t.name: t for t in load_tasks_file(RECIPES / "tasks" / "glue.yaml")}
+    for spec in load_recipe(RECIPES / "dfmerge_example.yaml").tasks:
+        assert not spec.generates and [m.name for m in spec.metrics] == ["accuracy"]
+        assert (spec.validation_split, spec.test_split, spec.validation_fraction) == ("validation", "validation", 0.5)
+        assert (spec.doc_to_text, spec.doc_to_choice) == (canonical[spec.name].doc_to_text, canonical[spec.name].doc_to_choice)
+
+
 def test_glue_tasks_load_from_the_hub_dataset_layout(hub, standins):
     recipe = load_recipe(RECIPES / "flan_t5_base_glue_dfmerge.yaml")
     for spec in recipe.tasks:
@@ -250,6 +283,8 @@ def test_flan_t5_base_dfmerge_recipe_runs_against_the_hub(hub, standins, tmp_pat
     assert set(search["test"]["tasks"]) == set(GLUE)
     found = yaml.safe_load((out / "hfmerge_recipe.yaml").read_text())
     assert all(isinstance(m["parameters"]["weight"], float) for m in found["models"])
+    # The tasks are written whole: the recipe beside the merge does not need the included files.
+    assert [t["task"] for t in found["tasks"]] == list(GLUE) and not any("include" in t for t in found["tasks"])
 
 
 def test_flan_t5_base_fisher_recipe_computes_fishers_of_generation_tasks(hub, standins, tmp_path, monkeypatch):

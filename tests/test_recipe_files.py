@@ -19,3 +19,13 @@ def test_example_recipe_validates(path):
 
 def test_there_are_example_recipes():
     assert len(RECIPES) >= 5
+
+
+TASK_FILES = sorted((Path(__file__).parent.parent / "recipes" / "tasks").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", TASK_FILES, ids=[p.name for p in TASK_FILES])
+def test_shipped_task_file_loads(path):
+    from hfmerge.evaluation.tasks import load_tasks_file
+
+    assert load_tasks_file(path)
