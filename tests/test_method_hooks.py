@@ -110,3 +110,23 @@ def test_no_code_outside_the_methods_package_branches_on_a_method_name():
             if any(_names_a_method(o) for o in (node.left, *node.comparators)):
                 found.append(f"{path.relative_to(package.parent)}:{node.lineno}: {ast.unparse(node)}")
     assert not found, "method-specific branches belong in the method's hooks (hfmerge/methods/):\n" + "\n".join(found)
+
+
+def test_fisher_norms_from_the_prepare_hook_reach_every_tensor(t5, tmp_path):
+    # Constant Fishers 1 and 3: dividing each by its whole-model norm (√N and 3√N, whatever N
+    # is) cancels the scale, so normalize_fishers turns (θ_0 + 3 θ_1) / 4 into the plain mean.
+    from safetensors.torch import save_file
+
+    states = [load_base_state(p) for p in t5.finetuned[:2]]
+    paths = []
+    for i, s in enumerate(states):
+        save_file({n: torch.full_like(t, 1.0 + 2.0 * i) for n, t in s.items()}, tmp_path / f"f{i}.safetensors")
+        paths.append(tmp_path / f"f{i}.safetensors")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "fisher", "base_model": str(t5.base), "parameters": {"normalize_fishers": True},
+                                      "models": [{"model": str(p), "fisher": str(f)} for p, f in zip(t5.finetuned[:2], paths)]}))
+    out = tmp_path / "out"
+    assert main([str(recipe), "-o", str(out), "-q"]) == 0
+    got = load_base_state(out)
+    for name, t in got.items():
+        torch.testing.assert_close(t, (states[0][name] + states[1][name]) / 2, rtol=1e-6, atol=1e-6)
