@@ -24,7 +24,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 import yaml
@@ -39,6 +39,7 @@ from .errors import (
 from .plan import MergePlan, TensorPlan
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # Files copied from the config source and the tokenizer source when present.
 CONFIG_FILES = ("config.json", "generation_config.json")
@@ -73,8 +74,7 @@ class TensorMerger:
         self.recipe = plan.recipe
         self.method = plan.recipe.method
         self.warnings: list[str] = []
-        self.fisher_norms: list[float] | None = None
-        self.thresholds: list[float] | None = None
+        self.prepared: dict[str, Any] = {}  # the method's pre-pass results, passed to every call
         self._node_fishers: list[dict[str, torch.Tensor]] | None = None
 
     def _float(self, tensor: torch.Tensor, label: str, name: str) -> torch.Tensor:
@@ -107,13 +107,10 @@ class TensorMerger:
         kwargs = self.params_for(t)
         if self.method.needs_importance:
             kwargs["importances"] = self.importances(t)
-            if self.fisher_norms is not None:
-                kwargs["fisher_norms"] = self.fisher_norms
         if self.method.random:
             seed = int(self.recipe.parameters.get("seed", 0))
             kwargs["generators"] = [torch.Generator().manual_seed(dare_seed(seed, t.alias_key, i)) for i in range(len(tensors))]
-        if self.thresholds is not None:
-            kwargs["thresholds"] = self.thresholds
+        kwargs.update(self.prepared)
         merged = self.method.func(base, tensors, **kwargs)
         return merged.to(out_dtype)
 
@@ -143,69 +140,34 @@ class TensorMerger:
                 )
         return value
 
-    # -- whole-model pre-passes ------------------------------------------------------------
+    # -- whole-model pre-pass ------------------------------------------------------------
 
     def prepare(self, progress: bool) -> None:
-        """Compute what needs the whole model before the per-tensor merge (Fisher norms, global TIES thresholds)."""
-        if self.method.needs_importance and self.recipe.parameters.get("normalize_fishers") and self.method.importance == "diagonal":
-            sq = [0.0] * len(self.plan.models)
-            for t in tqdm(self.plan.tensors, desc="Fisher norms", disable=not progress, unit="tensor"):
-                if t.merge:
-                    for i, (f, src) in enumerate(zip(self.plan.fishers, t.fisher_sources)):  # type: ignore[arg-type]
-                        sq[i] += float(f.read(src).to(torch.float64).pow(2).sum())
-            self.fisher_norms = [max(s ** 0.5, 1e-30) for s in sq]
-        if self.method.name == "ties" and self.recipe.parameters.get("trim") == "model":
-            self.thresholds = self._global_thresholds(progress)
+        """Run the method's `prepare` hook once, before the per-tensor merge."""
+        self.prepared = self.method.prepared_kwargs(_PrepareContext(self, progress))
 
-    def _global_thresholds(self, progress: bool) -> list[float]:
-        """Exact per-model magnitude thresholds for a whole-model top-k trim, in two streaming passes.
 
-        Non-negative float32 values order like their int32 bit patterns, so a radix select on
-        the bits finds the k-th largest |τ| with two histograms (high 16 bits, then low 15)
-        instead of holding the whole model in memory.
-        """
-        m = len(self.plan.models)
-        densities = [self.recipe.model_param(spec, "density", "") for spec in self.recipe.models]
-        merged = [t for t in self.plan.tensors if t.merge]
-        total = sum(t.numel for t in merged)
-        ks = [int(d * total) for d in densities]
+class _PrepareContext:
+    """The read-only view of a plan that a method's `prepare` hook gets (`methods.registry.PrepareContext`)."""
 
-        def bits(t: TensorPlan):
-            base, tensors = self.read_inputs(t)
-            for i, x in enumerate(tensors):
-                yield i, (x - base).abs().reshape(-1).view(torch.int32)
+    def __init__(self, merger: TensorMerger, progress: bool):
+        self._merger = merger
+        self._progress = progress
+        self.recipe = merger.recipe
+        self.positions = [t for t in merger.plan.tensors if t.merge]
 
-        high = [torch.zeros(1 << 16, dtype=torch.int64) for _ in range(m)]
-        for t in tqdm(merged, desc="TIES trim (1/2)", disable=not progress, unit="tensor"):
-            for i, b in bits(t):
-                high[i] += torch.bincount(b >> 15, minlength=1 << 16)
-        chosen_bin, rank_in_bin = [], []
-        for i in range(m):
-            # Walk from the top bin down until k entries are covered.
-            above = torch.flip(torch.cumsum(torch.flip(high[i], [0]), 0), [0])  # entries in bins >= b
-            k = max(ks[i], 1)
-            b = int((above >= k).nonzero().max()) if bool((above >= k).any()) else 0
-            chosen_bin.append(b)
-            rank_in_bin.append(k - (int(above[b + 1]) if b + 1 < len(above) else 0))
-        low = [torch.zeros(1 << 15, dtype=torch.int64) for _ in range(m)]
-        for t in tqdm(merged, desc="TIES trim (2/2)", disable=not progress, unit="tensor"):
-            for i, b in bits(t):
-                sel = b[(b >> 15) == chosen_bin[i]]
-                if sel.numel():
-                    low[i] += torch.bincount(sel & 0x7FFF, minlength=1 << 15)
-        thresholds = []
-        for i in range(m):
-            if densities[i] >= 1:
-                thresholds.append(0.0)
-                continue
-            if ks[i] == 0:
-                thresholds.append(float("inf"))
-                continue
-            above = torch.flip(torch.cumsum(torch.flip(low[i], [0]), 0), [0])
-            lo = int((above >= rank_in_bin[i]).nonzero().max())
-            pattern = torch.tensor([(chosen_bin[i] << 15) | lo], dtype=torch.int32)
-            thresholds.append(float(pattern.view(torch.float32)))
-        return thresholds
+    def inputs(self, position: TensorPlan) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        return self._merger.read_inputs(position)
+
+    def importances(self, position: TensorPlan) -> list[torch.Tensor]:
+        fishers = self._merger.plan.fishers
+        if fishers is None or self.recipe.method.importance != "diagonal":
+            raise HfMergeError(f"{self.recipe.source}: merge_method {self.recipe.method.name!r} reads diagonal Fishers in its pre-pass; "
+                               "it must declare needs_importance with importance 'diagonal' and the plan must have them")
+        return [f.read(src) for f, src in zip(fishers, position.fisher_sources)]  # type: ignore[arg-type]
+
+    def progress(self, items: Iterable[_T], desc: str) -> Iterator[_T]:
+        return iter(tqdm(items, desc=desc, disable=not self._progress, unit="tensor"))
 
 
 # -- what the output may not touch -----------------------------------------------------------

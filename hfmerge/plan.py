@@ -19,7 +19,7 @@ from .checkpoints.aliases import tied_groups
 from .checkpoints.reader import LocalCheckpoint, open_local_checkpoint
 from .checkpoints.safetensors_header import DTYPE_SIZES, TensorInfo, read_header
 from .checkpoints.writer import OutputTensor
-from .errors import CheckpointError, FisherFileError, HfMergeError, IncompatibleCheckpointsError
+from .errors import CheckpointError, FisherFileError, IncompatibleCheckpointsError
 from .recipe import Recipe
 from .refs import ModelRef
 
@@ -254,7 +254,7 @@ def build_plan(recipe: Recipe, *, low_disk: bool = False) -> MergePlan:
     if not any(t.merge for t in tensors):
         raise IncompatibleCheckpointsError(f"{reference.label}: no floating-point tensor to merge")
 
-    _check_method_settings(recipe, warnings)
+    warnings.extend(recipe.warnings)  # the method's advice (its `validate` hook)
 
     config_ckpt = reference
     if recipe.config_source is not None:
@@ -320,16 +320,3 @@ def attach_fishers(plan: MergePlan, paths: list[Path], labels: list[str] | None 
         tensors.append(replace(t, fisher_sources=tuple(sources)))
     plan.tensors = tensors
     plan.fishers = fishers
-
-
-def _check_method_settings(recipe: Recipe, warnings: list[str]) -> None:
-    method = recipe.method
-    if method.name == "ties" and recipe.parameters.get("trim") == "model":
-        for key, value in [(f"{m.key}.parameters.density", m.parameters.get("density")) for m in recipe.models] + [("parameters.density", recipe.model_defaults.get("density"))]:
-            if value is not None and not isinstance(value, float):
-                raise HfMergeError(f"{recipe.source}: {key}: trim: model needs one density per model, not a filter list or gradient")
-    if method.model_param("density") is not None and "density" not in recipe.model_defaults and all("density" not in m.parameters for m in recipe.models):
-        if method.name == "ties":
-            warnings.append("ties without density keeps every entry (density 1.0, mergekit's default); the TIES paper trims to density: 0.2")
-        else:
-            warnings.append(f"{method.name} without density drops nothing (density 1.0, mergekit's default); the DARE paper uses density 0.1-0.9 (p = 1 - density)")

@@ -112,6 +112,7 @@ class Recipe:
     tasks: list = field(default_factory=list)  # evaluation.tasks.TaskSpec, validated but not loaded
     path: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # the method's advice from its `validate` hook
 
     @property
     def source(self) -> str:
@@ -238,39 +239,10 @@ def _tasks(value: Any, source: str, base_dir: Path | None, models: list[ModelSpe
     return tasks, match_tasks_to_models(tasks, [m.ref.text for m in models], source=source)
 
 
-def _check_method_data(source: str, name: str, method: MergeMethod, models: list[ModelSpec], tasks: list, parameters: dict[str, Any],
-                       model_defaults: dict[str, Any]) -> None:
-    """Methods that need data: a Fisher file or a task per model; a search needs one task per model."""
+def _check_method_data(source: str, name: str, method: MergeMethod, models: list[ModelSpec]) -> None:
+    """Methods that need importances: a Fisher file or a task per model (a searching method checks its own data)."""
     if method.search:
-        if not tasks:
-            raise _fail(source, "tasks", f"missing; merge_method {name!r} searches coefficients on validation data and needs one task per fine-tuned model")
-        lacking = [m for m in models if m.task is None]
-        if lacking:
-            raise _fail(source, "tasks", f"merge_method {name!r} needs one task per fine-tuned model: {len(tasks)} task(s) for {len(models)} model(s), "
-                        f"{lacking[0].key} ({short_repr(lacking[0].ref.text)}) has none; list the tasks in the models' order or give each task a `model:` key")
-        if "weight" in model_defaults:
-            raise _fail(source, "parameters.weight", f"merge_method {name!r} searches every λ_i; fix them per model (models[].parameters.weight, "
-                        "then the search is skipped) rather than globally")
-        given = [m for m in models if "weight" in m.parameters]
-        if given and len(given) != len(models):
-            missing = next(m for m in models if "weight" not in m.parameters)
-            raise _fail(source, f"{missing.key}.parameters.weight", f"missing; merge_method {name!r} searches every λ_i, or takes one for every model "
-                        "(then the search is skipped): give a weight to every model or to none")
-        for m in given:
-            if not isinstance(m.parameters["weight"], float):
-                raise _fail(source, f"{m.key}.parameters.weight", f"merge_method {name!r} takes one number per model, not a filter list or gradient")
-        if parameters["low"] >= parameters["high"]:
-            raise _fail(source, "parameters.low", f"the search bounds are empty: low = {parameters['low']} >= high = {parameters['high']}; low must be below high")
-        if parameters["n_startup_trials"] > parameters["n_trials"]:
-            raise _fail(source, "parameters.n_startup_trials", f"{parameters['n_startup_trials']} random start trials exceed n_trials = {parameters['n_trials']}")
-        enqueue = parameters.get("enqueue") or []
-        points = [enqueue] if enqueue and not isinstance(enqueue[0], list) else enqueue
-        for j, point in enumerate(points):
-            if len(point) != len(models):
-                raise _fail(source, "parameters.enqueue", f"point {j} has {len(point)} value(s) for {len(models)} model(s); give one λ per model")
-            if any(not parameters["low"] <= v <= parameters["high"] for v in point):
-                raise _fail(source, "parameters.enqueue", f"point {j} {short_repr(point)} leaves the bounds [{parameters['low']}, {parameters['high']}]")
-        return
+        return  # a search computes its Fishers on the models' tasks; its method checks those
     if method.needs_importance:
         for m in models:
             if m.fisher is None and m.task is None:
@@ -429,8 +401,8 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
     tasks, owners = _tasks(data.get("tasks"), source, base_dir, models)
     task_of = {owner: i for i, owner in enumerate(owners) if owner is not None}
     models = [replace(m, task=task_of.get(i)) for i, m in enumerate(models)]
-    _check_method_data(source, name, method, models, tasks, parameters, model_defaults)
-    return Recipe(
+    _check_method_data(source, name, method, models)
+    recipe = Recipe(
         method=method, base=base, models=models, parameters=parameters, out_dtype=out_dtype,
         tokenizer_source=tokenizer_source, config_source=config_source, max_shard_size=max_shard,
         allow_pickle=_bool(source, "allow_pickle", data.get("allow_pickle", False)),
@@ -443,6 +415,8 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
         # card) says the whole run without the files it included.
         raw={**data, "tasks": [t.raw for t in tasks]} if tasks else data,
     )
+    recipe.warnings = method.check_recipe(recipe, source)
+    return recipe
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
 
 
 def task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -73,3 +76,9 @@ def combine(base: torch.Tensor, deltas: torch.Tensor, weight: Sequence[float], *
     if normalize:
         mixed = mixed / divisor
     return mixed.mul_(lambda_).add_(base)
+
+
+def density_unset(recipe: "Recipe") -> bool:
+    """Whether the recipe leaves ``density`` at its default for every model (nothing trimmed
+    or dropped), which is worth a warning for the methods whose point is to sparsify."""
+    return "density" not in recipe.model_defaults and all("density" not in m.parameters for m in recipe.models)

@@ -13,16 +13,35 @@ averaged), kept here under that name so its recipes give the same tensors.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from ._common import combine as combine_deltas
-from ._common import random_drop_, task_vectors
+from ._common import density_unset, random_drop_, task_vectors
 from .registry import Param, merge_method
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
 from .task_arithmetic import LAMBDA, WEIGHT
 
 DENSITY = Param("density", 1.0, low=0.0, high=1.0, low_open=True, help="keep probability 1 − p")
+
+
+def validate(recipe: "Recipe", source: str) -> list[str]:
+    """Warn when no density is set: mergekit's default 1.0 drops nothing.
+
+    Args:
+        recipe: The parsed recipe.
+        source: The recipe's name for messages (unused: nothing here is an error).
+
+    Returns:
+        The advice for the plan's warnings.
+    """
+    if density_unset(recipe):
+        return [f"{recipe.method.name} without density drops nothing (density 1.0, mergekit's default); "
+                "the DARE paper uses density 0.1-0.9 (p = 1 - density)"]
+    return []
 
 
 @merge_method(
@@ -36,6 +55,7 @@ DENSITY = Param("density", 1.0, low=0.0, high=1.0, low_open=True, help="keep pro
         Param("seed", 0, kind=int, low=0, help="seed of the random masks"),
     ),
     random=True,
+    validate=validate,
     paper="https://arxiv.org/abs/2311.03099",
     summary="drop each task-vector entry with probability p, rescale by 1/(1−p), then task arithmetic or TIES",
     aliases={"dare_linear": {"combine": "task_arithmetic"}, "dare_ties": {"combine": "ties"}},

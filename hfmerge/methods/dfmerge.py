@@ -15,12 +15,16 @@ tensor position once they are known.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from ..errors import RecipeError, short_repr
 from .fisher import FISHER_DATA_PARAMS, FISHER_IMPLEMENTATION
 from .registry import Param, merge_method
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
 
 FISHER_EPS = 1e-12
 
@@ -61,6 +65,60 @@ def dfmerge_tensor(base: torch.Tensor, tensors: Sequence[torch.Tensor], lambdas:
     return acc.result(base)
 
 
+def validate(recipe: "Recipe", source: str) -> list[str]:
+    """The search's data and settings: one task per model, λ searched for all models or fixed
+    for all, and a non-empty search space that holds every enqueued point.
+
+    These are the recipe's only checks of the search settings: `hfmerge.search.SearchSettings`
+    checks its own fields again only for callers that build it without a recipe.
+
+    Args:
+        recipe: The parsed recipe.
+        source: The recipe's name for messages.
+
+    Returns:
+        No advice (an empty list).
+
+    Raises:
+        RecipeError: Naming the key path of the first problem.
+    """
+    name, models, parameters = recipe.method.name, recipe.models, recipe.parameters
+
+    def fail(path: str, message: str) -> RecipeError:
+        return RecipeError(f"{source}: {path}: {message}")
+
+    if not recipe.tasks:
+        raise fail("tasks", f"missing; merge_method {name!r} searches coefficients on validation data and needs one task per fine-tuned model")
+    lacking = [m for m in models if m.task is None]
+    if lacking:
+        raise fail("tasks", f"merge_method {name!r} needs one task per fine-tuned model: {len(recipe.tasks)} task(s) for {len(models)} model(s), "
+                   f"{lacking[0].key} ({short_repr(lacking[0].ref.text)}) has none; list the tasks in the models' order or give each task a `model:` key")
+    if "weight" in recipe.model_defaults:
+        raise fail("parameters.weight", f"merge_method {name!r} searches every λ_i; fix them per model (models[].parameters.weight, "
+                   "then the search is skipped) rather than globally")
+    given = [m for m in models if "weight" in m.parameters]
+    if given and len(given) != len(models):
+        missing = next(m for m in models if "weight" not in m.parameters)
+        raise fail(f"{missing.key}.parameters.weight", f"missing; merge_method {name!r} searches every λ_i, or takes one for every model "
+                   "(then the search is skipped): give a weight to every model or to none")
+    for m in given:
+        if not isinstance(m.parameters["weight"], float):
+            raise fail(f"{m.key}.parameters.weight", f"merge_method {name!r} takes one number per model, not a filter list or gradient")
+    low, high = parameters["low"], parameters["high"]
+    if low >= high:
+        raise fail("parameters.low", f"the search bounds are empty: low = {low} >= high = {high}; low must be below high")
+    if parameters["n_startup_trials"] > parameters["n_trials"]:
+        raise fail("parameters.n_startup_trials", f"{parameters['n_startup_trials']} random start trials exceed n_trials = {parameters['n_trials']}")
+    enqueue = parameters.get("enqueue") or []
+    points = [enqueue] if enqueue and not isinstance(enqueue[0], list) else enqueue
+    for j, point in enumerate(points):
+        if len(point) != len(models):
+            raise fail("parameters.enqueue", f"point {j} has {len(point)} value(s) for {len(models)} model(s); give one λ per model")
+        if any(not low <= v <= high for v in point):
+            raise fail("parameters.enqueue", f"point {j} {short_repr(point)} leaves the bounds [{low}, {high}]")
+    return []
+
+
 @merge_method(
     "dfmerge",
     per_model=(Param("weight", 1.0, help="the coefficient λ_i: found by the search; given for every model, the search is skipped"),),
@@ -79,6 +137,7 @@ def dfmerge_tensor(base: torch.Tensor, tensors: Sequence[torch.Tensor], lambdas:
     needs_importance=True,
     importance_optional=True,
     search=True,
+    validate=validate,
     paper="Lee et al. 2025, Dynamic Fisher-weighted Model Merging via Bayesian Optimization",
     summary="θ_pre + M Σ F_i λ_i τ_i / Σ F_i with λ found by Bayesian optimisation (equation 8)",
 )

@@ -4,7 +4,8 @@
 As in the reference implementation, F is floored at ``fisher_floor`` (1e-6) — for the first
 model only when ``favor_target_model`` (the default), so the denominator is never zero and
 entries no model cares about take the first model's value — and with ``normalize_fishers``
-each c_i is divided by ‖F_i‖₂ over the whole model (the engine computes the norms).
+each c_i is divided by ‖F_i‖₂ over the whole model (the `prepare` hook computes the norms in
+a streaming pre-pass).
 
 F_i comes from the model's ``fisher:`` file, or is computed at θ_i on the model's task
 (`hfmerge.fisher`) and cached.
@@ -12,11 +13,11 @@ F_i comes from the model's ``fisher:`` file, or is computed at θ_i on the model
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
-from .registry import Param, merge_method
+from .registry import Param, PrepareContext, merge_method
 
 # How Fishers are computed from the recipe's tasks (models without a `fisher:` file).
 FISHER_DATA_PARAMS = (
@@ -27,6 +28,25 @@ FISHER_DATA_PARAMS = (
 )
 FISHER_IMPLEMENTATION = Param("fisher_implementation", "auto", kind=str, choices=("auto", "vmap", "loop"),
                               help="per-example gradients vectorised (vmap) or one by one (loop); same result")
+
+
+def prepare(context: PrepareContext) -> dict[str, Any]:
+    """For ``normalize_fishers``, each model's Fisher L2 norm over the whole model.
+
+    Args:
+        context: The recipe and the plan's merged positions with their Fishers.
+
+    Returns:
+        ``{"fisher_norms": [one float per model]}`` with ``normalize_fishers``, else nothing.
+    """
+    if not context.recipe.parameters.get("normalize_fishers"):
+        return {}
+    sq = [0.0] * len(context.recipe.models)
+    for t in context.progress(context.positions, "Fisher norms"):
+        for i, f in enumerate(context.importances(t)):
+            sq[i] += float(f.to(torch.float64).pow(2).sum())
+    # A floor keeps an all-zero Fisher from dividing by zero.
+    return {"fisher_norms": [max(s ** 0.5, 1e-30) for s in sq]}
 
 
 @merge_method(
@@ -41,6 +61,7 @@ FISHER_IMPLEMENTATION = Param("fisher_implementation", "auto", kind=str, choices
     ),
     needs_base=False,
     needs_importance=True,
+    prepare=prepare,
     paper="https://arxiv.org/abs/2111.09832",
     summary="per-parameter weighted average with diagonal Fisher weights",
 )

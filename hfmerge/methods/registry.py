@@ -10,17 +10,73 @@ tensors (Fisher) when the method declares it needs them, ``generators`` one seed
 ``torch.Generator`` per model for random methods, and ``params`` the method's parameters:
 per-model ones as lists of M floats, global ones as scalars. No I/O, no model objects.
 
+What a method needs beyond one tensor position is declared or hooked here, never as a
+branch on its name elsewhere:
+
+- declared needs: ``needs_base``, ``needs_importance`` (with ``importance`` ``diagonal`` or
+  ``nodes`` and ``importance_optional``), ``random`` (seeded generators) and ``search``;
+- ``validate(recipe, source) -> warnings``: the method's own recipe checks, called once from
+  `hfmerge.recipe.parse_recipe` after the generic ones; it raises `RecipeError` naming the key
+  path and returns advice for the plan's warnings;
+- ``prepare(context) -> kwargs``: a whole-model pre-pass run once before the streaming merge,
+  through a read-only `PrepareContext`; what it returns is passed to every per-tensor call
+  (TIES' global trim thresholds, Fisher norms), so the per-tensor function stays pure.
+
 Adding a method = one module with a function decorated by `merge_method` + its import in
-``hfmerge/methods/__init__.py`` + its formula test.
+``hfmerge/methods/__init__.py`` + its formula test; nothing outside this package changes.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 import torch
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+
+_T = TypeVar("_T")
+
+
+class TensorPosition(Protocol):
+    """One merged tensor position of the plan, as a pre-pass sees it (read-only)."""
+
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int: ...
+
+
+class PrepareContext(Protocol):
+    """What a `prepare` hook may read: the recipe and the plan's merged positions.
+
+    Attributes:
+        recipe: The validated recipe (parameters, models, per-model settings).
+        positions: Every tensor position that is merged (not copied), in plan order; tied
+            aliases appear once per stored name, as in the merge itself.
+    """
+
+    recipe: "Recipe"
+    positions: Sequence[TensorPosition]
+
+    def inputs(self, position: TensorPosition) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """The base tensor (None without a base) and the M model tensors, float32, as the merge reads them."""
+        ...
+
+    def importances(self, position: TensorPosition) -> list[torch.Tensor]:
+        """The M diagonal importance (Fisher) tensors of `position`, in their stored dtype."""
+        ...
+
+    def progress(self, items: Iterable[_T], desc: str) -> Iterator[_T]:
+        """`items`, with a progress bar labelled `desc` when the run shows progress."""
+        ...
+
+
+Validate = Callable[["Recipe", str], list[str]]
+Prepare = Callable[[PrepareContext], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -100,6 +156,34 @@ class MergeMethod:
     importance: str = "diagonal"  # "diagonal" (per-entry Fisher) or "nodes" (Fisher Mask Nodes)
     search: bool = False  # coefficients found by a search (DF-Merge) before the streaming merge
     importance_optional: bool = False  # the method also runs without importances (F = 1)
+    validate: Validate | None = None  # method-specific recipe checks (module docstring)
+    prepare: Prepare | None = None  # whole-model pre-pass returning extra per-tensor kwargs
+
+    def check_recipe(self, recipe: "Recipe", source: str) -> list[str]:
+        """Run the method's own recipe checks.
+
+        Args:
+            recipe: The recipe, validated by the generic checks.
+            source: The recipe's name for messages.
+
+        Returns:
+            Advice for the plan's warnings (empty without a `validate` hook).
+
+        Raises:
+            RecipeError: A setting this method cannot run with, naming the key path.
+        """
+        return self.validate(recipe, source) if self.validate is not None else []
+
+    def prepared_kwargs(self, context: PrepareContext) -> dict[str, Any]:
+        """Run the method's whole-model pre-pass.
+
+        Args:
+            context: Read access to the recipe and the plan's merged positions.
+
+        Returns:
+            Keyword arguments added to every per-tensor call (empty without a `prepare` hook).
+        """
+        return self.prepare(context) if self.prepare is not None else {}
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
@@ -120,7 +204,8 @@ METHODS: dict[str, MergeMethod] = {}
 def merge_method(name: str, *, per_model: tuple[Param, ...] = (), params: tuple[Param, ...] = (), needs_base: bool = True,
                  needs_importance: bool = False, random: bool = False, paper: str = "", summary: str = "",
                  aliases: dict[str, dict[str, Any]] | None = None, alias_defaults: dict[str, dict[str, Any]] | None = None,
-                 importance: str = "diagonal", search: bool = False, importance_optional: bool = False) -> Callable:
+                 importance: str = "diagonal", search: bool = False, importance_optional: bool = False,
+                 validate: Validate | None = None, prepare: Prepare | None = None) -> Callable:
     """Register a pure tensor function as a merge method.
 
     Args:
@@ -140,6 +225,17 @@ def merge_method(name: str, *, per_model: tuple[Param, ...] = (), params: tuple[
             spread to the entries by the engine).
         search: The per-model coefficients are searched (DF-Merge) before the merge.
         importance_optional: Importances may be switched off (then all ones).
+        validate: ``validate(recipe, source) -> warnings``: the method's own recipe checks,
+            raising `RecipeError` with the key path; run once when the recipe is parsed.
+        prepare: ``prepare(context) -> kwargs``: a whole-model pre-pass over the plan's
+            positions (`PrepareContext`), run once before the streaming merge; the returned
+            keyword arguments go to every per-tensor call.
+
+    Returns:
+        A decorator that registers the function (under `name` and every alias) and returns it.
+
+    Raises:
+        ValueError: A name is registered twice.
     """
 
     def register(func: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -149,7 +245,7 @@ def merge_method(name: str, *, per_model: tuple[Param, ...] = (), params: tuple[
             defaults = (alias_defaults or {}).get(method_name, {})
             visible = tuple(replace(p, default=defaults[p.name]) if p.name in defaults else p for p in params if p.name not in fixed)
             METHODS[method_name] = MergeMethod(method_name, func, per_model, visible, needs_base, needs_importance, random, paper, summary,
-                                               dict(fixed), importance, search, importance_optional)
+                                               dict(fixed), importance, search, importance_optional, validate, prepare)
         return func
 
     return register
