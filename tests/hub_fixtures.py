@@ -14,7 +14,8 @@ Fixtures:
 - `hub_repo_id` (function): a fresh `test-user/<test-name>-xxxx` repo id.
 
 Every huggingface_hub HTTP call also gets a timeout (`CLIENT_TIMEOUT_S`), because most client
-calls pass `timeout=None` and would hang forever on a stalled server.
+calls pass `timeout=None` and would hang forever on a stalled server. It only ends a hang, so it is
+far longer than any answer takes even on a busy machine (HFMERGE_TEST_HUB_TIMEOUT overrides it).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 HUB_TEST_TOKEN = "hf_hfmergeTestToken0000000000000000"
-CLIENT_TIMEOUT_S = float(os.environ.get("HFMERGE_TEST_HUB_TIMEOUT", "60"))
+CLIENT_TIMEOUT_S = float(os.environ.get("HFMERGE_TEST_HUB_TIMEOUT", "300"))
 
 # One server per process, even if the fixtures get registered twice (plugin + star import).
 _SERVER: HubServer | None = None

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -94,32 +93,54 @@ def test_search_end_to_end_records_a_score_that_a_fresh_evaluation_reproduces(ex
     assert not (tmp_path / ".merged.hfmerge-search").exists()  # the study moved into the output
 
 
+# The CLI in a child process that is SIGKILLed in the middle of its 4th trial (number 3): the
+# candidate is built, the trial is RUNNING in the study, three trials are COMPLETE. The child
+# kills itself at that point, so where the kill lands does not depend on how fast the machine is.
+KILLED_IN_TRIAL_3 = """
+import os, signal, sys
+from hfmerge import dfmerge
+from hfmerge.cli import main
+
+calls = []
+score = dfmerge.DFMergeObjective.__call__
+
+def dying(self, lambdas):
+    calls.append(lambdas)
+    if len(calls) == 4:
+        self.build(lambdas)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return score(self, lambdas)
+
+dfmerge.DFMergeObjective.__call__ = dying
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_resume_keeps_completed_trials_and_runs_no_seed_point_twice(experts, tmp_path):  # noqa: F811
     recipe = write(tmp_path / "df.yaml", experts, {"n_trials": 6, "n_startup_trials": 2, "seed": 3, "fisher_examples": 6, "enqueue": [0.4, 0.6]})
     out = tmp_path / "merged"
-    log = tmp_path / ".merged.hfmerge-search" / "trials.jsonl"
+    workdir = tmp_path / ".merged.hfmerge-search"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "hfmerge", str(recipe), "-o", str(out), "-q"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_before = [json.loads(line) for line in log.read_text().splitlines()]
-    assert len(done_before) >= 3 and not out.exists()
+    child = subprocess.run([sys.executable, "-c", KILLED_IN_TRIAL_3, str(recipe), "-o", str(out), "-q"], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    done_before = [json.loads(line) for line in (workdir / "trials.jsonl").read_text().splitlines()]
+    assert [(r["number"], r["state"]) for r in done_before] == [(0, "COMPLETE"), (1, "COMPLETE"), (2, "COMPLETE")]
+    assert not out.exists()
     # Without --resume the existing study is not silently reused.
     assert main([str(recipe), "-o", str(out), "-q"]) == 1
     assert main([str(recipe), "-o", str(out), "-q", "--resume"]) == 0
     summary = json.loads((out / "dfmerge_search.json").read_text())
-    numbers = [t["number"] for t in summary["trials"]]
     assert len(summary["trials"]) == 6
-    kept = {r["number"]: r["params"] for r in done_before if r["state"] == "COMPLETE"}
-    for t in summary["trials"]:
-        if t["number"] in kept:
-            assert t["params"] == kept[t["number"]]
-    assert set(kept) <= set(numbers)
+    # The completed trials are kept as they were, the enqueued point ran once, and the trial the
+    # kill left RUNNING is marked FAIL (not counted, not left pending) before the search goes on.
+    assert [{"number": t["number"], "params": t["params"]} for t in summary["trials"][:3]] == [
+        {"number": r["number"], "params": r["params"]} for r in done_before]
     assert sum(t["params"] == [0.4, 0.6] for t in summary["trials"]) == 1
+    log = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert log[:3] == done_before
+    assert (log[3]["number"], log[3]["state"]) == (3, "FAIL") and "left RUNNING" in log[3]["error"]
+    assert [(r["number"], r["state"]) for r in log[4:]] == [(n, "COMPLETE") for n in range(4, 7)]
 
 
 @pytest.mark.parametrize("change, message", [

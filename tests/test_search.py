@@ -44,17 +44,42 @@ def journal_study(workdir: Path, name: str = "hfmerge-dfmerge") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(workdir / "study.journal"))))
 
 
-def run_script(code: str, *args: str) -> subprocess.Popen:
+def run_script(code: str, *args: str, output: Path | None = None) -> subprocess.Popen:
+    """Start `code` in a fresh interpreter; stdout and stderr go to `output` (a file) or a pipe."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = [sys.executable, "-c", code, *args]
+    if output is None:
+        return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with output.open("w") as sink:  # the child has its own copy of the file descriptor
+        return subprocess.Popen(command, env=env, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"the script exited early:\n{proc.stdout.read()}")
-        assert time.monotonic() < deadline, f"{path} did not appear"
+# Only a guard against a hang (two scripts waiting for each other forever), not a speed
+# requirement: the scripts below take seconds.
+HANG_GUARD_S = 3600.0
+
+
+def wait_all(procs: list[subprocess.Popen], outputs: list[Path]) -> None:
+    """Wait, however long it takes, until every script exits; fail with its output if one fails.
+
+    The first failure stops the others at once: a script waiting for a file from a crashed
+    peer would otherwise wait forever.
+    """
+    start = time.monotonic()
+    while True:
+        codes = [proc.poll() for proc in procs]
+        failed = [i for i, code in enumerate(codes) if code not in (None, 0)]
+        hung = not failed and None in codes and time.monotonic() - start > HANG_GUARD_S
+        if failed or hung:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+            shown = failed or range(len(procs))
+            pytest.fail("\n".join(f"script {i} ({'exit ' + str(codes[i]) if codes[i] is not None else 'hung'}):\n{outputs[i].read_text()}"
+                                  for i in shown))
+        if all(code == 0 for code in codes):
+            return
         time.sleep(0.05)
 
 
@@ -162,7 +187,7 @@ def test_exception_fails_the_trial_propagates_and_resume_continues(tmp_path):
 
 
 KILLED_RUN = """
-import sys, time
+import os, signal, sys
 from pathlib import Path
 from hfmerge.search import SearchSettings, TrialOutcome, run_search
 
@@ -171,9 +196,8 @@ calls = []
 
 def objective(lambdas):
     calls.append(lambdas)
-    if len(calls) == 5:  # trial 4, past the random start: the parent kills us while it is RUNNING
-        (workdir / "running").touch()
-        time.sleep(120)
+    if len(calls) == 5:  # trial 4, past the random start: SIGKILL while it is RUNNING, mid-objective
+        os.kill(os.getpid(), signal.SIGKILL)
     return TrialOutcome(score=-sum((x - 0.5) ** 2 for x in lambdas), task_scores={"t": 0.0}, timings={})
 
 run_search(objective, SearchSettings(names=["a", "b"], n_trials=8, n_startup_trials=4, enqueue=[[0.2, 0.8]]), workdir=workdir, progress=False)
@@ -182,11 +206,8 @@ run_search(objective, SearchSettings(names=["a", "b"], n_trials=8, n_startup_tri
 
 def test_resume_after_a_killed_run(tmp_path):
     proc = run_script(KILLED_RUN, str(tmp_path))
-    try:
-        wait_for(tmp_path / "running", proc)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    output, _ = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, output
     assert journal_study(tmp_path).trials[4].state == TrialState.RUNNING
     before = read_trial_log(tmp_path / "trials.jsonl")
     assert [r["number"] for r in before] == [0, 1, 2, 3]
@@ -212,16 +233,22 @@ from pathlib import Path
 from hfmerge.search import SearchSettings, TrialOutcome, run_search
 
 storage, workdir, index = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-joined = workdir.parent / "first-trial-running"
+first_running = workdir.parent / "first-trial-running"
+second_running = workdir.parent / "second-worker-running"
 if index == 1:
-    while not joined.exists():  # join while worker 0 has a RUNNING trial
+    while not first_running.exists():  # join while worker 0 has a RUNNING trial
         time.sleep(0.02)
 
 def objective(lambdas):
-    if index == 0 and not joined.exists():
-        joined.touch()
-        time.sleep(0.5)
-    time.sleep(0.2)
+    # Worker 0 holds its first trial RUNNING until worker 1 has joined and runs a trial of its
+    # own: the overlap is certain however slowly either process starts.
+    if index == 0 and not first_running.exists():
+        first_running.touch()
+        while not second_running.exists():
+            time.sleep(0.02)
+    if index == 1:
+        second_running.touch()
+    time.sleep(0.2)  # the workers' trials overlap, as real objectives do
     return TrialOutcome(score=-sum((x - 0.5) ** 2 for x in lambdas), task_scores={}, timings={})
 
 settings = SearchSettings(names=["a", "b"], n_trials=8, n_startup_trials=3, storage=storage, study_name="shared")
@@ -231,10 +258,9 @@ run_search(objective, settings, workdir=workdir, resume=True, progress=False)
 
 def test_two_workers_share_one_study(tmp_path):
     storage = str(tmp_path / "shared.journal")  # a journal file on a shared disk, as on NFS
-    procs = [run_script(WORKER, storage, str(tmp_path / f"worker{i}"), str(i)) for i in range(2)]
-    for proc in procs:
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0, out
+    outputs = [tmp_path / f"worker{i}.out" for i in range(2)]
+    procs = [run_script(WORKER, storage, str(tmp_path / f"worker{i}"), str(i), output=outputs[i]) for i in range(2)]
+    wait_all(procs, outputs)
 
     study = optuna.load_study(study_name="shared", storage=JournalStorage(JournalFileBackend(storage)))
     states = [t.state for t in study.trials]
@@ -242,6 +268,10 @@ def test_two_workers_share_one_study(tmp_path):
     assert 8 <= states.count(TrialState.COMPLETE) <= 9
     assert set(states) == {TrialState.COMPLETE}
     assert len({t.user_attrs["worker"] for t in study.trials}) == 2
+    # Worker 1 started a trial while worker 0's first trial was RUNNING, and that trial completed.
+    first = study.trials[0]
+    joined = next(t for t in study.trials if t.user_attrs["worker"] != first.user_attrs["worker"])
+    assert joined.datetime_start < first.datetime_complete and first.state == TrialState.COMPLETE
     logged = [read_trial_log(tmp_path / f"worker{i}" / "trials.jsonl") for i in range(2)]
     assert all(logged) and sorted(r["number"] for log in logged for r in log) == [t.number for t in study.trials]
 
