@@ -38,7 +38,7 @@ def _ref_name(ckpt) -> str:
 
 
 def _commit(ckpt) -> str:
-    return getattr(ckpt, "commit", "") or "local"
+    return ckpt.commit or "local"
 
 
 def resolved_recipe(plan: MergePlan) -> dict:

@@ -25,7 +25,8 @@ import torch
 from ..errors import HfMergeError
 from .generation import encode_prompts, generate_encoded
 from .metrics import compute_generation_metric, compute_metric, load_metric, parse_number
-from .scoring import EncodedExample, OptionScores, _max_positions, encode_examples, is_encoder_decoder, score_encoded
+from .lm import eos_id, is_encoder_decoder, max_positions
+from .scoring import EncodedExample, OptionScores, encode_examples, score_encoded
 from .tasks import TaskData, TaskSpec, load_task_data
 
 __all__ = ["EvaluationError", "TaskResult", "EvalReport", "TaskEvaluator", "prepare_tasks", "load_model_for_eval", "evaluate_model"]
@@ -267,7 +268,7 @@ class TaskEvaluator:
 
     def _encode_prompts(self, model: Any, data: TaskData) -> list[tuple[int, ...]]:
         encoder_decoder = is_encoder_decoder(model)
-        max_length = _max_positions(model.config)
+        max_length = max_positions(model.config)
         key = (encoder_decoder, max_length, data.spec.name)
         if key not in self._prompts:
             try:
@@ -279,15 +280,12 @@ class TaskEvaluator:
 
     def _encode(self, model: Any, data: TaskData) -> list[EncodedExample]:
         encoder_decoder = is_encoder_decoder(model)
-        max_length = _max_positions(model.config)
+        max_length = max_positions(model.config)
         key = (encoder_decoder, max_length, data.spec.name)
         if key not in self._encoded:
-            eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else getattr(model.config, "eos_token_id", None)
-            if isinstance(eos, list):
-                eos = eos[0]
             try:
                 self._encoded[key] = encode_examples(self.tokenizer, data.examples(self.split), encoder_decoder=encoder_decoder,
-                                                     target_delimiter=data.spec.target_delimiter, eos_token_id=eos, max_length=max_length)
+                                                     target_delimiter=data.spec.target_delimiter, eos_token_id=eos_id(self.tokenizer, model), max_length=max_length)
             except ValueError as exc:
                 raise EvaluationError(f"task {data.spec.name!r}: {exc}") from None
         return self._encoded[key]

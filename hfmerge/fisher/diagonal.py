@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ..errors import HfMergeError
+from ..evaluation.lm import model_device
 from ..evaluation.scoring import EncodedExample
 from .loglik import model_kind, option_logliks, pair_batches, pair_loglik
 
@@ -143,7 +144,7 @@ def diagonal_fisher(model: Any, examples: Sequence[EncodedExample], labels: Sequ
         raise FisherError(f"{len(labels)} labels for {len(examples)} examples")
     offloaded = is_offloaded(model)
     impl = choose_implementation(model, implementation, offloaded)
-    dev = torch.device(device) if device is not None else _execution_device(model)
+    dev = model_device(model, device)
     rng = random.Random(seed)
     was_training = model.training
     model.eval()
@@ -178,13 +179,6 @@ def _label(label: int, num_options: int, n: int) -> int:
     if not 0 <= label < num_options:
         raise FisherError(f"example {n}: label {label} is out of range for its {num_options} options")
     return label
-
-
-def _execution_device(model: Any) -> torch.device:
-    for p in model.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")
 
 
 def weighted_rows(model: Any, examples: list[EncodedExample], labels: Sequence[int], mode: str, rng: random.Random,
