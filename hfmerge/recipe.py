@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .constants import RECIPE_DTYPES
 from .errors import HfMergeError, RecipeError, short_repr
 from .methods import METHODS, MergeMethod, Param
 from .refs import ModelRef, parse_model_ref
@@ -33,7 +34,6 @@ UNSUPPORTED_MERGEKIT_KEYS = {
     "chat_template": "chat templates are copied with the tokenizer files; a custom chat_template is not supported",
     "modules": "per-module recipes are not supported",
 }
-DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
@@ -220,9 +220,9 @@ def _model_param_value(source: str, path: str, spec: Param, value: Any) -> Param
 def _dtype(source: str, key: str, value: Any) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or value not in DTYPES:
+    if not isinstance(value, str) or value not in RECIPE_DTYPES:
         raise _fail(source, key, f"got {short_repr(value)}; expected one of float32, float16, bfloat16")
-    return DTYPES[value]
+    return RECIPE_DTYPES[value]
 
 
 def _bool(source: str, key: str, value: Any) -> bool:

@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from ..constants import REPO_ID
 from ..errors import CheckpointError, IncompatibleCheckpointsError
 from ..refs import ModelRef
 from .base import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_SAFE, SIDE_FILES, Checkpoint
@@ -77,7 +78,6 @@ BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
 # <module>.lora_A.weight, <module>.lora_B.weight, <module>.lora_B.bias, <module>.lora_embedding_A/B
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B)$")
 _HUB_CACHE_PATH = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<commit>[0-9a-f]{40})")
-_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True)
@@ -411,7 +411,7 @@ def _identity(text: str) -> tuple[str | None, str, str | None]:
     if cached:
         return f"{cached['org']}/{cached['name']}", cached["name"], cached["commit"]
     stripped = text.rstrip("/\\")
-    local = text.startswith(("/", "./", "../", "~", "\\")) or "\\" in text or stripped.count("/") > 1 or not _REPO_ID.match(stripped)
+    local = text.startswith(("/", "./", "../", "~", "\\")) or "\\" in text or stripped.count("/") > 1 or not REPO_ID.match(stripped)
     name = re.split(r"[/\\]", stripped)[-1] if stripped else text
     return (None if local else stripped), name, None
 

@@ -26,17 +26,14 @@ from pathlib import Path
 
 import torch
 
+from ..constants import TORCH_DTYPE_NAMES
 from ..errors import CheckpointError
 from ..refs import ModelRef
 from .base import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, SIDE_FILES
 from .safetensors_header import TensorInfo, read_header
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
-}
+# safetensors dtype name <-> torch dtype (the table is `constants.TORCH_DTYPE_NAMES`).
+TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, attr) for name, attr in TORCH_DTYPE_NAMES.items()}
 SAFE_DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 

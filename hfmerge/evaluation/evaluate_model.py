@@ -22,24 +22,21 @@ from typing import Any
 
 import torch
 
-from ..errors import HfMergeError
+from ..constants import FILE_BUILDERS, RECIPE_DTYPES, TORCH_DTYPE_NAMES
+from ..errors import EvaluationError
 from .generation import encode_prompts, generate_encoded
 from .metrics import compute_generation_metric, compute_metric, load_metric, parse_number
 from .lm import eos_id, is_encoder_decoder, max_positions
 from .scoring import EncodedExample, OptionScores, encode_examples, score_encoded
 from .tasks import TaskData, TaskSpec, load_task_data
 
-__all__ = ["EvaluationError", "TaskResult", "EvalReport", "TaskEvaluator", "prepare_tasks", "load_model_for_eval", "evaluate_model"]
+__all__ = ["TaskResult", "EvalReport", "TaskEvaluator", "prepare_tasks", "load_model_for_eval", "evaluate_model"]
 
 SPLITS = ("validation", "test")
 logger = logging.getLogger(__name__)
 # How each output type is named in model cards (model-index task type, metric name suffix).
 TASK_TYPES = {"multiple_choice": "multiple-choice", "generate_until": "text-generation"}
 SCORING = {"multiple_choice": "rank classification", "generate_until": "greedy generation"}
-
-
-class EvaluationError(HfMergeError):
-    """The model cannot be loaded or evaluated (missing folder, unknown architecture, no GPU)."""
 
 
 @dataclass
@@ -201,7 +198,7 @@ class EvalReport:
                     continue
                 # model-index groups results by (task type, dataset type, config, split): a local
                 # file has no Hub dataset id, so the task's name identifies it there.
-                local = r.dataset_path in ("json", "csv", "parquet", "text", "arrow", "pandas") or r.dataset_path.startswith("/")
+                local = r.dataset_path in FILE_BUILDERS or r.dataset_path.startswith("/")
                 out.append(EvalResult(
                     task_type=TASK_TYPES.get(r.output_type, r.output_type), task_name=r.task, dataset_type=r.task if local else r.dataset_path,
                     dataset_name=r.task, dataset_config=r.dataset_name, dataset_split=r.dataset_split,
@@ -392,10 +389,6 @@ def _device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
 def load_model_for_eval(model: str | Path, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> tuple[Any, Any]:
     """Load a model and its tokenizer for scoring.
 
@@ -427,10 +420,10 @@ def load_model_for_eval(model: str | Path, *, device: str | torch.device | None 
         torch_dtype: Any = torch.float32 if target.type == "cpu" else "auto"
     elif isinstance(dtype, torch.dtype) or dtype == "auto":
         torch_dtype = dtype
-    elif dtype in _DTYPES:
-        torch_dtype = _DTYPES[dtype]
+    elif dtype in RECIPE_DTYPES:
+        torch_dtype = getattr(torch, TORCH_DTYPE_NAMES[RECIPE_DTYPES[dtype]])
     else:
-        raise EvaluationError(f"--dtype: got {dtype!r}; expected one of auto, {', '.join(_DTYPES)}")
+        raise EvaluationError(f"--dtype: got {dtype!r}; expected one of auto, {', '.join(RECIPE_DTYPES)}")
     if not path.is_dir():
         # A Hub id: fetched through hfmerge's reader (pinned, retried, every file verified), then loaded locally.
         from ..checkpoints.hub import download_hub_model

@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import RecipeError
+from ..constants import FILE_BUILDERS, REPO_ID
+from ..errors import TaskError
 from ..yamlio import PythonFunctionTag, load_yaml_file, yaml_loader
 from .metrics import METRIC_ALIASES, MetricSpec, resolve_metric
 from .metrics import parse_number as _parse_number
@@ -51,14 +52,9 @@ from .metrics import parse_number as _parse_number
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "TaskError", "TaskSpec", "Example", "TaskData", "parse_tasks", "load_task_data", "load_tasks_file",
+    "TaskSpec", "Example", "TaskData", "parse_tasks", "load_task_data", "load_tasks_file",
     "match_tasks_to_models", "yaml_loader", "load_yaml_file", "NORMALIZATIONS",
 ]
-
-
-class TaskError(RecipeError):
-    """A task of the recipe is malformed, or its data does not fit it (missing file, unknown
-    template field, label out of range, too few options, empty split)."""
 
 
 # The keys hfmerge reads. The first group is lm-evaluation-harness's; the second hfmerge's.
@@ -111,7 +107,6 @@ GENERATION_KEY_HINTS = {
     "stop_strings": "write until (lm-evaluation-harness's name for the stop strings)",
 }
 # datasets' packaged builders that read files named by data_files.
-FILE_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "pandas", "xml")
 DATA_FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # datasets' split slicing: "validation[:50%]", "test[935:]", "train[10:20]".
@@ -122,7 +117,6 @@ def base_split_name(split: str) -> str:
     """The split a `datasets` split expression reads from: ``test`` for ``test[935:]``."""
     match = _SPLIT_SLICE.fullmatch(split)
     return match.group(1) if match else split
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 # --------------------------------------------------------------------------------------------
@@ -521,7 +515,7 @@ def _parse_task(entry: Any, i: int, *, source: str, base_dir: Path | None) -> Ta
         # A folder written by save_to_disk is read with load_from_disk; any other folder of
         # data files goes to load_dataset, which infers the splits from the file names.
         from_disk = (local / "dataset_info.json").is_file() and (local / "state.json").is_file() or (local / "dataset_dict.json").is_file()
-    elif dataset_path.startswith((".", "/", "~")) or "\\" in dataset_path or not _HUB_ID.fullmatch(dataset_path):
+    elif dataset_path.startswith((".", "/", "~")) or "\\" in dataset_path or not REPO_ID.match(dataset_path):
         raise _fail(source, f"{key}.dataset_path", f"folder not found: {local}" + (
             f" (relative paths are resolved against the recipe's folder {base_dir})" if base_dir is not None else ""))
     # Otherwise a Hub dataset id: it can only be checked when loaded (which needs the network).

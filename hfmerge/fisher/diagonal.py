@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ..errors import HfMergeError
+from ..errors import FisherError
 from ..evaluation.lm import model_device
 from ..evaluation.scoring import EncodedExample
 from .loglik import model_kind, option_logliks, pair_batches, pair_loglik
@@ -52,10 +52,6 @@ VMAP_MAX_PARAMETERS = 20_000_000
 VMAP_CHUNK = 128
 # Per-pair gradient copies a vmap call may hold at once, in parameter entries.
 VMAP_MAX_ELEMENTS = 64_000_000
-
-
-class FisherError(HfMergeError):
-    """A Fisher cannot be computed (bad mode, no examples, a model kind that is not supported)."""
 
 
 @dataclass

@@ -22,11 +22,12 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..errors import FisherError
 from ..evaluation.lm import eos_id, max_positions
 from ..evaluation.scoring import EncodedExample, encode_examples
 from ..evaluation.tasks import Example, TaskData
 from .cache import cache_key, cached_path, lookup, save_fisher
-from .diagonal import MODES, FisherError, FisherStats, diagonal_fisher
+from .diagonal import MODES, FisherStats, diagonal_fisher
 from .loglik import model_kind
 
 logger = logging.getLogger(__name__)

@@ -35,17 +35,13 @@ from typing import Any
 
 import torch
 
-from ..errors import HfMergeError
+from ..errors import FisherError, NodeLayoutError
 from ..evaluation.lm import model_device
 from ..evaluation.scoring import EncodedExample
-from .diagonal import FisherError, FisherStats, weighted_rows
+from .diagonal import FisherStats, weighted_rows
 
 HEADS = "heads:"
 NEURONS = "neurons:"
-
-
-class NodeLayoutError(HfMergeError):
-    """The architecture has no attention heads / FFN neurons that Fisher Mask Nodes knows."""
 
 
 @dataclass(frozen=True)
