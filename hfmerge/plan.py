@@ -122,10 +122,10 @@ def _label(key: str, ref: ModelRef) -> str:
     return f"{key} ({ref.text})"
 
 
-def _open(ref: ModelRef, key: str, recipe: Recipe, base: Checkpoint | None = None) -> Checkpoint:
+def _open(ref: ModelRef, key: str, recipe: Recipe, base: Checkpoint | None = None, scratch: Path | None = None) -> Checkpoint:
     # `base`: what a PEFT adapter among the models is applied to (checkpoints/lora.py).
     return open_checkpoint(ref, label=_label(key, ref), allow_pickle=recipe.allow_pickle, base=base,
-                           allow_external_symlinks=recipe.allow_external_symlinks)
+                           allow_external_symlinks=recipe.allow_external_symlinks, scratch=scratch)
 
 
 def _open_fisher(path: Path, label: str) -> FisherFile:
@@ -187,14 +187,19 @@ def build_plan(recipe: Recipe, *, low_disk: bool = False) -> MergePlan:
         CheckpointError: A checkpoint or Fisher file cannot be read.
         IncompatibleCheckpointsError: Names, shapes or dtypes disagree.
     """
-    base = _open(recipe.base, "base_model", recipe) if recipe.base is not None else None
-    models = [_open(m.ref, f"{m.key}.model", recipe, base) for m in recipe.models]
-    scratch = None
-    if low_disk and any(c.commit for c in [base, *models] if c is not None):
-        scratch = Path(tempfile.mkdtemp(prefix="hfmerge-low-disk-"))
-        for i, ckpt in enumerate([base, *models]):
-            if ckpt is not None and ckpt.commit:
-                ckpt.scratch = scratch / f"input-{i}"
+    refs = [recipe.base, *(m.ref for m in recipe.models)]
+    scratch = Path(tempfile.mkdtemp(prefix="hfmerge-low-disk-")) if low_disk and any(r is not None and not r.is_local for r in refs) else None
+
+    def input_scratch(i: int) -> Path | None:
+        return scratch / f"input-{i}" if scratch is not None else None
+
+    try:
+        base = _open(recipe.base, "base_model", recipe, scratch=input_scratch(0)) if recipe.base is not None else None
+        models = [_open(m.ref, f"{m.key}.model", recipe, base, scratch=input_scratch(i)) for i, m in enumerate(recipe.models, start=1)]
+    except BaseException:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)  # opening downloads no shard: it is empty
+        raise
     reference = base if base is not None else models[0]
     warnings: list[str] = [w for c in models for w in getattr(c, "warnings", ())]  # e.g. an adapter's base matched by name only
 

@@ -12,13 +12,15 @@ from typing import TYPE_CHECKING
 from .base import Checkpoint
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from ..refs import ModelRef
 
 __all__ = ["Checkpoint", "open_checkpoint"]
 
 
 def open_checkpoint(ref: ModelRef, *, label: str, allow_pickle: bool = False, allow_external_symlinks: bool = False,
-                    base: Checkpoint | None = None) -> Checkpoint:
+                    base: Checkpoint | None = None, scratch: Path | None = None) -> Checkpoint:
     """Open a model reference header-only: a local folder, a Hub repo pinned to a commit, or a PEFT
     LoRA adapter (either) applied to `base`.
 
@@ -33,6 +35,9 @@ def open_checkpoint(ref: ModelRef, *, label: str, allow_pickle: bool = False, al
         allow_external_symlinks: Follow a local folder's symlinks that lead out of it (the recipe
             key; a Hub checkpoint's files must always stay in its cache folder).
         base: The recipe's opened base checkpoint, which an adapter is applied to.
+        scratch: Low-disk mode: a Hub checkpoint downloads its shards into this folder, one at
+            a time, instead of the Hugging Face cache (`Checkpoint.release` deletes them);
+            ignored for local folders.
 
     Returns:
         The opened checkpoint; weights are read one tensor at a time by `Checkpoint.read`.
@@ -47,9 +52,13 @@ def open_checkpoint(ref: ModelRef, *, label: str, allow_pickle: bool = False, al
 
     if not ref.is_local:
         snapshot = hub.pin_hub_repo(ref, label=label)
+        ckpt: hub.HubCheckpoint | lora.LoraCheckpoint
         if snapshot.is_adapter:
-            return lora.open_hub_adapter(snapshot, label=label, base=base, allow_pickle=allow_pickle)
-        return hub.open_hub_checkpoint(ref, label=label, snapshot=snapshot)
+            ckpt = lora.open_hub_adapter(snapshot, label=label, base=base, allow_pickle=allow_pickle)
+        else:
+            ckpt = hub.open_hub_checkpoint(ref, label=label, snapshot=snapshot)
+        ckpt.scratch = scratch
+        return ckpt
     assert ref.path is not None
     if is_adapter_folder(ref.path):
         return lora.open_local_adapter(ref, label=label, base=base, allow_pickle=allow_pickle,

@@ -207,6 +207,10 @@ class HubCheckpoint(LocalCheckpoint):
     scratch: Path | None = None  # low-disk mode: shards go here, one at a time, not to the cache
     _downloaded: dict[str, Path] = field(default_factory=dict, repr=False)
 
+    def _download_roots(self) -> list[Path]:
+        # Low-disk mode downloads into the scratch folder instead of the cache.
+        return [Path(os.path.realpath(self.scratch))] if self.scratch is not None else []
+
     def local_file(self, info: TensorInfo) -> Path:
         key = str(info.file)
         path = self._downloaded.get(key)

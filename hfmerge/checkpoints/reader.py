@@ -134,12 +134,12 @@ class LocalCheckpoint:
     def _confined(self, path: Path) -> Path:
         """`path`, after checking that a Hub checkpoint's file lies in its cache or scratch folder."""
         if self.ref.repo_id is not None:
-            roots = [confinement_root(self.folder)]
-            scratch = getattr(self, "scratch", None)  # low-disk downloads (HubCheckpoint)
-            if scratch is not None:
-                roots.append(Path(os.path.realpath(scratch)))
-            check_inside(path, roots, label=self.label, hub=True)
+            check_inside(path, [confinement_root(self.folder), *self._download_roots()], label=self.label, hub=True)
         return path
+
+    def _download_roots(self) -> list[Path]:
+        """Folders besides the cache that a Hub checkpoint's files may lie in (`HubCheckpoint`)."""
+        return []
 
     @property
     def files(self) -> list[Path]:
