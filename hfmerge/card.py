@@ -13,9 +13,9 @@ from pathlib import Path
 import yaml
 
 from . import __version__
+from .constants import FILE_BUILDERS, TORCH_DTYPE_NAMES
 from .plan import MergePlan
 
-_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 PIPELINE_BY_SUFFIX = (
     ("ForConditionalGeneration", "text2text-generation"),
     ("ForCausalLM", "text-generation"),
@@ -38,7 +38,7 @@ def _ref_name(ckpt) -> str:
 
 
 def _commit(ckpt) -> str:
-    return getattr(ckpt, "commit", "") or "local"
+    return ckpt.commit or "local"
 
 
 def resolved_recipe(plan: MergePlan) -> dict:
@@ -79,7 +79,6 @@ def _versions() -> dict[str, str]:
             **{name: version(name) for name in ("transformers", "huggingface_hub", "safetensors")}}
 
 
-LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas"}
 
 
 def build_card(plan: MergePlan, folder: Path, title: str, evaluation=None, extra_sections: str = ""):
@@ -104,7 +103,7 @@ def build_card(plan: MergePlan, folder: Path, title: str, evaluation=None, extra
         pipeline_tag=pipeline,
         tags=["merge", "hfmerge", method.name],
         license=_license(plan),
-        datasets=sorted({t.dataset_path for t in recipe.tasks if not t.from_disk and t.dataset_path not in LOCAL_BUILDERS}) or None,
+        datasets=sorted({t.dataset_path for t in recipe.tasks if not t.from_disk and t.dataset_path not in FILE_BUILDERS}) or None,
         model_name=title if evaluation is not None else None,
         eval_results=evaluation.to_eval_results() if evaluation is not None else None,
     )
@@ -144,7 +143,7 @@ This model is a merge of {len(plan.models)} fine-tuned model(s){' of ' + _ref_na
 
 ## Method
 
-`merge_method: {method.name}`; parameters: {params}. Computation in float32; output dtype: {_DTYPE_NAMES.get(recipe.out_dtype or '', 'as stored in the base checkpoint')}.
+`merge_method: {method.name}`; parameters: {params}. Computation in float32; output dtype: {TORCH_DTYPE_NAMES.get(recipe.out_dtype or '', 'as stored in the base checkpoint')}.
 
 {eval_section}
 ## Recipe (revisions resolved)

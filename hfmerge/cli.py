@@ -141,10 +141,9 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
 
 
 def run_recipe(args: argparse.Namespace) -> int:
-    from .checkpoints.writer import parse_size
     from .merge import check_free_space, check_not_input, check_output, clean_stale_temp_folders, recipe_input_paths, run_merge
     from .plan import build_plan
-    from .recipe import RecipeError, load_recipe
+    from .recipe import RecipeError, load_recipe, parse_size
 
     recipe = load_recipe(args.recipe)
     if getattr(args, "n_trials", None) is not None and args.n_trials < 1:

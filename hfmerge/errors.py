@@ -98,3 +98,41 @@ class OutputWriteError(HfMergeError):
 class DownloadIntegrityError(CheckpointError):
     """A file downloaded from the Hub does not match the hash (or size) the Hub announces for it,
     again after one fresh download. Nothing of it is kept, in the cache or elsewhere."""
+
+
+class TaskError(RecipeError):
+    """A task of the recipe is malformed, or its data does not fit it (missing file, unknown
+    template field, label out of range, too few options, empty split).
+
+    Attributes:
+        key_path: The key path the message is about (``tasks[0].doc_to_text``), or None.
+    """
+
+    def __init__(self, message: str, key_path: str | None = None) -> None:
+        super().__init__(message)
+        self.key_path = key_path
+
+
+class MetricError(RecipeError):
+    """A task's metric cannot be loaded or computed."""
+
+
+class EvaluationError(HfMergeError):
+    """The model cannot be loaded or evaluated (missing folder, unknown architecture, no GPU)."""
+
+
+class FisherError(HfMergeError):
+    """A Fisher cannot be computed (bad mode, no examples, a model kind that is not supported)."""
+
+
+class NodeLayoutError(HfMergeError):
+    """The architecture has no attention heads / FFN neurons that Fisher Mask Nodes knows."""
+
+
+class SearchError(HfMergeError):
+    """The coefficient search cannot start or continue: a previous study is in the way, the
+    settings do not match the stored study, the storage cannot be opened, or no trial completed."""
+
+
+class PublishError(HfMergeError):
+    """The upload failed; the repo is left as it was (a commit is all or nothing)."""

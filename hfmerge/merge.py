@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .checkpoints.reader import TORCH_DTYPES
 from .checkpoints.writer import WRITE_ERRNOS, ShardedSafetensorsWriter, current_umask, free_bytes, human_size, output_write_error
+from .constants import TORCH_DTYPE_NAMES
 from .errors import (
     HfMergeError, IncompatibleCheckpointsError, NonFiniteTensorError, OutputExistsError, OutputIsInputError, OutputWriteError,
 )
@@ -48,7 +49,6 @@ TOKENIZER_FILES = (
     "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
 )
 RECIPE_FILE = "hfmerge_recipe.yaml"
-_TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
 @dataclass
@@ -202,7 +202,7 @@ def cache_input_paths(*, datasets: bool = False) -> list[InputPath]:
     cache (Fishers, tie groups) and, when tasks are loaded, the datasets cache."""
     from huggingface_hub import constants
 
-    from .fisher.cache import cache_root
+    from .constants import cache_root
 
     paths = [
         InputPath(Path(constants.HF_HUB_CACHE), "HF_HUB_CACHE, the Hugging Face Hub cache"),
@@ -599,7 +599,7 @@ def _copy_side_files(plan: MergePlan, folder: Path) -> list[str]:
     # Record the output dtype in config.json so from_pretrained picks it by default.
     if (folder / "config.json").is_file() and plan.recipe.out_dtype is not None:
         config = json.loads((folder / "config.json").read_text())
-        dtype_name = _TORCH_NAMES[plan.recipe.out_dtype]
+        dtype_name = TORCH_DTYPE_NAMES[plan.recipe.out_dtype]
         config["dtype"] = dtype_name
         if "torch_dtype" in config:
             config["torch_dtype"] = dtype_name

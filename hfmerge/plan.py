@@ -15,8 +15,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .checkpoints import Checkpoint, open_checkpoint
 from .checkpoints.aliases import tied_groups
-from .checkpoints.reader import LocalCheckpoint, open_local_checkpoint
+from .checkpoints.reader import LocalCheckpoint
 from .checkpoints.safetensors_header import DTYPE_SIZES, TensorInfo, read_header
 from .checkpoints.writer import OutputTensor
 from .errors import CheckpointError, FisherFileError, IncompatibleCheckpointsError
@@ -61,11 +62,11 @@ class TensorPlan:
 @dataclass
 class MergePlan:
     recipe: Recipe
-    base: LocalCheckpoint | None
-    models: list[LocalCheckpoint]
+    base: Checkpoint | None
+    models: list[Checkpoint]
     fishers: list[FisherFile] | None
     tensors: list[TensorPlan]
-    config_source: LocalCheckpoint
+    config_source: Checkpoint
     tokenizer_folder: Path
     warnings: list[str] = field(default_factory=list)
     scratch: Path | None = None  # low-disk download folder, removed by `release`
@@ -75,13 +76,12 @@ class MergePlan:
     def release(self) -> None:
         """Delete low-disk downloads (a later read downloads again)."""
         for ckpt in ([self.base] if self.base is not None else []) + self.models:
-            if hasattr(ckpt, "release"):
-                ckpt.release()
+            ckpt.release()
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
     @property
-    def reference(self) -> LocalCheckpoint:
+    def reference(self) -> Checkpoint:
         return self.base if self.base is not None else self.models[0]
 
     @property
@@ -122,14 +122,10 @@ def _label(key: str, ref: ModelRef) -> str:
     return f"{key} ({ref.text})"
 
 
-def _open(ref: ModelRef, key: str, recipe: Recipe, base: LocalCheckpoint | None = None) -> LocalCheckpoint:
+def _open(ref: ModelRef, key: str, recipe: Recipe, base: Checkpoint | None = None, scratch: Path | None = None) -> Checkpoint:
     # `base`: what a PEFT adapter among the models is applied to (checkpoints/lora.py).
-    if not ref.is_local:
-        from .checkpoints.hub import open_hub_checkpoint
-
-        return open_hub_checkpoint(ref, label=_label(key, ref), allow_pickle=recipe.allow_pickle, base=base)
-    return open_local_checkpoint(ref, label=_label(key, ref), allow_pickle=recipe.allow_pickle, base=base,
-                                 allow_external_symlinks=recipe.allow_external_symlinks)
+    return open_checkpoint(ref, label=_label(key, ref), allow_pickle=recipe.allow_pickle, base=base,
+                           allow_external_symlinks=recipe.allow_external_symlinks, scratch=scratch)
 
 
 def _open_fisher(path: Path, label: str) -> FisherFile:
@@ -191,14 +187,19 @@ def build_plan(recipe: Recipe, *, low_disk: bool = False) -> MergePlan:
         CheckpointError: A checkpoint or Fisher file cannot be read.
         IncompatibleCheckpointsError: Names, shapes or dtypes disagree.
     """
-    base = _open(recipe.base, "base_model", recipe) if recipe.base is not None else None
-    models = [_open(m.ref, f"{m.key}.model", recipe, base) for m in recipe.models]
-    scratch = None
-    if low_disk and any(getattr(c, "commit", "") for c in [base, *models] if c is not None):
-        scratch = Path(tempfile.mkdtemp(prefix="hfmerge-low-disk-"))
-        for i, ckpt in enumerate([base, *models]):
-            if ckpt is not None and getattr(ckpt, "commit", ""):
-                ckpt.scratch = scratch / f"input-{i}"
+    refs = [recipe.base, *(m.ref for m in recipe.models)]
+    scratch = Path(tempfile.mkdtemp(prefix="hfmerge-low-disk-")) if low_disk and any(r is not None and not r.is_local for r in refs) else None
+
+    def input_scratch(i: int) -> Path | None:
+        return scratch / f"input-{i}" if scratch is not None else None
+
+    try:
+        base = _open(recipe.base, "base_model", recipe, scratch=input_scratch(0)) if recipe.base is not None else None
+        models = [_open(m.ref, f"{m.key}.model", recipe, base, scratch=input_scratch(i)) for i, m in enumerate(recipe.models, start=1)]
+    except BaseException:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)  # opening downloads no shard: it is empty
+        raise
     reference = base if base is not None else models[0]
     warnings: list[str] = [w for c in models for w in getattr(c, "warnings", ())]  # e.g. an adapter's base matched by name only
 

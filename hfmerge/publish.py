@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, HfMergeError, HubAccessError, IncompleteOutputError
+from .errors import CheckpointError, HubAccessError, IncompleteOutputError, PublishError
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,6 @@ TEMP_MARKER = ".hfmerge-"
 TEMP_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".incomplete", ".lock", ".swp")
 # Paths upload_folder never sends (its DEFAULT_IGNORE_PATTERNS): not part of the output.
 _IGNORED_DIRS = (".git", ".cache")
-
-
-class PublishError(HfMergeError):
-    """The upload failed; the repo is left as it was (a commit is all or nothing)."""
 
 
 @dataclass

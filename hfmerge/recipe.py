@@ -11,14 +11,16 @@ read.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .checkpoints.writer import parse_size
+from .constants import RECIPE_DTYPES
 from .errors import HfMergeError, RecipeError, short_repr
 from .methods import METHODS, MergeMethod, Param
 from .refs import ModelRef, parse_model_ref
+from .yamlio import load_yaml_file
 
 TOP_LEVEL_KEYS = (
     "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "config_source",
@@ -32,8 +34,38 @@ UNSUPPORTED_MERGEKIT_KEYS = {
     "chat_template": "chat templates are copied with the tokenizer files; a custom chat_template is not supported",
     "modules": "per-module recipes are not supported",
 }
-DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: int | str, *, field: str = "max_shard_size") -> int:
+    """Parse a byte size such as ``5GB``, ``500MiB`` or ``1000000`` (GB = 10^9 as in transformers).
+
+    Args:
+        value: A number of bytes, or a number with a unit (B, KB, MB, GB, TB, KiB, ..., TiB).
+        field: The recipe key or CLI flag messages name.
+
+    Returns:
+        The size in bytes.
+
+    Raises:
+        HfMergeError: Not a size, or not positive.
+    """
+    if isinstance(value, bool):
+        raise HfMergeError(f"{field}: expected a size such as '5GB' or a number of bytes, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE.match(str(value))
+        if not m:
+            raise HfMergeError(f"{field}: expected a size such as '5GB', '500MiB' or a number of bytes, got {value!r}")
+        n = int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+    if n <= 0:
+        raise HfMergeError(f"{field}: must be positive, got {value!r}")
+    return n
 
 
 @dataclass(frozen=True)
@@ -189,9 +221,9 @@ def _model_param_value(source: str, path: str, spec: Param, value: Any) -> Param
 def _dtype(source: str, key: str, value: Any) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or value not in DTYPES:
+    if not isinstance(value, str) or value not in RECIPE_DTYPES:
         raise _fail(source, key, f"got {short_repr(value)}; expected one of float32, float16, bfloat16")
-    return DTYPES[value]
+    return RECIPE_DTYPES[value]
 
 
 def _bool(source: str, key: str, value: Any) -> bool:
@@ -431,7 +463,6 @@ def load_recipe(path: str | Path) -> Recipe:
             recipe is invalid; the message names the file and the key path.
     """
     path = Path(path)
-    from .evaluation.tasks import load_yaml_file
 
     # Safe loading, bounded in size and alias expansion; harness `!function` tags are read as
     # markers so tasks can reject them clearly.

@@ -6,14 +6,13 @@ The syntax is fixed here; resolving a Hub reference to a commit happens in the p
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .constants import REPO_ID
 from .errors import ModelReferenceError, short_repr
 
 # Hub repo ids: an optional namespace and a name of letters, digits, '-', '_', '.'.
-_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ def parse_model_ref(text: str, *, base_dir: Path | None = None, field: str = "mo
         # Keep the path so that the reader reports "folder not found" with the full path.
         return ModelRef(text=text, path=candidates[0].absolute())
     repo_id, _, revision = text.partition("@")
-    if not _REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id:
+    if not REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id:
         raise ModelReferenceError(
             f"{field}: {short_repr(text)} is neither an existing folder nor a Hub repo id "
             "(expected org/name, org/name@revision, or a path such as ./models/base)"

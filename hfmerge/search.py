@@ -44,18 +44,13 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
-from .errors import HfMergeError
+from .errors import SearchError
 
 logger = logging.getLogger(__name__)
 
 JOURNAL_FILE = "study.journal"
 TRIALS_LOG = "trials.jsonl"
 STUDY_ATTR = "hfmerge_search"  # study user attr: the search space, checked on resume
-
-
-class SearchError(HfMergeError):
-    """The coefficient search cannot start or continue: a previous study is in the way, the
-    settings do not match the stored study, the storage cannot be opened, or no trial completed."""
 
 
 def param_name(i: int) -> str:

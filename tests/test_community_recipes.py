@@ -19,7 +19,8 @@ import yaml
 from safetensors.torch import save_file
 
 from hfmerge.cli import main
-from hfmerge.evaluation.tasks import TaskError, load_task_data, load_tasks_file, parse_tasks
+from hfmerge.errors import TaskError
+from hfmerge.evaluation.tasks import load_task_data, load_tasks_file, parse_tasks
 from hfmerge.recipe import load_recipe
 from hfmerge.testing import build_base, build_finetuned
 

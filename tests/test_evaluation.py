@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from hfmerge.errors import HfMergeError, RecipeError
+from hfmerge.errors import HfMergeError, MetricError, RecipeError, TaskError
 from hfmerge.evaluation import evaluate_model as evaluate_model_module
 from hfmerge.cli import main as hfmerge_main
 from hfmerge.evaluation.evaluate_model import EvalReport, TaskEvaluator, TaskResult, evaluate_model
-from hfmerge.evaluation.metrics import LOCAL_METRICS, MetricError, compute_metric, resolve_metric
+from hfmerge.evaluation.metrics import LOCAL_METRICS, compute_metric, resolve_metric
 from hfmerge.evaluation.scoring import OptionScores, score_options, score_options_naive
-from hfmerge.evaluation.tasks import Example, TaskError, load_task_data, load_tasks_file, match_tasks_to_models, parse_tasks
+from hfmerge.evaluation.tasks import Example, load_task_data, load_tasks_file, match_tasks_to_models, parse_tasks
 from hfmerge.testing import build_base
 
 WORDS = [f"w{i}" for i in range(52)] + ["yes", "no", "maybe", "great", "terrible", "Answer:", "Review:", "Sentiment:"]

@@ -14,9 +14,10 @@ import yaml
 
 from hfmerge.cli import main
 from hfmerge.evaluation.tasks import Example
-from hfmerge.fisher.diagonal import FisherError, diagonal_fisher
+from hfmerge.errors import FisherError, NodeLayoutError
+from hfmerge.fisher.diagonal import diagonal_fisher
 from hfmerge.fisher.engine import FisherSettings, compute_fisher, encode_for_model, fisher_examples
-from hfmerge.fisher.nodes import HEADS, NEURONS, NodeLayoutError, node_layout
+from hfmerge.fisher.nodes import HEADS, NEURONS, node_layout
 from hfmerge.testing import build_base, build_finetuned, keyword_rows, tiny_config, train_expert
 from test_evaluation import make_tokenizer, random_examples, write_jsonl
 

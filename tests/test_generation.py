@@ -20,13 +20,14 @@ import torch
 import yaml
 
 from hfmerge.cli import main as hfmerge_main
+from hfmerge.errors import MetricError, TaskError
 from hfmerge.evaluation import evaluate_model as evaluate_model_module
 from hfmerge.evaluation.evaluate_model import EvalReport, TaskEvaluator, TaskResult, evaluate_model
 from hfmerge.evaluation.generation import generate_texts, postprocess_generation
 from hfmerge.evaluation.metrics import (
-    NUMBER_FALLBACK, MetricError, MetricSpec, compute_generation_metric, compute_metric, parse_number, resolve_metric,
+    NUMBER_FALLBACK, MetricSpec, compute_generation_metric, compute_metric, parse_number, resolve_metric,
 )
-from hfmerge.evaluation.tasks import Example, TaskData, TaskError, TaskSpec, load_task_data, load_tasks_file, parse_tasks
+from hfmerge.evaluation.tasks import Example, TaskData, TaskSpec, load_task_data, load_tasks_file, parse_tasks
 from test_evaluation import (  # noqa: F401  (fixtures)
     SPECIALS, VOCAB, WORDS, _set_gpt2_logits, _set_t5_logits, load, one_torch_thread, parse_one, random_examples, sentiment_rows, task,
     tiny_models, write_jsonl,

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from hfmerge.errors import RecipeError, short_repr
-from hfmerge.evaluation.tasks import MAX_YAML_BYTES, MAX_YAML_NODES, TaskError, load_tasks_file
+from hfmerge.errors import RecipeError, TaskError, short_repr
+from hfmerge.evaluation.tasks import load_tasks_file
+from hfmerge.yamlio import MAX_YAML_BYTES, MAX_YAML_NODES
 from hfmerge.methods import METHODS
 from hfmerge.recipe import MODEL_KEYS, TOP_LEVEL_KEYS, load_recipe, parse_recipe
 

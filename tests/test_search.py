@@ -20,9 +20,9 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from hfmerge.errors import HfMergeError
+from hfmerge.errors import HfMergeError, SearchError
 from hfmerge.search import (
-    SearchError, SearchSettings, TrialOutcome, plot_trajectory, read_trial_log, run_search,
+    SearchSettings, TrialOutcome, plot_trajectory, read_trial_log, run_search,
 )
 
 REPO = Path(__file__).resolve().parents[1]

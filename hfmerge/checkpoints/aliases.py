@@ -16,6 +16,8 @@ from collections import defaultdict
 
 import torch
 
+from ..constants import cache_root
+
 logger = logging.getLogger(__name__)
 
 TIES_FORMAT = 1  # bump when the grouping rule below changes
@@ -53,13 +55,9 @@ def _cache_path(config: dict):
     import hashlib
     import json
     from importlib.metadata import version
-    from pathlib import Path
 
-    from huggingface_hub import constants
-
-    root = Path(os.environ["HFMERGE_CACHE"]).expanduser() if os.environ.get("HFMERGE_CACHE") else Path(constants.HF_HOME) / "hfmerge"
     key = hashlib.sha256(json.dumps([config, version("transformers"), TIES_FORMAT], sort_keys=True, default=str).encode()).hexdigest()
-    return root / "tied" / f"{key}.json"
+    return cache_root() / "tied" / f"{key}.json"
 
 
 def tied_groups(config: dict) -> tuple[list[frozenset[str]], str | None]:

@@ -31,16 +31,9 @@ from urllib.parse import urlsplit
 
 from ..errors import CheckpointError, DownloadIntegrityError, HfMergeError
 from ..refs import ModelRef
-from .lora import ADAPTER_CONFIG, open_hub_adapter
-from .reader import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, LocalCheckpoint, safe_relative_path
+from .base import ADAPTER_CONFIG, PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, SIDE_FILES
+from .reader import LocalCheckpoint, safe_relative_path
 from .safetensors_header import TensorInfo, check_header_length, parse_header_bytes
-
-# Small files fetched in the plan step (config, tokenizer, generation config) when present.
-SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "spiece.model", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
-    "chat_template.jinja", "chat_template.json", "README.md",
-)
 
 
 logger = logging.getLogger(__name__)
@@ -208,11 +201,15 @@ def _offline() -> bool:
 
 @dataclass
 class HubCheckpoint(LocalCheckpoint):
-    """A checkpoint in a Hub repo pinned to `commit`. Tensor files are repo-relative paths until downloaded."""
+    """A checkpoint in a Hub repo pinned to `commit`; a `Checkpoint`. Tensor files are
+    repo-relative paths until downloaded; reading works as for a local folder once they are."""
 
-    commit: str = ""
     scratch: Path | None = None  # low-disk mode: shards go here, one at a time, not to the cache
     _downloaded: dict[str, Path] = field(default_factory=dict, repr=False)
+
+    def _download_roots(self) -> list[Path]:
+        # Low-disk mode downloads into the scratch folder instead of the cache.
+        return [Path(os.path.realpath(self.scratch))] if self.scratch is not None else []
 
     def local_file(self, info: TensorInfo) -> Path:
         key = str(info.file)
@@ -220,7 +217,7 @@ class HubCheckpoint(LocalCheckpoint):
         if path is None:
             if self.scratch is not None:
                 self.release()  # at most one shard of this model on disk
-            path = _download(self.ref, self.label, key, self.commit, local_dir=self.scratch)
+            path = download_file(self.ref, self.label, key, self.commit, local_dir=self.scratch)
             size = path.stat().st_size
             if size < info.end:
                 raise CheckpointError(f"{self.label}: {key} downloaded with {size} bytes but the header needs {info.end}; delete it from the cache and retry")
@@ -253,8 +250,18 @@ class HubCheckpoint(LocalCheckpoint):
         self._downloaded.clear()
 
 
-def _download(ref: ModelRef, label: str, filename: str, revision: str, local_dir: Path | None = None) -> Path:
+def download_file(ref: ModelRef, label: str, filename: str, revision: str, local_dir: Path | None = None) -> Path:
     """Download one repo file (verified; see `_fetch`) and map failures to one clear message.
+
+    Args:
+        ref: A Hub reference.
+        label: How messages name the model.
+        filename: The path in the repo.
+        revision: The commit (or branch or tag) to read.
+        local_dir: Low-disk mode: download into this folder instead of the cache.
+
+    Returns:
+        The file on local disk.
 
     Raises:
         CheckpointError: The file cannot be had (missing, forbidden, the Hub down through every
@@ -496,8 +503,22 @@ def _range_get(ref: ModelRef, label: str, commit: str, filename: str, start: int
     return data
 
 
-def _read_remote_header(ref: ModelRef, label: str, commit: str, filename: str, size: int | None) -> dict[str, TensorInfo]:
-    """Read a safetensors header with HTTP range requests (a few KB), never the weights."""
+def read_remote_header(ref: ModelRef, label: str, commit: str, filename: str, size: int | None) -> dict[str, TensorInfo]:
+    """Read a safetensors header with HTTP range requests (a few KB), never the weights.
+
+    Args:
+        ref: A Hub reference.
+        label: How messages name the model.
+        commit: The pinned commit.
+        filename: The safetensors file in the repo.
+        size: Its size from the file listing (the header's offsets are checked against it).
+
+    Returns:
+        Its tensors by name, with repo-relative file paths.
+
+    Raises:
+        CheckpointError: The Hub fails, the size is unknown, or the header is invalid.
+    """
     source = f"{label}: {ref.repo_id}@{commit} {filename}"
     if size is None:  # the listing gives every file's size; without it the data end cannot be checked
         raise CheckpointError(f"{source}: the Hub's file listing gives no size for this file, so its header cannot be verified; retry later")
@@ -516,32 +537,89 @@ def _read_remote_header(ref: ModelRef, label: str, commit: str, filename: str, s
     return infos
 
 
-def open_hub_checkpoint(ref: ModelRef, *, label: str, allow_pickle: bool = False, base: LocalCheckpoint | None = None) -> HubCheckpoint:
-    """Pin a Hub reference to a commit and read its headers (no weight bytes).
+@dataclass(frozen=True)
+class HubSnapshot:
+    """A Hub repo pinned to a commit, before any header is read.
 
-    A repo with ``adapter_config.json`` is a PEFT adapter, opened as a `LoraCheckpoint` applied
-    to `base` (the recipe's opened base checkpoint).
+    Attributes:
+        ref: The reference as written.
+        commit: The commit SHA its revision resolved to.
+        sizes: Every file of the repo at that commit, with its size (None where unknown).
+        remote: Headers are read with range requests (online), else from the local cache.
+    """
+
+    ref: ModelRef
+    commit: str
+    sizes: dict[str, int | None]
+    remote: bool
+
+    @property
+    def pinned(self) -> ModelRef:
+        """The reference pinned to `commit`."""
+        return ModelRef(text=self.ref.text, repo_id=self.ref.repo_id, revision=self.commit)
+
+    @property
+    def is_adapter(self) -> bool:
+        """Whether the repo is a PEFT adapter (``adapter_config.json`` decides, as in transformers)."""
+        return ADAPTER_CONFIG in self.sizes
+
+
+def pin_hub_repo(ref: ModelRef, *, label: str) -> HubSnapshot:
+    """Resolve a Hub reference's revision to a commit and list the repo's files at it.
+
+    Online, the config download is the revision lookup (it also records the branch or tag in
+    the cache, so a later offline run resolves it the same way); offline, the cache answers.
+
+    Args:
+        ref: A Hub reference.
+        label: How messages name the model.
+
+    Returns:
+        The pinned repo.
 
     Raises:
-        CheckpointError: Missing or gated repo, unknown revision, missing files, unsafe shard
-            names, corrupted headers, or (offline) files missing from the cache.
+        CheckpointError: Missing or gated repo, unknown revision, no ``config.json`` (nor
+            ``adapter_config.json``), or (offline) files missing from the cache.
     """
     assert ref.repo_id is not None
+    config_path = _download_config(ref, label, ref.revision or "main")
+    commit = config_path.parent.name  # snapshots/<commit>/config.json
     if _offline():
-        return _open_from_cache(ref, label=label, allow_pickle=allow_pickle, base=base)
+        snapshot = config_path.parent
+        sizes: dict[str, int | None] = {p.relative_to(snapshot).as_posix(): p.stat().st_size for p in snapshot.rglob("*") if p.is_file()}
+        return HubSnapshot(ref, commit, sizes, remote=False)
     from huggingface_hub import HfApi
 
-    # Resolve the revision with the config download: it pins the commit and records the
-    # branch or tag in the cache, so a later offline run resolves it the same way.
-    config_path = _download_config(ref, label, ref.revision or "main")
-    commit = config_path.parent.name
     try:
         info = call_with_retries(lambda: HfApi().model_info(ref.repo_id, revision=commit, files_metadata=True, timeout=_API_TIMEOUT_S))
     except Exception as exc:  # noqa: BLE001
         raise hub_error(exc, ref, label) from None
-    sizes = {s.rfilename: s.size for s in (info.siblings or [])}
-    return _assemble(ref, label, commit, sizes, allow_pickle, remote=True, base=base)
+    return HubSnapshot(ref, commit, {s.rfilename: s.size for s in (info.siblings or [])}, remote=True)
 
+
+def open_hub_checkpoint(ref: ModelRef, *, label: str, snapshot: HubSnapshot | None = None) -> HubCheckpoint:
+    """Pin a Hub reference to a commit and read its headers (no weight bytes).
+
+    Args:
+        ref: A Hub reference.
+        label: How messages name the model.
+        snapshot: The repo already pinned by `pin_hub_repo` (pinned here when not given).
+
+    Returns:
+        The opened checkpoint; shards download when a tensor of theirs is first read.
+
+    Raises:
+        CheckpointError: Missing or gated repo, unknown revision, a PEFT adapter repo (opened by
+            `lora.open_hub_adapter` over its base), missing files, unsafe shard names,
+            corrupted headers, pickle-only weights, or (offline) files missing from the cache.
+    """
+    snapshot = snapshot or pin_hub_repo(ref, label=label)
+    if snapshot.is_adapter:
+        raise CheckpointError(
+            f"{label}: {ref.repo_id}@{snapshot.commit} is a PEFT LoRA adapter ({ADAPTER_CONFIG}), not a full model; hfmerge applies "
+            "an adapter to a recipe's base_model when it is a `models` entry"
+        )
+    return _assemble(snapshot, label)
 
 def download_hub_model(ref: ModelRef, *, label: str) -> Path:
     """A Hub model as a local folder that ``from_pretrained`` loads: the pinned commit's config,
@@ -590,26 +668,11 @@ def _download_config(ref: ModelRef, label: str, revision: str) -> Path:
         raise hub_error(first, ref, label, "config.json") from None
 
 
-def _open_from_cache(ref: ModelRef, *, label: str, allow_pickle: bool, base: LocalCheckpoint | None = None) -> HubCheckpoint:
-    path = _download_config(ref, label, ref.revision or "main")
-    commit = path.parent.name  # snapshots/<commit>/config.json
-    snapshot = path.parent
-    sizes = {p.relative_to(snapshot).as_posix(): p.stat().st_size for p in snapshot.rglob("*") if p.is_file()}
-    return _assemble(ref, label, commit, sizes, allow_pickle, remote=False, base=base)
-
-
-def _assemble(ref: ModelRef, label: str, commit: str, sizes: dict[str, int | None], allow_pickle: bool, *, remote: bool,
-              base: LocalCheckpoint | None = None) -> HubCheckpoint:
-    pinned = ModelRef(text=ref.text, repo_id=ref.repo_id, revision=commit)
-    if ADAPTER_CONFIG in sizes:
-        # A PEFT adapter (as for transformers' from_pretrained, adapter_config.json decides). Its
-        # small side files come along: a tokenizer_source may name the adapter.
-        side = {name: _download(ref, label, name, commit) for name in (ADAPTER_CONFIG, *SIDE_FILES) if name in sizes}
-        return open_hub_adapter(pinned, label=label, commit=commit, folder=side[ADAPTER_CONFIG].parent, sizes=sizes,  # type: ignore[return-value]
-                                base=base, allow_pickle=allow_pickle, remote=remote)
+def _assemble(snapshot: HubSnapshot, label: str) -> HubCheckpoint:
+    ref, commit, sizes, remote, pinned = snapshot.ref, snapshot.commit, snapshot.sizes, snapshot.remote, snapshot.pinned
     if "config.json" not in sizes:
         raise CheckpointError(f"{label}: {ref.repo_id}@{ref.revision or 'main'} has no config.json; it is not a transformers checkpoint")
-    side = {name: _download(ref, label, name, commit) for name in SIDE_FILES if name in sizes}
+    side = {name: download_file(ref, label, name, commit) for name in SIDE_FILES if name in sizes}
     folder = side["config.json"].parent
     try:
         config = json.loads(side["config.json"].read_text())
@@ -618,14 +681,14 @@ def _assemble(ref: ModelRef, label: str, commit: str, sizes: dict[str, int | Non
 
     def header(fname: str) -> dict[str, TensorInfo]:
         if remote:
-            return _read_remote_header(ref, label, commit, fname, sizes.get(fname))
+            return read_remote_header(ref, label, commit, fname, sizes.get(fname))
         from .safetensors_header import read_header
 
         infos, _ = read_header(folder / fname)
         return {n: TensorInfo(i.name, i.dtype, i.shape, Path(fname), i.begin, i.end) for n, i in infos.items()}
 
     if SAFE_INDEX in sizes:
-        index_path = _download(ref, label, SAFE_INDEX, commit)
+        index_path = download_file(ref, label, SAFE_INDEX, commit)
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
             assert isinstance(weight_map, dict)

@@ -47,14 +47,14 @@ from typing import Any
 
 import torch
 
+from ..constants import REPO_ID
 from ..errors import CheckpointError, IncompatibleCheckpointsError
 from ..refs import ModelRef
-from .reader import SAFE_DTYPE_NAMES, LocalCheckpoint, _load_pickle
+from .base import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_SAFE, SIDE_FILES, Checkpoint
+from .hub import HubCheckpoint, HubSnapshot, download_file, read_remote_header
+from .reader import SAFE_DTYPE_NAMES, LocalCheckpoint, check_inside, confinement_root, load_pickle
 from .safetensors_header import TensorInfo, read_header
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_SAFE = "adapter_model.safetensors"
-ADAPTER_PICKLE = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 
 # peft config keys that turn on a LoRA variant whose merged weight is not W + scale·B·A.
@@ -78,7 +78,6 @@ BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
 # <module>.lora_A.weight, <module>.lora_B.weight, <module>.lora_B.bias, <module>.lora_embedding_A/B
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B)$")
 _HUB_CACHE_PATH = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<commit>[0-9a-f]{40})")
-_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True)
@@ -185,11 +184,10 @@ class LowRankUpdate:
 
 
 class LoraCheckpoint:
-    """A fine-tuned model given as a PEFT LoRA adapter of the base checkpoint.
-
-    It has the interface of `LocalCheckpoint` that the plan, the merge and the model card use:
+    """A fine-tuned model given as a PEFT LoRA adapter of the base checkpoint; a `Checkpoint`:
     `tensors` (the base's names, shapes and dtypes), `read(name)`, `label`, `ref` (the adapter's,
-    pinned), `folder` (the adapter's), `config` (the base's ``config.json``), `commit`, `files`.
+    pinned), `folder` (the adapter's), `config` (the base's ``config.json``), `commit` (the
+    adapter repo's, None for a local folder), `files` (the adapter's weights), `release()`.
 
     Attributes:
         base: The base checkpoint the adapter is applied to.
@@ -202,9 +200,9 @@ class LoraCheckpoint:
 
     format = "lora"
 
-    def __init__(self, *, ref: ModelRef, label: str, folder: Path, base: LocalCheckpoint, adapter: LocalCheckpoint,
+    def __init__(self, *, ref: ModelRef, label: str, folder: Path, base: Checkpoint, adapter: LocalCheckpoint,
                  adapter_config: AdapterConfig, updates: dict[str, LowRankUpdate], replacements: dict[str, str],
-                 commit: str = "", warnings: list[str] | None = None):
+                 commit: str | None = None, warnings: list[str] | None = None):
         self.ref = ref
         self.label = label
         self.folder = folder
@@ -239,8 +237,8 @@ class LoraCheckpoint:
             self.adapter.scratch = value
 
     def release(self) -> None:
-        if hasattr(self.adapter, "release"):
-            self.adapter.release()
+        """Low-disk mode: delete the adapter's downloaded weights file (the base releases its own)."""
+        self.adapter.release()
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor of the fine-tuned model: W + scale·B·A in float32 where the adapter
@@ -268,10 +266,6 @@ class LoraCheckpoint:
 # -- opening ---------------------------------------------------------------------------------
 
 
-def is_adapter_folder(folder: Path) -> bool:
-    return (folder / ADAPTER_CONFIG).is_file()
-
-
 def _read_config(path: Path, label: str) -> AdapterConfig:
     try:
         raw = json.loads(path.read_text())
@@ -281,7 +275,7 @@ def _read_config(path: Path, label: str) -> AdapterConfig:
 
 
 def _pickle_weights(ref: ModelRef, label: str, folder: Path, path: Path) -> LocalCheckpoint:
-    state = _load_pickle(path, label)
+    state = load_pickle(path, label)
     infos = {}
     for name, t in state.items():
         if t.dtype not in SAFE_DTYPE_NAMES:
@@ -305,17 +299,32 @@ def _no_base(label: str, where: str, config: AdapterConfig) -> CheckpointError:
     )
 
 
-def open_local_adapter(ref: ModelRef, *, label: str, base: LocalCheckpoint | None, allow_pickle: bool = False) -> LoraCheckpoint:
+def open_local_adapter(ref: ModelRef, *, label: str, base: Checkpoint | None, allow_pickle: bool = False,
+                       allow_external_symlinks: bool = False) -> LoraCheckpoint:
     """Open a local PEFT adapter folder header-only and check it against `base`.
+
+    Args:
+        ref: A local reference to a folder with ``adapter_config.json``.
+        label: How messages name the model.
+        base: The recipe's opened base checkpoint, which the adapter is applied to.
+        allow_pickle: Accept ``adapter_model.bin`` (loaded with ``weights_only=True``).
+        allow_external_symlinks: Follow symlinks that lead out of the folder (the recipe key).
+
+    Returns:
+        The adapter as the fine-tuned model it stands for.
 
     Raises:
         CheckpointError: No base, an unsupported adapter, missing or unreadable weights, a pickle
-            adapter without ``allow_pickle``.
+            adapter without ``allow_pickle``, a file that is a symlink out of the folder.
         IncompatibleCheckpointsError: The adapter was made for another base, or its tensors do not
             fit the base.
     """
     assert ref.path is not None
     folder = ref.path
+    roots = [confinement_root(folder)]
+    weights_file = ADAPTER_SAFE if (folder / ADAPTER_SAFE).is_file() else ADAPTER_PICKLE
+    for name in (*SIDE_FILES, ADAPTER_CONFIG, weights_file):  # checked before anything is read, as for any local folder
+        check_inside(folder / name, roots, label=label, allow_external=allow_external_symlinks)
     config = _read_config(folder / ADAPTER_CONFIG, label)
     if base is None:
         raise _no_base(label, str(folder), config)
@@ -331,23 +340,33 @@ def open_local_adapter(ref: ModelRef, *, label: str, base: LocalCheckpoint | Non
     return bind_adapter(ref=ref, label=label, folder=folder, config=config, weights=weights, base=base)
 
 
-def open_hub_adapter(ref: ModelRef, *, label: str, commit: str, folder: Path, sizes: dict[str, int | None],
-                     base: LocalCheckpoint | None, allow_pickle: bool = False, remote: bool = True) -> LoraCheckpoint:
-    """Open a PEFT adapter repo pinned to `commit`: its config is in `folder` (the snapshot), its
-    safetensors header is read with range requests (the weights download when first read).
+def open_hub_adapter(snapshot: HubSnapshot, *, label: str, base: Checkpoint | None, allow_pickle: bool = False) -> LoraCheckpoint:
+    """Open a PEFT adapter repo pinned by `pin_hub_repo`: its config and side files are downloaded,
+    its safetensors header is read with range requests (the weights download when first read).
+
+    Args:
+        snapshot: The adapter repo, pinned.
+        label: How messages name the model.
+        base: The recipe's opened base checkpoint, which the adapter is applied to.
+        allow_pickle: Accept ``adapter_model.bin`` (downloaded and loaded with ``weights_only=True``).
+
+    Returns:
+        The adapter as the fine-tuned model it stands for.
 
     Raises:
         CheckpointError, IncompatibleCheckpointsError: As `open_local_adapter`, and Hub failures.
     """
-    from .hub import HubCheckpoint, _download, _read_remote_header
-
+    ref, commit, sizes, remote = snapshot.pinned, snapshot.commit, snapshot.sizes, snapshot.remote
+    # Its small side files come along: a tokenizer_source may name the adapter.
+    side = {name: download_file(ref, label, name, commit) for name in (ADAPTER_CONFIG, *SIDE_FILES) if name in sizes}
+    folder = side[ADAPTER_CONFIG].parent
     config = _read_config(folder / ADAPTER_CONFIG, label)
     where = f"{ref.repo_id}@{commit}"
     if base is None:
         raise _no_base(label, where, config)
     if ADAPTER_SAFE in sizes:
         if remote:
-            infos = _read_remote_header(ref, label, commit, ADAPTER_SAFE, sizes.get(ADAPTER_SAFE))
+            infos = read_remote_header(ref, label, commit, ADAPTER_SAFE, sizes.get(ADAPTER_SAFE))
         else:
             local, _ = read_header(folder / ADAPTER_SAFE)
             infos = {n: TensorInfo(i.name, i.dtype, i.shape, Path(ADAPTER_SAFE), i.begin, i.end) for n, i in local.items()}
@@ -355,7 +374,7 @@ def open_hub_adapter(ref: ModelRef, *, label: str, commit: str, folder: Path, si
     elif ADAPTER_PICKLE in sizes:
         if not allow_pickle:
             raise _pickle_refused(label, where)
-        path = _download(ref, label, ADAPTER_PICKLE, commit)  # adapters are small: read it in the plan step
+        path = download_file(ref, label, ADAPTER_PICKLE, commit)  # adapters are small: read it in the plan step
         weights = _pickle_weights(ref, label, path.parent, path)
     else:
         raise CheckpointError(f"{label}: {where} has {ADAPTER_CONFIG} but no {ADAPTER_SAFE}")
@@ -363,7 +382,7 @@ def open_hub_adapter(ref: ModelRef, *, label: str, commit: str, folder: Path, si
 
 
 def bind_adapter(*, ref: ModelRef, label: str, folder: Path, config: AdapterConfig, weights: LocalCheckpoint,
-                 base: LocalCheckpoint, commit: str = "") -> LoraCheckpoint:
+                 base: Checkpoint, commit: str | None = None) -> LoraCheckpoint:
     """Check an opened adapter against `base` and map its tensors onto the base's (headers only).
 
     Raises:
@@ -392,12 +411,12 @@ def _identity(text: str) -> tuple[str | None, str, str | None]:
     if cached:
         return f"{cached['org']}/{cached['name']}", cached["name"], cached["commit"]
     stripped = text.rstrip("/\\")
-    local = text.startswith(("/", "./", "../", "~", "\\")) or "\\" in text or stripped.count("/") > 1 or not _REPO_ID.match(stripped)
+    local = text.startswith(("/", "./", "../", "~", "\\")) or "\\" in text or stripped.count("/") > 1 or not REPO_ID.match(stripped)
     name = re.split(r"[/\\]", stripped)[-1] if stripped else text
     return (None if local else stripped), name, None
 
 
-def check_adapter_base(config: AdapterConfig, base: LocalCheckpoint) -> tuple[str | None, str | None]:
+def check_adapter_base(config: AdapterConfig, base: Checkpoint) -> tuple[str | None, str | None]:
     """Compare the adapter's ``base_model_name_or_path`` (and ``revision``) with the recipe's base.
 
     Two Hub ids must be equal (ignoring case); the same repo name under another owner is only a
@@ -410,7 +429,7 @@ def check_adapter_base(config: AdapterConfig, base: LocalCheckpoint) -> tuple[st
         (an error text or None, a warning text or None).
     """
     base_ref = base.ref
-    base_commit = getattr(base, "commit", "") or None
+    base_commit = base.commit
     if base_ref.repo_id:
         base_id: str | None = base_ref.repo_id
         base_name = base_ref.repo_id.split("/")[-1]
@@ -477,7 +496,7 @@ def _layout(module: str, layouts: dict[str, bool]) -> bool | None:
     return found[0] if len(found) == 1 else None
 
 
-def _map_tensors(config: AdapterConfig, adapter: dict[str, TensorInfo], base: LocalCheckpoint,
+def _map_tensors(config: AdapterConfig, adapter: dict[str, TensorInfo], base: Checkpoint,
                  label: str) -> tuple[dict[str, LowRankUpdate], dict[str, str]]:
     base_tensors = base.tensors
     where = f"base_model {base.label}"

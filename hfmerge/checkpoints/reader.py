@@ -26,21 +26,14 @@ from pathlib import Path
 
 import torch
 
+from ..constants import TORCH_DTYPE_NAMES
 from ..errors import CheckpointError
 from ..refs import ModelRef
+from .base import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, SIDE_FILES
 from .safetensors_header import TensorInfo, read_header
 
-SAFE_SINGLE = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-PICKLE_SINGLE = "pytorch_model.bin"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
-}
+# safetensors dtype name <-> torch dtype (the table is `constants.TORCH_DTYPE_NAMES`).
+TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, attr) for name, attr in TORCH_DTYPE_NAMES.items()}
 SAFE_DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
@@ -105,15 +98,9 @@ def check_inside(path: Path, roots: list[Path], *, label: str, allow_external: b
     )
 
 
-def _side_files() -> tuple[str, ...]:
-    from .hub import SIDE_FILES  # config, tokenizer and model card files: read in the plan or copied to the output
-
-    return SIDE_FILES
-
-
 @dataclass
 class LocalCheckpoint:
-    """A checkpoint in a local folder, opened header-only.
+    """A checkpoint in a local folder, opened header-only; a `Checkpoint`.
 
     Attributes:
         ref: The reference it was opened from.
@@ -122,6 +109,7 @@ class LocalCheckpoint:
         tensors: Every stored tensor by name (header information only).
         config: The parsed ``config.json``.
         format: ``"safetensors"`` or ``"pickle"``.
+        commit: None: a local folder is not pinned to a commit (`HubCheckpoint` sets it).
     """
 
     ref: ModelRef
@@ -131,6 +119,7 @@ class LocalCheckpoint:
     config: dict
     format: str = "safetensors"
     _pickle_cache: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    commit: str | None = None
 
     def __post_init__(self) -> None:
         # A Hub checkpoint's folder is its cache snapshot: everything already there (config,
@@ -145,12 +134,12 @@ class LocalCheckpoint:
     def _confined(self, path: Path) -> Path:
         """`path`, after checking that a Hub checkpoint's file lies in its cache or scratch folder."""
         if self.ref.repo_id is not None:
-            roots = [confinement_root(self.folder)]
-            scratch = getattr(self, "scratch", None)  # low-disk downloads (HubCheckpoint)
-            if scratch is not None:
-                roots.append(Path(os.path.realpath(scratch)))
-            check_inside(path, roots, label=self.label, hub=True)
+            check_inside(path, [confinement_root(self.folder), *self._download_roots()], label=self.label, hub=True)
         return path
+
+    def _download_roots(self) -> list[Path]:
+        """Folders besides the cache that a Hub checkpoint's files may lie in (`HubCheckpoint`)."""
+        return []
 
     @property
     def files(self) -> list[Path]:
@@ -178,6 +167,9 @@ class LocalCheckpoint:
             raise CheckpointError(f"{self.label}: {info.file.name} ended while reading tensor {name!r}; the file is truncated, download it again")
         return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
+    def release(self) -> None:
+        """Nothing to give back: a local folder's files are read in place."""
+
     def local_file(self, info: TensorInfo) -> Path:
         """The local path holding `info`'s bytes (a Hub checkpoint downloads it first)."""
         return info.file
@@ -185,13 +177,25 @@ class LocalCheckpoint:
     def _read_pickle(self, info: TensorInfo) -> torch.Tensor:
         state = self._pickle_cache.get(info.file)
         if state is None:
-            state = _load_pickle(self._confined(self.local_file(info)), self.label)
+            state = load_pickle(self._confined(self.local_file(info)), self.label)
             self._pickle_cache.clear()  # keep one shard's state at a time
             self._pickle_cache[info.file] = state
         return state[info.name]
 
 
-def _load_pickle(path: Path, label: str) -> dict[str, torch.Tensor]:
+def load_pickle(path: Path, label: str) -> dict[str, torch.Tensor]:
+    """Load a pickle state dict with ``torch.load(weights_only=True)`` (which cannot run code).
+
+    Args:
+        path: The ``.bin`` file.
+        label: How messages name the model.
+
+    Returns:
+        The tensors by name, memory-mapped.
+
+    Raises:
+        CheckpointError: The file cannot be loaded or is not a plain dict of tensors.
+    """
     try:
         # weights_only=True: the restricted unpickler that cannot run code; mmap keeps memory low.
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -214,7 +218,7 @@ def _pickle_infos(folder: Path, label: str, inside: Callable[[Path], Path]) -> d
         path = inside(folder / fname)
         if not path.is_file():
             raise CheckpointError(f"{label}: {fname} is listed in {PICKLE_INDEX} but missing from {folder}")
-        for name, t in _load_pickle(path, label).items():
+        for name, t in load_pickle(path, label).items():
             infos[name] = TensorInfo(name, SAFE_DTYPE_NAMES[t.dtype], tuple(t.shape), path, 0, t.numel() * t.element_size())
     return infos
 
@@ -232,24 +236,24 @@ def _read_index(path: Path, label: str) -> dict[str, str]:
     return weight_map
 
 
-def open_local_checkpoint(ref: ModelRef, *, label: str, allow_pickle: bool = False, base: LocalCheckpoint | None = None,
+def open_local_checkpoint(ref: ModelRef, *, label: str, allow_pickle: bool = False,
                           allow_external_symlinks: bool = False) -> LocalCheckpoint:
-    """Open a local checkpoint folder, reading headers only.
-
-    A folder with ``adapter_config.json`` is a PEFT adapter (as for transformers' own
-    ``from_pretrained``): it is opened as a `LoraCheckpoint` applied to `base`.
+    """Open a local checkpoint folder, reading headers only (a PEFT adapter folder is opened by
+    `lora.open_local_adapter`; `hfmerge.checkpoints.open_checkpoint` chooses).
 
     Args:
         ref: A local model reference.
         label: How messages name the model (e.g. ``"models[1].model (./rte)"``).
         allow_pickle: Accept ``pytorch_model.bin`` checkpoints (loaded with ``weights_only=True``).
-        base: The recipe's opened base checkpoint, which an adapter is applied to.
         allow_external_symlinks: Follow symlinks that lead out of the folder (the recipe key).
+
+    Returns:
+        The opened checkpoint.
 
     Raises:
         CheckpointError: Missing folder or config, no weights, a pickle-only folder without
-            ``allow_pickle``, a corrupted header or index, an adapter without `base`, a file
-            that is a symlink out of the folder without ``allow_external_symlinks``.
+            ``allow_pickle``, a corrupted header or index, a file that is a symlink out of the
+            folder without ``allow_external_symlinks``.
     """
     assert ref.path is not None
     folder = ref.path
@@ -257,8 +261,6 @@ def open_local_checkpoint(ref: ModelRef, *, label: str, allow_pickle: bool = Fal
         raise CheckpointError(f"{label}: folder {folder} does not exist; check the path in the recipe")
     if not folder.is_dir():
         raise CheckpointError(f"{label}: {folder} is a file, expected a checkpoint folder holding config.json and safetensors weights")
-    from .lora import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_SAFE, is_adapter_folder, open_local_adapter
-
     roots = [confinement_root(folder)]
 
     def inside(path: Path) -> Path:
@@ -266,12 +268,8 @@ def open_local_checkpoint(ref: ModelRef, *, label: str, allow_pickle: bool = Fal
         check_inside(path, roots, label=label, allow_external=allow_external_symlinks)
         return path
 
-    for name in _side_files():
+    for name in SIDE_FILES:
         inside(folder / name)
-    if is_adapter_folder(folder):
-        inside(folder / ADAPTER_CONFIG)
-        inside(folder / (ADAPTER_SAFE if (folder / ADAPTER_SAFE).is_file() else ADAPTER_PICKLE))  # the weights it reads
-        return open_local_adapter(ref, label=label, base=base, allow_pickle=allow_pickle)  # type: ignore[return-value]
     config_path = inside(folder / "config.json")
     if not config_path.is_file():
         raise CheckpointError(f"{label}: {folder} has no config.json; a checkpoint folder needs the model's config.json beside its weights")

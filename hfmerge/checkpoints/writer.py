@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 import struct
 from dataclasses import dataclass
@@ -22,28 +21,9 @@ from typing import BinaryIO
 import torch
 
 from ..errors import HfMergeError, OutputWriteError
-from .reader import SAFE_DTYPE_NAMES, SAFE_INDEX, SAFE_SINGLE
+from .base import SAFE_INDEX, SAFE_SINGLE
+from .reader import SAFE_DTYPE_NAMES
 from .safetensors_header import DTYPE_SIZES
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(value: int | str, *, field: str = "max_shard_size") -> int:
-    """Parse a byte size such as ``5GB``, ``500MiB`` or ``1000000`` (GB = 10^9 as in transformers)."""
-    if isinstance(value, bool):
-        raise HfMergeError(f"{field}: expected a size such as '5GB' or a number of bytes, got {value!r}")
-    if isinstance(value, int):
-        n = value
-    else:
-        m = _SIZE.match(str(value))
-        if not m:
-            raise HfMergeError(f"{field}: expected a size such as '5GB', '500MiB' or a number of bytes, got {value!r}")
-        n = int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
-    if n <= 0:
-        raise HfMergeError(f"{field}: must be positive, got {value!r}")
-    return n
-
 
 @dataclass(frozen=True)
 class OutputTensor:

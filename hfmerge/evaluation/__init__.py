@@ -19,15 +19,15 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "TaskError": "tasks", "TaskSpec": "tasks", "TaskData": "tasks", "Example": "tasks", "parse_tasks": "tasks",
+    "TaskError": "..errors", "TaskSpec": "tasks", "TaskData": "tasks", "Example": "tasks", "parse_tasks": "tasks",
     "load_task_data": "tasks", "load_tasks_file": "tasks", "match_tasks_to_models": "tasks",
-    "MetricError": "metrics", "MetricSpec": "metrics", "load_metric": "metrics", "compute_metric": "metrics",
+    "MetricError": "..errors", "MetricSpec": "metrics", "load_metric": "metrics", "compute_metric": "metrics",
     "compute_generation_metric": "metrics", "parse_number": "metrics",
     "generate_texts": "generation", "generate_encoded": "generation", "encode_prompts": "generation",
     "postprocess_generation": "generation",
     "OptionScores": "scoring", "score_options": "scoring", "score_options_naive": "scoring", "encode_examples": "scoring",
     "score_encoded": "scoring",
-    "EvaluationError": "evaluate_model", "EvalReport": "evaluate_model", "TaskResult": "evaluate_model",
+    "EvaluationError": "..errors", "EvalReport": "evaluate_model", "TaskResult": "evaluate_model",
     "TaskEvaluator": "evaluate_model", "load_model_for_eval": "evaluate_model",
     "prepare_tasks": "evaluate_model",
 }
@@ -37,5 +37,6 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        module = _EXPORTS[name]  # a submodule, or "..errors" for the exception classes
+        return getattr(importlib.import_module(module if module.startswith(".") else f".{module}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

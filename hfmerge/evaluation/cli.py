@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         HfMergeError: A task, metric or model problem (the caller prints it).
     """
     from .evaluate_model import evaluate_model
-    from .tasks import TaskError, load_tasks_file
+    from ..errors import TaskError
+    from .tasks import load_tasks_file
 
     if args.batch_size < 1:
         raise TaskError(f"--batch-size: got {args.batch_size}; expected a positive number")

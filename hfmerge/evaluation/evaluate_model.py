@@ -22,23 +22,21 @@ from typing import Any
 
 import torch
 
-from ..errors import HfMergeError
+from ..constants import FILE_BUILDERS, RECIPE_DTYPES, TORCH_DTYPE_NAMES
+from ..errors import EvaluationError
 from .generation import encode_prompts, generate_encoded
 from .metrics import compute_generation_metric, compute_metric, load_metric, parse_number
-from .scoring import EncodedExample, OptionScores, _max_positions, encode_examples, is_encoder_decoder, score_encoded
+from .lm import eos_id, is_encoder_decoder, max_positions
+from .scoring import EncodedExample, OptionScores, encode_examples, score_encoded
 from .tasks import TaskData, TaskSpec, load_task_data
 
-__all__ = ["EvaluationError", "TaskResult", "EvalReport", "TaskEvaluator", "prepare_tasks", "load_model_for_eval", "evaluate_model"]
+__all__ = ["TaskResult", "EvalReport", "TaskEvaluator", "prepare_tasks", "load_model_for_eval", "evaluate_model"]
 
 SPLITS = ("validation", "test")
 logger = logging.getLogger(__name__)
 # How each output type is named in model cards (model-index task type, metric name suffix).
 TASK_TYPES = {"multiple_choice": "multiple-choice", "generate_until": "text-generation"}
 SCORING = {"multiple_choice": "rank classification", "generate_until": "greedy generation"}
-
-
-class EvaluationError(HfMergeError):
-    """The model cannot be loaded or evaluated (missing folder, unknown architecture, no GPU)."""
 
 
 @dataclass
@@ -200,7 +198,7 @@ class EvalReport:
                     continue
                 # model-index groups results by (task type, dataset type, config, split): a local
                 # file has no Hub dataset id, so the task's name identifies it there.
-                local = r.dataset_path in ("json", "csv", "parquet", "text", "arrow", "pandas") or r.dataset_path.startswith("/")
+                local = r.dataset_path in FILE_BUILDERS or r.dataset_path.startswith("/")
                 out.append(EvalResult(
                     task_type=TASK_TYPES.get(r.output_type, r.output_type), task_name=r.task, dataset_type=r.task if local else r.dataset_path,
                     dataset_name=r.task, dataset_config=r.dataset_name, dataset_split=r.dataset_split,
@@ -267,7 +265,7 @@ class TaskEvaluator:
 
     def _encode_prompts(self, model: Any, data: TaskData) -> list[tuple[int, ...]]:
         encoder_decoder = is_encoder_decoder(model)
-        max_length = _max_positions(model.config)
+        max_length = max_positions(model.config)
         key = (encoder_decoder, max_length, data.spec.name)
         if key not in self._prompts:
             try:
@@ -279,15 +277,12 @@ class TaskEvaluator:
 
     def _encode(self, model: Any, data: TaskData) -> list[EncodedExample]:
         encoder_decoder = is_encoder_decoder(model)
-        max_length = _max_positions(model.config)
+        max_length = max_positions(model.config)
         key = (encoder_decoder, max_length, data.spec.name)
         if key not in self._encoded:
-            eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else getattr(model.config, "eos_token_id", None)
-            if isinstance(eos, list):
-                eos = eos[0]
             try:
                 self._encoded[key] = encode_examples(self.tokenizer, data.examples(self.split), encoder_decoder=encoder_decoder,
-                                                     target_delimiter=data.spec.target_delimiter, eos_token_id=eos, max_length=max_length)
+                                                     target_delimiter=data.spec.target_delimiter, eos_token_id=eos_id(self.tokenizer, model), max_length=max_length)
             except ValueError as exc:
                 raise EvaluationError(f"task {data.spec.name!r}: {exc}") from None
         return self._encoded[key]
@@ -394,10 +389,6 @@ def _device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
 def load_model_for_eval(model: str | Path, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> tuple[Any, Any]:
     """Load a model and its tokenizer for scoring.
 
@@ -429,10 +420,10 @@ def load_model_for_eval(model: str | Path, *, device: str | torch.device | None 
         torch_dtype: Any = torch.float32 if target.type == "cpu" else "auto"
     elif isinstance(dtype, torch.dtype) or dtype == "auto":
         torch_dtype = dtype
-    elif dtype in _DTYPES:
-        torch_dtype = _DTYPES[dtype]
+    elif dtype in RECIPE_DTYPES:
+        torch_dtype = getattr(torch, TORCH_DTYPE_NAMES[RECIPE_DTYPES[dtype]])
     else:
-        raise EvaluationError(f"--dtype: got {dtype!r}; expected one of auto, {', '.join(_DTYPES)}")
+        raise EvaluationError(f"--dtype: got {dtype!r}; expected one of auto, {', '.join(RECIPE_DTYPES)}")
     if not path.is_dir():
         # A Hub id: fetched through hfmerge's reader (pinned, retried, every file verified), then loaded locally.
         from ..checkpoints.hub import download_hub_model

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .scoring import _max_positions, _pad, _progress, _resolve_device, is_encoder_decoder
+from .lm import is_encoder_decoder, max_positions, model_device, pad_rows, progress_bar
 from .tasks import DEFAULT_MAX_GEN_TOKS, DEFAULT_UNTIL
 
 __all__ = ["DEFAULT_UNTIL", "DEFAULT_MAX_GEN_TOKS", "encode_prompts", "generate_encoded", "generate_texts", "postprocess_generation"]
@@ -188,7 +188,7 @@ def generate_encoded(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[i
         raise ValueError("a prompt has no tokens; encode prompts with encode_prompts")
     if not prompts:
         return []
-    device = _resolve_device(model, device)
+    device = model_device(model, device)
     encoder_decoder = is_encoder_decoder(model)
     eos = _eos_ids(model, tokenizer)
     pad = _pad_token(model, tokenizer, eos)
@@ -201,12 +201,12 @@ def generate_encoded(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[i
     was_training = model.training
     model.eval()  # dropout off: generation is deterministic
     try:
-        with torch.inference_mode(), _progress(len(prompts), progress, desc) as bar:
+        with torch.inference_mode(), progress_bar(len(prompts), progress, desc) as bar:
             for b in range(0, len(order), batch_size):
                 chunk = order[b: b + batch_size]
                 # Decoder-only rows are left-padded so every row continues at the last column;
                 # encoder inputs are right-padded. The attention mask hides the padding.
-                input_ids, attention = _pad([prompts[i] for i in chunk], pad, device, left=not encoder_decoder)
+                input_ids, attention = pad_rows([prompts[i] for i in chunk], pad, device, left=not encoder_decoder)
                 start = 1 if encoder_decoder else input_ids.shape[1]  # the decoder start token / the prompt
                 criteria = StoppingCriteriaList([_StopOnStrings(tokenizer, until, start)]) if any(until) else None
                 out = model.generate(input_ids=input_ids, attention_mask=attention.long(), stopping_criteria=criteria, **settings)
@@ -242,6 +242,6 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_ge
         ValueError: See `encode_prompts` and `generate_encoded`.
     """
     encoded = encode_prompts(tokenizer, prompts, encoder_decoder=is_encoder_decoder(model), max_gen_toks=max_gen_toks,
-                             max_length=_max_positions(model.config))
+                             max_length=max_positions(model.config))
     return generate_encoded(model, tokenizer, encoded, max_gen_toks=max_gen_toks, until=until, batch_size=batch_size,
                             device=device, progress=progress)

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import RecipeError
+from ..errors import MetricError
 
-__all__ = ["MetricError", "MetricSpec", "LOCAL_METRICS", "METRIC_ALIASES", "NUMBER_FALLBACK", "resolve_metric", "load_metric",
+__all__ = ["MetricSpec", "LOCAL_METRICS", "METRIC_ALIASES", "NUMBER_FALLBACK", "resolve_metric", "load_metric",
            "compute_metric", "compute_generation_metric", "parse_number", "metric_module_path"]
 
 MODULES_DIR = Path(__file__).parent / "metric_modules"
@@ -51,10 +51,6 @@ TEXT_METRICS = ("exact_match",)
 # What a generated text that is not a number counts as, for correlation metrics: FusionBench's
 # choice (its STS-B evaluation parses the generated text with float() and falls back to 0.0).
 NUMBER_FALLBACK = 0.0
-
-
-class MetricError(RecipeError):
-    """A task's metric cannot be loaded or computed."""
 
 
 @dataclass(frozen=True)

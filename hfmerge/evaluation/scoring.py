@@ -34,8 +34,9 @@ from typing import Any, Protocol
 
 import torch
 
-__all__ = ["OptionScores", "EncodedExample", "encode_examples", "score_encoded", "score_options", "score_options_naive",
-           "is_encoder_decoder"]
+from .lm import decoder_start_id, eos_id, is_encoder_decoder, max_positions, model_device, pad_id, pad_rows, progress_bar, token_logprobs
+
+__all__ = ["OptionScores", "EncodedExample", "encode_examples", "score_encoded", "score_options", "score_options_naive"]
 
 
 class _HasPromptAndOptions(Protocol):
@@ -106,19 +107,6 @@ class EncodedExample:
     prompt_ids: tuple[int, ...]
     option_ids: tuple[tuple[int, ...], ...]
     contexts: tuple[tuple[int, ...], ...] | None = None
-
-
-def is_encoder_decoder(model: Any) -> bool:
-    """Whether `model` is an encoder-decoder (T5, BART, ...) rather than a decoder-only LM."""
-    return bool(getattr(model.config, "is_encoder_decoder", False))
-
-
-def _max_positions(config: Any) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _ids(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
@@ -215,28 +203,6 @@ def encode_examples(tokenizer: Any, examples: Sequence[_HasPromptAndOptions], *,
 # --------------------------------------------------------------------------------------------
 
 
-def _pad(rows: Sequence[Sequence[int]], value: int, device: torch.device, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows padded to one length: (ids, mask) with mask True on real tokens."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        if r:
-            if left:
-                ids[i, width - len(r):] = torch.tensor(r)
-                mask[i, width - len(r):] = True
-            else:
-                ids[i, : len(r)] = torch.tensor(r)
-                mask[i, : len(r)] = True
-    return ids.to(device), mask.to(device)
-
-
-def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) at each position, in float32: target logit minus logsumexp of the row."""
-    logits = logits.float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
 def _masked_sums(logprobs: torch.Tensor, mask: torch.Tensor) -> tuple[list[float], list[int]]:
     # torch.where, not multiplication: a padded position may hold -inf or NaN (a left-padded
     # row's padding attends to nothing), and 0 * NaN is NaN.
@@ -258,30 +224,17 @@ def _chunks(order: list[int], sizes: Sequence[int], budget: int) -> Iterator[lis
         yield chunk
 
 
-def _decoder_start(model: Any) -> int:
-    for source in (model.config, getattr(model, "generation_config", None)):
-        value = getattr(source, "decoder_start_token_id", None)
-        if value is not None:
-            return int(value)
-    raise ValueError("the model's config has no decoder_start_token_id, which the decoder input starts with")
-
-
-def _pad_id(model: Any) -> int:
-    pad = getattr(model.config, "pad_token_id", None)
-    return int(pad) if pad is not None else 0
-
-
 def _score_encoder_decoder(model: Any, encoded: list[EncodedExample], batch_size: int, device: torch.device, bar) -> list[tuple[list[float], list[int]]]:
     from transformers.modeling_outputs import BaseModelOutput
 
-    start, pad = _decoder_start(model), _pad_id(model)
+    start, pad = decoder_start_id(model), pad_id(model)
     encoder = model.get_encoder()
     results: list[Any] = [None] * len(encoded)
     # Longest prompts first: little padding per batch, and an out-of-memory error comes at once.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].prompt_ids))
     sizes = [len(e.option_ids) for e in encoded]
     for chunk in _chunks(order, sizes, batch_size):
-        input_ids, attention = _pad([encoded[i].prompt_ids for i in chunk], pad, device)
+        input_ids, attention = pad_rows([encoded[i].prompt_ids for i in chunk], pad, device)
         # The encoder runs once per example; every option of the example reuses its output.
         hidden = encoder(input_ids=input_ids, attention_mask=attention).last_hidden_state
         pairs = [(c, j) for c, i in enumerate(chunk) for j in range(sizes[i])]
@@ -290,14 +243,14 @@ def _score_encoder_decoder(model: Any, encoded: list[EncodedExample], batch_size
         for b in range(0, len(pairs), batch_size):
             batch = pairs[b: b + batch_size]
             owner = torch.tensor([c for c, _ in batch], device=device)
-            labels, label_mask = _pad([encoded[chunk[c]].option_ids[j] for c, j in batch], pad, device)
+            labels, label_mask = pad_rows([encoded[chunk[c]].option_ids[j] for c, j in batch], pad, device)
             # Teacher forcing: the decoder sees the option shifted right behind the start token.
             # Padded label positions come after every real one, and the decoder is causal, so
             # they cannot change the real positions' outputs; they are masked out below.
             decoder_input = torch.cat([torch.full_like(labels[:, :1], start), labels[:, :-1]], dim=1)
             out = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden.index_select(0, owner)),
                         attention_mask=attention.index_select(0, owner), decoder_input_ids=decoder_input, use_cache=False)
-            s, n = _masked_sums(_token_logprobs(out.logits, labels), label_mask)
+            s, n = _masked_sums(token_logprobs(out.logits, labels), label_mask)
             for (c, _), si, ni in zip(batch, s, n):
                 sums[c].append(si)
                 counts[c].append(ni)
@@ -315,7 +268,7 @@ def _accepts(model: Any, name: str) -> bool:
 
 
 def _score_decoder_only(model: Any, encoded: list[EncodedExample], batch_size: int, device: torch.device, bar) -> list[tuple[list[float], list[int]]]:
-    pad = _pad_id(model)
+    pad = pad_id(model)
     pairs = [(i, j) for i, e in enumerate(encoded) for j in range(len(e.option_ids))]
     length = {(i, j): len(encoded[i].contexts[j]) + len(encoded[i].option_ids[j]) for i, j in pairs}  # type: ignore[index]
     pairs.sort(key=lambda p: -length[p])
@@ -333,7 +286,7 @@ def _score_decoder_only(model: Any, encoded: list[EncodedExample], batch_size: i
         # Left padding puts every option at the end of its row, so the logits needed are those
         # of the last (longest option + 1) positions. Position ids count real tokens only, so a
         # padded row sees the same positions as it would alone.
-        input_ids, attention = _pad(rows, pad, device, left=True)
+        input_ids, attention = pad_rows(rows, pad, device, left=True)
         position_ids = (attention.long().cumsum(dim=1) - 1).clamp(min=0)
         window = int(cont_len.max()) + 1
         kwargs: dict[str, Any] = {"logits_to_keep": window} if keep_logits else {}
@@ -346,7 +299,7 @@ def _score_decoder_only(model: Any, encoded: list[EncodedExample], batch_size: i
         targets = input_ids[:, input_ids.shape[1] - window + 1:]
         steps = torch.arange(window - 1, device=device)
         mask = steps.unsqueeze(0) >= (window - 1 - cont_len).unsqueeze(1)
-        s, n = _masked_sums(_token_logprobs(logits[:, :-1, :], targets), mask)
+        s, n = _masked_sums(token_logprobs(logits[:, :-1, :], targets), mask)
         for (i, j), si, ni in zip(batch, s, n):
             sums[i][j] = si
             counts[i][j] = ni
@@ -354,21 +307,6 @@ def _score_decoder_only(model: Any, encoded: list[EncodedExample], batch_size: i
             if done_options[i] == len(encoded[i].option_ids):
                 bar.update(1)
     return list(zip(sums, counts))
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="ex", disable=not enabled, leave=False)
-
-
-def _resolve_device(model: Any, device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def score_encoded(model: Any, encoded: Sequence[EncodedExample], batch_size: int = 32, device: str | torch.device | None = None,
@@ -394,11 +332,11 @@ def score_encoded(model: Any, encoded: Sequence[EncodedExample], batch_size: int
     encoded = list(encoded)
     if not encoded:
         return []
-    device = _resolve_device(model, device)
+    device = model_device(model, device)
     was_training = model.training
     model.eval()  # dropout off: scores are deterministic
     try:
-        with torch.inference_mode(), _progress(len(encoded), progress, desc) as bar:
+        with torch.inference_mode(), progress_bar(len(encoded), progress, desc) as bar:
             if is_encoder_decoder(model):
                 raw = _score_encoder_decoder(model, encoded, batch_size, device, bar)
             else:
@@ -412,12 +350,9 @@ def score_encoded(model: Any, encoded: Sequence[EncodedExample], batch_size: int
 
 def _encode_for(model: Any, tokenizer: Any, examples: Sequence[_HasPromptAndOptions], target_delimiter: str) -> list[EncodedExample]:
     encoder_decoder = is_encoder_decoder(model)
-    max_length = _max_positions(model.config)
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(model.config, "eos_token_id", None)
-    if isinstance(eos, list):
-        eos = eos[0]
+    max_length = max_positions(model.config)
     return encode_examples(tokenizer, examples, encoder_decoder=encoder_decoder, target_delimiter=target_delimiter,
-                           eos_token_id=eos, max_length=max_length)
+                           eos_token_id=eos_id(tokenizer, model), max_length=max_length)
 
 
 def score_options(model: Any, tokenizer: Any, examples: Sequence[_HasPromptAndOptions], batch_size: int = 32,
@@ -463,7 +398,7 @@ def score_options_naive(model: Any, tokenizer: Any, examples: Sequence[_HasPromp
         Per example, an `OptionScores`.
     """
     encoded = _encode_for(model, tokenizer, examples, target_delimiter)
-    device = _resolve_device(model, device)
+    device = model_device(model, device)
     encoder_decoder = is_encoder_decoder(model)
     was_training = model.training
     model.eval()

@@ -25,22 +25,13 @@ from pathlib import Path
 import torch
 
 from ..checkpoints.safetensors_header import read_header
+from ..constants import cache_root
 from ..errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "hfmerge-fisher-1"
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")
-
-
-def cache_root() -> Path:
-    """hfmerge's cache folder: ``$HFMERGE_CACHE``, else ``$HF_HOME/hfmerge`` (``~/.cache/huggingface/hfmerge``)."""
-    root = os.environ.get("HFMERGE_CACHE")
-    if root:
-        return Path(root).expanduser()
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HOME) / "hfmerge"
 
 
 def cache_dir() -> Path:

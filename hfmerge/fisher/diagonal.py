@@ -37,7 +37,8 @@ from typing import Any
 
 import torch
 
-from ..errors import HfMergeError
+from ..errors import FisherError
+from ..evaluation.lm import model_device
 from ..evaluation.scoring import EncodedExample
 from .loglik import model_kind, option_logliks, pair_batches, pair_loglik
 
@@ -51,10 +52,6 @@ VMAP_MAX_PARAMETERS = 20_000_000
 VMAP_CHUNK = 128
 # Per-pair gradient copies a vmap call may hold at once, in parameter entries.
 VMAP_MAX_ELEMENTS = 64_000_000
-
-
-class FisherError(HfMergeError):
-    """A Fisher cannot be computed (bad mode, no examples, a model kind that is not supported)."""
 
 
 @dataclass
@@ -143,7 +140,7 @@ def diagonal_fisher(model: Any, examples: Sequence[EncodedExample], labels: Sequ
         raise FisherError(f"{len(labels)} labels for {len(examples)} examples")
     offloaded = is_offloaded(model)
     impl = choose_implementation(model, implementation, offloaded)
-    dev = torch.device(device) if device is not None else _execution_device(model)
+    dev = model_device(model, device)
     rng = random.Random(seed)
     was_training = model.training
     model.eval()
@@ -178,13 +175,6 @@ def _label(label: int, num_options: int, n: int) -> int:
     if not 0 <= label < num_options:
         raise FisherError(f"example {n}: label {label} is out of range for its {num_options} options")
     return label
-
-
-def _execution_device(model: Any) -> torch.device:
-    for p in model.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")
 
 
 def weighted_rows(model: Any, examples: list[EncodedExample], labels: Sequence[int], mode: str, rng: random.Random,

@@ -22,10 +22,12 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..evaluation.scoring import EncodedExample, _max_positions, encode_examples
+from ..errors import FisherError
+from ..evaluation.lm import eos_id, max_positions
+from ..evaluation.scoring import EncodedExample, encode_examples
 from ..evaluation.tasks import Example, TaskData
 from .cache import cache_key, cached_path, lookup, save_fisher
-from .diagonal import MODES, FisherError, FisherStats, diagonal_fisher
+from .diagonal import MODES, FisherStats, diagonal_fisher
 from .loglik import model_kind
 
 logger = logging.getLogger(__name__)
@@ -82,9 +84,8 @@ def model_identity(ckpt: Any) -> str:
     adapter = getattr(ckpt, "adapter", None)
     if adapter is not None:  # a LoRA adapter applied to its base: both halves define the weights
         return f"lora:{model_identity(adapter)}|base:{model_identity(ckpt.base)}"
-    commit = getattr(ckpt, "commit", "")
-    if commit:
-        return f"{ckpt.ref.repo_id}@{commit}"
+    if ckpt.commit:
+        return f"{ckpt.ref.repo_id}@{ckpt.commit}"
     h = hashlib.sha256()
     for f in sorted({Path(i.file) for i in ckpt.tensors.values()}):
         path = f if f.is_absolute() else Path(ckpt.folder) / f
@@ -126,14 +127,11 @@ def encode_for_model(model: Any, tokenizer: Any, examples: Sequence[Example], *,
             if len(e.options) != num_labels:
                 raise FisherError(f"{label}: example {n} has {len(e.options)} options but the classifier has {num_labels} classes; "
                                   "for a sequence classifier the options are its classes, in label order")
-        ids = tokenizer([e.prompt for e in examples], truncation=True, max_length=_max_positions(model.config))["input_ids"]
+        ids = tokenizer([e.prompt for e in examples], truncation=True, max_length=max_positions(model.config))["input_ids"]
         return [EncodedExample(tuple(i), tuple((k,) for k in range(num_labels))) for i in ids]
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(model.config, "eos_token_id", None)
-    if isinstance(eos, list):
-        eos = eos[0]
     try:
         return encode_examples(tokenizer, examples, encoder_decoder=kind == "encoder-decoder", target_delimiter=target_delimiter,
-                               eos_token_id=eos, max_length=_max_positions(model.config))
+                               eos_token_id=eos_id(tokenizer, model), max_length=max_positions(model.config))
     except ValueError as exc:
         raise FisherError(f"{label}: {exc}") from None
 

@@ -26,7 +26,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..evaluation.scoring import EncodedExample, _decoder_start, _pad, _pad_id, _token_logprobs, is_encoder_decoder
+from ..evaluation.lm import decoder_start_id, is_encoder_decoder, pad_id, pad_rows, token_logprobs
+from ..evaluation.scoring import EncodedExample
 
 __all__ = ["ModelKind", "model_kind", "option_logliks", "PairBatch", "pair_batches", "pair_loglik", "batch_logliks"]
 
@@ -66,30 +67,30 @@ def option_logliks(model: Any, example: EncodedExample, device: torch.device) ->
         ids = torch.tensor([example.prompt_ids], dtype=torch.long, device=device)
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
         return torch.log_softmax(logits.float(), dim=-1)
-    pad = _pad_id(model)
+    pad = pad_id(model)
     if kind == "encoder-decoder":
         ids = torch.tensor([example.prompt_ids], dtype=torch.long, device=device)
         attention = torch.ones_like(ids)
         hidden = model.get_encoder()(input_ids=ids, attention_mask=attention).last_hidden_state
         k = len(example.option_ids)
-        labels, label_mask = _pad(example.option_ids, pad, device)
-        decoder_input = torch.cat([torch.full_like(labels[:, :1], _decoder_start(model)), labels[:, :-1]], dim=1)
+        labels, label_mask = pad_rows(example.option_ids, pad, device)
+        decoder_input = torch.cat([torch.full_like(labels[:, :1], decoder_start_id(model)), labels[:, :-1]], dim=1)
         from transformers.modeling_outputs import BaseModelOutput
 
         out = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden.expand(k, -1, -1)), attention_mask=attention.expand(k, -1),
                     decoder_input_ids=decoder_input, use_cache=False)
-        return _masked_mean(_token_logprobs(out.logits, labels), label_mask)
+        return _masked_mean(token_logprobs(out.logits, labels), label_mask)
     # Decoder-only: row k is context_k + option_k; the logits at position t predict token t + 1.
     contexts = example.contexts or tuple(example.prompt_ids for _ in example.option_ids)
     rows = [tuple(c) + tuple(o) for c, o in zip(contexts, example.option_ids)]
-    ids, real = _pad(rows, pad, device)
+    ids, real = pad_rows(rows, pad, device)
     logits = model(input_ids=ids, attention_mask=real.long(), use_cache=False).logits
     positions = torch.arange(ids.shape[1] - 1, device=device)
     starts = torch.tensor([len(c) for c in contexts], device=device)
     ends = torch.tensor([len(r) for r in rows], device=device)
     # Target index t + 1 belongs to the option when start <= t + 1 < end.
     mask = (positions.unsqueeze(0) + 1 >= starts.unsqueeze(1)) & (positions.unsqueeze(0) + 1 < ends.unsqueeze(1))
-    return _masked_mean(_token_logprobs(logits[:, :-1, :], ids[:, 1:]), mask)
+    return _masked_mean(token_logprobs(logits[:, :-1, :], ids[:, 1:]), mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,14 +121,14 @@ def pair_batches(model: Any, examples: Sequence[EncodedExample], pairs: Sequence
                  device: torch.device) -> list[PairBatch]:
     """Pack weighted (example index, option index, weight) pairs into padded chunks."""
     kind = model_kind(model)
-    pad = _pad_id(model)
+    pad = pad_id(model)
     out = []
     for b in range(0, len(pairs), chunk):
         part = pairs[b: b + chunk]
         weights = torch.tensor([w for _, _, w in part], dtype=torch.float32, device=device)
         if kind == "encoder-decoder":
-            ids, mask = _pad([examples[i].prompt_ids for i, _, _ in part], pad, device)
-            labels, label_mask = _pad([examples[i].option_ids[k] for i, k, _ in part], pad, device)
+            ids, mask = pad_rows([examples[i].prompt_ids for i, _, _ in part], pad, device)
+            labels, label_mask = pad_rows([examples[i].option_ids[k] for i, k, _ in part], pad, device)
         elif kind == "decoder-only":
             rows, starts = [], []
             for i, k, _ in part:
@@ -135,13 +136,13 @@ def pair_batches(model: Any, examples: Sequence[EncodedExample], pairs: Sequence
                 context = (e.contexts or tuple(e.prompt_ids for _ in e.option_ids))[k]
                 rows.append(tuple(context) + tuple(e.option_ids[k]))
                 starts.append(len(context))
-            ids, mask = _pad(rows, pad, device)
+            ids, mask = pad_rows(rows, pad, device)
             labels = ids[:, 1:]
             positions = torch.arange(ids.shape[1] - 1, device=device).unsqueeze(0) + 1
             ends = mask.sum(dim=1, keepdim=True)
             label_mask = (positions >= torch.tensor(starts, device=device).unsqueeze(1)) & (positions < ends)
         else:  # classifier: the row's option is a class index
-            ids, mask = _pad([examples[i].prompt_ids for i, _, _ in part], pad, device)
+            ids, mask = pad_rows([examples[i].prompt_ids for i, _, _ in part], pad, device)
             labels = torch.tensor([[k] for _, k, _ in part], dtype=torch.long, device=device)
             label_mask = torch.ones_like(labels, dtype=torch.bool)
         out.append(PairBatch(ids, mask, labels, label_mask, weights))
@@ -155,11 +156,11 @@ def batch_logliks(model: Any, batch: PairBatch) -> torch.Tensor:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.input_mask.long()).logits
         return torch.log_softmax(logits.float(), dim=-1).gather(1, batch.labels).squeeze(1)
     if kind == "encoder-decoder":
-        decoder_input = torch.cat([torch.full_like(batch.labels[:, :1], _decoder_start(model)), batch.labels[:, :-1]], dim=1)
+        decoder_input = torch.cat([torch.full_like(batch.labels[:, :1], decoder_start_id(model)), batch.labels[:, :-1]], dim=1)
         out = model(input_ids=batch.input_ids, attention_mask=batch.input_mask.long(), decoder_input_ids=decoder_input, use_cache=False)
-        return _masked_mean(_token_logprobs(out.logits, batch.labels), batch.label_mask)
+        return _masked_mean(token_logprobs(out.logits, batch.labels), batch.label_mask)
     out = model(input_ids=batch.input_ids, attention_mask=batch.input_mask.long(), use_cache=False)
-    return _masked_mean(_token_logprobs(out.logits[:, :-1], batch.labels), batch.label_mask)
+    return _masked_mean(token_logprobs(out.logits[:, :-1], batch.labels), batch.label_mask)
 
 
 def pair_loglik(model: Any, params: dict[str, torch.Tensor], input_ids: torch.Tensor, input_mask: torch.Tensor,
@@ -172,9 +173,9 @@ def pair_loglik(model: Any, params: dict[str, torch.Tensor], input_ids: torch.Te
         lab = labels.unsqueeze(0)
         # A ready 4-D mask (batch, heads, query, key): padding keys are hidden from every query.
         mask4 = input_mask[None, None, None, :]
-        decoder_input = torch.cat([torch.full_like(lab[:, :1], _decoder_start(model)), lab[:, :-1]], dim=1)
+        decoder_input = torch.cat([torch.full_like(lab[:, :1], decoder_start_id(model)), lab[:, :-1]], dim=1)
         out = functional_call(model, params, (), {"input_ids": ids, "attention_mask": mask4, "decoder_input_ids": decoder_input, "use_cache": False})
-        return _masked_mean(_token_logprobs(out.logits[0], labels), label_mask)
+        return _masked_mean(token_logprobs(out.logits[0], labels), label_mask)
     # Decoder-only, right-padded: causal attention alone keeps padding away from real tokens.
     out = functional_call(model, params, (), {"input_ids": ids, "use_cache": False})
-    return _masked_mean(_token_logprobs(out.logits[0, :-1], labels), label_mask)
+    return _masked_mean(token_logprobs(out.logits[0, :-1], labels), label_mask)

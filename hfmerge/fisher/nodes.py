@@ -35,16 +35,13 @@ from typing import Any
 
 import torch
 
-from ..errors import HfMergeError
+from ..errors import FisherError, NodeLayoutError
+from ..evaluation.lm import model_device
 from ..evaluation.scoring import EncodedExample
-from .diagonal import FisherError, FisherStats, weighted_rows
+from .diagonal import FisherStats, weighted_rows
 
 HEADS = "heads:"
 NEURONS = "neurons:"
-
-
-class NodeLayoutError(HfMergeError):
-    """The architecture has no attention heads / FFN neurons that Fisher Mask Nodes knows."""
 
 
 @dataclass(frozen=True)
@@ -211,14 +208,13 @@ def node_fisher(model: Any, examples: Sequence[EncodedExample], labels: Sequence
     """
     from tqdm.auto import tqdm
 
-    from .diagonal import _execution_device
     from .loglik import batch_logliks, pair_batches
 
     layout = node_layout(model)
     examples = list(examples)
     if not examples:
         raise FisherError("no examples to compute the Fisher on")
-    dev = torch.device(device) if device is not None else _execution_device(model)
+    dev = model_device(model, device)
     sums = {u.key: torch.zeros(u.size, dtype=torch.float32) for u in layout.units}
     current: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())

@@ -28,12 +28,13 @@ Templates are Jinja2 run in `jinja2.sandbox.ImmutableSandboxedEnvironment` with
 `StrictUndefined`, like the harness's (which adds a ``regex_replace`` filter; so does
 hfmerge), but without the harness's ``!function`` Python hooks: a recipe runs no code.
 
-    yamlfile.py   bounded YAML reading (recipes and task files), ``!function`` read as a marker
     schema.py     the keys, `TaskSpec`, `Example`, `TaskData`, `TaskError`
     include.py    lm-evaluation-harness's ``include:``
     parse.py      `parse_tasks`, `load_tasks_file`, `match_tasks_to_models`
     templates.py  the sandboxed Jinja2 ``doc_to_*`` rendering
     data.py       `load_task_data`: splits, slices, manual downloads, carving, subsets
+
+YAML is read by `hfmerge.yamlio` (bounded size and aliases, ``!function`` read as a marker).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from .data import load_task_data
 from .include import MAX_INCLUDES, resolve_includes
 from .parse import load_tasks_file, match_tasks_to_models, parse_tasks
 from .schema import DEFAULT_MAX_GEN_TOKS, DEFAULT_UNTIL, NORMALIZATIONS, Example, TaskData, TaskError, TaskSpec
-from .yamlfile import MAX_YAML_BYTES, MAX_YAML_NODES, load_yaml_file, yaml_loader
+from ...yamlio import MAX_YAML_BYTES, MAX_YAML_NODES, load_yaml_file, yaml_loader
 
 __all__ = [
     "TaskError", "TaskSpec", "Example", "TaskData", "parse_tasks", "load_task_data", "load_tasks_file",

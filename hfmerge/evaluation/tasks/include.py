@@ -22,7 +22,7 @@ from typing import Any
 
 from ...errors import short_repr
 from .schema import TaskError, fail
-from .yamlfile import load_yaml_file
+from ...yamlio import load_yaml_file
 
 # A task includes one or two files (a shared definition, maybe a family's template); a
 # tasks file of a hundred such tasks stays far below this.

@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ...constants import REPO_ID
+from ...yamlio import PythonFunctionTag, load_yaml_file
 from ..metrics import MetricSpec, resolve_metric
 from .include import IncludeBudget, resolve_includes
 from .schema import (
@@ -34,9 +36,7 @@ from .schema import (
     suggest,
     with_origin,
 )
-from .yamlfile import PythonFunctionTag, load_yaml_file
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 def _positive_int(source: str, path: str, value: Any) -> int | None:
@@ -287,7 +287,7 @@ def _parse_task(entry: Any, key: str, *, source: str, base_dir: Path | None, ori
         # A folder written by save_to_disk is read with load_from_disk; any other folder of
         # data files goes to load_dataset, which infers the splits from the file names.
         from_disk = (local / "dataset_info.json").is_file() and (local / "state.json").is_file() or (local / "dataset_dict.json").is_file()
-    elif dataset_path.startswith((".", "/", "~")) or "\\" in dataset_path or not _HUB_ID.fullmatch(dataset_path):
+    elif dataset_path.startswith((".", "/", "~")) or "\\" in dataset_path or not REPO_ID.match(dataset_path):
         raise fail(source, f"{key}.dataset_path", f"folder not found: {local}" + (
             f" (relative paths are resolved against {folder('dataset_path')}, the folder of the file that sets it)"
             if folder("dataset_path") is not None else ""))

@@ -10,21 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...errors import RecipeError
+from ...constants import FILE_BUILDERS
+from ...errors import TaskError
 from ..metrics import MetricSpec
-
-
-class TaskError(RecipeError):
-    """A task of the recipe is malformed, or its data does not fit it (missing file, unknown
-    template field, label out of range, too few options, empty split).
-
-    Attributes:
-        key_path: The key path the message is about (``tasks[0].doc_to_text``), or None.
-    """
-
-    def __init__(self, message: str, key_path: str | None = None) -> None:
-        super().__init__(message)
-        self.key_path = key_path
 
 
 # The keys hfmerge reads. The first group is lm-evaluation-harness's; the second hfmerge's.
@@ -76,7 +64,6 @@ GENERATION_KEY_HINTS = {
     "stop_strings": "write until (lm-evaluation-harness's name for the stop strings)",
 }
 # datasets' packaged builders that read files named by data_files.
-FILE_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "pandas", "xml")
 DATA_FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text"}
 # datasets' split slicing: "validation[:50%]", "test[935:]", "train[10:20]".
 _SPLIT_SLICE = re.compile(r"\s*([^\[\]]+?)\s*\[[^\[\]]*\]\s*")

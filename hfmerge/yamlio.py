@@ -1,12 +1,18 @@
-"""Reading recipe and task YAML files safely: bounded in size and alias expansion, with
-lm-evaluation-harness's ``!function`` tag read as a marker so it can be refused by name."""
+"""Reading recipe and task YAML files safely.
+
+Both kinds of file are read by `load_yaml_file`: bounded in size, refusing alias bombs and
+recursive structures, with safe loading that keeps lm-evaluation-harness's ``!function`` tag
+as a marker (`PythonFunctionTag`) so the task parser can say it is unsupported.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from ...errors import RecipeError
+from .errors import RecipeError
+
+__all__ = ["MAX_YAML_BYTES", "MAX_YAML_NODES", "PythonFunctionTag", "load_yaml_file", "yaml_loader"]
 
 
 class PythonFunctionTag(str):
@@ -134,4 +140,3 @@ def load_yaml_file(path: str | Path, *, error: type[RecipeError] = RecipeError) 
         raise error(f"{path}: not valid YAML: {exc}") from None
     finally:
         loader.dispose()
-
