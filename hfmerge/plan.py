@@ -189,17 +189,20 @@ def build_plan(recipe: Recipe, *, low_disk: bool = False) -> MergePlan:
     """
     refs = [recipe.base, *(m.ref for m in recipe.models)]
     scratch = Path(tempfile.mkdtemp(prefix="hfmerge-low-disk-")) if low_disk and any(r is not None and not r.is_local for r in refs) else None
+    try:
+        return _build_plan(recipe, scratch)
+    except BaseException:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)  # the plan that would own it was never made
+        raise
 
+
+def _build_plan(recipe: Recipe, scratch: Path | None) -> MergePlan:
     def input_scratch(i: int) -> Path | None:
         return scratch / f"input-{i}" if scratch is not None else None
 
-    try:
-        base = _open(recipe.base, "base_model", recipe, scratch=input_scratch(0)) if recipe.base is not None else None
-        models = [_open(m.ref, f"{m.key}.model", recipe, base, scratch=input_scratch(i)) for i, m in enumerate(recipe.models, start=1)]
-    except BaseException:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)  # opening downloads no shard: it is empty
-        raise
+    base = _open(recipe.base, "base_model", recipe, scratch=input_scratch(0)) if recipe.base is not None else None
+    models = [_open(m.ref, f"{m.key}.model", recipe, base, scratch=input_scratch(i)) for i, m in enumerate(recipe.models, start=1)]
     reference = base if base is not None else models[0]
     warnings: list[str] = [w for c in models for w in getattr(c, "warnings", ())]  # e.g. an adapter's base matched by name only
 
@@ -207,7 +210,6 @@ def build_plan(recipe: Recipe, *, low_disk: bool = False) -> MergePlan:
     if alias_warning:
         warnings.append(f"{reference.label}: {alias_warning}")
     group_of: dict[str, frozenset[str]] = {n: g for g in groups for n in g}
-
 
     inputs = ([base] if base is not None else []) + models
     ordered = sorted(reference.tensors.values(), key=lambda i: (str(i.file), i.begin))

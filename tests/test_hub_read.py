@@ -185,3 +185,18 @@ def test_repo_without_weights_is_reported_in_the_plan(hub, hub_family, t5, tmp_p
     with pytest.raises(CheckpointError, match=r"has no model.safetensors or model.safetensors.index.json \(found adapter_model.safetensors; is this an adapter repo\?\)"):
         build_plan(load_recipe(recipe))
     assert not [r for r in hub.requests_matching("GET", ".safetensors") if not r.range]  # no weights moved
+
+
+def test_a_low_disk_plan_that_fails_after_opening_leaves_no_scratch_folder(hub, hub_family, tmp_path, monkeypatch):
+    import tempfile
+
+    repos, _ = hub_family
+    scratch_parent = tmp_path / "tmp"
+    scratch_parent.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_parent))
+    # Both inputs open fine; the missing tokenizer folder is found only afterwards.
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="task_arithmetic", base_model=repos["base"],
+                          models=[{"model": repos["a"]}], tokenizer_source=str(tmp_path / "no-such-folder"))
+    with pytest.raises(CheckpointError, match="tokenizer_source"):
+        build_plan(load_recipe(recipe), low_disk=True)
+    assert list(scratch_parent.iterdir()) == []

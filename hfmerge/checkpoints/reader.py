@@ -120,6 +120,7 @@ class LocalCheckpoint:
     format: str = "safetensors"
     _pickle_cache: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     commit: str | None = None
+    _confined_files: set[Path] = field(default_factory=set, repr=False)  # checked once each, not on every read
 
     def __post_init__(self) -> None:
         # A Hub checkpoint's folder is its cache snapshot: everything already there (config,
@@ -133,8 +134,9 @@ class LocalCheckpoint:
 
     def _confined(self, path: Path) -> Path:
         """`path`, after checking that a Hub checkpoint's file lies in its cache or scratch folder."""
-        if self.ref.repo_id is not None:
+        if self.ref.repo_id is not None and path not in self._confined_files:
             check_inside(path, [confinement_root(self.folder), *self._download_roots()], label=self.label, hub=True)
+            self._confined_files.add(path)
         return path
 
     def _download_roots(self) -> list[Path]:
