@@ -202,18 +202,19 @@ def cache_input_paths(*, datasets: bool = False) -> list[InputPath]:
     cache (Fishers, tie groups) and, when tasks are loaded, the datasets cache."""
     from huggingface_hub import constants
 
-    from .constants import cache_root
+    from .constants import cache_root, hf_home
 
     paths = [
         InputPath(Path(constants.HF_HUB_CACHE), "HF_HUB_CACHE, the Hugging Face Hub cache"),
         InputPath(cache_root(), "HFMERGE_CACHE, hfmerge's cache"),
         # HF_HOME also holds the token and settings; only the caches inside it are read, so an
         # output in another subfolder of it is harmless, but HF_HOME itself must survive.
-        InputPath(Path(constants.HF_HOME), "HF_HOME, the Hugging Face home folder", output_may_lie_inside=True),
+        InputPath(hf_home(), "HF_HOME, the Hugging Face home folder", output_may_lie_inside=True),
     ]
     if datasets:
-        root = os.environ.get("HF_DATASETS_CACHE") or str(Path(constants.HF_HOME) / "datasets")
-        paths.append(InputPath(Path(root), "HF_DATASETS_CACHE, the datasets cache"))
+        from datasets import config as datasets_config  # the folder `datasets` itself uses
+
+        paths.append(InputPath(Path(datasets_config.HF_DATASETS_CACHE), "HF_DATASETS_CACHE, the datasets cache"))
     return paths
 
 
@@ -387,38 +388,49 @@ def _temp_prefix(output: Path) -> str:
     return f".{output.name}.hfmerge-"
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time (clock ticks after boot, Linux), which tells a reused pid apart."""
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time) of a process from ``/proc/PID/stat`` (Linux); the start time, in
+    clock ticks after boot, tells a reused pid apart.
+
+    Raises:
+        FileNotFoundError: No such process.
+        OSError: ``/proc`` cannot be read here.
+    """
+    stat = Path(f"/proc/{pid}/stat").read_text()
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rindex(")") + 2:].split()[19]
-    except (OSError, ValueError, IndexError):
+        fields = stat[stat.rindex(")") + 2:].split()
+        return fields[0], fields[19]
+    except (ValueError, IndexError):
         return None
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        stat = _proc_stat(pid)
+    except OSError:
+        return None
+    return stat[1] if stat is not None else None
 
 
 def _owner_alive(pid: int, started: str | None) -> bool:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = _proc_stat(pid)
     except FileNotFoundError:
         return False
     except OSError:
-        stat = None
-    if stat is not None:
-        try:
-            fields = stat[stat.rindex(")") + 2:].split()
-            state, start = fields[0], fields[19]
-        except (ValueError, IndexError):
-            return True  # unreadable: assume it runs rather than delete its work
-        if state in ("Z", "X"):  # killed, not yet reaped by its parent
+        try:  # no /proc: ask the kernel whether the pid exists
+            os.kill(pid, 0)
+        except ProcessLookupError:
             return False
-        return started is None or start == started
-    try:  # no /proc: ask the kernel whether the pid exists
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        except PermissionError:
+            return True
         return True
-    return True
+    if stat is None:
+        return True  # unreadable: assume it runs rather than delete its work
+    state, start = stat
+    if state in ("Z", "X"):  # killed, not yet reaped by its parent
+        return False
+    return started is None or start == started
 
 
 def make_temp_folder(output: Path, kind: str = "") -> Path:
@@ -430,8 +442,9 @@ def make_temp_folder(output: Path, kind: str = "") -> Path:
         # any folder mkdir creates.
         os.chmod(tmp, 0o777 & ~current_umask())
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": _start_time(os.getpid())}
-        (tmp / (OWNER_FILE + ".part")).write_text(json.dumps(record))
-        os.replace(tmp / (OWNER_FILE + ".part"), tmp / OWNER_FILE)
+        # A truncated record is treated like a missing one (the folder is left alone), so a
+        # plain write is enough.
+        (tmp / OWNER_FILE).write_text(json.dumps(record))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

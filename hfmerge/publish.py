@@ -30,8 +30,6 @@ DEFAULT_COMMIT_MESSAGE = "Upload merged model (hfmerge)"
 # (`.<name>.hfmerge-XXXX`) and the suffixes downloaders and editors use for partial files.
 TEMP_MARKER = ".hfmerge-"
 TEMP_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".incomplete", ".lock", ".swp")
-# Paths upload_folder never sends (its DEFAULT_IGNORE_PATTERNS): not part of the output.
-_IGNORED_DIRS = (".git", ".cache")
 
 
 @dataclass
@@ -161,10 +159,16 @@ def check_output_folder(folder: Path) -> list[str]:
         raise IncompleteOutputError(f"{folder}: no such folder; give the folder a merge wrote (its --output)")
     if TEMP_MARKER in folder.name:
         raise IncompleteOutputError(f"{where}: it is the temporary folder of an unfinished merge; run the merge again (or --resume a search)")
-    files = sorted(
-        p.relative_to(folder).as_posix() for p in folder.rglob("*")
-        if p.is_file() and p.relative_to(folder).parts[0] not in _IGNORED_DIRS
-    )
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, FORBIDDEN_FOLDERS, filter_repo_objects
+
+    # What upload_folder sends: everything but the client's ignore patterns; a forbidden folder
+    # left after that (`.cache/...` outside `.cache/huggingface`) would fail the upload itself.
+    files = sorted(filter_repo_objects((p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()),
+                                       ignore_patterns=DEFAULT_IGNORE_PATTERNS))
+    forbidden = [f for f in files if any(part in FORBIDDEN_FOLDERS for part in f.split("/"))]
+    if forbidden:
+        raise IncompleteOutputError(f"{where}: it holds {forbidden[0]}, in a folder the Hub refuses ({', '.join(FORBIDDEN_FOLDERS)}); "
+                                    "remove that folder, then push again")
     leftovers = [f for f in files if TEMP_MARKER in f or f.lower().endswith(TEMP_SUFFIXES)]
     if leftovers:
         raise IncompleteOutputError(f"{where}: it holds files of an unfinished write ({', '.join(leftovers[:3])}); merge again into a new --output")

@@ -211,6 +211,7 @@ def test_push_subcommand_publishes_a_merged_folder_hash_equal(hub, hf_token, mer
         ("no_card", "README.md (the model card) is missing"),
         ("no_config", "config.json (the model config) is missing"),
         ("no_weights", "no model.safetensors"),
+        ("cache_folder", "in a folder the Hub refuses"),
     ],
 )
 def test_push_subcommand_refuses_an_incomplete_folder(hub, hf_token, folder, capsys, damage, expected):
@@ -229,6 +230,9 @@ def test_push_subcommand_refuses_an_incomplete_folder(hub, hf_token, folder, cap
     elif damage == "no_weights":
         for p in [*shards, folder / "model.safetensors.index.json"]:
             p.unlink()
+    elif damage == "cache_folder":  # upload_folder skips .cache/huggingface but refuses any other .cache/
+        (folder / ".cache" / "other").mkdir(parents=True)
+        (folder / ".cache" / "other" / "x.txt").write_text("x")
     target = hub.unique_repo_id("incomplete")
     assert main(["push", str(folder), target]) == 1
     err = capsys.readouterr().err

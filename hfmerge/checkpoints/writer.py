@@ -57,6 +57,9 @@ def plan_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[list[O
 # What the operating system says when a write cannot succeed here at all (as opposed to a bug):
 # no space, quota, a file-size limit, a read-only file system, no permission.
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+# A path that cannot hold the file (missing folder, a file where a folder should be): also
+# reported in one line, like the disk and permission errors above.
+PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR})
 _SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
@@ -151,7 +154,7 @@ def write_report_file(path: Path | str, text: str, *, what: str = "the report") 
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        if exc.errno in WRITE_ERRNOS or exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR):
+        if exc.errno in WRITE_ERRNOS | PATH_ERRNOS:
             raise output_write_error(exc, path, needed=len(text.encode()), what=what) from exc
         raise
 

@@ -57,7 +57,7 @@ def save_fisher(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
     """
     from safetensors.torch import save_file
 
-    from ..checkpoints.writer import current_umask, output_write_error
+    from ..checkpoints.writer import PATH_ERRNOS, WRITE_ERRNOS, current_umask, output_write_error
 
     path = Path(path)
     data = {k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()}
@@ -77,7 +77,7 @@ def save_fisher(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
         found = None if os_error is not None or not isinstance(exc, Exception) else _OS_ERROR.search(str(exc))
         if found is not None:
             os_error = OSError(int(found.group(1)), os.strerror(int(found.group(1))))
-        if os_error is not None:
+        if os_error is not None and os_error.errno in WRITE_ERRNOS | PATH_ERRNOS:
             needed = sum(t.numel() * t.element_size() for t in data.values())
             raise output_write_error(os_error, path, needed=needed, what="the Fisher file",
                                      remedy="free some space there, or set HFMERGE_CACHE to a writable folder on a disk with space") from exc
