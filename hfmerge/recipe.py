@@ -11,6 +11,7 @@ read.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -52,19 +53,21 @@ def parse_size(value: int | str, *, field: str = "max_shard_size") -> int:
         The size in bytes.
 
     Raises:
-        HfMergeError: Not a size, or not positive.
+        RecipeError: Not a size, or not positive (the value is quoted short).
     """
-    if isinstance(value, bool):
-        raise HfMergeError(f"{field}: expected a size such as '5GB' or a number of bytes, got {value!r}")
+    expected = "expected a size such as '5GB', '500MiB' or a number of bytes"
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and len(value) > 32):
+        raise RecipeError(f"{field}: {expected}, got {short_repr(value)}")
     if isinstance(value, int):
         n = value
     else:
-        m = _SIZE.match(str(value))
-        if not m:
-            raise HfMergeError(f"{field}: expected a size such as '5GB', '500MiB' or a number of bytes, got {value!r}")
-        n = int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+        m = _SIZE.match(value)
+        size = float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()] if m else math.nan
+        if not math.isfinite(size):
+            raise RecipeError(f"{field}: {expected}, got {short_repr(value)}")
+        n = int(size)
     if n <= 0:
-        raise HfMergeError(f"{field}: must be positive, got {value!r}")
+        raise RecipeError(f"{field}: must be positive, got {short_repr(value)}")
     return n
 
 
@@ -394,6 +397,7 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
             extra = f" ({name!r} fixes {pk} = {method.fixed[pk]!r})" if pk in method.fixed else ""
             raise _fail(source, f"parameters.{_key_name(pk)}", f"not a parameter of {name!r}{extra}" + (f"; expected one of: {', '.join(allowed)}" if allowed else ""))
         parameters[pk] = _check_param(source, f"parameters.{pk}", spec, pv)
+    added_base: ModelSpec | None = None
     if base_identity is not None and method.fixed.get("include_base") and base_identity not in seen:
         # mergekit's linear adds an unlisted base_model to the average with the global weight
         # (and fails without one): do the same, and say clearly when there is no weight to use.
@@ -402,7 +406,7 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
                         "not listed under models and parameters.weight is not set: list it under models with its weight, set "
                         "parameters.weight, or use merge_method: average, where an unlisted base_model only supplies the tensor "
                         "names, config and tokenizer")
-        models.insert(0, ModelSpec("base_model", base, {}))
+        added_base = ModelSpec("base_model", base, {})
 
     dtype = _dtype(source, "dtype", data.get("dtype"))
     out_dtype = _dtype(source, "out_dtype", data.get("out_dtype")) or dtype
@@ -423,16 +427,14 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
         # Without a base model, config and tokenizer come from the first model.
         tokenizer_source = tokenizer_source or models[0].ref
         config_source = config_source or models[0].ref
-    shard_size = data.get("max_shard_size", DEFAULT_MAX_SHARD_SIZE)
-    if isinstance(shard_size, bool) or not isinstance(shard_size, (int, str)) or (isinstance(shard_size, str) and len(shard_size) > 32):
-        raise _fail(source, "max_shard_size", f"got {short_repr(shard_size)}; expected a size such as '5GB', '500MiB' or a number of bytes")
-    try:
-        max_shard = parse_size(shard_size, field=f"{source}: max_shard_size")
-    except HfMergeError as exc:
-        raise RecipeError(str(exc)) from None
+    max_shard = parse_size(data.get("max_shard_size", DEFAULT_MAX_SHARD_SIZE), field=f"{source}: max_shard_size")
     tasks, owners = _tasks(data.get("tasks"), source, base_dir, models)
     task_of = {owner: i for i, owner in enumerate(owners) if owner is not None}
     models = [replace(m, task=task_of.get(i)) for i, m in enumerate(models)]
+    if added_base is not None:
+        # Averaged first, as mergekit does; added after the tasks were matched, so a task's
+        # `model:` index still counts the models as the recipe lists them.
+        models.insert(0, added_base)
     _check_method_data(source, name, method, models)
     recipe = Recipe(
         method=method, base=base, models=models, parameters=parameters, out_dtype=out_dtype,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeError
+from .errors import RecipeError, short_repr
 
 __all__ = ["MAX_YAML_BYTES", "MAX_YAML_NODES", "PythonFunctionTag", "load_yaml_file", "yaml_loader"]
 
@@ -111,10 +111,13 @@ def load_yaml_file(path: str | Path, *, error: type[RecipeError] = RecipeError) 
     import yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise error(f"{path}: recipe file not found")
-    with path.open("rb") as f:
-        raw = f.read(MAX_YAML_BYTES + 1)  # never more, whatever the file claims to be
+    try:
+        if not path.is_file():
+            raise error(f"{path}: {'recipe file' if error is RecipeError else 'file'} not found")
+        with path.open("rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)  # never more, whatever the file claims to be
+    except OSError as exc:  # a name the OS refuses (too long), a permission, an I/O error
+        raise error(f"{short_repr(str(path))}: cannot be read: {exc.strerror or type(exc).__name__}") from None
     if len(raw) > MAX_YAML_BYTES:
         raise error(f"{path}: larger than {MAX_YAML_BYTES // 2**20} MiB; a recipe or task file is a few kilobytes, is this the right file?")
     try:

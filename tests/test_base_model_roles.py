@@ -82,3 +82,19 @@ def folders_recipe(tmp_path: Path):
         return write_recipe(tmp_path / "r.yaml", merge_method=merge_method, base_model="./base", models=[{"model": m} for m in models])
 
     return write
+
+
+def test_a_tasks_model_index_counts_the_listed_models_when_linear_adds_the_base(folders_recipe):
+    import yaml
+
+    path = folders_recipe(merge_method="linear", models=["./a", "./b"])
+    data = yaml.safe_load(path.read_text())
+    data["parameters"] = {"weight": 0.5}
+    task = {"dataset_path": "nyu-mll/glue", "dataset_name": "rte", "validation_split": "validation",
+            "doc_to_text": "{{sentence1}}", "doc_to_choice": ["yes", "no"], "doc_to_target": "label"}
+    data["tasks"] = [{**task, "task": "second", "model": 1}]
+    path.write_text(yaml.safe_dump(data))
+    recipe = load_recipe(path)
+    assert [m.key for m in recipe.models] == ["base_model", "models[0]", "models[1]"]
+    owner = [m for m in recipe.models if m.task is not None]
+    assert [m.key for m in owner] == ["models[1]"] and recipe.tasks[owner[0].task].name == "second"

@@ -269,3 +269,33 @@ def test_the_issue_examples_are_recipe_errors(folders):
         parse_recipe({"merge_method": ["ties"], "base_model": "./base", "models": ["./a"]}, source="r.yaml", base_dir=folders)
     with pytest.raises(RecipeError, match=r"r.yaml: dtype: got \['float32'\]; expected one of float32"):
         parse_recipe({"merge_method": "ties", "base_model": "./base", "models": ["./a"], "dtype": ["float32"]}, source="r.yaml", base_dir=folders)
+
+
+def test_paths_the_os_refuses_and_huge_task_values_are_one_short_error(folders, capsys):
+    from hfmerge.cli import main
+
+    # A recipe path too long for the OS: an error, not an OSError traceback.
+    assert main([str(folders / ("r" * 300 + ".yaml")), "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "cannot be read" in err and len(err) < 600
+    task = {"task": "t", "doc_to_text": "{{x}}", "doc_to_choice": ["a", "b"], "doc_to_target": 0}
+    base = {"merge_method": "task_arithmetic", "base_model": "./base", "models": ["./a"]}
+    for tasks in ([{**task, "dataset_path": "./" + "d" * 300}], [{**task, "dataset_path": "json", "dataset_kwargs": {"data_files": "/" + "f" * 300}}],
+                  "x" * 200_000, [{**task, "dataset_path": "json", "task": ["z"] * 100_000}]):
+        with pytest.raises(RecipeError) as info:
+            parse_recipe({**base, "tasks": tasks}, source="r.yaml", base_dir=folders)
+        assert len(str(info.value)) < 600, str(info.value)[:200]
+
+
+def test_a_size_too_large_for_a_number_is_refused_on_the_command_line_and_in_the_recipe(folders, capsys):
+    from hfmerge.cli import main
+
+    recipe = folders / "r.yaml"
+    recipe.write_text(recipe_text())
+    assert main([str(recipe), "--dry-run", "--max-shard-size", "1" * 400]) == 1
+    err = capsys.readouterr().err
+    assert "--max-shard-size: expected a size" in err and "Traceback" not in err and len(err) < 400
+    with pytest.raises(RecipeError, match="max_shard_size: must be positive") as info:
+        parse_recipe({"merge_method": "task_arithmetic", "base_model": "./base", "models": ["./a"], "max_shard_size": -10**5000},
+                     source="r.yaml", base_dir=folders)
+    assert len(str(info.value)) < 400

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ...constants import REPO_ID
+from ...errors import short_repr
 from ...yamlio import PythonFunctionTag, load_yaml_file
 from ..metrics import MetricSpec, resolve_metric
 from .include import IncludeBudget, resolve_includes
@@ -43,7 +44,7 @@ def _positive_int(source: str, path: str, value: Any) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise fail(source, path, f"got {value!r}; expected a positive whole number (or null for all examples)")
+        raise fail(source, path, f"got {short_repr(value)}; expected a positive whole number (or null for all examples)")
     return value
 
 
@@ -51,7 +52,7 @@ def _fraction(source: str, path: str, value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise fail(source, path, f"got {value!r}; expected a fraction in (0, 1]")
+        raise fail(source, path, f"got {short_repr(value)}; expected a fraction in (0, 1]")
     return float(value)
 
 
@@ -59,7 +60,7 @@ def _string(source: str, path: str, value: Any, what: str = "a string") -> str:
     if isinstance(value, PythonFunctionTag):
         raise fail(source, path, f"'!function {value}' is not supported: hfmerge runs no Python code from recipes; write it as a Jinja template")
     if not isinstance(value, str):
-        raise fail(source, path, f"got {value!r}; expected {what}")
+        raise fail(source, path, f"got {short_repr(value)}; expected {what}")
     return value
 
 
@@ -90,7 +91,7 @@ def _resolve_data_files(source: str, path: str, value: Any, base_dir: Path | Non
     where = f" (relative paths are resolved against {base_dir}, the folder of the file that sets them)" if base_dir is not None and not Path(text).expanduser().is_absolute() else ""
     if glob.has_magic(str(resolved)):
         if not glob.glob(str(resolved)):
-            raise fail(source, path, f"no file matches {str(resolved)!r}{where}")
+            raise fail(source, path, f"no file matches {short_repr(str(resolved))}{where}")
     elif not resolved.is_file():
         raise fail(source, path, f"data file not found: {resolved}{where}")
     return str(resolved)
@@ -110,7 +111,7 @@ def _metric_list(source: str, path: str, value: Any, base_dir: Path | None, outp
     if value is None:
         value = list(DEFAULT_GENERATION_METRICS if generates else DEFAULT_METRICS)
     if not isinstance(value, list) or not value:
-        raise fail(source, path, f"got {value!r}; expected a non-empty list of {{metric: <name>}}")
+        raise fail(source, path, f"got {short_repr(value)}; expected a non-empty list of {{metric: <name>}}")
     specs = []
     seen = set()
     for j, entry in enumerate(value):
@@ -118,7 +119,7 @@ def _metric_list(source: str, path: str, value: Any, base_dir: Path | None, outp
         if isinstance(entry, str):  # shorthand: a bare name
             entry = {"metric": entry}
         if not isinstance(entry, dict) or "metric" not in entry:
-            raise fail(source, here, f"got {entry!r}; expected {{metric: <name>}} (e.g. accuracy, f1, matthews_correlation, spearmanr, pearsonr)")
+            raise fail(source, here, f"got {short_repr(entry)}; expected {{metric: <name>}} (e.g. accuracy, f1, matthews_correlation, spearmanr, pearsonr)")
         name = _string(source, f"{here}.metric", entry["metric"], "a metric name")
         # `aggregation` and `higher_is_better` tell the harness how to reduce per-example
         # values; hfmerge computes each metric over the whole split, so they change nothing.
@@ -131,11 +132,11 @@ def _metric_list(source: str, path: str, value: Any, base_dir: Path | None, outp
         except ValueError as exc:
             raise fail(source, f"{here}.metric", str(exc)) from None
         if spec.name in seen:
-            raise fail(source, f"{here}.metric", f"{name!r} is listed twice")
+            raise fail(source, f"{here}.metric", f"{short_repr(name)} is listed twice")
         if spec.uses_text:
             _exact_match_kwargs(source, here, kwargs)
         if generates and spec.uses_indices:
-            raise fail(source, f"{here}.metric", f"{name!r} compares chosen options (rank classification, output_type: multiple_choice); "
+            raise fail(source, f"{here}.metric", f"{short_repr(name)} compares chosen options (rank classification, output_type: multiple_choice); "
                         "a generate_until task is scored on its generated text: use exact_match (with ignore_case / ignore_punctuation "
                         "if wanted), or spearmanr / pearsonr on generated numbers")
         seen.add(spec.name)
@@ -149,7 +150,7 @@ def _generation_kwargs(source: str, path: str, value: Any) -> tuple[tuple[str, .
     if value is None:
         return DEFAULT_UNTIL, DEFAULT_MAX_GEN_TOKS
     if not isinstance(value, dict):
-        raise fail(source, path, f"got {value!r}; expected a mapping such as {{until: ['\\n'], max_gen_toks: 10, do_sample: false}}")
+        raise fail(source, path, f"got {short_repr(value)}; expected a mapping such as {{until: ['\\n'], max_gen_toks: 10, do_sample: false}}")
     for k in value:
         if k not in GENERATION_KEYS:
             hint = GENERATION_KEY_HINTS.get(str(k), f"unknown key{suggest(k, GENERATION_KEYS)}")
@@ -158,19 +159,19 @@ def _generation_kwargs(source: str, path: str, value: Any) -> tuple[tuple[str, .
     if isinstance(until, str):  # the harness accepts one string
         until = [until]
     if not isinstance(until, list):
-        raise fail(source, f"{path}.until", f"got {until!r}; expected a list of stop strings (or [] for none)")
+        raise fail(source, f"{path}.until", f"got {short_repr(until)}; expected a list of stop strings (or [] for none)")
     for j, stop in enumerate(until):
         if not isinstance(stop, str) or not stop:
-            raise fail(source, f"{path}.until[{j}]", f"got {stop!r}; expected a non-empty stop string")
+            raise fail(source, f"{path}.until[{j}]", f"got {short_repr(stop)}; expected a non-empty stop string")
     max_gen_toks = value.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS)
     if isinstance(max_gen_toks, bool) or not isinstance(max_gen_toks, int) or max_gen_toks < 1:
-        raise fail(source, f"{path}.max_gen_toks", f"got {max_gen_toks!r}; expected a positive whole number (the most new tokens)")
+        raise fail(source, f"{path}.max_gen_toks", f"got {short_repr(max_gen_toks)}; expected a positive whole number (the most new tokens)")
     do_sample = value.get("do_sample", False)
     if do_sample is not False:
-        raise fail(source, f"{path}.do_sample", f"got {do_sample!r}; only greedy decoding is supported: do_sample: false")
+        raise fail(source, f"{path}.do_sample", f"got {short_repr(do_sample)}; only greedy decoding is supported: do_sample: false")
     temperature = value.get("temperature", 0)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature != 0:
-        raise fail(source, f"{path}.temperature", f"got {temperature!r}; only greedy decoding is supported: temperature: 0 (or leave it out)")
+        raise fail(source, f"{path}.temperature", f"got {short_repr(temperature)}; only greedy decoding is supported: temperature: 0 (or leave it out)")
     return tuple(until), max_gen_toks
 
 
@@ -185,19 +186,19 @@ def _exact_match_kwargs(source: str, path: str, kwargs: Mapping[str, Any]) -> No
         if k == "regexes_to_ignore":
             patterns = [v] if isinstance(v, str) else v
             if not isinstance(patterns, list) or not all(isinstance(x, str) for x in patterns):
-                raise fail(source, f"{path}.{k}", f"got {v!r}; expected a list of regular expressions")
+                raise fail(source, f"{path}.{k}", f"got {short_repr(v)}; expected a list of regular expressions")
             for j, pattern in enumerate(patterns):
                 try:
                     re.compile(pattern)
                 except re.error as exc:
                     raise fail(source, f"{path}.{k}" + (f"[{j}]" if isinstance(v, list) else ""), f"not a valid regular expression: {exc}") from None
         elif not isinstance(v, bool):
-            raise fail(source, f"{path}.{k}", f"got {v!r}; expected true or false")
+            raise fail(source, f"{path}.{k}", f"got {short_repr(v)}; expected true or false")
 
 
 def _parse_task(entry: Any, key: str, *, source: str, base_dir: Path | None, origins: Mapping[str, Path]) -> TaskSpec:
     if not isinstance(entry, dict):
-        raise fail(source, key, f"got {entry!r}; expected a task mapping with task, dataset_path, doc_to_text, doc_to_choice and doc_to_target")
+        raise fail(source, key, f"got {short_repr(entry)}; expected a task mapping with task, dataset_path, doc_to_text, doc_to_choice and doc_to_target")
     for k in entry:
         if k in UNSUPPORTED_HARNESS_KEYS:
             raise fail(source, f"{key}.{k}", f"not supported: {UNSUPPORTED_HARNESS_KEYS[k]}")
@@ -223,13 +224,13 @@ def _parse_task(entry: Any, key: str, *, source: str, base_dir: Path | None, ori
     if output_type is None:
         output_type = "multiple_choice"
     if output_type not in OUTPUT_TYPES:
-        raise fail(source, f"{key}.output_type", f"got {output_type!r}; expected multiple_choice (rank classification over options, the default) "
+        raise fail(source, f"{key}.output_type", f"got {short_repr(output_type)}; expected multiple_choice (rank classification over options, the default) "
                     "or generate_until (greedy generation compared with the reference text)")
     generates = output_type == "generate_until"
     if entry.get("num_fewshot") not in (None, 0):
-        raise fail(source, f"{key}.num_fewshot", f"got {entry['num_fewshot']!r}; expected 0: few-shot prompts are not supported")
+        raise fail(source, f"{key}.num_fewshot", f"got {short_repr(entry['num_fewshot'])}; expected 0: few-shot prompts are not supported")
     if entry.get("repeats") not in (None, 1):
-        raise fail(source, f"{key}.repeats", f"got {entry['repeats']!r}; expected 1 (rank classification and greedy generation are deterministic)")
+        raise fail(source, f"{key}.repeats", f"got {short_repr(entry['repeats'])}; expected 1 (rank classification and greedy generation are deterministic)")
     if entry.get("generation_kwargs") is not None and not generates:
         raise fail(source, f"{key}.generation_kwargs", "only used with output_type: generate_until; a multiple_choice task is scored "
                     "by rank classification and generates nothing")
@@ -247,7 +248,7 @@ def _parse_task(entry: Any, key: str, *, source: str, base_dir: Path | None, ori
         dataset_name = _string(source, f"{key}.dataset_name", dataset_name, "a dataset configuration name")
     dataset_kwargs = entry.get("dataset_kwargs") or {}
     if not isinstance(dataset_kwargs, dict):
-        raise fail(source, f"{key}.dataset_kwargs", f"got {dataset_kwargs!r}; expected a mapping of datasets.load_dataset arguments (e.g. data_files)")
+        raise fail(source, f"{key}.dataset_kwargs", f"got {short_repr(dataset_kwargs)}; expected a mapping of datasets.load_dataset arguments (e.g. data_files)")
     dataset_kwargs = dict(dataset_kwargs)
     # Data that must be downloaded by hand (Story Cloze, ...): a missing file is reported when
     # the task is loaded, with the instructions, so the recipe itself still validates.
@@ -276,11 +277,11 @@ def _parse_task(entry: Any, key: str, *, source: str, base_dir: Path | None, ori
     local = _resolve_local(dataset_path, folder("dataset_path"))
     if dataset_path in FILE_BUILDERS:
         if "data_files" not in dataset_kwargs and "data_dir" not in dataset_kwargs:
-            raise fail(source, f"{key}.dataset_kwargs.data_files", f"missing; dataset_path {dataset_path!r} reads local files: "
+            raise fail(source, f"{key}.dataset_kwargs.data_files", f"missing; dataset_path {short_repr(dataset_path)} reads local files: "
                         f"give dataset_kwargs: {{data_files: {{validation: path/to/file}}}}")
     elif local.is_file() or Path(dataset_path).suffix.lower() in DATA_FILE_SUFFIXES:
         builder = DATA_FILE_SUFFIXES.get(local.suffix.lower(), "json")
-        raise fail(source, f"{key}.dataset_path", f"got the file {dataset_path!r}; write dataset_path: {builder} with "
+        raise fail(source, f"{key}.dataset_path", f"got the file {short_repr(dataset_path)}; write dataset_path: {builder} with "
                     f"dataset_kwargs: {{data_files: {{validation: {dataset_path}}}}} (as in datasets.load_dataset)")
     elif local.is_dir():
         dataset_path = str(local.resolve())
@@ -305,7 +306,7 @@ def _parse_task(entry: Any, key: str, *, source: str, base_dir: Path | None, ori
     if known is not None:
         for k, v in (("validation_split", validation_split), ("test_split", test_split)):
             if v is not None and base_split_name(v) not in known:
-                raise fail(source, f"{key}.{k}", f"got {v!r}; data_files defines the split(s) {', '.join(map(repr, known))}{suggest(v, known)}")
+                raise fail(source, f"{key}.{k}", f"got {short_repr(v)}; data_files defines the split(s) {', '.join(map(repr, known))}{suggest(v, known)}")
     validation_fraction = _fraction(source, f"{key}.validation_fraction", entry.get("validation_fraction"))
     test_fraction = _fraction(source, f"{key}.test_fraction", entry.get("test_fraction"))
     if validation_fraction is not None and validation_split is None:
@@ -315,7 +316,7 @@ def _parse_task(entry: Any, key: str, *, source: str, base_dir: Path | None, ori
     if validation_split is not None and validation_split == test_split and validation_fraction and test_fraction \
             and validation_fraction + test_fraction > 1 + 1e-9:
         raise fail(source, f"{key}.test_fraction", f"validation_fraction + test_fraction = {validation_fraction + test_fraction:g} > 1; "
-                    f"both are carved from split {validation_split!r} and must not overlap")
+                    f"both are carved from split {short_repr(validation_split)} and must not overlap")
 
     num_validation = _positive_int(source, f"{key}.num_validation_examples", entry.get("num_validation_examples"))
     num_test = _positive_int(source, f"{key}.num_test_examples", entry.get("num_test_examples"))
@@ -324,7 +325,7 @@ def _parse_task(entry: Any, key: str, *, source: str, base_dir: Path | None, ori
         raise fail(source, f"{key}.limit", "give either limit (the first N examples of each split) or num_validation_examples / num_test_examples (a seeded random subset), not both")
     seed = entry.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise fail(source, f"{key}.seed", f"got {seed!r}; expected a whole number")
+        raise fail(source, f"{key}.seed", f"got {short_repr(seed)}; expected a whole number")
 
     # Templates.
     doc_to_text = _string(source, f"{key}.doc_to_text", req("doc_to_text"), "a Jinja template or a field name")
@@ -339,10 +340,10 @@ def _parse_task(entry: Any, key: str, *, source: str, base_dir: Path | None, ori
         doc_to_choice: str | tuple[str, ...] | None = None
     elif isinstance(choice, list):
         if len(choice) < fewest:
-            raise fail(source, f"{key}.doc_to_choice", f"got {choice!r}; expected at least {'one option' if generates else 'two options'}")
+            raise fail(source, f"{key}.doc_to_choice", f"got {short_repr(choice)}; expected at least {'one option' if generates else 'two options'}")
         for j, c in enumerate(choice):
             if isinstance(c, bool) or not isinstance(c, (str, int, float)):
-                raise fail(source, f"{key}.doc_to_choice[{j}]", f"got {c!r}; expected an option's text")
+                raise fail(source, f"{key}.doc_to_choice[{j}]", f"got {short_repr(c)}; expected an option's text")
         doc_to_choice = tuple(str(c) for c in choice)
     else:
         doc_to_choice = _string(source, f"{key}.doc_to_choice", choice, "a list of options, a field name or a Jinja template rendering a list")
@@ -358,12 +359,12 @@ def _parse_task(entry: Any, key: str, *, source: str, base_dir: Path | None, ori
                     "a generate_until task generates its answer: remove the key")
     normalization = entry.get("normalization", "token")
     if normalization not in NORMALIZATIONS:
-        raise fail(source, f"{key}.normalization", f"got {normalization!r}; expected one of {', '.join(NORMALIZATIONS)}")
+        raise fail(source, f"{key}.normalization", f"got {short_repr(normalization)}; expected one of {', '.join(NORMALIZATIONS)}")
 
     metrics = _metric_list(source, f"{key}.metric_list", entry.get("metric_list"), folder("metric_list"), output_type)
     model = entry.get("model")
     if model is not None and (isinstance(model, bool) or not isinstance(model, (int, str)) or (isinstance(model, int) and model < 0)):
-        raise fail(source, f"{key}.model", f"got {model!r}; expected the index of a model in models (0, 1, ...) or its reference as written")
+        raise fail(source, f"{key}.model", f"got {short_repr(model)}; expected the index of a model in models (0, 1, ...) or its reference as written")
     return TaskSpec(
         name=name, key=key, source=source, dataset_path=dataset_path, dataset_name=dataset_name, dataset_kwargs=dataset_kwargs,
         from_disk=from_disk, validation_split=validation_split, test_split=test_split, validation_fraction=validation_fraction,
@@ -397,22 +398,25 @@ def parse_tasks(data: list | None, *, source: str = "recipe", base_dir: Path | N
     if data is None:
         return []
     if not isinstance(data, list):
-        raise fail(source, "tasks", f"got {data!r}; expected a list of tasks, each a mapping with task, dataset_path, doc_to_text, doc_to_choice and doc_to_target")
+        raise fail(source, "tasks", f"got {short_repr(data)}; expected a list of tasks, each a mapping with task, dataset_path, doc_to_text, doc_to_choice and doc_to_target")
     specs = []
     names: dict[str, str] = {}
     budget = IncludeBudget()
     for i, entry in enumerate(data):
         key = f"tasks[{i}]"
         origins: dict[str, Path] = {}
-        if isinstance(entry, dict) and "include" in entry:
-            entry, origins = resolve_includes(entry, folder=base_dir if base_dir is not None else Path.cwd(), source=source, key=key,
-                                              budget=budget)
         try:
+            if isinstance(entry, dict) and "include" in entry:
+                entry, origins = resolve_includes(entry, folder=base_dir if base_dir is not None else Path.cwd(), source=source, key=key,
+                                                  budget=budget)
             spec = _parse_task(entry, key, source=source, base_dir=base_dir, origins=origins)
         except TaskError as exc:
             raise with_origin(exc, key, origins) from None
+        except OSError as exc:  # a path the OS refuses to look at (too long, no permission)
+            raise fail(source, key, f"a path in this task cannot be checked: {exc.strerror or type(exc).__name__}; "
+                       f"{short_repr(exc.filename) if exc.filename else 'check its paths'}") from None
         if spec.name in names:
-            raise fail(source, f"{spec.key}.task", f"the name {spec.name!r} is already used by {names[spec.name]}; task names must be unique")
+            raise fail(source, f"{spec.key}.task", f"the name {short_repr(spec.name)} is already used by {names[spec.name]}; task names must be unique")
         names[spec.name] = spec.key
         specs.append(spec)
     return specs
@@ -479,10 +483,10 @@ def match_tasks_to_models(tasks: Sequence[TaskSpec], model_refs: Sequence[str], 
         else:
             matches = [j for j, ref in enumerate(model_refs) if ref == t.model or ref.split("@")[0] == t.model]
             if not matches:
-                raise fail(source, f"{t.key}.model", f"{t.model!r} is not one of the recipe's models ({', '.join(map(repr, model_refs))}){suggest(t.model, model_refs)}")
+                raise fail(source, f"{t.key}.model", f"{short_repr(t.model)} is not one of the recipe's models ({', '.join(map(repr, model_refs))}){suggest(t.model, model_refs)}")
             index = matches[0]
         if index in claimed:
-            raise fail(source, f"{t.key}.model", f"model {index} ({model_refs[index]!r}) already has task {claimed[index]!r}; give each model one task")
+            raise fail(source, f"{t.key}.model", f"model {index} ({short_repr(model_refs[index])}) already has task {short_repr(claimed[index])}; give each model one task")
         claimed[index] = t.name
         owners.append(index)
     return owners

@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ...errors import short_repr
 from ..metrics import parse_number
 from .schema import Example, TaskSpec, fail, suggest
 
@@ -72,7 +73,7 @@ def _compile(spec: TaskSpec, key: str, value: str, columns: Sequence[str], split
         if value in columns:
             return _Field(value)
         if _IDENTIFIER.fullmatch(value):
-            raise fail(spec.source, where, f"field {value!r} is not in the data of task {spec.name!r} ({split} split fields: {fields}){suggest(value, columns)}")
+            raise fail(spec.source, where, f"field {short_repr(value)} is not in the data of task {short_repr(spec.name)} ({split} split fields: {fields}){suggest(value, columns)}")
     env = template_environment()
     try:
         parsed = env.parse(value)
@@ -82,7 +83,7 @@ def _compile(spec: TaskSpec, key: str, value: str, columns: Sequence[str], split
     missing = sorted(meta.find_undeclared_variables(parsed) - set(env.globals) - set(columns))
     if missing:
         name = missing[0]
-        raise fail(spec.source, where, f"template field {name!r} is not in the data of task {spec.name!r} ({split} split fields: {fields}){suggest(name, columns)}")
+        raise fail(spec.source, where, f"template field {short_repr(name)} is not in the data of task {short_repr(spec.name)} ({split} split fields: {fields}){suggest(name, columns)}")
     return template
 
 
@@ -103,9 +104,9 @@ def _as_reference(spec: TaskSpec, value: Any, where: str) -> str:
     """The reference answer of a generate_until task without options: the target's text."""
     key = f"{spec.key}.doc_to_target"
     if isinstance(value, (list, tuple)):
-        raise fail(spec.source, key, f"{where}: got {value!r}; several reference answers are not supported, give one")
+        raise fail(spec.source, key, f"{where}: got {short_repr(value)}; several reference answers are not supported, give one")
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise fail(spec.source, key, f"{where}: got {value!r}; expected the reference answer's text (or a number)")
+        raise fail(spec.source, key, f"{where}: got {short_repr(value)}; expected the reference answer's text (or a number)")
     text = str(value)
     if not text.strip():
         raise fail(spec.source, key, f"{where}: the reference answer is empty")
@@ -119,19 +120,19 @@ def _as_options(spec: TaskSpec, value: Any, where: str) -> tuple[str, ...]:
         try:
             value = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
-            raise fail(spec.source, key, f"{where}: rendered {value!r}, which is not a list literal such as ['no', 'yes']") from None
+            raise fail(spec.source, key, f"{where}: rendered {short_repr(value)}, which is not a list literal such as ['no', 'yes']") from None
     if isinstance(value, dict):
-        raise fail(spec.source, key, f"{where}: got the mapping {value!r}; pick the list in a template, e.g. '{{{{ choices.text }}}}'")
+        raise fail(spec.source, key, f"{where}: got the mapping {short_repr(value)}; pick the list in a template, e.g. '{{{{ choices.text }}}}'")
     if not isinstance(value, (list, tuple)):
-        raise fail(spec.source, key, f"{where}: got {value!r}; expected a list of options")
+        raise fail(spec.source, key, f"{where}: got {short_repr(value)}; expected a list of options")
     options = []
     for j, option in enumerate(value):
         if isinstance(option, bool) or not isinstance(option, (str, int, float)):
-            raise fail(spec.source, key, f"{where}: option {j} is {option!r}; expected text")
+            raise fail(spec.source, key, f"{where}: option {j} is {short_repr(option)}; expected text")
         options.append(str(option))
     fewest = 1 if spec.generates else 2  # for generation the options only name the labels
     if len(options) < fewest:
-        raise fail(spec.source, key, f"{where}: got {len(options)} option(s) {options!r}; expected at least {'one' if fewest == 1 else 'two'}")
+        raise fail(spec.source, key, f"{where}: got {len(options)} option(s) {short_repr(options)}; expected at least {'one' if fewest == 1 else 'two'}")
     for j, option in enumerate(options):
         if not option.strip():
             raise fail(spec.source, key, f"{where}: option {j} is empty")
@@ -141,7 +142,7 @@ def _as_options(spec: TaskSpec, value: Any, where: str) -> tuple[str, ...]:
 def _as_label(spec: TaskSpec, value: Any, options: tuple[str, ...], where: str) -> int:
     key = f"{spec.key}.doc_to_target"
     if isinstance(value, (list, tuple)):
-        raise fail(spec.source, key, f"{where}: got {value!r}; several correct answers are not supported, give one label")
+        raise fail(spec.source, key, f"{where}: got {short_repr(value)}; several correct answers are not supported, give one label")
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # csv columns with a missing value become floats
     if isinstance(value, str):
@@ -152,13 +153,13 @@ def _as_label(spec: TaskSpec, value: Any, options: tuple[str, ...], where: str) 
         if re.fullmatch(r"-?\d+", text):
             value = int(text)
         else:
-            raise fail(spec.source, key, f"{where}: label {value!r} is not among the options {list(options)!r}")
+            raise fail(spec.source, key, f"{where}: label {short_repr(value)} is not among the options {short_repr(list(options))}")
     if isinstance(value, bool) or not isinstance(value, int):
         # numpy integers and the like
         try:
             value = int(value)
         except (TypeError, ValueError):
-            raise fail(spec.source, key, f"{where}: got the label {value!r}; expected an option index or an option's text") from None
+            raise fail(spec.source, key, f"{where}: got the label {short_repr(value)}; expected an option index or an option's text") from None
     if not 0 <= value < len(options):
         raise fail(spec.source, key, f"{where}: label {value} is out of range for {len(options)} options (0..{len(options) - 1})"
                     + ("; a test split without labels (e.g. GLUE's, labelled -1) cannot be scored" if value < 0 else ""))
@@ -195,7 +196,7 @@ def render_examples(spec: TaskSpec, which: str, dataset: Any, indices: list[int]
     examples = []
     rows = dataset.select(indices) if len(indices) != len(dataset) else dataset
     for position, doc in zip(indices, rows):
-        where = f"example {position} of split {split!r} of task {spec.name!r}"
+        where = f"example {position} of split {short_repr(split)} of task {short_repr(spec.name)}"
         prompt = _render(spec, "doc_to_text", text_fn, doc, where)
         if not isinstance(prompt, str):
             prompt = str(prompt)
@@ -209,7 +210,7 @@ def render_examples(spec: TaskSpec, which: str, dataset: Any, indices: list[int]
             target = spec.doc_to_target if target_fn is None else _render(spec, "doc_to_target", target_fn, doc, where)
             label = _as_label(spec, target, options, where)
         if numbers and parse_number(options[label]) is None:
-            raise fail(spec.source, f"{spec.key}.doc_to_target", f"{where}: the reference {options[label]!r} is not a number, which "
+            raise fail(spec.source, f"{spec.key}.doc_to_target", f"{where}: the reference {short_repr(options[label])} is not a number, which "
                         f"{numbers[0]} compares with the number in the generated text")
         examples.append(Example(prompt, options, label))
     return examples
