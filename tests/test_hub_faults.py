@@ -227,3 +227,36 @@ def test_a_header_range_read_that_disagrees_with_the_verified_shard_stops_the_me
     with pytest.raises(CheckpointError, match=rf"model.safetensors: the downloaded file's header disagrees with the one read in the plan for tensor '{name}'"):
         run_merge(plan, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_server_that_ignores_range_is_read_only_up_to_the_wanted_bytes(monkeypatch):
+    """A header read answered with the whole file (HTTP 200) stops reading once it has its bytes."""
+    import contextlib
+
+    import huggingface_hub.utils as hf_utils
+
+    from hfmerge.refs import ModelRef
+
+    body = bytes(range(256)) * 4096  # 1 MiB "shard"
+    served: list[int] = []
+
+    class Response:
+        status_code = 200
+        headers: dict[str, str] = {}
+
+        def iter_bytes(self):
+            for i in range(0, len(body), 1024):
+                served.append(i)
+                yield body[i:i + 1024]
+
+    class Session:
+        @contextlib.contextmanager
+        def stream(self, method, url, **kwargs):
+            assert kwargs["headers"]["Range"] == "bytes=8-2055"
+            yield Response()
+
+    monkeypatch.setattr(hf_utils, "get_session", lambda: Session())
+    monkeypatch.setattr(hf_utils, "hf_raise_for_status", lambda response: None)
+    data = hub_module._range_get(ModelRef("org/x", repo_id="org/x"), "base_model", "0" * 40, "model.safetensors", 8, 2055)
+    assert data == body[8:2056]
+    assert len(served) <= 3  # a few KB were read, not the whole file

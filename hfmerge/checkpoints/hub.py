@@ -488,19 +488,24 @@ def _range_get(ref: ModelRef, label: str, commit: str, filename: str, start: int
     url = hf_hub_url(ref.repo_id, filename, revision=commit)
     headers = {**build_hf_headers(), "Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"}
 
-    def get():  # noqa: ANN202
-        response = get_session().get(url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT, follow_redirects=True)
-        hf_raise_for_status(response)
-        return response
+    def get() -> bytes:
+        # Streamed, and closed once the wanted bytes are in: a server that ignores Range (HTTP
+        # 200) must not make this read a whole multi-GB shard into memory.
+        want = end + 1 - start
+        with get_session().stream("GET", url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT, follow_redirects=True) as response:
+            hf_raise_for_status(response)
+            skip = start if response.status_code == 200 else 0
+            data = bytearray()
+            for chunk in response.iter_bytes():
+                data += chunk
+                if len(data) >= skip + want:
+                    break
+        return bytes(data[skip:skip + want])
 
     try:
-        response = call_with_retries(get)
+        return call_with_retries(get)
     except Exception as exc:  # noqa: BLE001
         raise hub_error(exc, ref, label, filename) from None
-    data = response.content
-    if response.status_code == 200:  # a server without range support sent the whole file
-        data = data[start:end + 1]
-    return data
 
 
 def read_remote_header(ref: ModelRef, label: str, commit: str, filename: str, size: int | None) -> dict[str, TensorInfo]:
