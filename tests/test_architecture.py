@@ -6,7 +6,8 @@ Two rules keep the modules of ``hfmerge`` separable:
   of B in A, at module level *and* inside functions: a function-level import only defers a
   cycle, it does not remove the tangle. ``if TYPE_CHECKING:`` blocks do not count (they never
   run). An import of a package names its ``__init__`` module; ``from pkg import sub`` names the
-  submodule ``pkg.sub`` when it is one.
+  submodule ``pkg.sub`` when it is one; importing ``pkg.sub`` also runs ``pkg/__init__``, so it
+  adds an edge to that package as well.
 - **No private name across modules.** A module uses another hfmerge module's names only when
   they are public: no ``from X import _name`` and no ``X._name`` where X is another hfmerge
   module, at any level. A package ``__init__`` re-exporting a submodule's private name counts
@@ -101,8 +102,13 @@ def _graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {name: set() for name in MODULES}
     for module in MODULES:
         for target, _, _ in _imports(module):
-            if target != module:
-                graph[module].add(target)
+            # Importing `a.b.c` runs `a/__init__` and `a/b/__init__` first: edges to those
+            # packages too (but not to the importer's own packages, which are already running).
+            parts = target.split(".")
+            for depth in range(1, len(parts) + 1):
+                name = ".".join(parts[:depth])
+                if name in MODULES and name != module and not module.startswith(name + "."):
+                    graph[module].add(name)
     return graph
 
 
