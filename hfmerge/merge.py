@@ -83,7 +83,8 @@ class TensorMerger:
             msg = f"{label}: tensor {name!r} contains NaN or Inf values"
             if not self.recipe.allow_nonfinite:
                 raise NonFiniteTensorError(msg + "; the checkpoint is damaged. Set `allow_nonfinite: true` in the recipe to merge it anyway")
-            self.warnings.append(msg)
+            if msg not in self.warnings:  # a pre-pass may read the same tensor again
+                self.warnings.append(msg)
         return t
 
     def read_inputs(self, t: TensorPlan) -> tuple[torch.Tensor | None, list[torch.Tensor]]:

@@ -12,8 +12,6 @@ from pathlib import Path
 from .constants import REPO_ID
 from .errors import ModelReferenceError, short_repr
 
-# Hub repo ids: an optional namespace and a name of letters, digits, '-', '_', '.'.
-
 
 @dataclass(frozen=True)
 class ModelRef:

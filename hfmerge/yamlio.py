@@ -23,14 +23,20 @@ def yaml_loader():
     """A `yaml.SafeLoader` subclass that reads lm-evaluation-harness's ``!function`` tag as a
     `PythonFunctionTag` (so `parse_tasks` can report it) instead of failing to parse. Files are
     read through `load_yaml_file`, which uses it after bounding the file's size and aliases."""
-    import yaml
+    global _LOADER
+    if _LOADER is None:  # built once: a class per file read would be wasted work
+        import yaml
 
-    class TaskYamlLoader(yaml.SafeLoader):
-        """yaml.SafeLoader that reads the harness's ``!function`` tag as a marker instead of
-        failing, so the message can say what is unsupported and why."""
+        class TaskYamlLoader(yaml.SafeLoader):
+            """yaml.SafeLoader that reads the harness's ``!function`` tag as a marker instead of
+            failing, so the message can say what is unsupported and why."""
 
-    TaskYamlLoader.add_constructor("!function", lambda loader, node: PythonFunctionTag(loader.construct_scalar(node)))
-    return TaskYamlLoader
+        TaskYamlLoader.add_constructor("!function", lambda loader, node: PythonFunctionTag(loader.construct_scalar(node)))
+        _LOADER = TaskYamlLoader
+    return _LOADER
+
+
+_LOADER: Any = None
 
 
 # A recipe or task file is kilobytes and a few hundred values; these bounds leave ample room

@@ -15,7 +15,7 @@ import pytest
 
 from hfmerge.errors import RecipeError, TaskError, short_repr
 from hfmerge.evaluation.tasks import load_tasks_file
-from hfmerge.yamlio import MAX_YAML_BYTES, MAX_YAML_NODES
+from hfmerge.yamlio import MAX_YAML_BYTES
 from hfmerge.methods import METHODS
 from hfmerge.recipe import MODEL_KEYS, TOP_LEVEL_KEYS, load_recipe, parse_recipe
 
@@ -139,7 +139,6 @@ def test_a_recipe_within_the_bounds_still_loads(folders):
                       "  - {model: ./a, parameters: &p {weight: 0.25}}\n  - {model: ./b, parameters: *p}\n")
     loaded = load_recipe(recipe)
     assert [m.parameters["weight"] for m in loaded.models] == [0.25, 0.25]
-    assert MAX_YAML_NODES >= 10_000  # room for the largest shipped recipes (a few hundred values)
 
 
 @pytest.mark.parametrize("key", ["base_model", "merge_method", "dtype", "tokenizer_source", "push_to_hub", "max_shard_size"])
