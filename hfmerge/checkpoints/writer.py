@@ -206,30 +206,31 @@ class ShardedSafetensorsWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError as close_exc:
-                if exc_type is None:  # a close that flushes into a full disk fails here
-                    raise self._failed(close_exc, self.file_names[self._shard]) from close_exc
-            finally:
-                self._file = None
         if exc_type is None:
             self.finish()
+        else:
+            try:
+                self._close_shard()
+            except OutputWriteError:
+                pass  # the error already on its way says what went wrong first
+
+    def _close_shard(self) -> None:
+        """Close the open shard, if any; a close that flushes into a full disk fails here."""
+        if self._file is None:
+            return
+        try:
+            self._file.close()
+        except OSError as exc:
+            raise self._failed(exc, self.file_names[self._shard]) from exc
+        finally:
+            self._file = None
 
     @property
     def expected(self) -> OutputTensor | None:
         return self._order[self._next][1] if self._next < len(self._order) else None
 
     def _open_shard(self, index: int) -> None:
-        if self._file is not None:
-            name = self.file_names[self._shard]
-            try:
-                self._file.close()
-            except OSError as exc:
-                raise self._failed(exc, name) from exc
-            finally:
-                self._file = None
+        self._close_shard()
         header: dict[str, object] = {"__metadata__": self.metadata}
         offset = 0
         for t in self.shards[index]:
@@ -272,13 +273,7 @@ class ShardedSafetensorsWriter:
             raise HfMergeError(f"internal error: writer closed before tensor {missing!r} was written")
         if not self._order and self._file is None:  # an empty model still gets a valid file
             self._open_shard(0)
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError as exc:
-                raise self._failed(exc, self.file_names[self._shard]) from exc
-            finally:
-                self._file = None
+        self._close_shard()
         files = list(self.file_names)
         if len(self.shards) > 1:
             weight_map = {t.name: self.file_names[si] for si, t in self._order}
