@@ -33,7 +33,7 @@ from ..errors import CheckpointError, DownloadIntegrityError, HfMergeError
 from ..refs import ModelRef
 from .base import ADAPTER_CONFIG, PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, SIDE_FILES
 from .reader import LocalCheckpoint, safe_relative_path
-from .safetensors_header import TensorInfo, check_header_length, parse_header_bytes
+from .safetensors_header import TensorInfo, check_header_length, parse_header_bytes, read_header
 
 
 logger = logging.getLogger(__name__)
@@ -228,8 +228,6 @@ class HubCheckpoint(LocalCheckpoint):
     def _check_header(self, key: str, path: Path) -> None:
         """The plan read this file's header with range requests, which no hash covers; the
         downloaded (verified) file must describe the same tensors at the same offsets."""
-        from .safetensors_header import read_header
-
         planned = {n: i for n, i in self.tensors.items() if str(i.file) == key}
         if not planned:
             return
@@ -568,6 +566,18 @@ class HubSnapshot:
         """Whether the repo is a PEFT adapter (``adapter_config.json`` decides, as in transformers)."""
         return ADAPTER_CONFIG in self.sizes
 
+    def download_small_files(self, label: str, names: tuple[str, ...]) -> dict[str, Path]:
+        """Download (verified) those of `names` the repo has: config, tokenizer and such."""
+        return {name: download_file(self.pinned, label, name, self.commit) for name in names if name in self.sizes}
+
+    def read_header(self, fname: str, label: str, folder: Path) -> dict[str, TensorInfo]:
+        """A safetensors file's header: by range requests online, else from the cached copy in
+        `folder`; tensor files are named by their repo path either way."""
+        if self.remote:
+            return read_remote_header(self.pinned, label, self.commit, fname, self.sizes.get(fname))
+        infos, _ = read_header(folder / fname)
+        return {n: TensorInfo(i.name, i.dtype, i.shape, Path(fname), i.begin, i.end) for n, i in infos.items()}
+
 
 def pin_hub_repo(ref: ModelRef, *, label: str) -> HubSnapshot:
     """Resolve a Hub reference's revision to a commit and list the repo's files at it.
@@ -674,10 +684,10 @@ def _download_config(ref: ModelRef, label: str, revision: str) -> Path:
 
 
 def _assemble(snapshot: HubSnapshot, label: str) -> HubCheckpoint:
-    ref, commit, sizes, remote, pinned = snapshot.ref, snapshot.commit, snapshot.sizes, snapshot.remote, snapshot.pinned
+    ref, commit, sizes, pinned = snapshot.ref, snapshot.commit, snapshot.sizes, snapshot.pinned
     if "config.json" not in sizes:
         raise CheckpointError(f"{label}: {ref.repo_id}@{ref.revision or 'main'} has no config.json; it is not a transformers checkpoint")
-    side = {name: download_file(ref, label, name, commit) for name in SIDE_FILES if name in sizes}
+    side = snapshot.download_small_files(label, SIDE_FILES)
     folder = side["config.json"].parent
     try:
         config = json.loads(side["config.json"].read_text())
@@ -685,12 +695,7 @@ def _assemble(snapshot: HubSnapshot, label: str) -> HubCheckpoint:
         raise CheckpointError(f"{label}: {ref.repo_id}@{commit} config.json is not valid JSON ({exc})") from None
 
     def header(fname: str) -> dict[str, TensorInfo]:
-        if remote:
-            return read_remote_header(ref, label, commit, fname, sizes.get(fname))
-        from .safetensors_header import read_header
-
-        infos, _ = read_header(folder / fname)
-        return {n: TensorInfo(i.name, i.dtype, i.shape, Path(fname), i.begin, i.end) for n, i in infos.items()}
+        return snapshot.read_header(fname, label, folder)
 
     if SAFE_INDEX in sizes:
         index_path = download_file(ref, label, SAFE_INDEX, commit)

@@ -51,7 +51,7 @@ from ..constants import REPO_ID
 from ..errors import CheckpointError, IncompatibleCheckpointsError
 from ..refs import ModelRef
 from .base import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_SAFE, SIDE_FILES, Checkpoint
-from .hub import HubCheckpoint, HubSnapshot, download_file, read_remote_header
+from .hub import HubCheckpoint, HubSnapshot, download_file
 from .reader import SAFE_DTYPE_NAMES, LocalCheckpoint, check_inside, confinement_root, load_pickle
 from .safetensors_header import TensorInfo, read_header
 
@@ -356,21 +356,16 @@ def open_hub_adapter(snapshot: HubSnapshot, *, label: str, base: Checkpoint | No
     Raises:
         CheckpointError, IncompatibleCheckpointsError: As `open_local_adapter`, and Hub failures.
     """
-    ref, commit, sizes, remote = snapshot.pinned, snapshot.commit, snapshot.sizes, snapshot.remote
+    ref, commit, sizes = snapshot.pinned, snapshot.commit, snapshot.sizes
     # Its small side files come along: a tokenizer_source may name the adapter.
-    side = {name: download_file(ref, label, name, commit) for name in (ADAPTER_CONFIG, *SIDE_FILES) if name in sizes}
+    side = snapshot.download_small_files(label, (ADAPTER_CONFIG, *SIDE_FILES))
     folder = side[ADAPTER_CONFIG].parent
     config = _read_config(folder / ADAPTER_CONFIG, label)
     where = f"{ref.repo_id}@{commit}"
     if base is None:
         raise _no_base(label, where, config)
     if ADAPTER_SAFE in sizes:
-        if remote:
-            infos = read_remote_header(ref, label, commit, ADAPTER_SAFE, sizes.get(ADAPTER_SAFE))
-        else:
-            local, _ = read_header(folder / ADAPTER_SAFE)
-            infos = {n: TensorInfo(i.name, i.dtype, i.shape, Path(ADAPTER_SAFE), i.begin, i.end) for n, i in local.items()}
-        weights: LocalCheckpoint = HubCheckpoint(ref, label, folder, infos, {}, commit=commit)
+        weights: LocalCheckpoint = HubCheckpoint(ref, label, folder, snapshot.read_header(ADAPTER_SAFE, label, folder), {}, commit=commit)
     elif ADAPTER_PICKLE in sizes:
         if not allow_pickle:
             raise _pickle_refused(label, where)
