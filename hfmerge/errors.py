@@ -19,6 +19,24 @@ class ModelReferenceError(RecipeError):
     """A model reference (``org/name``, ``org/name@revision`` or a local path) is malformed."""
 
 
+class OptionError(HfMergeError):
+    """A run option (a `RunOptions` field or `evaluate` argument) has a bad value or does not
+    fit the recipe.
+
+    The message starts with the option names (``n_trials: got 0; ...``); a command line
+    shows its own flag names in their place.
+
+    Attributes:
+        options: The names of the options concerned (`RunOptions` field names).
+        detail: The message without the option names.
+    """
+
+    def __init__(self, options: tuple[str, ...], detail: str) -> None:
+        super().__init__(f"{' / '.join(options)}: {detail}")
+        self.options = options
+        self.detail = detail
+
+
 class CheckpointError(HfMergeError):
     """A checkpoint cannot be read: missing folder, no safetensors, corrupted header, ..."""
 

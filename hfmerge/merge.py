@@ -53,10 +53,27 @@ RECIPE_FILE = "hfmerge_recipe.yaml"
 
 @dataclass
 class MergeResult:
+    """What a merge produced.
+
+    Attributes:
+        output: The output folder.
+        files: The files written into it.
+        warnings: The plan's warnings, then those of the merge.
+        evaluation: The validation `EvalReport` when the recipe has tasks and evaluation ran.
+        summary: The plan summary (`hfmerge.plan_summary`), set by `hfmerge.merge`.
+        search: A DF-Merge search's `SearchResult` (None when the coefficients were fixed).
+        test_evaluation: A DF-Merge output's test-split `EvalReport`, when its tasks have one.
+        pushed: The Hub commit (`PublishResult`) when the output was pushed.
+    """
+
     output: Path
     files: list[str]
     warnings: list[str]
-    evaluation: Any = None  # EvalReport when the recipe has tasks and evaluation ran
+    evaluation: Any = None
+    summary: dict[str, Any] | None = None
+    search: Any = None
+    test_evaluation: Any = None
+    pushed: Any = None
 
 
 def dare_seed(seed: int, alias_key: str, model_index: int) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import RecipeError
 
-__all__ = ["add_arguments", "run", "parse_max_memory", "device_options"]
+__all__ = ["add_arguments", "add_device_arguments", "run", "parse_max_memory"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -51,39 +51,14 @@ def parse_max_memory(text: str | None) -> dict | None:
     return out
 
 
-def device_options(args: argparse.Namespace) -> dict:
-    """Keyword arguments for `engine.ensure_fishers` from parsed device arguments."""
-    import torch
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RecipeError("--device cuda: no CUDA device is available here; use --device cpu")
-    max_memory = parse_max_memory(getattr(args, "max_memory", None))
-    return {"device": device, "max_memory": max_memory, "offload_folder": getattr(args, "offload_folder", None),
-            "device_map": "auto" if max_memory else None}
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``hfmerge fisher`` with parsed arguments."""
-    from ..plan import build_plan
-    from ..recipe import load_recipe
-    from .engine import ensure_fishers
+    from ..api import compute_fishers
+    from ..options import RunOptions
 
-    quiet = bool(getattr(args, "quiet", False))
-    recipe = load_recipe(args.recipe)
-    if not recipe.method.needs_importance:
-        raise RecipeError(f"{recipe.source}: merge_method {recipe.method.name!r} uses no Fisher; nothing to compute")
-    if recipe.method.search:
-        raise RecipeError(f"{recipe.source}: merge_method {recipe.method.name!r} computes its Fishers at each searched coefficient during the search; "
-                          "run the recipe itself")
-    options = device_options(args)
-    plan = build_plan(recipe)
-    try:
-        records = ensure_fishers(plan, progress=not quiet, **options)
-    finally:
-        plan.release()
+    options = RunOptions(device=args.device, max_memory=parse_max_memory(args.max_memory), offload_folder=args.offload_folder,
+                         progress=not args.quiet)
+    records = compute_fishers(args.recipe, options)
     if args.copy_to:
         target = Path(args.copy_to)
         target.mkdir(parents=True, exist_ok=True)
