@@ -107,7 +107,7 @@ def _push_target(recipe: Recipe, options: RunOptions) -> str | None:
         return None
     repo_id = options.push_to_hub if isinstance(options.push_to_hub, str) else recipe.push_to_hub
     if not repo_id:
-        raise OptionError(("push_to_hub",), "needs a repo id: give one or set push_to_hub in the recipe")
+        raise OptionError("needs a repo id: give one or set push_to_hub in the recipe", options=("push_to_hub",))
     check_repo_id(repo_id, field="push_to_hub")
     return repo_id
 
@@ -342,7 +342,7 @@ def evaluate(model: str | Path | Any, tasks: str | Path | Recipe | Sequence[Task
     from .recipe import Recipe
 
     if batch_size < 1:
-        raise OptionError(("batch_size",), f"got {batch_size}; expected a positive number")
+        raise OptionError(f"got {batch_size}; expected a positive number", options=("batch_size",))
     where = "the tasks"
     if isinstance(tasks, Recipe):
         specs, where = list(tasks.tasks), tasks.source
@@ -354,7 +354,7 @@ def evaluate(model: str | Path | Any, tasks: str | Path | Recipe | Sequence[Task
         names = [t.name for t in specs]
         unknown = [w for w in task_names if w not in names]
         if unknown:
-            raise OptionError(("task_names",), f"{', '.join(map(repr, unknown))} not in {where} (tasks: {', '.join(names)})")
+            raise OptionError(f"{', '.join(map(repr, unknown))} not in {where} (tasks: {', '.join(names)})", options=("task_names",))
         specs = [t for t in specs if t.name in task_names]
     name = str(model) if isinstance(model, (str, Path)) else type(model).__name__
     return evaluate_model(model, specs, split, tokenizer=tokenizer, batch_size=batch_size, device=device, dtype=dtype, progress=progress,

@@ -20,7 +20,7 @@ from pathlib import Path
 from . import __version__
 from .api import check_report_path, check_repo_id, merge, plan, plan_summary
 from .checkpoints.writer import write_report_file
-from .errors import HfMergeError, OptionError
+from .errors import HfMergeError
 from .options import RunOptions
 from .publish import push
 
@@ -129,7 +129,7 @@ def _flag(option: str) -> str:
 
 def _error_text(exc: HfMergeError) -> str:
     """The message of `exc` as the command line shows it: options named by their flags."""
-    if isinstance(exc, OptionError):
+    if exc.options:
         return f"{' / '.join(_flag(o) for o in exc.options)}: {exc.detail}"
     return str(exc)
 

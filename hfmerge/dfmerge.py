@@ -236,8 +236,9 @@ def run_dfmerge(plan: Any, output: Path, options: RunOptions, *, evaluate: Calla
     tasks = prepare_tasks(tasks_in_order, "validation")
     tokenizer = load_tokenizer(plan.tokenizer_folder, f"{recipe.source}: tokenizer_source")
     if options.max_memory is not None or options.offload_folder is not None:
-        raise OptionError(("max_memory", "offload_folder"), "a dfmerge search keeps its working model, the task vectors and the running sums "
-                          "on the one device chosen (see docs/search.md, Memory); device maps apply to the fisher and fisher_nodes methods")
+        raise OptionError("a dfmerge search keeps its working model, the task vectors and the running sums on the one device chosen "
+                          "(see docs/search.md, Memory); device maps apply to the fisher and fisher_nodes methods",
+                          options=("max_memory", "offload_folder"))
     device = device_settings(options)["device"]
     use_fisher = bool(recipe.parameters.get("fisher", True))
     workdir = search_workdir(output)

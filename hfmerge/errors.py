@@ -8,7 +8,21 @@ from __future__ import annotations
 
 
 class HfMergeError(Exception):
-    """Base class of every error hfmerge reports to a user."""
+    """Base class of every error hfmerge reports to a user.
+
+    Library messages never name command-line flags. An error about run options (`RunOptions`
+    fields or function arguments) names them in `options`; its message then starts with them
+    (``n_trials: got 0; ...``) and a command line shows its own flags in their place.
+
+    Attributes:
+        options: The names of the options the message is about (empty when none).
+        detail: The message without the option names.
+    """
+
+    def __init__(self, message: str = "", *, options: tuple[str, ...] = ()) -> None:
+        super().__init__(f"{' / '.join(options)}: {message}" if options else message)
+        self.options = tuple(options)
+        self.detail = message
 
 
 class RecipeError(HfMergeError):
@@ -20,21 +34,8 @@ class ModelReferenceError(RecipeError):
 
 
 class OptionError(HfMergeError):
-    """A run option (a `RunOptions` field or `evaluate` argument) has a bad value or does not
-    fit the recipe.
-
-    The message starts with the option names (``n_trials: got 0; ...``); a command line
-    shows its own flag names in their place.
-
-    Attributes:
-        options: The names of the options concerned (`RunOptions` field names).
-        detail: The message without the option names.
-    """
-
-    def __init__(self, options: tuple[str, ...], detail: str) -> None:
-        super().__init__(f"{' / '.join(options)}: {detail}")
-        self.options = options
-        self.detail = detail
+    """A run option (a `RunOptions` field or an argument of `hfmerge.evaluate`) has a bad
+    value or does not fit the recipe; `options` names it."""
 
 
 class CheckpointError(HfMergeError):
@@ -54,7 +55,7 @@ class FisherFileError(CheckpointError):
 
 
 class OutputExistsError(HfMergeError):
-    """The output folder exists and ``--overwrite`` was not given."""
+    """The output folder exists and overwriting was not asked for."""
 
 
 class HubAccessError(HfMergeError):

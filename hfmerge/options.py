@@ -60,11 +60,11 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
-            raise OptionError(("device",), f"got {self.device!r}; expected auto, cpu or cuda")
+            raise OptionError(f"got {self.device!r}; expected auto, cpu or cuda", options=("device",))
         if self.n_trials is not None and self.n_trials < 1:
-            raise OptionError(("n_trials",), f"got {self.n_trials}; expected a positive number of trials")
+            raise OptionError(f"got {self.n_trials}; expected a positive number of trials", options=("n_trials",))
         if self.batch_size < 1:
-            raise OptionError(("batch_size",), f"got {self.batch_size}; expected a positive number")
+            raise OptionError(f"got {self.batch_size}; expected a positive number", options=("batch_size",))
 
 
 def device_settings(options: RunOptions) -> dict[str, Any]:
@@ -79,6 +79,6 @@ def device_settings(options: RunOptions) -> dict[str, Any]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise OptionError(("device",), "cuda: no CUDA device is available here; use cpu")
+        raise OptionError("cuda: no CUDA device is available here; use cpu", options=("device",))
     return {"device": device, "max_memory": options.max_memory, "offload_folder": options.offload_folder,
             "device_map": "auto" if options.max_memory else None}
