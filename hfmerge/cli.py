@@ -215,39 +215,6 @@ def run_push(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_fisher_outputs(args: argparse.Namespace) -> None:
-    """`hfmerge fisher`: --json and --copy-to may not replace or land inside what the recipe reads."""
-    if not (getattr(args, "json", None) or getattr(args, "copy_to", None)):
-        return
-    from .merge import InputPath, check_not_input, recipe_input_paths
-    from .recipe import load_recipe
-
-    inputs = recipe_input_paths(load_recipe(args.recipe))
-    if args.json:
-        check_not_input(Path(args.json), inputs, what="--json file", remedy="choose another --json path")
-    if args.copy_to:
-        # Copies are added beside whatever the folder holds (nothing is deleted), so it may
-        # hold inputs; but not be one, lie inside one, or be where a Fisher file of the recipe
-        # lies (a copy could take its name).
-        folders = [i for i in inputs if i.path.is_dir()]
-        folders += [InputPath(i.path.parent, f"the folder of {i.field}", output_may_lie_inside=True) for i in inputs if i.field.endswith(".fisher")]
-        check_not_input(Path(args.copy_to), folders, what="--copy-to folder", remedy="choose another --copy-to folder", may_contain=True)
-
-
-def _check_eval_outputs(args: argparse.Namespace) -> None:
-    """`hfmerge eval`: --json may not replace or land inside the model, the tasks file or the task data."""
-    if not getattr(args, "json", None):
-        return
-    from .evaluation.tasks import load_tasks_file
-    from .merge import InputPath, cache_input_paths, check_not_input, task_input_paths
-
-    inputs = [InputPath(Path(args.recipe), "the tasks file")] + task_input_paths(load_tasks_file(args.recipe))
-    if Path(args.model).expanduser().exists():
-        inputs.append(InputPath(Path(args.model).expanduser(), "--model"))
-    inputs += cache_input_paths(datasets=True)
-    check_not_input(Path(args.json), inputs, what="--json file", remedy="choose another --json path")
-
-
 def _demo_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hfmerge demo", description="Build small local checkpoints, merge them with task arithmetic and check that transformers loads the result. Offline.")
     p.add_argument("-o", "--output", default="hfmerge-demo", help="working folder for the demo (default: ./hfmerge-demo)")
@@ -293,12 +260,10 @@ def main(argv: list[str] | None = None) -> int:
         if command == "eval":
             from .evaluation.cli import run
 
-            _check_eval_outputs(args)
             return run(args)
         if command == "fisher":
             from .fisher.cli import run as run_fisher
 
-            _check_fisher_outputs(args)
             return run_fisher(args)
         if command == "push":
             return run_push(args)

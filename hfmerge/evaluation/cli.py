@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise TaskError(f"--batch-size: got {args.batch_size}; expected a positive number")
+    check_outputs(args)
     quiet = bool(getattr(args, "quiet", False))
     wanted = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     report = evaluate(args.model, args.recipe, split=args.split, task_names=wanted, batch_size=args.batch_size, device=args.device,
@@ -72,3 +73,17 @@ def run(args: argparse.Namespace) -> int:
         if not quiet:
             print(f"figures written to {args.json}")
     return 0
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """`hfmerge eval`: --json may not replace or land inside the model, the tasks file or the task data."""
+    if not getattr(args, "json", None):
+        return
+    from ..merge import InputPath, cache_input_paths, check_not_input, task_input_paths
+    from .tasks import load_tasks_file
+
+    inputs = [InputPath(Path(args.recipe), "the tasks file")] + task_input_paths(load_tasks_file(args.recipe))
+    if Path(args.model).expanduser().exists():
+        inputs.append(InputPath(Path(args.model).expanduser(), "--model"))
+    inputs += cache_input_paths(datasets=True)
+    check_not_input(Path(args.json), inputs, what="--json file", remedy="choose another --json path")

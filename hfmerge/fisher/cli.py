@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from ..api import compute_fishers
     from ..options import RunOptions
 
+    check_outputs(args)
     options = RunOptions(device=args.device, max_memory=parse_max_memory(args.max_memory), offload_folder=args.offload_folder,
                          progress=not args.quiet)
     records = compute_fishers(args.recipe, options)
@@ -78,3 +79,22 @@ def run(args: argparse.Namespace) -> int:
         write_report_file(args.json, json.dumps([{"model": r.model, "task": r.task, "source": r.source, "seconds": round(r.seconds, 3),
                                                   "path": str(r.path)} for r in records], indent=2) + "\n", what="the --json report")
     return 0
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """`hfmerge fisher`: --json and --copy-to may not replace or land inside what the recipe reads."""
+    if not (getattr(args, "json", None) or getattr(args, "copy_to", None)):
+        return
+    from ..merge import InputPath, check_not_input, recipe_input_paths
+    from ..recipe import load_recipe
+
+    inputs = recipe_input_paths(load_recipe(args.recipe))
+    if args.json:
+        check_not_input(Path(args.json), inputs, what="--json file", remedy="choose another --json path")
+    if args.copy_to:
+        # Copies are added beside whatever the folder holds (nothing is deleted), so it may
+        # hold inputs; but not be one, lie inside one, or be where a Fisher file of the recipe
+        # lies (a copy could take its name).
+        folders = [i for i in inputs if i.path.is_dir()]
+        folders += [InputPath(i.path.parent, f"the folder of {i.field}", output_may_lie_inside=True) for i in inputs if i.field.endswith(".fisher")]
+        check_not_input(Path(args.copy_to), folders, what="--copy-to folder", remedy="choose another --copy-to folder", may_contain=True)
