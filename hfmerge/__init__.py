@@ -26,19 +26,21 @@ __version__ = "0.1.0"
 
 # Public name → the module that defines it.
 _LAZY = {
-    "RunOptions": "options", "merge": "api", "plan": "api", "plan_summary": "api", "evaluate": "api", "compute_fishers": "api",
+    "RunOptions": "options", "merge": "api", "plan": "api", "plan_summary": "api", "evaluate": "api", "compute_fishers": "api", "search": "api",
+    "SearchResult": "search",
     "MergeResult": "merge", "MergePlan": "plan", "EvalReport": "evaluation.evaluate_model", "FisherRecord": "fisher.engine",
     "push": "publish", "PublishResult": "publish",
 }
 
 if TYPE_CHECKING:
-    from .api import compute_fishers, evaluate, merge, plan, plan_summary
+    from .api import compute_fishers, evaluate, merge, plan, plan_summary, search
     from .evaluation.evaluate_model import EvalReport
     from .fisher.engine import FisherRecord
     from .merge import MergeResult
     from .options import RunOptions
     from .plan import MergePlan
     from .publish import PublishResult, push
+    from .search import SearchResult
 
 
 def __getattr__(name: str) -> Any:
@@ -54,10 +56,11 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """`hfmerge.merge` and `hfmerge.plan` are the API functions, although modules of the same
-    names exist (``hfmerge/merge.py``, ``hfmerge/plan.py``): the import system would replace
-    the functions by the modules when those are first imported, so such assignments are not
-    made. The modules stay reachable by import statements (``from hfmerge.merge import ...``)."""
+    """`hfmerge.merge`, `hfmerge.plan` and `hfmerge.search` are the API functions, although
+    modules of the same names exist (``hfmerge/merge.py``, ...): the import system would
+    replace the functions by the modules when those are first imported, so such assignments
+    are not made. The modules stay reachable by import statements (``from hfmerge.merge
+    import ...``)."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _LAZY and isinstance(value, types.ModuleType):
@@ -68,8 +71,8 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 __all__ = [
-    "__version__", "RunOptions", "merge", "plan", "plan_summary", "evaluate", "compute_fishers", "push",
-    "MergeResult", "MergePlan", "EvalReport", "FisherRecord", "PublishResult", "errors",
+    "__version__", "RunOptions", "merge", "plan", "plan_summary", "evaluate", "compute_fishers", "search", "push",
+    "MergeResult", "MergePlan", "EvalReport", "FisherRecord", "SearchResult", "PublishResult", "errors",
     "HfMergeError", "RecipeError", "OptionError", "TaskError", "CheckpointError", "IncompatibleCheckpointsError", "FisherError",
     "EvaluationError", "SearchError", "OutputExistsError", "OutputIsInputError", "OutputWriteError", "HubAccessError",
     "IncompleteOutputError", "PublishError",

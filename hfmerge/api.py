@@ -30,10 +30,11 @@ if TYPE_CHECKING:
     from .merge import InputPath, MergeResult
     from .plan import MergePlan
     from .recipe import Recipe
+    from .search import SearchResult
 
 logger = logging.getLogger("hfmerge")
 
-__all__ = ["merge", "plan", "plan_summary", "evaluate", "compute_fishers", "check_report_path", "default_output"]
+__all__ = ["merge", "plan", "plan_summary", "evaluate", "compute_fishers", "search", "check_report_path", "default_output"]
 
 
 def _options(options: RunOptions | None, overrides: dict[str, Any]) -> RunOptions:
@@ -271,6 +272,46 @@ def merge(recipe: str | Path | Recipe, options: RunOptions | None = None, **over
 
         result.pushed = push_folder(result.output, push_repo, private=options.private, message=f"Merge with hfmerge ({loaded.method.name})")
     return result
+
+
+def search(recipe: str | Path | Recipe, options: RunOptions | None = None, **overrides: Any) -> SearchResult:
+    """Run a ``dfmerge`` recipe's coefficient search only, without merging.
+
+    The study and its trial log stay beside `options.output` (or in `options.storage`): a
+    later `merge` to the same output with ``resume=True`` continues from them instead of
+    searching again.
+
+    Args:
+        recipe: A ``dfmerge`` recipe file or a parsed `Recipe`.
+        options: Run options (`output`, `storage`, `study_name`, `n_trials`, `resume`,
+            `device`, `batch_size`, `low_disk`, `progress` are used).
+        **overrides: `RunOptions` fields replacing those of `options`.
+
+    Returns:
+        The `SearchResult`: the best λ (`best_params`), its validation score (`best_value`),
+        its trial number and every completed trial.
+
+    Raises:
+        RecipeError: The method has no coefficient search, or every model's λ is fixed.
+        OptionError: A device map was asked for, or the device is not available.
+        SearchError: A previous study is in the way (continue it with ``resume=True``), or
+            the storage cannot be opened.
+    """
+    from .dfmerge import search_coefficients
+    from .plan import build_plan
+
+    options = _options(options, overrides)
+    loaded = _load(recipe, options)
+    if not loaded.method.search:
+        raise RecipeError(f"{loaded.source}: merge_method {loaded.method.name!r} has no coefficient search; merge the recipe instead")
+    if all("weight" in m.parameters for m in loaded.models):
+        raise RecipeError(f"{loaded.source}: every model has its weight (λ) fixed; there is nothing to search")
+    output = Path(options.output) if options.output is not None else default_output(loaded)
+    built = build_plan(loaded, low_disk=options.low_disk)
+    try:
+        return search_coefficients(built, output, options)
+    finally:
+        built.release()
 
 
 def compute_fishers(recipe: str | Path | Recipe, options: RunOptions | None = None, **overrides: Any) -> list[FisherRecord]:

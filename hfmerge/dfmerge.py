@@ -38,7 +38,7 @@ from .fisher.diagonal import diagonal_fisher
 from .fisher.engine import FisherSettings, encode_for_model, fisher_examples, fisher_metadata, settings_from_recipe, to_checkpoint_names
 from .methods.dfmerge import Equation8
 from .options import RunOptions, device_settings
-from .search import SearchSettings, TrialOutcome, plot_trajectory, run_search
+from .search import SearchResult, SearchSettings, TrialOutcome, plot_trajectory, run_search
 
 if TYPE_CHECKING:
     from .merge import MergeResult
@@ -207,6 +207,50 @@ def search_settings(recipe: Any, options: RunOptions) -> SearchSettings:
                           storage=options.storage, study_name=options.study_name or "hfmerge-dfmerge")
 
 
+def _objective(plan: Any, options: RunOptions) -> DFMergeObjective:
+    from .evaluation.evaluate_model import prepare_tasks
+    from .fisher.models import load_tokenizer
+
+    recipe = plan.recipe
+    tasks = prepare_tasks([recipe.tasks[m.task] for m in recipe.models], "validation")
+    tokenizer = load_tokenizer(plan.tokenizer_folder, f"{recipe.source}: tokenizer_source")
+    if options.max_memory is not None or options.offload_folder is not None:
+        raise OptionError("a dfmerge search keeps its working model, the task vectors and the running sums on the one device chosen "
+                          "(see docs/search.md, Memory); device maps apply to the fisher and fisher_nodes methods",
+                          options=("max_memory", "offload_folder"))
+    return DFMergeObjective(plan, tasks, tokenizer, use_fisher=bool(recipe.parameters.get("fisher", True)), batch_size=options.batch_size,
+                            device=device_settings(options)["device"], progress=False)
+
+
+def _search(objective: DFMergeObjective, workdir: Path, options: RunOptions) -> SearchResult:
+    result = run_search(objective, search_settings(objective.recipe, options), workdir=workdir, resume=options.resume, progress=options.progress)
+    logger.info("best of %d trials: trial %s, validation score %.4f, λ = [%s]", len(result.trials), result.best_trial, result.best_value,
+                ", ".join(f"{v:.4f}" for v in result.best_params))
+    return result
+
+
+def search_coefficients(plan: Any, output: Path, options: RunOptions) -> SearchResult:
+    """Search λ only: no Fisher files for the final merge, nothing written into `output`.
+
+    The study and trial log stay in `search_workdir(output)` (or `options.storage`), so that a
+    later merge to `output` with `options.resume` continues from them.
+
+    Args:
+        plan: From `build_plan` for a ``dfmerge`` recipe (left open; the caller releases it).
+        output: The output folder a later merge will write.
+        options: The run's options (`resume`, `storage`, `study_name`, `n_trials`,
+            `batch_size`, `device`, `progress`).
+
+    Returns:
+        The `SearchResult`.
+
+    Raises:
+        OptionError: A device map (`max_memory`, `offload_folder`) was asked for.
+        SearchError: The search cannot start or continue.
+    """
+    return _search(_objective(plan, options), search_workdir(output), options)
+
+
 def run_dfmerge(plan: Any, output: Path, options: RunOptions, *, evaluate: Callable[[Path], Any] | None = None) -> MergeResult:
     """Search λ (unless the recipe fixes them), then merge, evaluate and write the output.
 
@@ -225,36 +269,23 @@ def run_dfmerge(plan: Any, output: Path, options: RunOptions, *, evaluate: Calla
         OptionError: A device map (`max_memory`, `offload_folder`) was asked for.
         SearchError: The search cannot start or continue.
     """
-    from .evaluation.evaluate_model import prepare_tasks
-    from .fisher.models import load_tokenizer
     from .merge import run_merge
     from .plan import attach_fishers
 
     recipe = plan.recipe
     output = Path(output).absolute()
     tasks_in_order = [recipe.tasks[m.task] for m in recipe.models]
-    tasks = prepare_tasks(tasks_in_order, "validation")
-    tokenizer = load_tokenizer(plan.tokenizer_folder, f"{recipe.source}: tokenizer_source")
-    if options.max_memory is not None or options.offload_folder is not None:
-        raise OptionError("a dfmerge search keeps its working model, the task vectors and the running sums on the one device chosen "
-                          "(see docs/search.md, Memory); device maps apply to the fisher and fisher_nodes methods",
-                          options=("max_memory", "offload_folder"))
-    device = device_settings(options)["device"]
     use_fisher = bool(recipe.parameters.get("fisher", True))
     workdir = search_workdir(output)
     fixed = all("weight" in m.parameters for m in recipe.models)
     try:
-        objective = DFMergeObjective(plan, tasks, tokenizer, use_fisher=use_fisher, batch_size=options.batch_size, device=device,
-                                     progress=False)
+        objective = _objective(plan, options)
         result = None
         if fixed:
             lambdas = [float(m.parameters["weight"]) for m in recipe.models]
         else:
-            settings = search_settings(recipe, options)
-            result = run_search(objective, settings, workdir=workdir, resume=options.resume, progress=options.progress)
+            result = _search(objective, workdir, options)
             lambdas = result.best_params
-            logger.info("best of %d trials: trial %s, validation score %.4f, λ = [%s]", len(result.trials), result.best_trial, result.best_value,
-                        ", ".join(f"{v:.4f}" for v in lambdas))
         fisher_paths = objective.fisher_files(lambdas) if use_fisher else None
         del objective
     except BaseException:
@@ -321,4 +352,4 @@ def _write_search_outputs(folder: Path, plan: Any, result: Any, lambdas: list[fl
     return files, section
 
 
-__all__ = ["DFMergeObjective", "run_dfmerge", "search_workdir"]
+__all__ = ["DFMergeObjective", "run_dfmerge", "search_coefficients", "search_workdir"]

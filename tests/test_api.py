@@ -13,7 +13,9 @@ import yaml
 import hfmerge
 from hfmerge.cli import main
 from hfmerge.testing import build_finetuned
+from test_dfmerge import write as write_dfmerge
 from test_evaluation import task, tiny_models  # noqa: F401  (fixture)
+from test_fisher import experts  # noqa: F401  (fixture)
 from test_merge import write_recipe
 
 
@@ -107,3 +109,16 @@ def test_import_hfmerge_is_light_and_the_api_names_survive_their_modules():
             "assert callable(hfmerge.merge) and callable(hfmerge.plan) and hfmerge.merge.__module__ == 'hfmerge.api'")
     subprocess.run([sys.executable, "-c", code], check=True)
     assert set(hfmerge.__all__) <= set(dir(hfmerge))
+
+
+def test_search_only_then_a_resumed_merge_reuses_its_trials(experts, tmp_path, capsys):  # noqa: F811
+    recipe = write_dfmerge(tmp_path / "df.yaml", experts, {"n_trials": 3, "n_startup_trials": 2, "seed": 1, "fisher_examples": 4})
+    options = hfmerge.RunOptions(output=tmp_path / "merged", progress=False, device="cpu", evaluate=False)
+    found = hfmerge.search(recipe, options)
+    assert capsys.readouterr().out == ""  # (Optuna may log a warning of its own on stderr)
+    assert isinstance(found, hfmerge.SearchResult) and len(found.trials) == 3
+    assert not (tmp_path / "merged").exists()
+    result = hfmerge.merge(recipe, options, resume=True)
+    assert result.search.trials == found.trials and result.search.best_params == found.best_params
+    with pytest.raises(hfmerge.RecipeError, match="no coefficient search"):
+        hfmerge.search(write_recipe(tmp_path / "avg.yaml", merge_method="linear", models=[{"model": m} for m in experts["models"]]))
