@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .errors import OptionError, RecipeError
 from .options import RunOptions, device_settings
@@ -196,7 +196,8 @@ def plan(recipe: str | Path | Recipe, options: RunOptions | None = None, **overr
     return built
 
 
-def merge(recipe: str | Path | Recipe, options: RunOptions | None = None, **overrides: Any) -> MergeResult:
+def merge(recipe: str | Path | Recipe, options: RunOptions | None = None, *, on_plan: Callable[[dict[str, Any]], None] | None = None,
+          **overrides: Any) -> MergeResult:
     """Run a recipe's whole job: plan, Fishers or DF-Merge search, merge, evaluate, push.
 
     Everything that can be refused is refused before any weight is read: the output path
@@ -206,6 +207,8 @@ def merge(recipe: str | Path | Recipe, options: RunOptions | None = None, **over
     Args:
         recipe: A recipe file or a parsed `Recipe` (left unchanged).
         options: Run options; default `RunOptions()`.
+        on_plan: Called with the plan summary (`plan_summary`) once the plan is built and
+            checked, before any weight is read: a caller can show it while the merge runs.
         **overrides: `RunOptions` fields replacing those of `options`, e.g. ``output="merged"``.
 
     Returns:
@@ -242,6 +245,12 @@ def merge(recipe: str | Path | Recipe, options: RunOptions | None = None, **over
         built.release()
         raise
     summary = plan_summary(built)
+    if on_plan is not None:
+        try:
+            on_plan(summary)
+        except BaseException:
+            built.release()
+            raise
     evaluate_output = None
     if loaded.tasks and options.evaluate:
         from .evaluation.evaluate_model import evaluate_model, prepare_tasks

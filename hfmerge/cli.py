@@ -159,10 +159,8 @@ def run_recipe(args: argparse.Namespace) -> int:
         if args.json:
             write_report_file(args.json, json.dumps(summary, indent=2) + "\n", what="the --json report")
         return 0
-    result = merge(args.recipe, options)
+    result = merge(args.recipe, options, on_plan=None if args.quiet else _print_plan)
     summary = result.summary
-    if not args.quiet:
-        _print_plan(summary)
     if result.search is not None and not args.quiet:
         search = result.search
         shown = ", ".join(f"{v:.4f}" for v in search.best_params)

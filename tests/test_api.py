@@ -52,7 +52,10 @@ def test_keyword_overrides_and_a_parsed_recipe_left_unchanged(t5, tmp_path):
 
     recipe = load_recipe(ties_recipe(t5, tmp_path))
     before = recipe.max_shard_size
-    result = hfmerge.merge(recipe, output=tmp_path / "out", max_shard_size="1GB", progress=False)
+    seen = []
+    result = hfmerge.merge(recipe, output=tmp_path / "out", max_shard_size="1GB", progress=False,
+                           on_plan=lambda summary: seen.append((summary, (tmp_path / "out").exists())))
+    assert seen == [(result.summary, False)]  # the plan is shown before anything is written
     assert result.summary["output_shards"] == 1
     assert recipe.max_shard_size == before
     with pytest.raises(hfmerge.OutputExistsError) as info:
