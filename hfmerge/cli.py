@@ -18,8 +18,11 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .checkpoints.writer import plan_shards, write_report_file
+from .api import check_report_path, check_repo_id, merge, plan, plan_summary
+from .checkpoints.writer import write_report_file
 from .errors import HfMergeError
+from .options import RunOptions
+from .publish import push
 
 SUBCOMMANDS = ("demo", "eval", "fisher", "push")
 
@@ -89,30 +92,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", action="version", version=f"hfmerge {__version__}")
 
 
-def plan_summary(plan) -> dict:
-    """The plan as a JSON-friendly mapping (what --dry-run prints)."""
-    recipe = plan.recipe
-    merged = [t for t in plan.tensors if t.merge]
-    return {
-        "recipe": recipe.source,
-        "method": recipe.method.name,
-        "parameters": {k: v for k, v in recipe.parameters.items()},
-        "base_model": None if plan.base is None else {"ref": plan.base.ref.text, "folder": str(plan.base.folder), "files": len(plan.base.files)},
-        "models": [
-            {"key": spec.key, "ref": ckpt.ref.text, "folder": str(ckpt.folder), "parameters": {k: (v if isinstance(v, (int, float, str, bool)) else repr(v)) for k, v in spec.parameters.items()}}
-            for spec, ckpt in zip(recipe.models, plan.models)
-        ],
-        "tensors": len(plan.tensors),
-        "tensors_merged": len(merged),
-        "tensors_copied": len(plan.tensors) - len(merged),
-        "parameters_count": plan.parameter_count,
-        "output_bytes": plan.output_bytes,
-        "output_shards": len(plan_shards(plan.output_tensors, recipe.max_shard_size)),
-        "estimated_peak_memory_bytes": plan.estimated_peak_bytes(),
-        "warnings": list(plan.warnings),
-    }
-
-
 def _print_plan(s: dict) -> None:
     print(f"Plan for {s['recipe']}")
     params = ", ".join(f"{k}={v}" for k, v in s["parameters"].items())
@@ -140,108 +119,65 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+# How the command line names the options of `RunOptions` (and `evaluate`) in messages.
+_FLAGS = {"evaluate": "--no-eval", "task_names": "--tasks", "model": "--model"}
+
+
+def _flag(option: str) -> str:
+    return _FLAGS.get(option, "--" + option.replace("_", "-"))
+
+
+def _error_text(exc: HfMergeError) -> str:
+    """The message of `exc` as the command line shows it: options named by their flags."""
+    if exc.options:
+        return f"{' / '.join(_flag(o) for o in exc.options)}: {exc.detail}"
+    return str(exc)
+
+
+def run_options(args: argparse.Namespace) -> RunOptions:
+    """The `RunOptions` the merge command's arguments ask for."""
+    from .fisher.cli import parse_max_memory
+    from .recipe import parse_size
+
+    return RunOptions(
+        output=args.output, overwrite=args.overwrite,
+        max_shard_size=parse_size(args.max_shard_size, field="--max-shard-size") if args.max_shard_size else None,
+        device=args.device, max_memory=parse_max_memory(args.max_memory), offload_folder=args.offload_folder, low_disk=args.low_disk,
+        evaluate=not args.no_eval, batch_size=args.batch_size, progress=not args.quiet, storage=args.storage, study_name=args.study_name,
+        n_trials=args.n_trials, resume=args.resume, push_to_hub=args.push_to_hub, private=args.private,
+    )
+
+
 def run_recipe(args: argparse.Namespace) -> int:
-    from .merge import check_free_space, check_not_input, check_output, clean_stale_temp_folders, recipe_input_paths, run_merge
-    from .plan import build_plan
-    from .recipe import RecipeError, load_recipe, parse_size
-
-    recipe = load_recipe(args.recipe)
-    if getattr(args, "n_trials", None) is not None and args.n_trials < 1:
-        raise RecipeError(f"--n-trials: got {args.n_trials}; expected a positive number of trials")
-    if args.max_shard_size:
-        recipe.max_shard_size = parse_size(args.max_shard_size, field="--max-shard-size")
-    output = Path(args.output) if args.output else Path.cwd() / f"merged-{Path(args.recipe).stem}"
-    push_repo = None
-    if args.push_to_hub is not None:
-        push_repo = args.push_to_hub if isinstance(args.push_to_hub, str) else recipe.push_to_hub
-        if not push_repo:
-            raise RecipeError("--push-to-hub needs a repo id: give one after the flag or set push_to_hub in the recipe")
-        _check_repo_id(push_repo)
-        from .publish import check_push_access
-
-        # A missing or read-only token fails here, in seconds, not after a long merge or search.
-        check_push_access(push_repo)
-    # Nothing the recipe reads may be replaced by what this run writes: refused before any reading.
-    inputs = recipe_input_paths(recipe, low_disk=args.low_disk, storage=getattr(args, "storage", None))
+    """`hfmerge RECIPE`: the dry run (`hfmerge.plan`) or the whole job (`hfmerge.merge`), printed."""
+    options = run_options(args)
     if args.json:
-        check_not_input(Path(args.json), inputs, what="--json file", remedy="choose another --json path")
-    if not args.dry_run:
-        check_not_input(output, inputs)
-        # Temporary folders of killed runs on this output go first (a killed --overwrite may
-        # have left the old output in one, which is put back).
-        clean_stale_temp_folders(output)
-        check_output(output, args.overwrite, inputs)
-    elif args.output:
-        check_not_input(output, inputs)
-    plan = build_plan(recipe, low_disk=args.low_disk)
-    if not args.dry_run:
-        try:
-            check_free_space(output, plan.output_bytes)
-        except BaseException:
-            plan.release()
-            raise
-    summary = plan_summary(plan)
-    needs_fishers = recipe.method.needs_importance and not recipe.method.search and plan.fishers is None
-    if needs_fishers:
-        summary["fishers_to_compute"] = [m.ref.text for m in recipe.models if m.fisher is None]
+        check_report_path(args.json, args.recipe, options, what="--json file", remedy="choose another --json path")
     if args.dry_run:
-        plan.release()
+        summary = plan_summary(plan(args.recipe, options))
         _print_plan(summary)
         if args.json:
             write_report_file(args.json, json.dumps(summary, indent=2) + "\n", what="the --json report")
         return 0
-    if not args.quiet:
-        _print_plan(summary)
-    evaluate = None
-    if recipe.tasks and not args.no_eval:
-        from .evaluation.evaluate_model import prepare_tasks
-        from .evaluation.evaluate_model import evaluate_model as _evaluate_model
-
-        # Task data and metrics are loaded and checked before any weight moves.
-        prepared = prepare_tasks(recipe.tasks, "validation", progress=not args.quiet)
-
-        def evaluate(folder: Path):
-            return _evaluate_model(folder, prepared, "validation", batch_size=args.batch_size, progress=not args.quiet,
-                                   model_name=output.name)
-    if recipe.method.search:
-        from .dfmerge import run_dfmerge
-
-        result = run_dfmerge(plan, output, args, evaluate=evaluate)
-    else:
-        if needs_fishers:
-            from .fisher.cli import device_options
-            from .fisher.engine import ensure_fishers
-
-            try:
-                for r in ensure_fishers(plan, progress=not args.quiet, **device_options(args)):
-                    logging.getLogger("hfmerge").info("Fisher of %s: %s (%s)", r.model, r.path, r.source)
-            except BaseException:
-                plan.release()
-                raise
-        result = run_merge(plan, output, overwrite=args.overwrite, progress=not args.quiet, evaluate=evaluate)
+    result = merge(args.recipe, options, on_plan=None if args.quiet else _print_plan)
+    summary = result.summary
+    if result.search is not None and not args.quiet:
+        search = result.search
+        shown = ", ".join(f"{v:.4f}" for v in search.best_params)
+        print(f"Best of {len(search.trials)} trials: trial {search.best_trial}, validation score {search.best_value:.4f}, λ = [{shown}]")
     if result.evaluation is not None:
         print(result.evaluation.to_table())
-    for w in result.warnings[len(plan.warnings):]:
+    if result.test_evaluation is not None and not args.quiet:
+        print(result.test_evaluation.to_table())
+    for w in result.warnings[len(summary["warnings"]):]:
         print(f"warning: {w}", file=sys.stderr)
     print(f"Merged model written to {result.output} ({len(result.files)} files)")
-    if push_repo:
-        from .publish import push_folder
-
-        pushed = push_folder(result.output, push_repo, private=args.private, message=f"Merge with hfmerge ({recipe.method.name})")
-        print(f"Pushed to {pushed.repo_id}: {pushed.commit_url}")
+    if result.pushed is not None:
+        print(f"Pushed to {result.pushed.repo_id}: {result.pushed.commit_url}")
     if args.json:
         write_report_file(args.json, json.dumps({**summary, "output": str(result.output), "files": result.files, "warnings": result.warnings}, indent=2) + "\n",
                           what="the --json report")
     return 0
-
-
-def _check_repo_id(repo_id: str, field: str = "--push-to-hub") -> None:
-    from .recipe import RecipeError
-    from .refs import parse_model_ref
-
-    ref = parse_model_ref(repo_id, field=field) if "/" in repo_id and not repo_id.startswith((".", "/", "~")) else None
-    if ref is None or ref.repo_id is None or ref.revision is not None:
-        raise RecipeError(f"{field}: {repo_id!r} is not a Hub repo id; expected org/name")
 
 
 def _push_parser() -> argparse.ArgumentParser:
@@ -264,9 +200,7 @@ def run_push(args: argparse.Namespace) -> int:
     """`hfmerge push DIR REPO_ID`: check the folder and the token, then push one commit."""
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-    from .publish import push
-
-    _check_repo_id(args.repo_id, field="REPO_ID")
+    check_repo_id(args.repo_id, field="REPO_ID")
     was_disabled = are_progress_bars_disabled()
     if args.quiet:
         disable_progress_bars()
@@ -277,39 +211,6 @@ def run_push(args: argparse.Namespace) -> int:
             enable_progress_bars()
     print(f"Pushed to {pushed.repo_id}: {pushed.commit_url}")
     return 0
-
-
-def _check_fisher_outputs(args: argparse.Namespace) -> None:
-    """`hfmerge fisher`: --json and --copy-to may not replace or land inside what the recipe reads."""
-    if not (getattr(args, "json", None) or getattr(args, "copy_to", None)):
-        return
-    from .merge import InputPath, check_not_input, recipe_input_paths
-    from .recipe import load_recipe
-
-    inputs = recipe_input_paths(load_recipe(args.recipe))
-    if args.json:
-        check_not_input(Path(args.json), inputs, what="--json file", remedy="choose another --json path")
-    if args.copy_to:
-        # Copies are added beside whatever the folder holds (nothing is deleted), so it may
-        # hold inputs; but not be one, lie inside one, or be where a Fisher file of the recipe
-        # lies (a copy could take its name).
-        folders = [i for i in inputs if i.path.is_dir()]
-        folders += [InputPath(i.path.parent, f"the folder of {i.field}", output_may_lie_inside=True) for i in inputs if i.field.endswith(".fisher")]
-        check_not_input(Path(args.copy_to), folders, what="--copy-to folder", remedy="choose another --copy-to folder", may_contain=True)
-
-
-def _check_eval_outputs(args: argparse.Namespace) -> None:
-    """`hfmerge eval`: --json may not replace or land inside the model, the tasks file or the task data."""
-    if not getattr(args, "json", None):
-        return
-    from .evaluation.tasks import load_tasks_file
-    from .merge import InputPath, cache_input_paths, check_not_input, task_input_paths
-
-    inputs = [InputPath(Path(args.recipe), "the tasks file")] + task_input_paths(load_tasks_file(args.recipe))
-    if Path(args.model).expanduser().exists():
-        inputs.append(InputPath(Path(args.model).expanduser(), "--model"))
-    inputs += cache_input_paths(datasets=True)
-    check_not_input(Path(args.json), inputs, what="--json file", remedy="choose another --json path")
 
 
 def _demo_parser() -> argparse.ArgumentParser:
@@ -357,12 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         if command == "eval":
             from .evaluation.cli import run
 
-            _check_eval_outputs(args)
             return run(args)
         if command == "fisher":
             from .fisher.cli import run as run_fisher
 
-            _check_fisher_outputs(args)
             return run_fisher(args)
         if command == "push":
             return run_push(args)
@@ -370,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     except HfMergeError as exc:
         if args.verbose:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_error_text(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)

@@ -21,7 +21,6 @@ log, the study and a plot of the search go into the output folder and its model 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -29,16 +28,20 @@ import time
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .errors import HfMergeError
+from .errors import OptionError
 from .fisher.cache import cache_key, cached_path, lookup, save_fisher
 from .fisher.diagonal import diagonal_fisher
 from .fisher.engine import FisherSettings, encode_for_model, fisher_examples, fisher_metadata, settings_from_recipe, to_checkpoint_names
 from .methods.dfmerge import Equation8
-from .search import SearchSettings, TrialOutcome, plot_trajectory, run_search
+from .options import RunOptions, device_settings
+from .search import SearchResult, SearchSettings, TrialOutcome, plot_trajectory, run_search
+
+if TYPE_CHECKING:
+    from .merge import MergeResult
 
 logger = logging.getLogger(__name__)
 
@@ -192,63 +195,97 @@ def search_workdir(output: Path) -> Path:
     return output.parent / f".{output.name}.hfmerge-search"
 
 
-def search_settings(recipe: Any, args: argparse.Namespace) -> SearchSettings:
+def search_settings(recipe: Any, options: RunOptions) -> SearchSettings:
+    """The search's settings: the recipe's parameters, with the options' trials and storage."""
     p = recipe.parameters
     enqueue = p.get("enqueue") or []
     points = [enqueue] if enqueue and not isinstance(enqueue[0], list) else enqueue
-    n_trials = int(p["n_trials"]) if getattr(args, "n_trials", None) is None else int(args.n_trials)
+    n_trials = int(p["n_trials"]) if options.n_trials is None else int(options.n_trials)
     return SearchSettings(names=[m.ref.text for m in recipe.models], low=float(p["low"]), high=float(p["high"]), n_trials=n_trials,
                           n_startup_trials=min(int(p["n_startup_trials"]), n_trials), seed=int(p["seed"]),
                           enqueue=[[float(v) for v in pt] for pt in points], patience=int(p["patience"]) or None,
-                          storage=getattr(args, "storage", None), study_name=getattr(args, "study_name", None) or "hfmerge-dfmerge")
+                          storage=options.storage, study_name=options.study_name or "hfmerge-dfmerge")
 
 
-def run_dfmerge(plan: Any, output: Path, args: argparse.Namespace, *, evaluate: Callable[[Path], Any] | None = None) -> Any:
+def _objective(plan: Any, options: RunOptions) -> DFMergeObjective:
+    from .evaluation.evaluate_model import prepare_tasks
+    from .fisher.models import load_tokenizer
+
+    recipe = plan.recipe
+    tasks = prepare_tasks([recipe.tasks[m.task] for m in recipe.models], "validation")
+    tokenizer = load_tokenizer(plan.tokenizer_folder, f"{recipe.source}: tokenizer_source")
+    if options.max_memory is not None or options.offload_folder is not None:
+        raise OptionError("a dfmerge search keeps its working model, the task vectors and the running sums on the one device chosen "
+                          "(see docs/search.md, Memory); device maps apply to the fisher and fisher_nodes methods",
+                          options=("max_memory", "offload_folder"))
+    return DFMergeObjective(plan, tasks, tokenizer, use_fisher=bool(recipe.parameters.get("fisher", True)), batch_size=options.batch_size,
+                            device=device_settings(options)["device"], progress=False)
+
+
+def _search(objective: DFMergeObjective, workdir: Path, options: RunOptions) -> SearchResult:
+    result = run_search(objective, search_settings(objective.recipe, options), workdir=workdir, resume=options.resume, progress=options.progress)
+    logger.info("best of %d trials: trial %s, validation score %.4f, λ = [%s]", len(result.trials), result.best_trial, result.best_value,
+                ", ".join(f"{v:.4f}" for v in result.best_params))
+    return result
+
+
+def search_coefficients(plan: Any, output: Path, options: RunOptions) -> SearchResult:
+    """Search λ only: no Fisher files for the final merge, nothing written into `output`.
+
+    The study and trial log stay in `search_workdir(output)` (or `options.storage`), so that a
+    later merge to `output` with `options.resume` continues from them.
+
+    Args:
+        plan: From `build_plan` for a ``dfmerge`` recipe (left open; the caller releases it).
+        output: The output folder a later merge will write.
+        options: The run's options (`resume`, `storage`, `study_name`, `n_trials`,
+            `batch_size`, `device`, `progress`).
+
+    Returns:
+        The `SearchResult`.
+
+    Raises:
+        OptionError: A device map (`max_memory`, `offload_folder`) was asked for.
+        SearchError: The search cannot start or continue.
+    """
+    return _search(_objective(plan, options), search_workdir(output), options)
+
+
+def run_dfmerge(plan: Any, output: Path, options: RunOptions, *, evaluate: Callable[[Path], Any] | None = None) -> MergeResult:
     """Search λ (unless the recipe fixes them), then merge, evaluate and write the output.
 
     Args:
         plan: From `build_plan` for a ``dfmerge`` recipe.
         output: The output folder (written atomically, as every merge).
-        args: The merge command's arguments (``quiet``, ``overwrite``, ``resume``, ``storage``,
-            ``study_name``, ``n_trials``, ``batch_size``, ``device``).
+        options: The run's options (`overwrite`, `resume`, `storage`, `study_name`, `n_trials`,
+            `batch_size`, `device`, `evaluate`, `progress`).
         evaluate: Validation evaluation of the written folder (the card's model-index).
 
     Returns:
-        The `MergeResult`.
+        The `MergeResult`, with the `SearchResult` (None when the recipe fixes every λ) and
+        the test-split report when the tasks have a test split.
+
+    Raises:
+        OptionError: A device map (`max_memory`, `offload_folder`) was asked for.
+        SearchError: The search cannot start or continue.
     """
-    from .evaluation.evaluate_model import prepare_tasks
-    from .fisher.cli import device_options
-    from .fisher.models import load_tokenizer
     from .merge import run_merge
     from .plan import attach_fishers
 
     recipe = plan.recipe
-    quiet = bool(getattr(args, "quiet", False))
     output = Path(output).absolute()
     tasks_in_order = [recipe.tasks[m.task] for m in recipe.models]
-    tasks = prepare_tasks(tasks_in_order, "validation")
-    tokenizer = load_tokenizer(plan.tokenizer_folder, f"{recipe.source}: tokenizer_source")
-    options = device_options(args)
-    if options["max_memory"] is not None or options["offload_folder"] is not None:
-        raise HfMergeError("--max-memory / --offload-folder: a dfmerge search keeps its working model, the task vectors and the running sums on "
-                           "--device (see docs/search.md, Memory); device maps apply to the fisher and fisher_nodes methods")
-    device = options["device"]
     use_fisher = bool(recipe.parameters.get("fisher", True))
     workdir = search_workdir(output)
     fixed = all("weight" in m.parameters for m in recipe.models)
     try:
-        objective = DFMergeObjective(plan, tasks, tokenizer, use_fisher=use_fisher, batch_size=getattr(args, "batch_size", 32), device=device,
-                                     progress=False)
+        objective = _objective(plan, options)
         result = None
         if fixed:
             lambdas = [float(m.parameters["weight"]) for m in recipe.models]
         else:
-            settings = search_settings(recipe, args)
-            result = run_search(objective, settings, workdir=workdir, resume=bool(getattr(args, "resume", False)), progress=not quiet)
+            result = _search(objective, workdir, options)
             lambdas = result.best_params
-            if not quiet:
-                shown = ", ".join(f"{v:.4f}" for v in lambdas)
-                print(f"Best of {len(result.trials)} trials: trial {result.best_trial}, validation score {result.best_value:.4f}, λ = [{shown}]")
         fisher_paths = objective.fisher_files(lambdas) if use_fisher else None
         del objective
     except BaseException:
@@ -262,17 +299,21 @@ def run_dfmerge(plan: Any, output: Path, args: argparse.Namespace, *, evaluate: 
     if fisher_paths is not None:
         attach_fishers(plan, fisher_paths, [f"Fisher of {m.key} at λ = {lam:.4f}" for m, lam in zip(recipe.models, lambdas)])
 
-    def extra(folder: Path, report: Any) -> tuple[list[str], str]:
-        return _write_search_outputs(folder, plan, result, lambdas, use_fisher, workdir, tasks_in_order, args, quiet)
+    test_reports: list[Any] = []
 
-    merged = run_merge(plan, output, overwrite=bool(getattr(args, "overwrite", False)), progress=not quiet, evaluate=evaluate, extra=extra)
-    if result is not None and getattr(args, "storage", None) is None:
+    def extra(folder: Path, report: Any) -> tuple[list[str], str]:
+        return _write_search_outputs(folder, plan, result, lambdas, use_fisher, workdir, tasks_in_order, options, test_reports)
+
+    merged = run_merge(plan, output, overwrite=options.overwrite, progress=options.progress, evaluate=evaluate, extra=extra)
+    if result is not None and options.storage is None:
         shutil.rmtree(workdir, ignore_errors=True)  # the study and log now live in the output folder
+    merged.search = result
+    merged.test_evaluation = test_reports[0] if test_reports else None
     return merged
 
 
 def _write_search_outputs(folder: Path, plan: Any, result: Any, lambdas: list[float], use_fisher: bool, workdir: Path, tasks: list,
-                          args: argparse.Namespace, quiet: bool) -> tuple[list[str], str]:
+                          options: RunOptions, test_reports: list[Any]) -> tuple[list[str], str]:
     recipe = plan.recipe
     files: list[str] = []
     summary: dict[str, Any] = {"method": "dfmerge", "fisher": use_fisher, "lambdas": {m.ref.text: lam for m, lam in zip(recipe.models, lambdas)}}
@@ -296,20 +337,19 @@ def _write_search_outputs(folder: Path, plan: Any, result: Any, lambdas: list[fl
                     f"Fisher {mean['fisher_s']:.2f}, merge {mean['merge_s']:.2f}, evaluation {mean['eval_s']:.2f}. "
                     "The trial log is `trials.jsonl`" + (", the Optuna study `study.journal`" if "study.journal" in files else "") + ".\n\n"
                     "![Search trajectory: best score so far and the coefficients by trial; the random start is shaded](search.png)\n")
-    if any(t.test_split for t in tasks) and not getattr(args, "no_eval", False):
+    if any(t.test_split for t in tasks) and options.evaluate:
         from .evaluation.evaluate_model import evaluate_model
 
         with_test = [t for t in tasks if t.test_split]
-        report = evaluate_model(folder, with_test, "test", batch_size=getattr(args, "batch_size", 32), progress=not quiet, model_name=folder.name)
+        report = evaluate_model(folder, with_test, "test", batch_size=options.batch_size, progress=options.progress, model_name=folder.name)
         (folder / "eval_results_test.json").write_text(report.to_json())
         files.append("eval_results_test.json")
         summary["test"] = report.to_dict()
         section += f"\n## Test\n\n```\n{report.to_table()}\n```\n"
-        if not quiet:
-            print(report.to_table())
+        test_reports.append(report)
     (folder / "dfmerge_search.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     files.append("dfmerge_search.json")
     return files, section
 
 
-__all__ = ["DFMergeObjective", "run_dfmerge", "search_workdir"]
+__all__ = ["DFMergeObjective", "run_dfmerge", "search_coefficients", "search_workdir"]

@@ -8,7 +8,21 @@ from __future__ import annotations
 
 
 class HfMergeError(Exception):
-    """Base class of every error hfmerge reports to a user."""
+    """Base class of every error hfmerge reports to a user.
+
+    Library messages never name command-line flags. An error about run options (`RunOptions`
+    fields or function arguments) names them in `options`; its message then starts with them
+    (``n_trials: got 0; ...``) and a command line shows its own flags in their place.
+
+    Attributes:
+        options: The names of the options the message is about (empty when none).
+        detail: The message without the option names.
+    """
+
+    def __init__(self, message: str = "", *, options: tuple[str, ...] = ()) -> None:
+        super().__init__(f"{' / '.join(options)}: {message}" if options else message)
+        self.options = tuple(options)
+        self.detail = message
 
 
 class RecipeError(HfMergeError):
@@ -17,6 +31,11 @@ class RecipeError(HfMergeError):
 
 class ModelReferenceError(RecipeError):
     """A model reference (``org/name``, ``org/name@revision`` or a local path) is malformed."""
+
+
+class OptionError(HfMergeError):
+    """A run option (a `RunOptions` field or an argument of `hfmerge.evaluate`) has a bad
+    value or does not fit the recipe; `options` names it."""
 
 
 class CheckpointError(HfMergeError):
@@ -36,7 +55,7 @@ class FisherFileError(CheckpointError):
 
 
 class OutputExistsError(HfMergeError):
-    """The output folder exists and ``--overwrite`` was not given."""
+    """The output folder exists and overwriting was not asked for."""
 
 
 class HubAccessError(HfMergeError):

@@ -53,10 +53,27 @@ RECIPE_FILE = "hfmerge_recipe.yaml"
 
 @dataclass
 class MergeResult:
+    """What a merge produced.
+
+    Attributes:
+        output: The output folder.
+        files: The files written into it.
+        warnings: The plan's warnings, then those of the merge.
+        evaluation: The validation `EvalReport` when the recipe has tasks and evaluation ran.
+        summary: The plan summary (`hfmerge.plan_summary`), set by `hfmerge.merge`.
+        search: A DF-Merge search's `SearchResult` (None when the coefficients were fixed).
+        test_evaluation: A DF-Merge output's test-split `EvalReport`, when its tasks have one.
+        pushed: The Hub commit (`PublishResult`) when the output was pushed.
+    """
+
     output: Path
     files: list[str]
     warnings: list[str]
-    evaluation: Any = None  # EvalReport when the recipe has tasks and evaluation ran
+    evaluation: Any = None
+    summary: dict[str, Any] | None = None
+    search: Any = None
+    test_evaluation: Any = None
+    pushed: Any = None
 
 
 def dare_seed(seed: int, alias_key: str, model_index: int) -> int:
@@ -285,12 +302,12 @@ def recipe_input_paths(recipe: Any, *, low_disk: bool = False, storage: str | No
     found += task_input_paths(recipe.tasks, source)
     found += cache_input_paths(datasets=bool(recipe.tasks))
     if low_disk:
-        found.append(InputPath(Path(tempfile.gettempdir()), "TMPDIR, where --low-disk downloads", output_may_lie_inside=True))
+        found.append(InputPath(Path(tempfile.gettempdir()), "TMPDIR, where a low-disk run downloads", output_may_lie_inside=True))
     if storage:
         if storage.startswith("sqlite:///"):
-            found.append(InputPath(Path(storage[len("sqlite:///"):]), "--storage, the search's database"))
+            found.append(InputPath(Path(storage[len("sqlite:///"):]), "the search's storage database"))
         elif "://" not in storage:
-            found.append(InputPath(Path(storage), "--storage, the search's journal"))
+            found.append(InputPath(Path(storage), "the search's storage journal"))
     return found
 
 
@@ -309,14 +326,14 @@ def plan_input_paths(plan: MergePlan) -> list[InputPath]:
     return found
 
 
-def check_not_input(path: Path, inputs: list[InputPath], *, what: str = "output folder", remedy: str = "choose another --output",
+def check_not_input(path: Path, inputs: list[InputPath], *, what: str = "output folder", remedy: str = "choose another output folder",
                     may_contain: bool = False) -> None:
     """Refuse an output path that is, contains or lies inside an input (real paths compared).
 
     Args:
         path: The output folder or file.
         inputs: From `recipe_input_paths` / `plan_input_paths` / `task_input_paths`.
-        what: How the message names the output ("output folder", "--json file").
+        what: How the message names the output ("output folder", "report file").
         remedy: What to do, for the message.
         may_contain: The output only gains new files and never replaces the folder, so
             holding an input (e.g. beside the model folders) is harmless.
@@ -338,7 +355,7 @@ def check_not_input(path: Path, inputs: list[InputPath], *, what: str = "output 
         resolved = f" (resolved: {out})" if out != Path(path).absolute() else ""
         raise OutputIsInputError(
             f"{what} {path}{resolved} {relation} {inp.path} ({inp.field}); an output may not be, contain or lie inside anything "
-            f"the run reads, with or without --overwrite: {remedy}"
+            f"the run reads, whether or not it may be overwritten: {remedy}"
         )
 
 
@@ -358,15 +375,16 @@ def check_output(output: Path, overwrite: bool, inputs: list[InputPath] | None =
     output = Path(output)
     check_not_input(output, inputs or [])
     if output.exists() and not overwrite:
-        raise OutputExistsError(f"output folder {output} already exists; choose another --output or pass --overwrite to replace it")
+        raise OutputExistsError(f"output folder {output} already exists; choose another output folder or allow replacing it",
+                                options=("output", "overwrite"))
     if output.exists() and not output.is_dir():
-        raise OutputExistsError(f"output {output} exists and is not a folder; remove it or choose another --output")
+        raise OutputExistsError(f"output {output} exists and is not a folder; remove it or choose another output folder")
 
 
 def check_free_space(output: Path, needed: int) -> None:
     """Refuse up front when the disk of `output` clearly cannot hold `needed` bytes.
 
-    With ``--overwrite`` the old folder stays until the new one is complete, so the whole size
+    When overwriting, the old folder stays until the new one is complete, so the whole size
     is needed either way.
 
     Raises:
@@ -376,7 +394,7 @@ def check_free_space(output: Path, needed: int) -> None:
     if free is not None and free < needed:
         raise OutputWriteError(
             f"not enough space for {output}: the merged model needs {human_size(needed)}, {human_size(free)} is free on that disk; "
-            "free some space or choose an --output on another disk", path=str(output), errno=errno.ENOSPC)
+            "free some space or choose an output folder on another disk", path=str(output), errno=errno.ENOSPC)
 
 
 # -- temporary folders beside the output ------------------------------------------------------

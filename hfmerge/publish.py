@@ -156,9 +156,9 @@ def check_output_folder(folder: Path) -> list[str]:
     folder = Path(folder)
     where = f"{folder} is not a complete hfmerge output"
     if not folder.is_dir():
-        raise IncompleteOutputError(f"{folder}: no such folder; give the folder a merge wrote (its --output)")
+        raise IncompleteOutputError(f"{folder}: no such folder; give the folder a merge wrote (its output folder)")
     if TEMP_MARKER in folder.name:
-        raise IncompleteOutputError(f"{where}: it is the temporary folder of an unfinished merge; run the merge again (or --resume a search)")
+        raise IncompleteOutputError(f"{where}: it is the temporary folder of an unfinished merge; run the merge again (or resume a search)")
     from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, FORBIDDEN_FOLDERS, filter_repo_objects
 
     # What upload_folder sends: everything but the client's ignore patterns; a forbidden folder
@@ -171,7 +171,7 @@ def check_output_folder(folder: Path) -> list[str]:
                                     "remove that folder, then push again")
     leftovers = [f for f in files if TEMP_MARKER in f or f.lower().endswith(TEMP_SUFFIXES)]
     if leftovers:
-        raise IncompleteOutputError(f"{where}: it holds files of an unfinished write ({', '.join(leftovers[:3])}); merge again into a new --output")
+        raise IncompleteOutputError(f"{where}: it holds files of an unfinished write ({', '.join(leftovers[:3])}); merge again into a new output folder")
     index_name = "model.safetensors.index.json"
     if index_name in files:
         try:

@@ -281,7 +281,7 @@ def _check_method_data(source: str, name: str, method: MergeMethod, models: list
     if method.needs_importance:
         for m in models:
             if m.fisher is None and m.task is None:
-                what = ("a node Fisher file (from hfmerge fisher --copy-to)" if method.importance == "nodes"
+                what = ("a node Fisher file (as hfmerge.compute_fishers writes)" if method.importance == "nodes"
                         else "a Fisher file (safetensors with the checkpoint's tensor names)")
                 raise _fail(source, f"{m.key}.fisher", f"missing; merge_method {name!r} needs per-model Fisher information: give {what} "
                             "or a task for this model under `tasks:` to compute it from")

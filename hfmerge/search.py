@@ -333,10 +333,10 @@ def _open_study(
         study.set_user_attr(STUDY_ATTR, space)
         return study
     if not may_continue:
-        where = f"remove {workdir} to start a new one" if settings.storage is None else "pick another --study-name to start a new one"
+        where = f"remove {workdir} to start a new one" if settings.storage is None else "pick another study name to start a new one"
         raise SearchError(
             f"a previous search (study {settings.study_name!r}) exists in {label}, perhaps interrupted; "
-            f"pass --resume to continue it, or {where}"
+            f"resume it to continue it, or {where}"
         )
     study = optuna.load_study(study_name=settings.study_name, storage=storage)
     stored = study.user_attrs.get(STUDY_ATTR)
@@ -344,7 +344,7 @@ def _open_study(
         raise SearchError(
             f"the search {settings.study_name!r} in {label} was made for coefficients {stored['names']} in "
             f"[{stored['low']}, {stored['high']}]; this recipe has {space['names']} in [{space['low']}, {space['high']}]. "
-            "Start a new search (another --study-name, or remove the old study) instead of resuming"
+            "Start a new search (another study name, or remove the old study) instead of resuming"
         )
     # A sampler seeded as the first run would replay its random start, so derive another seed
     # from the study's progress (a resumed run stays reproducible) and, for workers joining a

@@ -66,7 +66,7 @@ def test_commit_refused_with_401_gives_the_login_message_and_leaves_the_repo_unc
 def test_push_to_hub_needs_a_repo_id(t5, tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", merge_method="average", base_model=t5.base, models=[{"model": p} for p in t5.finetuned[:2]])
     assert main([str(recipe), "-o", str(tmp_path / "out"), "--push-to-hub"]) == 1
-    assert "--push-to-hub needs a repo id" in capsys.readouterr().err
+    assert "--push-to-hub: needs a repo id" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -134,7 +134,7 @@ def test_progress_bar_shows_trials_and_best(tmp_path, capsys):
 def test_existing_study_needs_resume(tmp_path, storage):
     url = f"sqlite:///{tmp_path / 'study.db'}" if storage else None
     run_search(smooth, settings(n_trials=2, n_startup_trials=2, storage=url), workdir=tmp_path, progress=False)
-    with pytest.raises(SearchError, match="previous search .*exists in .*pass --resume to continue it") as info:
+    with pytest.raises(SearchError, match="previous search .*exists in .*resume it to continue it") as info:
         run_search(smooth, settings(n_trials=4, n_startup_trials=2, storage=url), workdir=tmp_path, progress=False)
     assert isinstance(info.value, HfMergeError)
     assert str(tmp_path / ("study.db" if storage else "study.journal")) in str(info.value)

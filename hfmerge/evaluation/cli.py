@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import HfMergeError
-
 __all__ = ["add_arguments", "run"]
 
 
@@ -55,23 +53,16 @@ def run(args: argparse.Namespace) -> int:
     Raises:
         HfMergeError: A task, metric or model problem (the caller prints it).
     """
-    from .evaluate_model import evaluate_model
+    from ..api import evaluate
     from ..errors import TaskError
-    from .tasks import load_tasks_file
 
     if args.batch_size < 1:
         raise TaskError(f"--batch-size: got {args.batch_size}; expected a positive number")
+    check_outputs(args)
     quiet = bool(getattr(args, "quiet", False))
-    tasks = load_tasks_file(args.recipe)
-    if args.tasks:
-        wanted = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        names = [t.name for t in tasks]
-        unknown = [w for w in wanted if w not in names]
-        if unknown:
-            raise TaskError(f"--tasks: {', '.join(map(repr, unknown))} not in {args.recipe} (tasks: {', '.join(names)})")
-        tasks = [t for t in tasks if t.name in wanted]
-    report = evaluate_model(args.model, tasks, args.split, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                            progress=not quiet, model_name=str(args.model))
+    wanted = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    report = evaluate(args.model, args.recipe, split=args.split, task_names=wanted, batch_size=args.batch_size, device=args.device,
+                      dtype=args.dtype, progress=not quiet)
     if not quiet:
         print(f"{report.model} on {len(report.results)} task(s), {report.split} split ({report.seconds:.1f} s)")
     print(report.to_table())
@@ -82,3 +73,17 @@ def run(args: argparse.Namespace) -> int:
         if not quiet:
             print(f"figures written to {args.json}")
     return 0
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """`hfmerge eval`: --json may not replace or land inside the model, the tasks file or the task data."""
+    if not getattr(args, "json", None):
+        return
+    from ..merge import InputPath, cache_input_paths, check_not_input, task_input_paths
+    from .tasks import load_tasks_file
+
+    inputs = [InputPath(Path(args.recipe), "the tasks file")] + task_input_paths(load_tasks_file(args.recipe))
+    if Path(args.model).expanduser().exists():
+        inputs.append(InputPath(Path(args.model).expanduser(), "--model"))
+    inputs += cache_input_paths(datasets=True)
+    check_not_input(Path(args.json), inputs, what="--json file", remedy="choose another --json path")

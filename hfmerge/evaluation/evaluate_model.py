@@ -385,7 +385,7 @@ def _device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError("--device cuda: no CUDA device is available here; use --device cpu")
+        raise EvaluationError("cuda: no CUDA device is available here; use cpu", options=("device",))
     return device
 
 
@@ -414,7 +414,7 @@ def load_model_for_eval(model: str | Path, *, device: str | torch.device | None 
     text = str(model)
     path = Path(text).expanduser()
     if not path.is_dir() and (text.startswith((".", "/", "~")) or path.exists()):
-        raise EvaluationError(f"--model: folder not found: {path}")
+        raise EvaluationError(f"folder not found: {path}", options=("model",))
     source = str(path) if path.is_dir() else text
     if dtype is None:
         torch_dtype: Any = torch.float32 if target.type == "cpu" else "auto"
@@ -423,13 +423,13 @@ def load_model_for_eval(model: str | Path, *, device: str | torch.device | None 
     elif dtype in RECIPE_DTYPES:
         torch_dtype = getattr(torch, TORCH_DTYPE_NAMES[RECIPE_DTYPES[dtype]])
     else:
-        raise EvaluationError(f"--dtype: got {dtype!r}; expected one of auto, {', '.join(RECIPE_DTYPES)}")
+        raise EvaluationError(f"got {dtype!r}; expected one of auto, {', '.join(RECIPE_DTYPES)}", options=("dtype",))
     if not path.is_dir():
         # A Hub id: fetched through hfmerge's reader (pinned, retried, every file verified), then loaded locally.
         from ..checkpoints.hub import download_hub_model
         from ..refs import parse_model_ref
 
-        source = str(download_hub_model(parse_model_ref(text, field="--model"), label="--model"))
+        source = str(download_hub_model(parse_model_ref(text, field="model"), label="model"))
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=False)
         cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM

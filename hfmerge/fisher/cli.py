@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import RecipeError
 
-__all__ = ["add_arguments", "run", "parse_max_memory", "device_options"]
+__all__ = ["add_arguments", "add_device_arguments", "run", "parse_max_memory"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -51,39 +51,15 @@ def parse_max_memory(text: str | None) -> dict | None:
     return out
 
 
-def device_options(args: argparse.Namespace) -> dict:
-    """Keyword arguments for `engine.ensure_fishers` from parsed device arguments."""
-    import torch
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RecipeError("--device cuda: no CUDA device is available here; use --device cpu")
-    max_memory = parse_max_memory(getattr(args, "max_memory", None))
-    return {"device": device, "max_memory": max_memory, "offload_folder": getattr(args, "offload_folder", None),
-            "device_map": "auto" if max_memory else None}
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``hfmerge fisher`` with parsed arguments."""
-    from ..plan import build_plan
-    from ..recipe import load_recipe
-    from .engine import ensure_fishers
+    from ..api import compute_fishers
+    from ..options import RunOptions
 
-    quiet = bool(getattr(args, "quiet", False))
-    recipe = load_recipe(args.recipe)
-    if not recipe.method.needs_importance:
-        raise RecipeError(f"{recipe.source}: merge_method {recipe.method.name!r} uses no Fisher; nothing to compute")
-    if recipe.method.search:
-        raise RecipeError(f"{recipe.source}: merge_method {recipe.method.name!r} computes its Fishers at each searched coefficient during the search; "
-                          "run the recipe itself")
-    options = device_options(args)
-    plan = build_plan(recipe)
-    try:
-        records = ensure_fishers(plan, progress=not quiet, **options)
-    finally:
-        plan.release()
+    check_outputs(args)
+    options = RunOptions(device=args.device, max_memory=parse_max_memory(args.max_memory), offload_folder=args.offload_folder,
+                         progress=not args.quiet)
+    records = compute_fishers(args.recipe, options)
     if args.copy_to:
         target = Path(args.copy_to)
         target.mkdir(parents=True, exist_ok=True)
@@ -103,3 +79,22 @@ def run(args: argparse.Namespace) -> int:
         write_report_file(args.json, json.dumps([{"model": r.model, "task": r.task, "source": r.source, "seconds": round(r.seconds, 3),
                                                   "path": str(r.path)} for r in records], indent=2) + "\n", what="the --json report")
     return 0
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """`hfmerge fisher`: --json and --copy-to may not replace or land inside what the recipe reads."""
+    if not (getattr(args, "json", None) or getattr(args, "copy_to", None)):
+        return
+    from ..merge import InputPath, check_not_input, recipe_input_paths
+    from ..recipe import load_recipe
+
+    inputs = recipe_input_paths(load_recipe(args.recipe))
+    if args.json:
+        check_not_input(Path(args.json), inputs, what="--json file", remedy="choose another --json path")
+    if args.copy_to:
+        # Copies are added beside whatever the folder holds (nothing is deleted), so it may
+        # hold inputs; but not be one, lie inside one, or be where a Fisher file of the recipe
+        # lies (a copy could take its name).
+        folders = [i for i in inputs if i.path.is_dir()]
+        folders += [InputPath(i.path.parent, f"the folder of {i.field}", output_may_lie_inside=True) for i in inputs if i.field.endswith(".fisher")]
+        check_not_input(Path(args.copy_to), folders, what="--copy-to folder", remedy="choose another --copy-to folder", may_contain=True)

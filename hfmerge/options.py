@@ -1,0 +1,84 @@
+"""`RunOptions`: how to run a recipe, everything that is not the recipe itself.
+
+Shared by the API functions (`hfmerge.api`) and the engines they drive (`hfmerge.dfmerge`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import OptionError
+
+__all__ = ["RunOptions", "device_settings"]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run a recipe: everything that is not the recipe itself.
+
+    Attributes:
+        output: The folder to write the merged model into (default: ``./merged-<recipe name>``).
+        overwrite: Replace `output` if it exists (only once the new folder is complete).
+        max_shard_size: Cut output shards at this size (bytes or ``"2GB"``); overrides the recipe.
+        device: Where Fisher models, a search's working model and the evaluation run:
+            ``"auto"`` (cuda when available), ``"cpu"`` or ``"cuda"``.
+        max_memory: Load Fisher models with an accelerate device map within these budgets,
+            e.g. ``{0: "20GiB", "cpu": "60GiB"}`` (fisher and fisher_nodes methods).
+        offload_folder: Where such a device map offloads layers that fit nowhere else.
+        low_disk: Download Hub shards into a scratch folder, at most one per model at a time.
+        evaluate: Evaluate the output on the recipe's tasks (when it has any).
+        batch_size: Evaluation batch size.
+        progress: Show progress bars.
+        storage: A DF-Merge search's Optuna storage (URL or journal path; default: a journal
+            beside the output).
+        study_name: The Optuna study's name (workers sharing `storage` use the same one).
+        n_trials: Total trials of a search (overrides the recipe's ``n_trials``).
+        resume: Continue an interrupted search (completed trials are kept).
+        push_to_hub: Upload the output to this Hub repo in one commit; True: the recipe's
+            ``push_to_hub``; None: no upload.
+        private: Create the Hub repo as private.
+    """
+
+    output: str | Path | None = None
+    overwrite: bool = False
+    max_shard_size: int | str | None = None
+    device: str = "auto"
+    max_memory: dict[int | str, str] | None = None
+    offload_folder: str | Path | None = None
+    low_disk: bool = False
+    evaluate: bool = True
+    batch_size: int = 32
+    progress: bool = True
+    storage: str | None = None
+    study_name: str | None = None
+    n_trials: int | None = None
+    resume: bool = False
+    push_to_hub: str | bool | None = None
+    private: bool = False
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise OptionError(f"got {self.device!r}; expected auto, cpu or cuda", options=("device",))
+        if self.n_trials is not None and self.n_trials < 1:
+            raise OptionError(f"got {self.n_trials}; expected a positive number of trials", options=("n_trials",))
+        if self.batch_size < 1:
+            raise OptionError(f"got {self.batch_size}; expected a positive number", options=("batch_size",))
+
+
+def device_settings(options: RunOptions) -> dict[str, Any]:
+    """Keyword arguments for `fisher.engine.ensure_fishers` from `options`.
+
+    Raises:
+        OptionError: ``cuda`` was asked for and none is available.
+    """
+    import torch
+
+    device = options.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise OptionError("cuda: no CUDA device is available here; use cpu", options=("device",))
+    return {"device": device, "max_memory": options.max_memory, "offload_folder": options.offload_folder,
+            "device_map": "auto" if options.max_memory else None}
