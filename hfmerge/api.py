@@ -224,7 +224,7 @@ def merge(recipe: str | Path | Recipe, options: RunOptions | None = None, *, on_
         OutputWriteError: The disk is full, read-only or not writable (nothing is left behind).
         HfMergeError: Any other problem found while planning or merging.
     """
-    from .merge import check_free_space, check_not_input, check_output, clean_stale_temp_folders, run_merge
+    from .merge import check_output
     from .plan import build_plan
 
     options = _options(options, overrides)
@@ -232,25 +232,28 @@ def merge(recipe: str | Path | Recipe, options: RunOptions | None = None, *, on_
     output = Path(options.output) if options.output is not None else default_output(loaded)
     push_repo = _check_push(loaded, options)
     # Nothing the recipe reads may be replaced by what this run writes: refused before any reading.
-    inputs = _inputs(loaded, options)
-    check_not_input(output, inputs)
-    # Temporary folders of killed runs on this output go first (a killed overwrite may have
-    # left the old output in one, which is put back).
-    clean_stale_temp_folders(output)
-    check_output(output, options.overwrite, inputs)
+    # Also clears temporary folders that killed runs left on this output.
+    check_output(output, options.overwrite, _inputs(loaded, options))
     built = build_plan(loaded, low_disk=options.low_disk)
     try:
-        check_free_space(output, built.output_bytes)
-    except BaseException:
-        built.release()
-        raise
+        result = _merge_planned(built, loaded, output, options, on_plan)
+    finally:
+        built.release()  # run_merge releases it too; a second release does nothing
+    if push_repo:
+        from .publish import push_folder
+
+        result.pushed = push_folder(result.output, push_repo, private=options.private, message=f"Merge with hfmerge ({loaded.method.name})")
+    return result
+
+
+def _merge_planned(built: MergePlan, loaded: Recipe, output: Path, options: RunOptions,
+                   on_plan: Callable[[dict], None] | None) -> MergeResult:
+    from .merge import check_free_space, run_merge
+
+    check_free_space(output, built.output_bytes)  # before a long search or Fisher computation
     summary = plan_summary(built)
     if on_plan is not None:
-        try:
-            on_plan(summary)
-        except BaseException:
-            built.release()
-            raise
+        on_plan(summary)
     evaluate_output = None
     if loaded.tasks and options.evaluate:
         from .evaluation.evaluate_model import evaluate_model, prepare_tasks
@@ -268,18 +271,10 @@ def merge(recipe: str | Path | Recipe, options: RunOptions | None = None, *, on_
         if _needs_fishers(built):
             from .fisher.engine import ensure_fishers
 
-            try:
-                for r in ensure_fishers(built, progress=options.progress, **device_settings(options)):
-                    logger.info("Fisher of %s: %s (%s)", r.model, r.path, r.source)
-            except BaseException:
-                built.release()
-                raise
+            for r in ensure_fishers(built, progress=options.progress, **device_settings(options)):
+                logger.info("Fisher of %s: %s (%s)", r.model, r.path, r.source)
         result = run_merge(built, output, overwrite=options.overwrite, progress=options.progress, evaluate=evaluate_output)
     result.summary = summary
-    if push_repo:
-        from .publish import push_folder
-
-        result.pushed = push_folder(result.output, push_repo, private=options.private, message=f"Merge with hfmerge ({loaded.method.name})")
     return result
 
 

@@ -360,7 +360,13 @@ def check_not_input(path: Path, inputs: list[InputPath], *, what: str = "output 
 
 
 def check_output(output: Path, overwrite: bool, inputs: list[InputPath] | None = None) -> None:
-    """Fail early (in the plan step, before anything is read) when the output cannot be written.
+    """Fail early (in the plan step, before anything is read) when the output cannot be written,
+    and clear what killed runs left beside it.
+
+    In this order: the output may not touch an input; stale temporary folders of killed runs
+    on this output are removed (a killed overwrite may have left the old output in one, which
+    is put back, so this comes before the existence check); then an existing output needs
+    `overwrite`.
 
     Args:
         output: The output folder.
@@ -374,6 +380,7 @@ def check_output(output: Path, overwrite: bool, inputs: list[InputPath] | None =
     """
     output = Path(output)
     check_not_input(output, inputs or [])
+    clean_stale_temp_folders(output)
     if output.exists() and not overwrite:
         raise OutputExistsError(f"output folder {output} already exists; choose another output folder or allow replacing it",
                                 options=("output", "overwrite"))
@@ -563,11 +570,7 @@ def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progres
     """
     output = Path(output).absolute()
     try:
-        inputs = plan_input_paths(plan)
-        check_not_input(output, inputs)
-        # First, as a killed --overwrite may have left the old output in a backup to put back.
-        clean_stale_temp_folders(output)
-        check_output(output, overwrite, inputs)
+        check_output(output, overwrite, plan_input_paths(plan))
         check_free_space(output, plan.output_bytes)
         try:
             output.parent.mkdir(parents=True, exist_ok=True)

@@ -125,3 +125,18 @@ def test_search_only_then_a_resumed_merge_reuses_its_trials(experts, tmp_path, c
     assert result.search.trials == found.trials and result.search.best_params == found.best_params
     with pytest.raises(hfmerge.RecipeError, match="no coefficient search"):
         hfmerge.search(write_recipe(tmp_path / "avg.yaml", merge_method="linear", models=[{"model": m} for m in experts["models"]]))
+
+
+def test_a_merge_that_fails_after_planning_releases_the_plan(t5, tmp_path, monkeypatch):
+    """Whatever fails once the plan is built (here the caller's own callback), the plan's
+    downloads and scratch folder are released and no output appears."""
+    released = []
+    real_release = hfmerge.MergePlan.release
+    monkeypatch.setattr(hfmerge.MergePlan, "release", lambda self: (released.append(self), real_release(self)))
+
+    def refuse(summary: dict) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        hfmerge.merge(ties_recipe(t5, tmp_path), output=tmp_path / "out", progress=False, on_plan=refuse)
+    assert len(released) >= 1 and not (tmp_path / "out").exists()
