@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from .api import check_report_path, check_repo_id, merge, plan, plan_summary
-from .checkpoints.writer import write_report_file
+from .checkpoints.writer import human_size, write_report_file
 from .errors import HfMergeError
 from .options import RunOptions
 from .publish import push
@@ -37,14 +37,6 @@ examples:
 
 The recipe format (mergekit-compatible keys) is documented in docs/recipes.md.
 """
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 def _count(n: int) -> str:
@@ -104,8 +96,8 @@ def _print_plan(s: dict) -> None:
         print(f"    {m['key']}: {m['ref']}" + (f"  ({mp})" if mp else ""))
     print(f"  tensors:     {s['tensors']} ({s['tensors_merged']} merged, {s['tensors_copied']} copied)")
     print(f"  parameters:  {_count(s['parameters_count'])}")
-    print(f"  output:      {_human(s['output_bytes'])} in {s['output_shards']} shard(s)")
-    print(f"  peak memory: about {_human(s['estimated_peak_memory_bytes'])} (estimated)")
+    print(f"  output:      {human_size(s['output_bytes'])} in {s['output_shards']} shard(s)")
+    print(f"  peak memory: about {human_size(s['estimated_peak_memory_bytes'])} (estimated)")
     if s.get("fishers_to_compute"):
         print(f"  fishers:     computed (or read from the cache) for {len(s['fishers_to_compute'])} model(s) on their tasks")
     if s["warnings"]:

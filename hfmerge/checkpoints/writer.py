@@ -69,7 +69,7 @@ def human_size(n: float) -> str:
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
-    return f"{n:.1f} TB"
+    raise AssertionError("unreachable: the loop returns at TB")
 
 
 def free_bytes(path: Path) -> int | None:
