@@ -27,10 +27,10 @@ if TYPE_CHECKING:
     from .evaluation.evaluate_model import EvalReport
     from .evaluation.tasks import TaskSpec
     from .fisher.engine import FisherRecord
-    from .merge import InputPath, MergeResult
-    from .plan import MergePlan
+    from .merging import InputPath, MergeResult
+    from .planning import MergePlan
     from .recipe import Recipe
-    from .search import SearchResult
+    from .searching import SearchResult
 
 logger = logging.getLogger("hfmerge")
 
@@ -138,7 +138,7 @@ def check_repo_id(repo_id: str, field: str = "repo_id") -> None:
 
 
 def _inputs(recipe: Recipe, options: RunOptions) -> list[InputPath]:
-    from .merge import recipe_input_paths
+    from .merging import recipe_input_paths
 
     return recipe_input_paths(recipe, low_disk=options.low_disk, storage=options.storage)
 
@@ -157,7 +157,7 @@ def check_report_path(path: str | Path, recipe: str | Path | Recipe, options: Ru
     Raises:
         OutputIsInputError: It is, contains or lies inside something the run reads.
     """
-    from .merge import check_not_input
+    from .merging import check_not_input
 
     options = options or RunOptions()
     check_not_input(Path(path), _inputs(_load(recipe, options), options), what=what, remedy=remedy)
@@ -183,8 +183,8 @@ def plan(recipe: str | Path | Recipe, options: RunOptions | None = None, **overr
         HubAccessError: `push_to_hub` is set and the token cannot write the repo.
         OutputIsInputError: `output` is given and is, contains or lies inside an input.
     """
-    from .merge import check_not_input
-    from .plan import build_plan
+    from .merging import check_not_input
+    from .planning import build_plan
 
     options = _options(options, overrides)
     loaded = _load(recipe, options)
@@ -224,8 +224,8 @@ def merge(recipe: str | Path | Recipe, options: RunOptions | None = None, *, on_
         OutputWriteError: The disk is full, read-only or not writable (nothing is left behind).
         HfMergeError: Any other problem found while planning or merging.
     """
-    from .merge import check_output
-    from .plan import build_plan
+    from .merging import check_output
+    from .planning import build_plan
 
     options = _options(options, overrides)
     loaded = _load(recipe, options)
@@ -248,7 +248,7 @@ def merge(recipe: str | Path | Recipe, options: RunOptions | None = None, *, on_
 
 def _merge_planned(built: MergePlan, loaded: Recipe, output: Path, options: RunOptions,
                    on_plan: Callable[[dict], None] | None) -> MergeResult:
-    from .merge import check_free_space, run_merge
+    from .merging import check_free_space, run_merge
 
     check_free_space(output, built.output_bytes)  # before a long search or Fisher computation
     summary = plan_summary(built)
@@ -302,7 +302,7 @@ def search(recipe: str | Path | Recipe, options: RunOptions | None = None, **ove
             the storage cannot be opened.
     """
     from .dfmerge import search_coefficients
-    from .plan import build_plan
+    from .planning import build_plan
 
     options = _options(options, overrides)
     loaded = _load(recipe, options)
@@ -339,7 +339,7 @@ def compute_fishers(recipe: str | Path | Recipe, options: RunOptions | None = No
         FisherError: A Fisher cannot be computed.
     """
     from .fisher.engine import ensure_fishers
-    from .plan import build_plan
+    from .planning import build_plan
 
     options = _options(options, overrides)
     loaded = _load(recipe, options)

@@ -14,7 +14,7 @@ import yaml
 
 from . import __version__
 from .constants import FILE_BUILDERS, TORCH_DTYPE_NAMES
-from .plan import MergePlan
+from .planning import MergePlan
 
 PIPELINE_BY_SUFFIX = (
     ("ForConditionalGeneration", "text2text-generation"),

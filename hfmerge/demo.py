@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from .merge import run_merge
-from .plan import build_plan
+from .merging import run_merge
+from .planning import build_plan
 from .recipe import load_recipe
 from .testing import build_base, build_finetuned, load_base_state
 

@@ -38,10 +38,10 @@ from .fisher.diagonal import diagonal_fisher
 from .fisher.engine import FisherSettings, encode_for_model, fisher_examples, fisher_metadata, settings_from_recipe, to_checkpoint_names
 from .methods.dfmerge import Equation8
 from .options import RunOptions, device_settings
-from .search import SearchResult, SearchSettings, TrialOutcome, plot_trajectory, run_search
+from .searching import SearchResult, SearchSettings, TrialOutcome, plot_trajectory, run_search
 
 if TYPE_CHECKING:
-    from .merge import MergeResult
+    from .merging import MergeResult
 
 logger = logging.getLogger(__name__)
 
@@ -269,8 +269,8 @@ def run_dfmerge(plan: Any, output: Path, options: RunOptions, *, evaluate: Calla
         OptionError: A device map (`max_memory`, `offload_folder`) was asked for.
         SearchError: The search cannot start or continue.
     """
-    from .merge import run_merge
-    from .plan import attach_fishers
+    from .merging import run_merge
+    from .planning import attach_fishers
 
     recipe = plan.recipe
     output = Path(output).absolute()

@@ -108,7 +108,7 @@ def test_evaluate_scores_a_model_on_a_recipes_tasks(tiny_models, tmp_path, capsy
 
 def test_import_hfmerge_is_light_and_the_api_names_survive_their_modules():
     code = ("import sys, hfmerge; assert 'torch' not in sys.modules, 'torch imported'; "
-            "import hfmerge.merge, hfmerge.plan; from hfmerge.merge import run_merge; "
+            "import hfmerge.merging, hfmerge.planning, hfmerge.searching; from hfmerge.merging import run_merge; "
             "assert callable(hfmerge.merge) and callable(hfmerge.plan) and hfmerge.merge.__module__ == 'hfmerge.api'")
     subprocess.run([sys.executable, "-c", code], check=True)
     assert set(hfmerge.__all__) <= set(dir(hfmerge))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import shutil
 import struct
 from pathlib import Path
@@ -11,16 +10,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from hfmerge import merging as merge_module
 from hfmerge.cli import main
 from hfmerge.errors import CheckpointError, FisherFileError, IncompatibleCheckpointsError, NonFiniteTensorError, OutputExistsError
-from hfmerge.merge import run_merge
-from hfmerge.plan import build_plan
+from hfmerge.merging import run_merge
+from hfmerge.planning import build_plan
 from hfmerge.recipe import load_recipe
 from hfmerge.testing import load_base_state, write_checkpoint
 from test_merge import write_recipe
 
-# The module, not the function `hfmerge.merge` of the same name.
-merge_module = importlib.import_module("hfmerge.merge")
 
 
 def recipe_for(tmp_path: Path, base: Path, models: list[Path], **extra) -> Path:

@@ -197,7 +197,7 @@ def test_a_fisher_for_a_model_and_lambda_already_computed_is_reused(experts, tmp
     import hfmerge.dfmerge as dfm
     from hfmerge.evaluation.evaluate_model import prepare_tasks
     from hfmerge.fisher.models import load_tokenizer
-    from hfmerge.plan import build_plan
+    from hfmerge.planning import build_plan
 
     recipe = load_recipe(write(tmp_path / "df.yaml", experts, {"fisher_examples": 6}))
     plan = build_plan(recipe)

@@ -427,7 +427,7 @@ def test_fisher_through_an_accelerate_device_map_with_disk_offload_equals_the_in
     # Those settings really offload: the model the engine loads has parameters off-device.
     from hfmerge.fisher.models import load_model_device_map
     from hfmerge.fisher.offload import is_offloaded
-    from hfmerge.plan import build_plan
+    from hfmerge.planning import build_plan
     from hfmerge.recipe import load_recipe
 
     plan = build_plan(load_recipe(recipe))

@@ -214,8 +214,8 @@ def test_a_header_range_read_that_disagrees_with_the_verified_shard_stops_the_me
     import dataclasses
 
     from hfmerge.errors import CheckpointError
-    from hfmerge.merge import run_merge
-    from hfmerge.plan import build_plan
+    from hfmerge.merging import run_merge
+    from hfmerge.planning import build_plan
     from hfmerge.recipe import load_recipe
 
     repos, recipe, _, _ = family

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from hfmerge.cli import main
 from hfmerge.errors import CheckpointError
-from hfmerge.plan import build_plan
+from hfmerge.planning import build_plan
 from hfmerge.recipe import load_recipe
 from hfmerge.testing import build_finetuned, load_base_state
 from test_merge import write_recipe
@@ -57,7 +57,7 @@ def test_a_commit_after_the_plan_does_not_change_the_result_and_revisions_select
     plan = build_plan(load_recipe(recipe))
     changed = build_finetuned(t5.base, tmp_path / "changed", seed=99)
     hub.commit_direct(repos["a"], {"model.safetensors": changed / "model.safetensors"}, "new weights")
-    from hfmerge.merge import run_merge
+    from hfmerge.merging import run_merge
 
     out = run_merge(plan, tmp_path / "out", progress=False).output
     expected = load_base_state(local["a"])
@@ -115,7 +115,7 @@ def test_dropped_connection_mid_shard_is_recovered(hub, hub_family, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", merge_method="task_arithmetic", base_model=repos["base"], models=[{"model": repos["a"]}])
     plan = build_plan(load_recipe(recipe))
     hub.drop_connection_after(path_contains=f"{repos['a']}/resolve", nbytes=3000, times=1)
-    from hfmerge.merge import run_merge
+    from hfmerge.merging import run_merge
 
     out = run_merge(plan, tmp_path / "out", progress=False).output
     gets = [r.body_bytes for r in hub.requests_matching("GET", f"{repos['a']}/resolve")]
@@ -169,7 +169,7 @@ def test_persistent_503_is_reported_clearly(hub, hub_family, tmp_path, monkeypat
     recipe = write_recipe(tmp_path / "r.yaml", merge_method="task_arithmetic", base_model=repos["base"], models=[{"model": repos["a"]}])
     plan = build_plan(load_recipe(recipe))
     hub.fail_next(path_contains=f"{repos['a']}/resolve", status=503, times=None)
-    from hfmerge.merge import run_merge
+    from hfmerge.merging import run_merge
 
     with pytest.raises(CheckpointError, match=r"models\[0\].model .*model.safetensors: could not be downloaded: the Hub did not answer or answered with an error .*503.*retry later"):
         run_merge(plan, tmp_path / "out", progress=False)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from hfmerge.checkpoints.lora import PEFT_PREFIX, AdapterConfig, check_adapter_base
 from hfmerge.cli import main
 from hfmerge.errors import CheckpointError, IncompatibleCheckpointsError
-from hfmerge.plan import build_plan
+from hfmerge.planning import build_plan
 from hfmerge.recipe import load_recipe
 from hfmerge.refs import ModelRef
 from hfmerge.testing import load_base_state, write_checkpoint

@@ -12,8 +12,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from hfmerge.cli import main
-from hfmerge.merge import run_merge
-from hfmerge.plan import build_plan
+from hfmerge.merging import run_merge
+from hfmerge.planning import build_plan
 from hfmerge.recipe import load_recipe
 from hfmerge.testing import FAMILIES, build_finetuned, load_base_state, write_checkpoint
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hfmerge.methods import METHODS
-from hfmerge.merge import dare_seed
+from hfmerge.merging import dare_seed
 
 t = torch.tensor
 

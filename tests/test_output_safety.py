@@ -10,7 +10,6 @@ the umask applied to the output; atomic Fisher cache writes.
 from __future__ import annotations
 
 import errno
-import importlib
 import json
 import logging
 import os
@@ -27,14 +26,14 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from hfmerge import merging as merge_module
+from hfmerge import planning as planning_module
 from hfmerge.checkpoints import writer as writer_module
 from hfmerge.cli import main
-from hfmerge.plan import build_plan
+from hfmerge.planning import build_plan
 from hfmerge.recipe import load_recipe
 from hfmerge.testing import load_base_state
 
-# The module, not the function `hfmerge.merge` of the same name.
-merge_module = importlib.import_module("hfmerge.merge")
 
 TEMP_MARK = ".hfmerge-"
 
@@ -138,7 +137,7 @@ def test_an_output_that_is_contains_or_lies_inside_an_input_is_refused_before_an
     before = snapshot(*watched)
     existed = os.path.lexists(output)
     # Refused before any reading: building the plan would be a bug.
-    monkeypatch.setattr(importlib.import_module("hfmerge.plan"), "build_plan", lambda *a, **k: pytest.fail("the plan was built"))
+    monkeypatch.setattr(planning_module, "build_plan", lambda *a, **k: pytest.fail("the plan was built"))
     args = [str(work["full"]), "-o", str(output), "-q", "--no-eval"] + (["--overwrite"] if how != "plain" else [])
     assert main(args) == 1
     err = one_line_error(capsys)
@@ -315,7 +314,7 @@ def test_stale_temporary_folders_are_removed_and_others_left(work, caplog):
     unknown = fake_temp(out, "unknown1", None)
     search = out.parent / f".{out.name}.hfmerge-search"
     search.mkdir()
-    with caplog.at_level(logging.INFO, logger="hfmerge.merge"):
+    with caplog.at_level(logging.INFO, logger="hfmerge.merging"):
         merge_module.run_merge(build_plan(load_recipe(work["simple"])), out, progress=False)
     assert not stale.exists() and not reused.exists()
     assert live.exists() and remote.exists() and unknown.exists() and search.is_dir()

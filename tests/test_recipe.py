@@ -78,7 +78,7 @@ def test_gradients_interpolate_over_relative_depth(folders):
 
 
 def test_relative_depths_follow_mergekit_layer_positions():
-    from hfmerge.plan import relative_depths
+    from hfmerge.planning import relative_depths
 
     names = ["shared.weight", "encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.block.2.layer.1.DenseReluDense.wi.weight",
              "encoder.block.1.layer.0.SelfAttention.q.weight", "decoder.block.0.layer.0.SelfAttention.q.weight",

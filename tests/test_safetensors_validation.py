@@ -23,7 +23,7 @@ from hfmerge.checkpoints.reader import open_local_checkpoint
 from hfmerge.checkpoints.safetensors_header import read_header
 from hfmerge.cli import main
 from hfmerge.errors import CheckpointError, RecipeError
-from hfmerge.plan import build_plan
+from hfmerge.planning import build_plan
 from hfmerge.recipe import load_recipe, parse_recipe
 from hfmerge.refs import ModelRef
 from test_merge import write_recipe

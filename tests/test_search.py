@@ -21,7 +21,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from hfmerge.errors import HfMergeError, SearchError
-from hfmerge.search import (
+from hfmerge.searching import (
     SearchSettings, TrialOutcome, plot_trajectory, read_trial_log, run_search,
 )
 
@@ -152,7 +152,7 @@ def test_nan_score_fails_the_trial_and_the_search_goes_on(tmp_path, caplog):
         calls.append(lambdas)
         return TrialOutcome(score=float("nan")) if len(calls) == 2 else smooth(lambdas)
 
-    with caplog.at_level(logging.WARNING, logger="hfmerge.search"):
+    with caplog.at_level(logging.WARNING, logger="hfmerge.searching"):
         result = run_search(objective, settings(n_trials=5, n_startup_trials=3), workdir=tmp_path, progress=False)
     assert "trial 1: the objective returned nan" in caplog.text
     states = [t.state for t in journal_study(tmp_path).trials]
@@ -189,7 +189,7 @@ def test_exception_fails_the_trial_propagates_and_resume_continues(tmp_path):
 KILLED_RUN = """
 import os, signal, sys
 from pathlib import Path
-from hfmerge.search import SearchSettings, TrialOutcome, run_search
+from hfmerge.searching import SearchSettings, TrialOutcome, run_search
 
 workdir = Path(sys.argv[1])
 calls = []
@@ -230,7 +230,7 @@ def test_resume_after_a_killed_run(tmp_path):
 WORKER = """
 import sys, time
 from pathlib import Path
-from hfmerge.search import SearchSettings, TrialOutcome, run_search
+from hfmerge.searching import SearchSettings, TrialOutcome, run_search
 
 storage, workdir, index = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 first_running = workdir.parent / "first-trial-running"

@@ -33,7 +33,7 @@ it is unknown does the config's ``fan_in_fan_out`` decide.
 
 Adapted tensors are returned in float32 (the base weight upcast, then the update added), so a
 task vector ``(W + ΔW) − W`` keeps ΔW exactly instead of losing it to bf16/fp16 rounding of the
-sum; merge.py computes in float32 anyway.
+sum; merging.py computes in float32 anyway.
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ def check_outputs(args: argparse.Namespace) -> None:
     """`hfmerge eval`: --json may not replace or land inside the model, the tasks file or the task data."""
     if not getattr(args, "json", None):
         return
-    from ..merge import InputPath, cache_input_paths, check_not_input, task_input_paths
+    from ..merging import InputPath, cache_input_paths, check_not_input, task_input_paths
     from .tasks import load_tasks_file
 
     inputs = [InputPath(Path(args.recipe), "the tasks file")] + task_input_paths(load_tasks_file(args.recipe))

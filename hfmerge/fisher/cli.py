@@ -85,7 +85,7 @@ def check_outputs(args: argparse.Namespace) -> None:
     """`hfmerge fisher`: --json and --copy-to may not replace or land inside what the recipe reads."""
     if not (getattr(args, "json", None) or getattr(args, "copy_to", None)):
         return
-    from ..merge import InputPath, check_not_input, recipe_input_paths
+    from ..merging import InputPath, check_not_input, recipe_input_paths
     from ..recipe import load_recipe
 
     inputs = recipe_input_paths(load_recipe(args.recipe))

@@ -237,7 +237,7 @@ def ensure_fishers(plan: Any, *, progress: bool = True, device: str | torch.devi
         One record per model, in the recipe's order.
     """
     from ..evaluation.tasks import load_task_data
-    from ..plan import attach_fishers
+    from ..planning import attach_fishers
     from .models import load_tokenizer
 
     recipe = plan.recipe

@@ -69,7 +69,7 @@ def validate(recipe: "Recipe", source: str) -> list[str]:
     """The search's data and settings: one task per model, λ searched for all models or fixed
     for all, and a non-empty search space that holds every enqueued point.
 
-    These are the recipe's only checks of the search settings: `hfmerge.search.SearchSettings`
+    These are the recipe's only checks of the search settings: `hfmerge.searching.SearchSettings`
     checks its own fields again only for callers that build it without a recipe.
 
     Args:

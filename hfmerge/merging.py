@@ -37,7 +37,7 @@ from .constants import TORCH_DTYPE_NAMES
 from .errors import (
     HfMergeError, IncompatibleCheckpointsError, NonFiniteTensorError, OutputExistsError, OutputIsInputError, OutputWriteError,
 )
-from .plan import MergePlan, TensorPlan
+from .planning import MergePlan, TensorPlan
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
