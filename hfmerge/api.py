@@ -233,6 +233,8 @@ def merge(recipe: str | Path | Recipe, options: RunOptions | None = None, *, on_
     push_repo = _check_push(loaded, options)
     # Nothing the recipe reads may be replaced by what this run writes: refused before any reading.
     # Also clears temporary folders that killed runs left on this output.
+    if options.device == "cuda":
+        device_settings(options)  # no CUDA device here: an error now, whatever the method
     check_output(output, options.overwrite, _inputs(loaded, options))
     built = build_plan(loaded, low_disk=options.low_disk)
     try:

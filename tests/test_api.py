@@ -140,3 +140,12 @@ def test_a_merge_that_fails_after_planning_releases_the_plan(t5, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         hfmerge.merge(ties_recipe(t5, tmp_path), output=tmp_path / "out", progress=False, on_plan=refuse)
     assert len(released) >= 1 and not (tmp_path / "out").exists()
+
+
+def test_cuda_without_a_gpu_is_refused_before_planning_for_static_merges_too(t5, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(hfmerge.OptionError, match="no CUDA device") as info:
+        hfmerge.merge(ties_recipe(t5, tmp_path), output=tmp_path / "out", device="cuda", progress=False)
+    assert info.value.options == ("device",) and not (tmp_path / "out").exists()
