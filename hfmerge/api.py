@@ -20,7 +20,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from .errors import OptionError, RecipeError
+from .errors import OptionError, RecipeError, short_repr
 from .options import RunOptions, device_settings
 
 if TYPE_CHECKING:
@@ -114,27 +114,35 @@ def _push_target(recipe: Recipe, options: RunOptions) -> str | None:
 
 
 def _check_push(recipe: Recipe, options: RunOptions) -> str | None:
-    """The repo a run pushes to, once the token is known to write there (None: no push)."""
+    """The full id of the repo a run pushes to, once the token is known to write there (None:
+    no push); a bare name gets the token's user as namespace."""
     repo_id = _push_target(recipe, options)
-    if repo_id:
-        from .publish import check_push_access
+    if not repo_id:
+        return None
+    from .publish import check_push_access
 
-        # A missing or read-only token fails here, in seconds, not after a long merge or search.
-        check_push_access(repo_id)
-    return repo_id
+    # A missing or read-only token fails here, in seconds, not after a long merge or search.
+    return check_push_access(repo_id).repo_id
 
 
 def check_repo_id(repo_id: str, field: str = "repo_id") -> None:
-    """Refuse anything but a plain Hub repo id ``org/name`` (no revision, no local path).
+    """Refuse anything but a Hub repo id to push to: ``org/name``, or a bare ``name`` (which
+    goes to the token's user); no revision, no local path.
 
     Raises:
         RecipeError: Naming `field`.
     """
+    from .constants import REPO_ID
     from .refs import parse_model_ref
 
-    ref = parse_model_ref(repo_id, field=field) if "/" in repo_id and not repo_id.startswith((".", "/", "~")) else None
+    if "/" not in repo_id and "@" not in repo_id and not repo_id.startswith((".", "~")):
+        if REPO_ID.match(repo_id) and "--" not in repo_id and ".." not in repo_id:
+            return
+        ref = None
+    else:
+        ref = parse_model_ref(repo_id, field=field) if not repo_id.startswith((".", "/", "~")) else None
     if ref is None or ref.repo_id is None or ref.revision is not None:
-        raise RecipeError(f"{field}: {repo_id!r} is not a Hub repo id; expected org/name")
+        raise RecipeError(f"{field}: {short_repr(repo_id)} is not a Hub repo id; expected org/name or a name of your own")
 
 
 def _inputs(recipe: Recipe, options: RunOptions) -> list[InputPath]:

@@ -46,6 +46,7 @@ class PushAccess:
     user: str
     namespace: str
     token_role: str | None  # "write", "fineGrained", or None when the Hub does not say
+    repo_id: str = ""  # the full ``namespace/name`` (a bare name gets the token's user as namespace)
 
 
 def check_push_access(repo_id: str, *, token: str | None = None) -> PushAccess:
@@ -57,11 +58,12 @@ def check_push_access(repo_id: str, *, token: str | None = None) -> PushAccess:
     role is not ``read``). An existing repo belongs to its namespace, so the same check covers it.
 
     Args:
-        repo_id: The target ``namespace/name``.
+        repo_id: The target ``namespace/name``, or a bare ``name``: then the namespace is the
+            token's user, as the Hub's own command line does.
         token: A token; by default the one huggingface_hub finds (``HF_TOKEN``, ``hf auth login``).
 
     Returns:
-        The user the push will write as.
+        The user the push will write as, and the full repo id.
 
     Raises:
         HubAccessError: No token, an invalid or read-only token, a namespace the token cannot
@@ -69,16 +71,19 @@ def check_push_access(repo_id: str, *, token: str | None = None) -> PushAccess:
     """
     from huggingface_hub import get_token
 
-    namespace = repo_id.split("/", 1)[0]
+    namespace = repo_id.split("/", 1)[0] if "/" in repo_id else "your account"
     token = token or get_token()
     if not token:
         raise HubAccessError(f"push to {repo_id}: no Hugging Face token found; {_token_help(namespace)}")
     info = _whoami(repo_id, namespace, token)
+    if "/" not in repo_id:
+        namespace = str(info.get("name"))
+        repo_id = f"{namespace}/{repo_id}"
     reason = _write_denied(info, namespace, repo_id)
     if reason is not None:
         raise HubAccessError(f"push to {repo_id} refused: {reason}; {_token_help(namespace)}")
     access = (info.get("auth") or {}).get("accessToken") or {}
-    result = PushAccess(user=str(info.get("name")), namespace=namespace, token_role=access.get("role"))
+    result = PushAccess(user=str(info.get("name")), namespace=namespace, token_role=access.get("role"), repo_id=repo_id)
     log.info("Hub token of %s can write to %s", result.user, namespace)
     return result
 
@@ -206,7 +211,8 @@ def push(folder: Path, repo_id: str, *, private: bool = False, message: str = DE
 
     Args:
         folder: A folder a merge wrote.
-        repo_id: The target ``namespace/name``; created when missing.
+        repo_id: The target ``namespace/name`` (a bare ``name`` goes to the token's user); created
+            when missing.
         private: Create the repo as private (an existing repo keeps its visibility).
         message: The commit message.
 
@@ -219,8 +225,8 @@ def push(folder: Path, repo_id: str, *, private: bool = False, message: str = DE
         PublishError: The upload failed; nothing was committed.
     """
     check_output_folder(folder)
-    check_push_access(repo_id)
-    return push_folder(Path(folder), repo_id, private=private, message=message)
+    access = check_push_access(repo_id)
+    return push_folder(Path(folder), access.repo_id, private=private, message=message)
 
 
 def push_folder(folder: Path, repo_id: str, *, private: bool = False, message: str = DEFAULT_COMMIT_MESSAGE) -> PublishResult:

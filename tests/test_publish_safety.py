@@ -255,10 +255,25 @@ def test_push_subcommand_checks_the_token_before_uploading(hub, merged, capsys, 
     assert not hub.requests_matching("POST") and not hub.repo_exists(target)
 
 
-def test_push_subcommand_rejects_a_bad_repo_id(hub, hf_token, merged, capsys):
-    assert main(["push", str(merged), "no-namespace"]) == 1
-    assert "REPO_ID: 'no-namespace' is not a Hub repo id" in capsys.readouterr().err
+@pytest.mark.parametrize("bad", ["org/name@main", "./folder", "a/b/c", "bad--name"])
+def test_push_subcommand_rejects_a_bad_repo_id(hub, hf_token, merged, capsys, bad):
+    assert main(["push", str(merged), bad]) == 1
+    err = capsys.readouterr().err
+    assert f"REPO_ID: {bad!r}" in err and "Hub repo id" in err
     assert not hub.requests
+
+
+def test_a_bare_repo_name_goes_to_the_token_users_namespace(hub, merged, t5, tmp_path, capsys, monkeypatch):
+    """As the Hub's own command line does: `name` means `<token user>/name`."""
+    user = hub.unique_repo_id("u").split("/")[1].replace("-", "")
+    _use_token(monkeypatch, hub, user=user, role="write")
+    name = "bare-" + user
+    assert main(["push", str(merged), name, "-q"]) == 0
+    assert f"Pushed to {user}/{name}:" in capsys.readouterr().out and hub.repo_exists(f"{user}/{name}")
+    # The same through a merge's --push-to-hub.
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="average", base_model=t5.base, models=[{"model": m} for m in t5.finetuned[:2]])
+    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q", "--push-to-hub", name + "-2"]) == 0
+    assert hub.repo_exists(f"{user}/{name}-2")
 
 
 # ----------------------------------------------------------------------------------------------
