@@ -606,3 +606,19 @@ def test_task_evaluator_reuses_encodings_across_weight_changes(tmp_path, tiny_mo
     after = evaluator.scores(model)["sentiment"]
     assert len(evaluator._encoded) == 1 and before != after
     assert after == score_options(model, tokenizer, load_task_data(spec).validation, batch_size=8)
+
+
+def test_a_model_folder_without_a_tokenizer_is_refused_not_scored_at_chance(tiny_models, tmp_path):
+    import shutil
+
+    from hfmerge.errors import EvaluationError
+    from hfmerge.evaluation.evaluate_model import load_model_for_eval
+
+    folder = Path(shutil.copytree(tiny_models["t5"], tmp_path / "no-tokenizer"))
+    for p in folder.iterdir():
+        if p.name not in ("config.json", "generation_config.json", "model.safetensors"):
+            p.unlink()
+    with pytest.raises(EvaluationError, match="has no tokenizer"):
+        load_model_for_eval(folder)
+    model, tokenizer = load_model_for_eval(tiny_models["t5"])
+    assert len(tokenizer) > 0

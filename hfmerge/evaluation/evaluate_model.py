@@ -389,6 +389,10 @@ def _device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+# Files that hold a tokenizer's vocabulary (one of them must be in a model folder to score it).
+VOCABULARY_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt")
+
+
 def load_model_for_eval(model: str | Path, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> tuple[Any, Any]:
     """Load a model and its tokenizer for scoring.
 
@@ -430,6 +434,12 @@ def load_model_for_eval(model: str | Path, *, device: str | torch.device | None 
         from ..refs import parse_model_ref
 
         source = str(download_hub_model(parse_model_ref(text, field="model"), label="model"))
+    vocabularies = [name for name in VOCABULARY_FILES if (Path(source) / name).is_file()]
+    if not vocabularies:
+        # transformers would build a tokenizer of special tokens only and every score would be
+        # chance: refuse instead.
+        raise EvaluationError(f"{source} has no tokenizer (none of {', '.join(VOCABULARY_FILES)}); copy the tokenizer files of its "
+                              "base model into the folder (a merge copies them from its tokenizer_source)", options=("model",))
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=False)
         cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
