@@ -25,7 +25,7 @@ from .options import RunOptions, device_settings
 
 if TYPE_CHECKING:
     from .evaluation.evaluate_model import EvalReport
-    from .evaluation.tasks import TaskSpec
+    from .evaluation.tasks import TaskData, TaskSpec
     from .fisher.engine import FisherRecord
     from .merging import InputPath, MergeResult
     from .planning import MergePlan
@@ -366,7 +366,7 @@ def compute_fishers(recipe: str | Path | Recipe, options: RunOptions | None = No
         built.release()
 
 
-def evaluate(model: str | Path | Any, tasks: str | Path | Recipe | Sequence[TaskSpec], *, split: str = "validation",
+def evaluate(model: str | Path | Any, tasks: str | Path | Recipe | Sequence[TaskSpec | TaskData], *, split: str = "validation",
              task_names: Sequence[str] | None = None, batch_size: int = 32, device: str | None = "auto", dtype: str | None = None,
              tokenizer: Any = None, progress: bool = True) -> EvalReport:
     """Score a model on tasks by rank classification over the answer options (or generation).
@@ -375,7 +375,9 @@ def evaluate(model: str | Path | Any, tasks: str | Path | Recipe | Sequence[Task
         model: A model folder, a Hub repo id, or a loaded `transformers` model (then give
             `tokenizer`).
         tasks: A YAML file with a ``tasks:`` list (a recipe, a list of tasks or one
-            lm-evaluation-harness task), a parsed `Recipe`, or parsed tasks.
+            lm-evaluation-harness task), a parsed `Recipe`, parsed tasks, or tasks already
+            loaded with their data (`prepare_tasks`), so that repeated evaluations read the
+            data once.
         split: ``"validation"`` or ``"test"``.
         task_names: Evaluate only these tasks.
         batch_size: (example, option) pairs per forward pass.

@@ -121,11 +121,11 @@ class TaskVectorProbe:
             self.prepared[entry["task"]] = prepare_tasks(parse_tasks([entry], source="lab probe"), "validation")
 
     def accuracy(self, state: dict[str, torch.Tensor], task: str) -> float:
-        from hfmerge.evaluation.evaluate_model import evaluate_model
+        import hfmerge
 
         self.model.load_state_dict(state)
-        report = evaluate_model(self.model, self.prepared[task], "validation", tokenizer=self.tokenizer, progress=False,
-                                batch_size=64)
+        report = hfmerge.evaluate(self.model, self.prepared[task], split="validation", tokenizer=self.tokenizer, progress=False,
+                                  batch_size=64, device=None)
         return 100 * report.results[0].metrics["accuracy"]
 
     def state(self, coefficients: dict[str, float], extra: dict[str, torch.Tensor] | None = None,

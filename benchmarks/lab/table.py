@@ -4,8 +4,8 @@
 
 Every merge goes through hfmerge's public path: a recipe YAML (mergekit keys, a ``tasks:``
 section in lm-evaluation-harness keys pointing at the lab's jsonl files) run by
-``hfmerge RECIPE -o DIR`` (`hfmerge.cli.main`), then scored with
-`hfmerge.evaluation.evaluate_model` on the validation split (for the methods that choose
+`hfmerge.merge` (what ``hfmerge RECIPE -o DIR`` runs), then scored with `hfmerge.evaluate`
+on the validation split (for the methods that choose
 hyperparameters) and the test split. A method hfmerge does not have yet (or whose recipe it
 rejects) is listed as "not implemented yet" with the reason, so new methods show up here as
 soon as they land.
@@ -26,10 +26,8 @@ hfmerge's source, so a second run only redoes what changed.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
@@ -154,8 +152,12 @@ class Lab:
         return self.work / f"{recipe['merge_method']}-{digest}"
 
     def merge(self, recipe: dict) -> tuple[Path, float, Path]:
-        """Run the recipe with the hfmerge CLI (cached). Returns (output folder, seconds, run folder)."""
-        from hfmerge.cli import main as hfmerge_main
+        """Run the recipe with `hfmerge.merge` (cached). Returns (output folder, seconds, run folder).
+
+        Raises:
+            HfMergeError: hfmerge refused or failed the recipe.
+        """
+        import hfmerge
 
         run = self.run_dir(recipe)
         out = run / "merged"
@@ -167,23 +169,19 @@ class Lab:
         run.mkdir(parents=True)
         recipe_path = run / "recipe.yaml"
         recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        err = io.StringIO()
         # A cache of Fishers per run: every method pays for its own Fishers (honest wall
         # times) and nothing is written outside the lab's folder.
         saved = os.environ.get("HFMERGE_CACHE")
         os.environ["HFMERGE_CACHE"] = str(run / "hfmerge-cache")
         start = time.perf_counter()
         try:
-            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-                rc = hfmerge_main([str(recipe_path), "--output", str(out), "--overwrite", "--no-eval", "-q"])
+            hfmerge.merge(recipe_path, hfmerge.RunOptions(output=out, overwrite=True, evaluate=False, progress=False))
         finally:
             if saved is None:
                 os.environ.pop("HFMERGE_CACHE", None)
             else:
                 os.environ["HFMERGE_CACHE"] = saved
         seconds = time.perf_counter() - start
-        if rc != 0:
-            raise RuntimeError(err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else f"hfmerge exited {rc}")
         done.write_text(json.dumps({"seconds": round(seconds, 2)}))
         return out, seconds, run
 
@@ -203,7 +201,7 @@ class Lab:
 
     def score(self, folder: Path, split: str, tasks: tuple[str, ...] = TASKS) -> dict[str, list[int]]:
         """Per task, 1/0 per example: was the prediction right (cached beside the folder)."""
-        from hfmerge.evaluation.evaluate_model import evaluate_model
+        import hfmerge
 
         cache = folder.parent / f"scores2-{folder.name}-{split}-{'-'.join(tasks)}-{self.fingerprint}-{self.settings.eval_validation}-{self.settings.eval_test}.json"
         if cache.exists() and cache.stat().st_mtime >= (folder / "config.json").stat().st_mtime:
@@ -212,7 +210,7 @@ class Lab:
             return cached["correct"]
         prepared = self.prepared(split, tasks)
         start = time.perf_counter()
-        report = evaluate_model(str(folder), prepared, split, progress=self.progress, batch_size=64)
+        report = hfmerge.evaluate(folder, prepared, split=split, progress=self.progress, batch_size=64, device=None)
         self.last_score_seconds = time.perf_counter() - start
         correct = {}
         for data, result in zip(prepared, report.results):

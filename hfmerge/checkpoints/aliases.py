@@ -3,8 +3,11 @@
 T5 stores one embedding that `shared`, `encoder.embed_tokens`, `decoder.embed_tokens` and
 (original T5) `lm_head` all point to; checkpoints on the Hub hold any subset of those names.
 Rather than keep per-architecture tables, hfmerge instantiates the architecture named in
-``config.json`` on the meta device (no memory, no weights, never remote code) and groups the
-state-dict names that share one parameter object.
+``config.json`` on the meta device (no memory, no weights, never remote code) and lets
+accelerate's `find_tied_parameters` group the state-dict names that share one parameter object.
+The meta model stays hfmerge's own because accelerate needs a model to look at and hfmerge
+never loads one to plan; on top of accelerate's groups it unties the output embeddings that a
+checkpoint's config declares untied (see `_tied_groups`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections import defaultdict
 
 import torch
 
@@ -20,7 +22,7 @@ from ..constants import cache_root
 
 logger = logging.getLogger(__name__)
 
-TIES_FORMAT = 1  # bump when the grouping rule below changes
+TIES_FORMAT = 2  # bump when the grouping rule below changes
 
 
 def meta_model(config: dict) -> tuple[torch.nn.Module | None, str | None]:
@@ -94,11 +96,8 @@ def _tied_groups(config: dict) -> tuple[list[frozenset[str]], str | None]:
     model, problem = meta_model(config)
     if model is None:
         return [], f"{problem}; tied tensors must be stored under the same names in every model"
-    by_tensor: dict[int, list[str]] = defaultdict(list)
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_tensor[id(p)].append(name)
-    for name, b in model.named_buffers(remove_duplicate=False):
-        by_tensor[id(b)].append(name)
+    from accelerate.utils import find_tied_parameters
+
     untied: set[str] = set()
     if config.get("tie_word_embeddings") is False:
         # Some configs (T5 in transformers 5) force tying whatever config.json says; a checkpoint
@@ -108,5 +107,5 @@ def _tied_groups(config: dict) -> tuple[list[frozenset[str]], str | None]:
             prefix = next((n for n, mod in model.named_modules(remove_duplicate=False) if mod is out), None)
             if prefix is not None:
                 untied = {f"{prefix}.{n}" for n, _ in out.named_parameters(remove_duplicate=False)}
-    groups = [frozenset(n for n in names if n not in untied) for names in by_tensor.values()]
+    groups = [frozenset(n for n in names if n not in untied) for names in find_tied_parameters(model)]
     return [g for g in groups if len(g) > 1], None

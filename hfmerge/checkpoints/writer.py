@@ -42,7 +42,22 @@ class OutputTensor:
 
 
 def plan_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[list[OutputTensor]]:
-    """Cut tensors, in order, into shards of at most `max_shard_size` bytes (a larger tensor gets its own shard)."""
+    """Cut tensors, in order, into shards of at most `max_shard_size` bytes (a larger tensor gets its own shard).
+
+    huggingface_hub's `split_torch_state_dict_into_shards` cuts the same way until a tensor is
+    larger than a shard: it then sets that tensor aside in a shard of its own and keeps filling
+    the open shard after it, so files no longer follow the tensor order (``[a, BIG, c]`` becomes
+    ``[BIG], [a, c]``) and a writer streaming tensors in plan order would need two files open at
+    once; for an empty model it names no file at all. Here every shard is a contiguous run of the
+    plan, which the streaming writer needs.
+
+    Args:
+        tensors: Every output tensor, in plan order.
+        max_shard_size: Bytes per shard at most.
+
+    Returns:
+        The shards, each a non-empty run of `tensors` in order (one empty shard for no tensors).
+    """
     shards: list[list[OutputTensor]] = [[]]
     size = 0
     for t in tensors:
