@@ -280,9 +280,12 @@ def _merge_planned(built: MergePlan, loaded: Recipe, output: Path, options: RunO
     else:
         if _needs_fishers(built):
             from .fisher.engine import ensure_fishers
+            from .planning import with_fishers
 
-            for r in ensure_fishers(built, progress=options.progress, **device_settings(options)):
+            records = ensure_fishers(built, progress=options.progress, **device_settings(options))
+            for r in records:
                 logger.info("Fisher of %s: %s (%s)", r.model, r.path, r.source)
+            built = with_fishers(built, [r.path for r in records])  # shares the checkpoints `merge` releases
         result = run_merge(built, output, overwrite=options.overwrite, progress=options.progress, evaluate=evaluate_output)
     result.summary = summary
     return result
@@ -349,7 +352,7 @@ def compute_fishers(recipe: str | Path | Recipe, options: RunOptions | None = No
         FisherError: A Fisher cannot be computed.
     """
     from .fisher.engine import ensure_fishers
-    from .planning import build_plan
+    from .planning import build_plan, with_fishers
 
     options = _options(options, overrides)
     loaded = _load(recipe, options)
@@ -361,7 +364,9 @@ def compute_fishers(recipe: str | Path | Recipe, options: RunOptions | None = No
     settings = device_settings(options)
     built = build_plan(loaded)
     try:
-        return ensure_fishers(built, progress=options.progress, **settings)
+        records = ensure_fishers(built, progress=options.progress, **settings)
+        with_fishers(built, [r.path for r in records])  # checked against the checkpoints as a merge will read them
+        return records
     finally:
         built.release()
 

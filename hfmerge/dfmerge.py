@@ -26,7 +26,6 @@ import logging
 import shutil
 import time
 from collections import OrderedDict
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -270,7 +269,7 @@ def run_dfmerge(plan: Any, output: Path, options: RunOptions, *, evaluate: Calla
         SearchError: The search cannot start or continue.
     """
     from .merging import run_merge
-    from .planning import attach_fishers
+    from .planning import with_coefficients
 
     recipe = plan.recipe
     output = Path(output).absolute()
@@ -292,12 +291,9 @@ def run_dfmerge(plan: Any, output: Path, options: RunOptions, *, evaluate: Calla
         plan.release()
         raise
     # The final merge is an ordinary recipe with the coefficients fixed: echoed that way, it
-    # reproduces this model without searching again.
-    raw = json.loads(json.dumps(recipe.raw))
-    raw["models"] = [{"model": m.ref.text, "parameters": {"weight": float(lam)}} for m, lam in zip(recipe.models, lambdas)]
-    plan.recipe = replace(recipe, models=[replace(m, parameters={**m.parameters, "weight": float(lam)}) for m, lam in zip(recipe.models, lambdas)], raw=raw)
-    if fisher_paths is not None:
-        attach_fishers(plan, fisher_paths, [f"Fisher of {m.key} at λ = {lam:.4f}" for m, lam in zip(recipe.models, lambdas)])
+    # reproduces this model without searching again. A new plan, sharing the opened checkpoints.
+    plan = with_coefficients(plan, lambdas, fisher_paths,
+                             [f"Fisher of {m.key} at λ = {lam:.4f}" for m, lam in zip(recipe.models, lambdas)])
 
     test_reports: list[Any] = []
 

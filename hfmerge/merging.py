@@ -313,7 +313,8 @@ def recipe_input_paths(recipe: Any, *, low_disk: bool = False, storage: str | No
 
 def plan_input_paths(plan: MergePlan) -> list[InputPath]:
     """`recipe_input_paths` plus what the plan resolved: the opened folders (Hub snapshots
-    included), Fisher files attached later (a search's) and the low-disk scratch folder."""
+    included), the Fisher files of a derived plan (computed ones, a search's) and the low-disk
+    scratch folder."""
     found = recipe_input_paths(plan.recipe)
     source = plan.recipe.source
     for ckpt in ([plan.base] if plan.base is not None else []) + list(plan.models) + [plan.config_source]:

@@ -7,6 +7,7 @@ and estimates memory and output size.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -59,8 +60,14 @@ class TensorPlan:
         return math.prod(self.shape)
 
 
-@dataclass
+# Frozen, compared by identity: a plan owns opened checkpoints (their download state may change
+# as shards are read and released), but no field is reassigned once the plan is built. A run
+# that learns more later (Fishers computed, coefficients searched) derives a new plan from it.
+@dataclass(frozen=True, eq=False)
 class MergePlan:
+    """Everything a merge reads, resolved and checked: build it with `build_plan`, derive new
+    plans with `with_fishers` and `with_coefficients`."""
+
     recipe: Recipe
     base: Checkpoint | None
     models: list[Checkpoint]
@@ -271,47 +278,100 @@ def _build_plan(recipe: Recipe, scratch: Path | None) -> MergePlan:
             tokenizer_folder = recipe.tokenizer_source.path
         else:
             raise CheckpointError(f"{recipe.source}: tokenizer_source: folder {recipe.tokenizer_source.text!r} not found")
-    plan = MergePlan(recipe, base, models, None, tensors, config_ckpt, tokenizer_folder, warnings, scratch, group_of=group_of)
+    node_layout = None
     if recipe.method.needs_importance and recipe.method.importance == "nodes":
         from .fisher.nodes import layout_from_config
 
-        plan.node_layout = layout_from_config(reference.config, reference.label)
+        node_layout = layout_from_config(reference.config, reference.label)
+    fishers = None
     given = [m.fisher for m in recipe.models]
     if recipe.method.needs_importance and all(f is not None for f in given):
-        attach_fishers(plan, given, [f"{recipe.source}: {m.key}.fisher" for m in recipe.models])  # type: ignore[arg-type]
-    return plan
+        fishers, tensors = _checked_fishers(recipe, models, tensors, group_of, node_layout, given,  # type: ignore[arg-type]
+                                            [f"{recipe.source}: {m.key}.fisher" for m in recipe.models])
+    return MergePlan(recipe, base, models, fishers, tensors, config_ckpt, tokenizer_folder, warnings, scratch,
+                     group_of=group_of, node_layout=node_layout)
 
 
-def attach_fishers(plan: MergePlan, paths: list[Path], labels: list[str] | None = None) -> None:
-    """Open one Fisher file per model (header only) and check it against the checkpoints.
+def with_fishers(plan: MergePlan, paths: list[Path], labels: list[str] | None = None) -> MergePlan:
+    """A new plan: `plan` with one Fisher file per model, checked against the checkpoints.
 
-    A diagonal Fisher must hold every merged tensor (or a tied alias) with its shape; a node
-    Fisher every head and neuron group of the architecture.
+    The new plan shares `plan`'s opened checkpoints and scratch folder (releasing either
+    releases both); `plan` itself is left as it was.
+
+    Args:
+        plan: From `build_plan`.
+        paths: One Fisher file per model, in the recipe's order.
+        labels: How each file is named in messages (default: the recipe's ``models[i].fisher``).
+
+    Returns:
+        The plan whose merge weighs by these Fishers.
 
     Raises:
         FisherFileError: A file is missing, unreadable or does not match.
     """
     labels = labels or [f"{plan.recipe.source}: {m.key}.fisher" for m in plan.recipe.models]
+    fishers, tensors = _checked_fishers(plan.recipe, plan.models, plan.tensors, plan.group_of, plan.node_layout, paths, labels)
+    return replace(plan, fishers=fishers, tensors=tensors)
+
+
+def with_coefficients(plan: MergePlan, lambdas: list[float], fisher_paths: list[Path] | None = None,
+                      fisher_labels: list[str] | None = None) -> MergePlan:
+    """A new plan: `plan` with every model's ``weight`` fixed (and, given, its Fisher file).
+
+    Its recipe is an ordinary recipe with the coefficients written in, echoed that way into
+    the output so that it reproduces the merge without searching again.
+
+    Args:
+        plan: From `build_plan` (a search recipe).
+        lambdas: One weight per model, in the recipe's order.
+        fisher_paths: One Fisher file per model, or None to merge without Fishers.
+        fisher_labels: How each Fisher file is named in messages.
+
+    Returns:
+        The plan of the final merge, sharing `plan`'s opened checkpoints.
+
+    Raises:
+        FisherFileError: A Fisher file is missing, unreadable or does not match.
+    """
+    recipe = plan.recipe
+    raw = json.loads(json.dumps(recipe.raw))
+    raw["models"] = [{"model": m.ref.text, "parameters": {"weight": float(lam)}} for m, lam in zip(recipe.models, lambdas)]
+    fixed = replace(recipe, models=[replace(m, parameters={**m.parameters, "weight": float(lam)}) for m, lam in zip(recipe.models, lambdas)], raw=raw)
+    derived = replace(plan, recipe=fixed)
+    return with_fishers(derived, fisher_paths, fisher_labels) if fisher_paths is not None else derived
+
+
+def _checked_fishers(recipe: Recipe, models: list[Checkpoint], tensors: list[TensorPlan], group_of: dict[str, frozenset[str]],
+                     node_layout: Any, paths: list[Path], labels: list[str]) -> tuple[list[FisherFile], list[TensorPlan]]:
+    """Open one Fisher file per model (header only) and check it against the checkpoints.
+
+    A diagonal Fisher must hold every merged tensor (or a tied alias) with its shape; a node
+    Fisher every head and neuron group of the architecture.
+
+    Returns:
+        The opened files and the tensors with their names in each file (unchanged for nodes).
+
+    Raises:
+        FisherFileError: A file is missing, unreadable or does not match.
+    """
     fishers = [_open_fisher(Path(p), label) for p, label in zip(paths, labels)]
-    if plan.recipe.method.importance == "nodes":
-        layout = plan.node_layout
-        for fisher, model_ckpt in zip(fishers, plan.models):
-            for unit in layout.units:
+    if recipe.method.importance == "nodes":
+        for fisher, model_ckpt in zip(fishers, models):
+            for unit in node_layout.units:
                 info = fisher.tensors.get(unit.key)
                 if info is None:
                     raise FisherFileError(f"{fisher.label}: {fisher.path.name} has no node Fisher {unit.key!r}; compute it for {model_ckpt.label} with hfmerge fisher")
                 if info.shape != (unit.size,):
                     raise FisherFileError(f"{fisher.label}: {unit.key!r} has shape {list(info.shape)}; the architecture has {unit.size} nodes there")
-        plan.fishers = fishers
-        return
-    tensors = []
-    for t in plan.tensors:
+        return fishers, tensors
+    checked = []
+    for t in tensors:
         if not t.merge:
-            tensors.append(t)
+            checked.append(t)
             continue
-        group = plan.group_of.get(t.name)
+        group = group_of.get(t.name)
         sources = []
-        for fisher, model_ckpt in zip(fishers, plan.models):
+        for fisher, model_ckpt in zip(fishers, models):
             src = _find(t.name, fisher.tensors, group)
             if src is None:
                 raise FisherFileError(f"{fisher.label}: {fisher.path.name} has no tensor {t.name!r} (nor a tied alias of it); compute the Fisher for {model_ckpt.label} with the checkpoint's tensor names")
@@ -320,6 +380,5 @@ def attach_fishers(plan: MergePlan, paths: list[Path], labels: list[str] | None 
             if not fisher.tensors[src].is_float:
                 raise FisherFileError(f"{fisher.label}: tensor {src!r} has dtype {fisher.tensors[src].dtype}; Fisher values must be floating point")
             sources.append(src)
-        tensors.append(replace(t, fisher_sources=tuple(sources)))
-    plan.tensors = tensors
-    plan.fishers = fishers
+        checked.append(replace(t, fisher_sources=tuple(sources)))
+    return fishers, checked

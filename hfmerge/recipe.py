@@ -127,9 +127,13 @@ class ModelSpec:
     task: int | None = None  # index into Recipe.tasks of the model's own task
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recipe:
-    """A validated recipe. `raw` is the YAML as written (echoed into the model card)."""
+    """A validated recipe. `raw` is the YAML as written (echoed into the model card).
+
+    Frozen: a run that fixes what the recipe left open (a search's coefficients) makes a new
+    recipe with `dataclasses.replace`.
+    """
 
     method: MergeMethod
     base: ModelRef | None
@@ -449,8 +453,8 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
         # card) says the whole run without the files it included.
         raw={**data, "tasks": [t.raw for t in tasks]} if tasks else data,
     )
-    recipe.warnings = method.check_recipe(recipe, source)
-    return recipe
+    # The method's advice needs the whole recipe to judge, so it completes a second, final copy.
+    return replace(recipe, warnings=method.check_recipe(recipe, source))
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -469,7 +473,5 @@ def load_recipe(path: str | Path) -> Recipe:
     # Safe loading, bounded in size and alias expansion; harness `!function` tags are read as
     # markers so tasks can reject them clearly.
     data = load_yaml_file(path, error=RecipeError)
-    recipe = parse_recipe(data, source=str(path), base_dir=path.parent.resolve())
-    recipe.path = path
-    return recipe
+    return replace(parse_recipe(data, source=str(path), base_dir=path.parent.resolve()), path=path)
 

@@ -223,8 +223,9 @@ class FisherRecord:
 def ensure_fishers(plan: Any, *, progress: bool = True, device: str | torch.device = "cpu", device_map: Any = None,
                    max_memory: dict | None = None, offload_folder: str | Path | None = None, cache_root: Path | None = None,
                    task_data: dict[str, TaskData] | None = None) -> list[FisherRecord]:
-    """Give every model of `plan` a Fisher file: the recipe's, a cached one, or one computed now
-    on the model's task at θ_i; then attach them to the plan (checked against the checkpoints).
+    """Find every model of `plan` a Fisher file: the recipe's, a cached one, or one computed now
+    on the model's task at θ_i. The plan is not changed: `planning.with_fishers(plan, [r.path
+    for r in records])` is the plan that merges with them.
 
     Args:
         plan: From `build_plan`, for a method that needs importances.
@@ -237,7 +238,6 @@ def ensure_fishers(plan: Any, *, progress: bool = True, device: str | torch.devi
         One record per model, in the recipe's order.
     """
     from ..evaluation.tasks import load_task_data
-    from ..planning import attach_fishers
     from .models import load_tokenizer
 
     recipe = plan.recipe
@@ -257,5 +257,4 @@ def ensure_fishers(plan: Any, *, progress: bool = True, device: str | torch.devi
                                              progress=progress, device=device, device_map=device_map, max_memory=max_memory,
                                              offload_folder=offload_folder, cache_root=cache_root, stats=stats)
         records.append(FisherRecord(spec.ref.text, task.name, path, "cache" if cached else "computed", stats[0].seconds if stats else 0.0))
-    attach_fishers(plan, [r.path for r in records])
     return records
