@@ -77,7 +77,7 @@ def plan_summary(plan: MergePlan) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "recipe": recipe.source,
         "method": recipe.method.name,
-        "parameters": dict(recipe.parameters),
+        "parameters": {k: (v if v is None or isinstance(v, (int, float, str, bool)) else repr(v)) for k, v in recipe.parameters.items()},
         "base_model": None if plan.base is None else {"ref": plan.base.ref.text, "folder": str(plan.base.folder), "files": len(plan.base.files)},
         "models": [
             {"key": spec.key, "ref": ckpt.ref.text, "folder": str(ckpt.folder),

@@ -112,7 +112,7 @@ class TensorMerger:
 
     def params_for(self, t: TensorPlan) -> dict:
         recipe = self.recipe
-        params = dict(recipe.parameters)
+        params = {name: recipe.tensor_param(name, t.name, t.depth) for name in recipe.parameters}
         for p in self.method.per_model:
             params[p.name] = [recipe.model_param(m, p.name, t.name, t.depth) for m in recipe.models]
         return params

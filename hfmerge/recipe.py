@@ -19,7 +19,7 @@ from typing import Any
 
 from .constants import RECIPE_DTYPES
 from .errors import HfMergeError, RecipeError, short_repr
-from .methods import METHODS, MergeMethod, Param
+from .methods import METHODS, MergeMethod, Param, known_parameter_names
 from .refs import ModelRef, parse_model_ref
 from .yamlio import load_yaml_file
 
@@ -171,6 +171,17 @@ class Recipe:
         assert spec is not None
         return float(spec.default)
 
+    def tensor_param(self, name: str, tensor_name: str, t: float = 0.0) -> Any:
+        """A global parameter's value for one tensor at relative depth `t`: a tensor
+        parameter's gradient or filter list resolved (the default where no filter matches),
+        any other parameter as given."""
+        value = self.parameters.get(name)
+        spec = self.method.param(name)
+        if spec is None or not spec.tensor:
+            return value
+        resolved = resolve_setting(value, tensor_name, t)
+        return float(spec.default) if resolved is None else float(resolved)
+
 
 def _fail(source: str, path: str, message: str) -> RecipeError:
     return RecipeError(f"{source}: {path}: {message}")
@@ -187,6 +198,14 @@ def _unknown_key(source: str, where: str, key: Any, allowed: tuple[str, ...]) ->
     close = difflib.get_close_matches(name, allowed, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return _fail(source, f"{where}{name}", f"unknown key{hint} (expected one of: {', '.join(allowed)})")
+
+
+def _did_you_mean(key: Any, allowed: tuple[str, ...]) -> str:
+    """" (did you mean 'x'?)" for a key close to one the method takes or any method knows."""
+    if not isinstance(key, str):
+        return ""
+    close = difflib.get_close_matches(key, list(allowed) + sorted(known_parameter_names() - set(allowed)), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _check_param(source: str, path: str, spec: Param, value: Any) -> Any:
@@ -322,7 +341,7 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
     method = METHODS[name]
 
     base = _ref(source, "base_model", data["base_model"], base_dir) if data.get("base_model") is not None else None
-    if base is None and method.needs_base:
+    if base is None and method.needs_base and not method.base_optional:
         raise _fail(source, "base_model", f"missing; merge_method {name!r} works on task vectors and needs the pre-trained model")
 
     raw_models = data.get("models")
@@ -331,6 +350,7 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
     if not isinstance(raw_models, list) or not raw_models:
         raise _fail(source, "models", f"got {short_repr(raw_models)}; expected a non-empty list of {{model: <reference>}}")
     models: list[ModelSpec] = []
+    ignored: list[str] = []  # keys another method (or mergekit) reads and this one does not
     seen: dict[str, str] = {}
     base_identity = _identity(base) if base is not None else None
     for i, entry in enumerate(raw_models):
@@ -364,7 +384,11 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
         for pk, pv in params_in.items():
             spec = method.model_param(pk)
             if spec is None:
-                raise _fail(source, f"{key}.parameters.{_key_name(pk)}", f"not a per-model parameter of {name!r}" + (f" (expected one of: {', '.join(allowed)})" if allowed else " (it takes none)"))
+                if isinstance(pk, str) and pk in known_parameter_names():
+                    ignored.append(f"{key}.parameters.{pk}")
+                    continue
+                raise _fail(source, f"{key}.parameters.{_key_name(pk)}", f"not a per-model parameter of {name!r}" + _did_you_mean(pk, allowed)
+                            + (f" (expected one of: {', '.join(allowed)})" if allowed else " (it takes none)"))
             params[pk] = _model_param_value(source, f"{key}.parameters.{pk}", spec, pv)
         fisher = None
         if "fisher" in entry:
@@ -398,9 +422,17 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
                 # mergekit allows per-model parameters globally as a default for every model.
                 model_defaults[pk] = _model_param_value(source, f"parameters.{pk}", method.model_param(pk), pv)
                 continue
+            if pk not in method.fixed and isinstance(pk, str) and pk in known_parameter_names():
+                ignored.append(f"parameters.{pk}")
+                continue
             extra = f" ({name!r} fixes {pk} = {method.fixed[pk]!r})" if pk in method.fixed else ""
-            raise _fail(source, f"parameters.{_key_name(pk)}", f"not a parameter of {name!r}{extra}" + (f"; expected one of: {', '.join(allowed)}" if allowed else ""))
-        parameters[pk] = _check_param(source, f"parameters.{pk}", spec, pv)
+            everything = allowed + tuple(p.name for p in method.per_model)
+            raise _fail(source, f"parameters.{_key_name(pk)}", f"not a parameter of {name!r}{extra}" + (_did_you_mean(pk, everything) if not extra else "")
+                        + (f"; expected one of: {', '.join(everything)}" if everything else ""))
+        if spec.tensor:
+            parameters[pk] = _model_param_value(source, f"parameters.{pk}", spec, pv)
+        else:
+            parameters[pk] = _check_param(source, f"parameters.{pk}", spec, pv)
     added_base: ModelSpec | None = None
     if base_identity is not None and method.fixed.get("include_base") and base_identity not in seen:
         # mergekit's linear adds an unlisted base_model to the average with the global weight
@@ -453,8 +485,11 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
         # card) says the whole run without the files it included.
         raw={**data, "tasks": [t.raw for t in tasks]} if tasks else data,
     )
+    notes = []
+    if ignored:
+        notes.append(f"merge_method {name!r} does not use {', '.join(ignored)}; they are ignored, as mergekit ignores them")
     # The method's advice needs the whole recipe to judge, so it completes a second, final copy.
-    return replace(recipe, warnings=method.check_recipe(recipe, source))
+    return replace(recipe, warnings=notes + method.check_recipe(recipe, source))
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -13,7 +13,7 @@ per-model ones as lists of M floats, global ones as scalars. No I/O, no model ob
 What a method needs beyond one tensor position is declared or hooked here, never as a
 branch on its name elsewhere:
 
-- declared needs: ``needs_base``, ``needs_importance`` (with ``importance`` ``diagonal`` or
+- declared needs: ``needs_base`` (``base_optional``), ``needs_importance`` (with ``importance`` ``diagonal`` or
   ``nodes`` and ``importance_optional``), ``random`` (seeded generators) and ``search``;
 - ``validate(recipe, source) -> warnings``: the method's own recipe checks, called once from
   `hfmerge.recipe.parse_recipe` after the generic ones; it raises `RecipeError` naming the key
@@ -90,6 +90,9 @@ class Param:
         low, high: Allowed range (inclusive unless `low_open` / `high_open`).
         choices: Allowed values for ``str`` parameters.
         help: One line for the docs and error messages.
+        tensor: For a global (``parameters``) number: it may also be a gradient or a filter list
+            and is resolved per tensor position before the call, like per-model parameters
+            (mergekit's tensor parameters, e.g. slerp's ``t``).
     """
 
     name: str
@@ -101,6 +104,7 @@ class Param:
     high_open: bool = False
     choices: tuple[str, ...] | None = None
     help: str = ""
+    tensor: bool = False  # a global parameter that may vary by tensor (a gradient or a filter list), as mergekit's tensor parameters
 
     def expected(self) -> str:
         if self.choices:
@@ -158,6 +162,7 @@ class MergeMethod:
     importance_optional: bool = False  # the method also runs without importances (F = 1)
     validate: Validate | None = None  # method-specific recipe checks (module docstring)
     prepare: Prepare | None = None  # whole-model pre-pass returning extra per-tensor kwargs
+    base_optional: bool = False  # with needs_base: runs without a base_model too (then base is None)
 
     def check_recipe(self, recipe: "Recipe", source: str) -> list[str]:
         """Run the method's own recipe checks.
@@ -205,14 +210,17 @@ def merge_method(name: str, *, per_model: tuple[Param, ...] = (), params: tuple[
                  needs_importance: bool = False, random: bool = False, paper: str = "", summary: str = "",
                  aliases: dict[str, dict[str, Any]] | None = None, alias_defaults: dict[str, dict[str, Any]] | None = None,
                  importance: str = "diagonal", search: bool = False, importance_optional: bool = False,
-                 validate: Validate | None = None, prepare: Prepare | None = None) -> Callable:
+                 validate: Validate | None = None, prepare: Prepare | None = None, base_optional: bool = False) -> Callable:
     """Register a pure tensor function as a merge method.
 
     Args:
         name: The recipe's ``merge_method`` value.
         per_model: Parameters set per model under ``models[].parameters``.
         params: Global parameters under ``parameters``.
-        needs_base: Whether the method reads the base model's tensor.
+        needs_base: Whether the method reads the base model's tensor. A base listed among
+            ``models`` is then not one of the M models (its task vector is zero), as in mergekit.
+        base_optional: With `needs_base`: ``base_model`` may be omitted, and the function then
+            gets ``base=None`` (mergekit's nuslerp, multislerp, karcher).
         needs_importance: Whether it needs per-model importance tensors (Fisher).
         random: Whether it draws random numbers (it then receives seeded generators).
         paper: Link to the method's paper, for docs and the model card.
@@ -245,7 +253,21 @@ def merge_method(name: str, *, per_model: tuple[Param, ...] = (), params: tuple[
             defaults = (alias_defaults or {}).get(method_name, {})
             visible = tuple(replace(p, default=defaults[p.name]) if p.name in defaults else p for p in params if p.name not in fixed)
             METHODS[method_name] = MergeMethod(method_name, func, per_model, visible, needs_base, needs_importance, random, paper, summary,
-                                               dict(fixed), importance, search, importance_optional, validate, prepare)
+                                               dict(fixed), importance, search, importance_optional, validate, prepare, base_optional)
         return func
 
     return register
+
+
+# Parameters that mergekit accepts for some method but hfmerge's methods never read: a recipe
+# that sets them runs, with a warning that names them (they change nothing in hfmerge).
+MERGEKIT_ONLY_PARAMS = frozenset({"int8_mask"})
+
+
+def known_parameter_names() -> frozenset[str]:
+    """Every parameter name some registered method reads, plus mergekit's that none does."""
+    names = set(MERGEKIT_ONLY_PARAMS)
+    for method in METHODS.values():
+        names.update(p.name for p in method.per_model + method.params)
+        names.update(method.fixed)
+    return frozenset(names)
