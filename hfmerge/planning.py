@@ -147,15 +147,14 @@ def _open_fisher(path: Path, label: str) -> FisherFile:
 
 # The first numeric path component is the layer index ("model.layers.3.", "encoder.block.3.").
 _LAYER = re.compile(r"^(.*?)\.(\d+)\.")
-# Tensors before the first layer (their t is 0); every other non-layer tensor comes after the last (t = 1).
-_BEFORE_LAYERS = re.compile(r"embed|wte|wpe|shared|position|token_type")
 
 
 def relative_depths(names: list[str]) -> dict[str, float]:
     """Relative depth t of each tensor, as mergekit evaluates gradients: layer i of L has
-    t = i / (L − 1) (1 when L = 1), embeddings 0, tensors after the layers (final norm,
-    output head) 1. Layer stacks are told apart by the name before the index, so an
-    encoder and a decoder each span [0, 1]."""
+    t = i / (L − 1) (1 when L = 1); every tensor outside the layers (embeddings, final norm,
+    output head) has t = 0, as mergekit gives the tensors before and after its layer slices.
+    Layer stacks are told apart by the name before the index, so an encoder and a decoder
+    each span [0, 1]."""
     sizes: dict[str, int] = {}
     for n in names:
         m = _LAYER.match(n)
@@ -168,7 +167,7 @@ def relative_depths(names: list[str]) -> dict[str, float]:
             count = sizes[m.group(1)]
             depths[n] = int(m.group(2)) / (count - 1) if count > 1 else 1.0
         else:
-            depths[n] = 0.0 if _BEFORE_LAYERS.search(n) else 1.0
+            depths[n] = 0.0
     return depths
 
 

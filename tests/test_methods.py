@@ -155,3 +155,10 @@ def test_every_method_is_pure_and_keeps_shape(name):
     out = run(name, base, models, **kw)
     assert out.shape == base.shape and out.dtype == torch.float32
     assert all(torch.equal(a, b) for a, b in zip(models, before))
+
+
+def test_passthrough_copies_its_one_model_scaled():
+    a = t([1.0, -2.0])
+    assert run("passthrough", None, [a]) is a
+    assert torch.equal(run("passthrough", None, [a], scale=[0.5]), t([0.5, -1.0]))
+    assert torch.equal(run("passthrough", None, [a], scale=[0.0]), t([0.0, 0.0]))

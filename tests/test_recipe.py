@@ -84,7 +84,8 @@ def test_relative_depths_follow_mergekit_layer_positions():
              "encoder.block.1.layer.0.SelfAttention.q.weight", "decoder.block.0.layer.0.SelfAttention.q.weight",
              "decoder.block.1.layer.0.SelfAttention.q.weight", "encoder.final_layer_norm.weight", "lm_head.weight"]
     d = relative_depths(names)
-    assert d["shared.weight"] == 0.0 and d["lm_head.weight"] == 1.0 and d["encoder.final_layer_norm.weight"] == 1.0
+    # outside the layers t = 0, before and after them alike (mergekit)
+    assert d["shared.weight"] == 0.0 and d["lm_head.weight"] == 0.0 and d["encoder.final_layer_norm.weight"] == 0.0
     assert d["encoder.block.0.layer.0.SelfAttention.q.weight"] == 0.0 and d["encoder.block.1.layer.0.SelfAttention.q.weight"] == 0.5
     assert d["encoder.block.2.layer.1.DenseReluDense.wi.weight"] == 1.0 and d["decoder.block.1.layer.0.SelfAttention.q.weight"] == 1.0
 

@@ -92,3 +92,31 @@ def test_a_global_tensor_parameter_takes_gradients_and_filters(folders, lerp):
 def test_a_plain_global_parameter_still_refuses_a_list(folders):
     with pytest.raises(RecipeError, match=r"parameters.lambda: got \[0.5, 1.0\]"):
         parse_recipe({"merge_method": "ties", "base_model": "./base", "models": ["./a"], "parameters": {"lambda": [0.5, 1.0]}}, source="r.yaml", base_dir=folders)
+
+
+def test_passthrough_takes_one_model_and_a_filtered_scale(folders):
+    r = parse_recipe({"merge_method": "passthrough", "models": [{"model": "./a", "parameters": {"scale": [{"filter": "o_proj", "value": 0}, {"value": 1}]}}]},
+                     source="r.yaml", base_dir=folders)
+    assert r.model_param(r.models[0], "scale", "model.layers.0.self_attn.o_proj.weight") == 0.0
+    assert r.model_param(r.models[0], "scale", "lm_head.weight") == 1.0
+    with pytest.raises(RecipeError, match=r"models: merge_method 'passthrough' copies one model, got 2"):
+        parse_recipe({"merge_method": "passthrough", "models": ["./a", "./b"]}, source="r.yaml", base_dir=folders)
+
+
+def test_passthrough_scale_zeroes_only_the_filtered_tensors_of_a_llama(families, tmp_path):
+    import yaml
+    from safetensors.torch import load_file
+
+    import hfmerge
+    from hfmerge.testing import load_base_state
+
+    llama = families["llama"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "passthrough", "dtype": "float32",
+                                      "models": [{"model": str(llama.finetuned[0]), "parameters": {"scale": [{"filter": "o_proj", "value": 0}, {"value": 1}]}}]}))
+    result = hfmerge.merge(recipe, output=tmp_path / "out", progress=False)
+    got, source = load_file(result.output / "model.safetensors"), load_base_state(llama.finetuned[0])
+    assert any("o_proj" in n for n in got)
+    for name, value in got.items():
+        expected = torch.zeros_like(source[name]) if "o_proj" in name else source[name]
+        assert torch.equal(value, expected), name

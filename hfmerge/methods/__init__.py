@@ -1,6 +1,6 @@
 """Merge methods: one module per method, each registering a pure tensor function."""
 
-from . import average, dare, dfmerge, fisher, fisher_nodes, task_arithmetic, ties  # noqa: F401  (registration)
+from . import average, dare, dfmerge, fisher, fisher_nodes, passthrough, task_arithmetic, ties  # noqa: F401  (registration)
 from .registry import METHODS, MergeMethod, Param, known_parameter_names, merge_method
 
 __all__ = ["METHODS", "MergeMethod", "Param", "known_parameter_names", "merge_method"]
