@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from hfmerge.cli import main as hfmerge  # noqa: E402
+import hfmerge  # noqa: E402
 from hfmerge.testing import build_base, keyword_rows, train_expert  # noqa: E402
 from test_evaluation import make_tokenizer, write_jsonl  # noqa: E402
 
@@ -68,7 +68,7 @@ def run(root: Path, name: str, recipe: dict) -> tuple[float, Path]:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     out = root / f"out-{name}"
     start = time.perf_counter()
-    assert hfmerge([str(path), "-o", str(out), "-q", "--overwrite"]) == 0
+    hfmerge.merge(path, output=out, overwrite=True, progress=False)
     return time.perf_counter() - start, out
 
 

@@ -86,7 +86,7 @@ def merge_quality(workdir: Path, n_tasks: int = 3) -> list[dict]:
     """fisher vs fisher_nodes vs average on tiny T5 keyword experts (validation accuracy)."""
     import yaml
 
-    from hfmerge.cli import main as hfmerge
+    import hfmerge
     from hfmerge.testing import build_base, keyword_rows, train_expert
 
     sys.path.insert(0, str(REPO / "tests"))
@@ -107,8 +107,6 @@ def merge_quality(workdir: Path, n_tasks: int = 3) -> list[dict]:
         tasks.append({"task": f"has_{kw}", "dataset_path": "json", "dataset_kwargs": {"data_files": {"validation": str(data)}},
                       "validation_split": "validation", "doc_to_text": "Review: {{text}} Answer:", "doc_to_choice": ["no", "yes"],
                       "doc_to_target": "label"})
-    import contextlib
-    import io
 
     os.environ["HFMERGE_CACHE"] = str(workdir / "cache")  # Fishers computed here, not read from an earlier run's cache
     out = []
@@ -117,8 +115,7 @@ def merge_quality(workdir: Path, n_tasks: int = 3) -> list[dict]:
         recipe.write_text(yaml.safe_dump({"merge_method": method, "base_model": str(base), "models": [{"model": str(m)} for m in models],
                                           "parameters": params, "tasks": tasks}))
         start = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):
-            assert hfmerge([str(recipe), "-o", str(workdir / f"out-{method}"), "-q", "--overwrite"]) == 0
+        hfmerge.merge(recipe, output=workdir / f"out-{method}", overwrite=True, progress=False)
         seconds = time.perf_counter() - start
         results = json.loads((workdir / f"out-{method}" / "eval_results.json").read_text())
         out.append({"method": method, "average_accuracy": results["average"], "seconds": seconds,

@@ -60,28 +60,32 @@ def default_output(recipe: Recipe) -> Path:
     return Path.cwd() / f"merged-{Path(recipe.path).stem if recipe.path else 'recipe'}"
 
 
-def plan_summary(plan: MergePlan) -> dict[str, Any]:
+def plan_summary(plan: MergePlan, options: RunOptions | None = None) -> dict[str, Any]:
     """The plan as a JSON-friendly mapping (what a dry run reports).
 
     Args:
         plan: From `build_plan` or `hfmerge.plan`.
+        options: The run's options, where they override the recipe (a search's `n_trials`).
 
     Returns:
         The recipe, method, models, tensor counts, sizes, estimated peak memory, warnings and,
         when the method needs Fishers not yet computed, ``fishers_to_compute``.
     """
     from .checkpoints.writer import plan_shards
+    from .recipe import recipe_syntax
 
     recipe = plan.recipe
     merged = [t for t in plan.tensors if t.merge]
     summary: dict[str, Any] = {
         "recipe": recipe.source,
         "method": recipe.method.name,
-        "parameters": {k: (v if v is None or isinstance(v, (int, float, str, bool)) else repr(v)) for k, v in recipe.parameters.items()},
+        # What will run, as the recipe's `parameters:` would say it: values in recipe syntax,
+        # per-model defaults given there included, and options that override the recipe applied.
+        "parameters": {k: recipe_syntax(v) for k, v in {**recipe.parameters, **recipe.model_defaults}.items()},
         "base_model": None if plan.base is None else {"ref": plan.base.ref.text, "folder": str(plan.base.folder), "files": len(plan.base.files)},
         "models": [
             {"key": spec.key, "ref": ckpt.ref.text, "folder": str(ckpt.folder),
-             "parameters": {k: (v if isinstance(v, (int, float, str, bool)) else repr(v)) for k, v in spec.parameters.items()}}
+             "parameters": {k: recipe_syntax(v) for k, v in spec.parameters.items()}}
             for spec, ckpt in zip(recipe.models, plan.models)
         ],
         "tensors": len(plan.tensors),
@@ -93,6 +97,8 @@ def plan_summary(plan: MergePlan) -> dict[str, Any]:
         "estimated_peak_memory_bytes": plan.estimated_peak_bytes(),
         "warnings": list(plan.warnings),
     }
+    if options is not None and options.n_trials is not None and "n_trials" in summary["parameters"]:
+        summary["parameters"]["n_trials"] = options.n_trials
     if _needs_fishers(plan):
         summary["fishers_to_compute"] = [m.ref.text for m in recipe.models if m.fisher is None]
     return summary
@@ -246,7 +252,7 @@ def merge(recipe: str | Path | Recipe, options: RunOptions | None = None, *, on_
     check_output(output, options.overwrite, _inputs(loaded, options))
     built = build_plan(loaded, low_disk=options.low_disk)
     try:
-        result = _merge_planned(built, loaded, output, options, on_plan)
+        result = _merge_planned(built, loaded, output, options, on_plan, push_repo)
     finally:
         built.release()  # run_merge releases it too; a second release does nothing
     if push_repo:
@@ -257,13 +263,15 @@ def merge(recipe: str | Path | Recipe, options: RunOptions | None = None, *, on_
 
 
 def _merge_planned(built: MergePlan, loaded: Recipe, output: Path, options: RunOptions,
-                   on_plan: Callable[[dict], None] | None) -> MergeResult:
+                   on_plan: Callable[[dict], None] | None, push_repo: str | None = None) -> MergeResult:
     from .merging import check_free_space, run_merge
 
     check_free_space(output, built.output_bytes)  # before a long search or Fisher computation
-    summary = plan_summary(built)
+    summary = plan_summary(built, options)
     if on_plan is not None:
         on_plan(summary)
+    # The model's name: the repo it is published as, else its folder.
+    title = push_repo.split("/")[-1] if push_repo else output.name
     evaluate_output = None
     if loaded.tasks and options.evaluate:
         from .evaluation.evaluate_model import evaluate_model, prepare_tasks
@@ -272,11 +280,11 @@ def _merge_planned(built: MergePlan, loaded: Recipe, output: Path, options: RunO
         prepared = prepare_tasks(loaded.tasks, "validation", progress=options.progress)
 
         def evaluate_output(folder: Path) -> EvalReport:
-            return evaluate_model(folder, prepared, "validation", batch_size=options.batch_size, progress=options.progress, model_name=output.name)
+            return evaluate_model(folder, prepared, "validation", batch_size=options.batch_size, progress=options.progress, model_name=title)
     if loaded.method.search:
         from .dfmerge import run_dfmerge
 
-        result = run_dfmerge(built, output, options, evaluate=evaluate_output)
+        result = run_dfmerge(built, output, options, evaluate=evaluate_output, title=title, repo_id=push_repo)
     else:
         if _needs_fishers(built):
             from .fisher.engine import ensure_fishers
@@ -286,7 +294,8 @@ def _merge_planned(built: MergePlan, loaded: Recipe, output: Path, options: RunO
             for r in records:
                 logger.info("Fisher of %s: %s (%s)", r.model, r.path, r.source)
             built = with_fishers(built, [r.path for r in records])  # shares the checkpoints `merge` releases
-        result = run_merge(built, output, overwrite=options.overwrite, progress=options.progress, evaluate=evaluate_output)
+        result = run_merge(built, output, overwrite=options.overwrite, progress=options.progress, evaluate=evaluate_output,
+                           title=title, repo_id=push_repo)
     result.summary = summary
     return result
 

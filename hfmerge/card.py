@@ -15,14 +15,18 @@ import yaml
 from . import __version__
 from .constants import FILE_BUILDERS, TORCH_DTYPE_NAMES
 from .planning import MergePlan
+from .recipe import recipe_syntax
 
+# Architecture class suffix -> (pipeline tag, transformers Auto class that loads it).
 PIPELINE_BY_SUFFIX = (
-    ("ForConditionalGeneration", "text2text-generation"),
-    ("ForCausalLM", "text-generation"),
-    ("LMHeadModel", "text-generation"),
-    ("ForMaskedLM", "fill-mask"),
-    ("ForSequenceClassification", "text-classification"),
+    ("ForConditionalGeneration", "text2text-generation", "AutoModelForSeq2SeqLM"),
+    ("ForCausalLM", "text-generation", "AutoModelForCausalLM"),
+    ("LMHeadModel", "text-generation", "AutoModelForCausalLM"),
+    ("ForMaskedLM", "fill-mask", "AutoModelForMaskedLM"),
+    ("ForSequenceClassification", "text-classification", "AutoModelForSequenceClassification"),
 )
+# Encoder-decoder families whose ...ForConditionalGeneration is a text-to-text model.
+SEQ2SEQ_MODEL_TYPES = frozenset({"t5", "mt5", "umt5", "bart", "mbart", "pegasus", "marian", "longt5", "switch_transformers"})
 
 
 def sha256_file(path: Path) -> str:
@@ -43,7 +47,7 @@ def _commit(ckpt) -> str:
 
 def resolved_recipe(plan: MergePlan) -> dict:
     """The recipe as written, with every Hub reference pinned to the commit that was read."""
-    raw = yaml.safe_load(yaml.safe_dump(plan.recipe.raw))
+    raw = yaml.safe_load(yaml.safe_dump(plan.recipe.raw, sort_keys=False))  # a deep copy in the user's key order
     if plan.base is not None and plan.base.ref.repo_id:
         raw["base_model"] = f"{plan.base.ref.repo_id}@{_commit(plan.base)}"
     by_key = {spec.key: ckpt for spec, ckpt in zip(plan.recipe.models, plan.models)}
@@ -81,24 +85,39 @@ def _versions() -> dict[str, str]:
 
 
 
-def build_card(plan: MergePlan, folder: Path, title: str, evaluation=None, extra_sections: str = ""):
+def _usage(auto_class: str, pipeline: str | None, repo: str) -> str:
+    """The lines that load the model with transformers."""
+    lines = ["```python", f"from transformers import AutoTokenizer, {auto_class}", "",
+             f'tokenizer = AutoTokenizer.from_pretrained("{repo}")', f'model = {auto_class}.from_pretrained("{repo}")']
+    if pipeline:
+        lines += ["", "# or", "from transformers import pipeline", "", f'pipe = pipeline("{pipeline}", model="{repo}")']
+    return "\n".join(lines + ["```"])
+
+
+def build_card(plan: MergePlan, folder: Path, title: str, evaluation=None, extra_sections: str = "", repo_id: str | None = None):
     """Build the ModelCard for the merged model written in `folder` (hashes every file there but README.md).
 
     Only Hub repos go into the `base_model` metadata (local folders have no id there); the
     inputs table lists every input. `evaluation` (an `EvalReport` of the output) adds
     `model-index` results and an evaluation section; `extra_sections` (markdown, e.g. the
-    coefficient search) follows it.
+    coefficient search) follows it. `repo_id` (where the model is pushed) goes into the usage
+    snippet; without it the snippet loads the folder by its `title`.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
     recipe = plan.recipe
     method = recipe.method
-    arch = (plan.config_source.config.get("architectures") or [""])[0]
-    pipeline = next((tag for suffix, tag in PIPELINE_BY_SUFFIX if arch.endswith(suffix)), None)
+    config = plan.config_source.config
+    arch = (config.get("architectures") or [""])[0]
+    pipeline, auto_class = next(((tag, auto) for suffix, tag, auto in PIPELINE_BY_SUFFIX if arch.endswith(suffix)), (None, "AutoModel"))
+    if arch.endswith("ForConditionalGeneration") and config.get("model_type") not in SEQ2SEQ_MODEL_TYPES:
+        pipeline, auto_class = None, "AutoModel"  # vision-language and speech models: no text-to-text pipeline
     inputs = ([plan.base] if plan.base is not None else []) + plan.models
+    hub_inputs = [c.ref.repo_id for c in inputs if c.ref.repo_id]
     data = ModelCardData(
-        base_model=[c.ref.repo_id for c in inputs if c.ref.repo_id] or None,
-        base_model_relation="merge",
+        base_model=hub_inputs or None,
+        # The Hub reads the relation of the base_model entries; without them it says nothing.
+        base_model_relation="merge" if hub_inputs else None,
         library_name="transformers",
         pipeline_tag=pipeline,
         tags=["merge", "hfmerge", method.name],
@@ -123,17 +142,22 @@ def build_card(plan: MergePlan, folder: Path, title: str, evaluation=None, extra
     if plan.base is not None:
         rows.append(f"| {_ref_name(plan.base)} | `{_commit(plan.base)}` | base | |")
     for spec, ckpt in zip(recipe.models, plan.models):
-        coeffs = ", ".join(f"{p.name}={recipe.model_param(spec, p.name, '')}" for p in method.per_model)
+        coeffs = ", ".join(f"{p.name}={recipe_syntax(spec.parameters.get(p.name, recipe.model_defaults.get(p.name, p.default)))}"
+                           for p in method.per_model)
         role = "LoRA adapter" if getattr(ckpt, "format", "") == "lora" else "fine-tuned"  # applied to the base (checkpoints/lora.py)
         rows.append(f"| {_ref_name(ckpt)} | `{_commit(ckpt)}` | {role} ({spec.key}) | {coeffs} |")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md")
     hashes = "\n".join(f"| `{p.relative_to(folder).as_posix()}` | `{sha256_file(p)}` |" for p in files)
-    params = ", ".join(f"`{k}` = {v}" for k, v in recipe.parameters.items()) or "none"
+    params = ", ".join(f"`{k}` = {recipe_syntax(v)}" for k, v in recipe.parameters.items()) or "none"
     versions = ", ".join(f"{k} {v}" for k, v in _versions().items())
     body = f"""
 # {title}
 
 This model is a merge of {len(plan.models)} fine-tuned model(s){' of ' + _ref_name(plan.base) if plan.base is not None else ''}, made with hfmerge using **{method.name}** ({_paper(method.paper)}): {method.summary}.
+
+## Usage
+
+{_usage(auto_class, pipeline, repo_id or title)}
 
 ## Inputs
 

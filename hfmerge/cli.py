@@ -146,7 +146,7 @@ def run_recipe(args: argparse.Namespace) -> int:
     if args.json:
         check_report_path(args.json, args.recipe, options, what="--json file", remedy="choose another --json path")
     if args.dry_run:
-        summary = plan_summary(plan(args.recipe, options))
+        summary = plan_summary(plan(args.recipe, options), options)
         _print_plan(summary)
         if args.json:
             write_report_file(args.json, json.dumps(summary, indent=2) + "\n", what="the --json report")

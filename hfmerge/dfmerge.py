@@ -250,7 +250,8 @@ def search_coefficients(plan: Any, output: Path, options: RunOptions) -> SearchR
     return _search(_objective(plan, options), search_workdir(output), options)
 
 
-def run_dfmerge(plan: Any, output: Path, options: RunOptions, *, evaluate: Callable[[Path], Any] | None = None) -> MergeResult:
+def run_dfmerge(plan: Any, output: Path, options: RunOptions, *, evaluate: Callable[[Path], Any] | None = None,
+                title: str | None = None, repo_id: str | None = None) -> MergeResult:
     """Search λ (unless the recipe fixes them), then merge, evaluate and write the output.
 
     Args:
@@ -259,6 +260,7 @@ def run_dfmerge(plan: Any, output: Path, options: RunOptions, *, evaluate: Calla
         options: The run's options (`overwrite`, `resume`, `storage`, `study_name`, `n_trials`,
             `batch_size`, `device`, `evaluate`, `progress`).
         evaluate: Validation evaluation of the written folder (the card's model-index).
+        title, repo_id: The model's name and Hub repo for its card (see `run_merge`).
 
     Returns:
         The `MergeResult`, with the `SearchResult` (None when the recipe fixes every λ) and
@@ -300,7 +302,8 @@ def run_dfmerge(plan: Any, output: Path, options: RunOptions, *, evaluate: Calla
     def extra(folder: Path, report: Any) -> tuple[list[str], str]:
         return _write_search_outputs(folder, plan, result, lambdas, use_fisher, workdir, tasks_in_order, options, test_reports)
 
-    merged = run_merge(plan, output, overwrite=options.overwrite, progress=options.progress, evaluate=evaluate, extra=extra)
+    merged = run_merge(plan, output, overwrite=options.overwrite, progress=options.progress, evaluate=evaluate, extra=extra,
+                       title=title, repo_id=repo_id)
     if result is not None and options.storage is None:
         shutil.rmtree(workdir, ignore_errors=True)  # the study and log now live in the output folder
     merged.search = result

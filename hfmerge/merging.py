@@ -545,7 +545,8 @@ def _written_path(exc: OSError, tmp: Path | None, output: Path) -> Path | None:
 
 def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progress: bool = True,
               evaluate: Callable[[Path], Any] | None = None,
-              extra: Callable[[Path, Any], tuple[list[str], str]] | None = None) -> MergeResult:
+              extra: Callable[[Path, Any], tuple[list[str], str]] | None = None, title: str | None = None,
+              repo_id: str | None = None) -> MergeResult:
     """Merge according to `plan` and write a loadable model folder at `output` atomically.
 
     The model is written into a temporary folder beside `output` and renamed into place when
@@ -562,6 +563,8 @@ def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progres
         extra: Called with the folder and the report before the card is written; writes more
             files there (e.g. a search's plot) and returns their names and a markdown section
             for the card.
+        title: The model's name in its card (default: the output folder's name).
+        repo_id: The Hub repo the model will be pushed to, for the card's usage snippet.
 
     Raises:
         OutputIsInputError: `output` is, contains or lies inside an input of the plan.
@@ -594,7 +597,7 @@ def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progres
                 files += more
             from .card import build_card
 
-            build_card(plan, tmp, output.name, report, section).save(tmp / "README.md")
+            build_card(plan, tmp, title or output.name, report, section, repo_id=repo_id).save(tmp / "README.md")
             files.append("README.md")
             _finalize(output, tmp, overwrite)
         except BaseException as exc:

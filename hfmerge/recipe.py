@@ -116,6 +116,16 @@ def resolve_setting(value: Any, tensor_name: str, t: float) -> float | None:
 ParamValue = Any  # a scalar, a Gradient or a FilteredValue for per-model parameters
 
 
+def recipe_syntax(value: ParamValue) -> Any:
+    """A parameter value as a recipe writes it: a gradient as its list, a filter list as its
+    ``{filter, value}`` entries, anything else unchanged."""
+    if isinstance(value, Gradient):
+        return list(value.values)
+    if isinstance(value, FilteredValue):
+        return [{**({"filter": flt} if flt is not None else {}), "value": recipe_syntax(v)} for flt, v in value.entries]
+    return value
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One fine-tuned model of the recipe."""

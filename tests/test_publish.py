@@ -39,11 +39,17 @@ def test_push_round_trip_one_commit_card_and_from_pretrained(hub, hf_token, t5, 
     assert data["tags"] == ["merge", "hfmerge", "task_arithmetic"] and data["pipeline_tag"] == "text2text-generation"
     commit = hub.head_sha(base_repo)
     assert f"{base_repo}@{commit}" in card.text and f"`{commit}`" in card.text
+    # named after the repo it is published as, with the lines that load it from there
+    name = target.split("/")[-1]
+    assert card.text.lstrip().startswith(f"# {name}") or f"\n# {name}\n" in card.text
+    assert f'AutoModelForSeq2SeqLM.from_pretrained("{target}")' in card.text and f'pipeline("text2text-generation", model="{target}")' in card.text
     from hfmerge.card import sha256_file
 
     assert sha256_file(tmp_path / "out" / "model.safetensors") in card.text
     assert hf_token not in card.text and hf_token not in out
-    # pushing again makes a new commit
+    # pushing a changed merge again makes a new commit
+    recipe = write_recipe(tmp_path / "r2.yaml", merge_method="task_arithmetic", base_model=base_repo,
+                          models=[{"model": t5.finetuned[0], "parameters": {"weight": 0.3}}, {"model": t5.finetuned[1], "parameters": {"weight": 0.7}}])
     assert main([str(recipe), "-o", str(tmp_path / "out2"), "-q", "--push-to-hub", target]) == 0
     assert len(hub.commit_history(target)) == 3
 
