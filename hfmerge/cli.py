@@ -3,6 +3,7 @@
     hfmerge RECIPE [--output DIR] [--dry-run] [--overwrite] [-v | -q]
     hfmerge demo [--output DIR]
     hfmerge push DIR REPO_ID [--private] [--message M]
+    hfmerge cache list|clean ...
 
 Errors from the `HfMergeError` family are printed as one message without a traceback
 (add --verbose for it) and the exit code is non-zero.
@@ -236,6 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     elif argv and argv[0] == "push":
         args = _push_parser().parse_args(argv[1:])
         command = "push"
+    elif argv and argv[0] == "cache":
+        from .fisher.cache_cli import add_arguments as add_cache_arguments
+
+        p = argparse.ArgumentParser(prog="hfmerge cache", description="See and clean the Fisher cache.")
+        add_cache_arguments(p)
+        args = p.parse_args(argv[1:])
+        command = "cache"
     else:
         args = _merge_parser().parse_args(argv)
         command = "merge"
@@ -257,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_fisher(args)
         if command == "push":
             return run_push(args)
+        if command == "cache":
+            from .fisher.cache_cli import run as run_cache
+
+            return run_cache(args)
         return run_recipe(args)
     except HfMergeError as exc:
         if args.verbose:

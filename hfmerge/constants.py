@@ -34,6 +34,12 @@ def cache_root() -> Path:
     return Path(root).expanduser() if root else hf_home() / "hfmerge"
 
 
+# The Fisher cache's size cap (a size such as "50GB"; "0" or "none" for no cap). When a new
+# Fisher makes the cache larger, the least recently used entries are deleted until it fits.
+HFMERGE_FISHER_CACHE_MAX = "HFMERGE_FISHER_CACHE_MAX"
+DEFAULT_FISHER_CACHE_MAX = "50GB"
+
+
 # -- Dtypes -----------------------------------------------------------------------------------
 
 # safetensors dtype name -> the torch dtype's attribute name (`getattr(torch, name)`), for

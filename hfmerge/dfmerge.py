@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from .errors import OptionError
-from .fisher.cache import cache_key, cached_path, lookup, save_fisher
+from .fisher.cache import cache_key, lookup, store
 from .fisher.diagonal import diagonal_fisher
 from .fisher.engine import FisherSettings, encode_for_model, fisher_examples, fisher_metadata, settings_from_recipe, to_checkpoint_names
 from .methods.dfmerge import Equation8
@@ -183,7 +183,7 @@ class DFMergeObjective:
             if hit is None:
                 with torch.enable_grad():
                     fisher = self.fisher_at(i, lam)
-                hit = save_fisher(cached_path(key), to_checkpoint_names(fisher, self._names(i)), {**meta, "cache_key": key})
+                hit = store(key, to_checkpoint_names(fisher, self._names(i)), meta)
             paths.append(hit)
         return paths
 

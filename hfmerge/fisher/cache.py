@@ -10,6 +10,12 @@ The cache keys a file by the SHA-256 of exactly that metadata, so a rerun, a lat
 another recipe with the same inputs reuses it. Files are written to a temporary name and
 renamed into place; on use a file is checked (header parses, size matches, key matches, every
 value finite and non-negative) and an entry that fails is deleted and recomputed, never used.
+
+The cache has a size cap (``HFMERGE_FISHER_CACHE_MAX``, default 50 GB): each use of an entry
+marks it used (its modification time), and storing a new one deletes the least recently used
+entries until the cache fits. Entries this process has used, and entries any process used in
+the last `RECENT_USE_SECONDS`, are never deleted by the cap, so a merge reading them keeps them.
+`scan_cache` lists the entries and `delete_cache_entries` removes them (``hfmerge cache``).
 """
 
 from __future__ import annotations
@@ -20,17 +26,22 @@ import logging
 import os
 import re
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..checkpoints.safetensors_header import read_header
-from ..constants import cache_root
+from ..constants import DEFAULT_FISHER_CACHE_MAX, HFMERGE_FISHER_CACHE_MAX, cache_root
 from ..errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "hfmerge-fisher-1"
+RECENT_USE_SECONDS = 3600.0  # entries used this recently (by any process) are kept by the cap
+UNFINISHED = "an unfinished write"  # the problem of a temporary file left by a write
+_IN_USE: set[Path] = set()  # entries this process looked up or stored: never evicted by it
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
@@ -121,13 +132,159 @@ def cached_path(key: str, root: Path | None = None) -> Path:
 
 
 def lookup(key: str, names: set[str] | None = None, root: Path | None = None) -> Path | None:
-    """The cached file for `key` if present and sound; a damaged entry is deleted."""
+    """The cached file for `key` if present and sound (marked used); a damaged entry is deleted."""
     path = cached_path(key, root)
     if not path.exists():
         return None
     problem = check_fisher_file(path, key, names)
     if problem is None:
+        _mark_used(path)
         return path
     logger.warning("Fisher cache entry %s is damaged (%s); recomputing it", path, problem)
     path.unlink(missing_ok=True)
     return None
+
+
+def store(key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str], root: Path | None = None) -> Path:
+    """Save a Fisher into the cache under `key` (atomically, see `save_fisher`), then keep the
+    cache within its size cap by deleting the least recently used entries (`enforce_size_cap`).
+
+    Returns:
+        The cached file.
+
+    Raises:
+        OutputWriteError: The cache folder's disk is full, read-only or not writable.
+    """
+    path = save_fisher(cached_path(key, root), tensors, {**metadata, "cache_key": key})
+    _mark_used(path)
+    enforce_size_cap(root)
+    return path
+
+
+def _mark_used(path: Path) -> None:
+    _IN_USE.add(path.absolute())
+    try:
+        os.utime(path)  # the last use, for least-recently-used eviction
+    except OSError:
+        pass  # a read-only shared cache: the entry stays usable, only its recency is not kept
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One Fisher file in the cache, as `scan_cache` reads it (header only).
+
+    Attributes:
+        path: The file.
+        size: Its size in bytes.
+        last_used: When it was last stored or used (seconds since the epoch).
+        model: The model reference it is the Fisher of ("" when the header is unreadable).
+        task: The task it was computed on.
+        scale: The λ the model was scaled by (DF-Merge), "" for the model as is.
+        kind: ``diagonal`` or ``nodes``.
+        problem: Why it cannot be used (unreadable header, not a Fisher file), None when sound.
+    """
+
+    path: Path
+    size: int
+    last_used: float
+    model: str = ""
+    task: str = ""
+    scale: str = ""
+    kind: str = ""
+    problem: str | None = None
+
+
+def scan_cache(root: Path | None = None) -> list[CacheEntry]:
+    """The Fisher cache's entries, least recently used first (headers only, nothing loaded).
+
+    Args:
+        root: The cache folder (default `cache_dir()`).
+
+    Returns:
+        One `CacheEntry` per ``*.safetensors`` file, and one per temporary file a killed run left
+        (its `problem` says so).
+    """
+    folder = Path(root) if root is not None else cache_dir()
+    entries = []
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob(".*.tmp")):
+        try:
+            st = path.stat()
+        except OSError:
+            continue  # deleted meanwhile
+        if path.name.startswith("."):
+            entries.append(CacheEntry(path, st.st_size, st.st_mtime, problem=UNFINISHED))
+            continue
+        try:
+            _, meta = read_header(path)
+        except CheckpointError as exc:
+            entries.append(CacheEntry(path, st.st_size, st.st_mtime, problem=str(exc)))
+            continue
+        problem = None if meta.get("hfmerge_format") == FORMAT else "not an hfmerge Fisher file"
+        entries.append(CacheEntry(path, st.st_size, st.st_mtime, meta.get("model", ""), meta.get("task", ""), meta.get("lambda", ""),
+                                  meta.get("kind", "diagonal"), problem))
+    return sorted(entries, key=lambda e: e.last_used)
+
+
+def delete_cache_entries(entries: list[CacheEntry]) -> int:
+    """Delete cache entries; returns the bytes freed (entries already gone count nothing)."""
+    freed = 0
+    for entry in entries:
+        try:
+            entry.path.unlink()
+            freed += entry.size
+        except FileNotFoundError:
+            pass
+    return freed
+
+
+def cache_size_cap() -> int | None:
+    """The Fisher cache's size cap in bytes from ``HFMERGE_FISHER_CACHE_MAX`` (None: no cap).
+
+    Raises:
+        OptionError: The variable is not a size.
+    """
+    from ..errors import OptionError, RecipeError
+    from ..recipe import parse_size
+
+    value = os.environ.get(HFMERGE_FISHER_CACHE_MAX, DEFAULT_FISHER_CACHE_MAX).strip()
+    if value.lower() in ("0", "none", "off", ""):
+        return None
+    try:
+        return parse_size(value, field=HFMERGE_FISHER_CACHE_MAX)
+    except RecipeError as exc:
+        raise OptionError(f"environment variable {exc}") from None
+
+
+def eviction_candidates(entries: list[CacheEntry], max_bytes: int, *, now: float | None = None) -> list[CacheEntry]:
+    """The least recently used entries to delete so that the rest fit in `max_bytes`.
+
+    Entries this process uses and entries used in the last `RECENT_USE_SECONDS` are kept even
+    when the rest cannot be brought under the cap.
+    """
+    now = time.time() if now is None else now
+    total = sum(e.size for e in entries)
+    chosen = []
+    for entry in sorted(entries, key=lambda e: e.last_used):
+        if total <= max_bytes:
+            break
+        if entry.path.absolute() in _IN_USE or now - entry.last_used < RECENT_USE_SECONDS:
+            continue
+        chosen.append(entry)
+        total -= entry.size
+    return chosen
+
+
+def enforce_size_cap(root: Path | None = None) -> list[CacheEntry]:
+    """Delete the least recently used entries until the cache fits its cap; returns them."""
+    cap = cache_size_cap()
+    if cap is None:
+        return []
+    entries = scan_cache(root)
+    evicted = eviction_candidates(entries, cap)
+    if evicted:
+        delete_cache_entries(evicted)
+        logger.info("Fisher cache over %d bytes: deleted %d least recently used entr%s", cap, len(evicted), "y" if len(evicted) == 1 else "ies")
+    if sum(e.size for e in entries) - sum(e.size for e in evicted) > cap:
+        logger.warning("the Fisher cache (%s) holds more than its cap %s of entries in use; raise %s or clean it with `hfmerge cache clean`",
+                       root or cache_dir(), cap, HFMERGE_FISHER_CACHE_MAX)
+    return evicted

@@ -26,7 +26,7 @@ from ..errors import FisherError
 from ..evaluation.lm import eos_id, max_positions
 from ..evaluation.scoring import EncodedExample, encode_examples
 from ..evaluation.tasks import Example, TaskData
-from .cache import cache_key, cached_path, lookup, save_fisher
+from .cache import cache_key, lookup, store
 from .diagonal import MODES, FisherStats, diagonal_fisher
 from .loglik import model_kind
 
@@ -197,7 +197,7 @@ def fisher_for_checkpoint(job: FisherJob, tokenizer: Any, settings: FisherSettin
     if settings.kind == "diagonal":
         fisher = to_checkpoint_names(fisher, checkpoint_name_map(model, job.ckpt.tensors, job.ckpt.label))
     del model
-    path = save_fisher(cached_path(key, cache_root), fisher, {**meta, "cache_key": key, "seconds": f"{time.perf_counter() - start:.3f}"})
+    path = store(key, fisher, {**meta, "seconds": f"{time.perf_counter() - start:.3f}"}, cache_root)
     return path, False
 
 
