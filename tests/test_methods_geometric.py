@@ -150,6 +150,7 @@ def test_arcee_fusion_keeps_everything_when_all_scores_are_equal():
     assert torch.equal(run("arcee_fusion", base, [base.clone()]), base)
     shifted = base + 3.0  # KL 0: every score is 0, the fence is 0, every change is kept
     torch.testing.assert_close(run("arcee_fusion", base, [shifted]), shifted)
+    assert run("arcee_fusion", torch.zeros(0, 3), [torch.zeros(0, 3)]).shape == (0, 3)  # no scores, no quantiles
 
 
 # -- recipe checks ---------------------------------------------------------------------------

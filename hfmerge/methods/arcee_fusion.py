@@ -67,6 +67,8 @@ def upper_fence(scores: torch.Tensor) -> torch.Tensor:
 )
 def arcee_fusion(base: torch.Tensor, tensors: Sequence[torch.Tensor], **_: object) -> torch.Tensor:
     model = tensors[0]
+    if model.numel() == 0:
+        return model.clone()
     scores = fusion_importance(base, model)
     keep = scores >= upper_fence(scores)
     return base + (model - base) * keep
