@@ -39,6 +39,9 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+# YAML 1.1 (PyYAML) reads exponent numbers without a dot, such as 1e-5, as strings; mergekit's
+# numeric parameters accept them as numbers, and so do ours.
+_EXPONENT_NUMBER = re.compile(r"[-+]?\d+(?:\.\d*)?[eE][-+]?\d+")
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
@@ -219,6 +222,8 @@ def _did_you_mean(key: Any, allowed: tuple[str, ...]) -> str:
 
 
 def _check_param(source: str, path: str, spec: Param, value: Any) -> Any:
+    if spec.kind is float and isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value):
+        value = float(value)
     problem = spec.check(value)
     if problem is not None:
         raise _fail(source, path, f"got {short_repr(value)}; expected {problem}")

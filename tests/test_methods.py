@@ -145,6 +145,9 @@ def test_fisher_normalisation_divides_coefficients_by_fisher_norms():
     assert torch.allclose(normed, t([2.0]))  # weights 1 and 1
 
 
+REQUIRED_PARAMETERS = {"nearswap": {"t": 0.5}}  # global parameters without a default
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_is_pure_and_keeps_shape(name):
     gen = torch.Generator().manual_seed(4)
@@ -152,6 +155,7 @@ def test_every_method_is_pure_and_keeps_shape(name):
     models = [base + torch.randn(3, 4, generator=gen) for _ in range(2)]
     before = [m.clone() for m in models]
     kw = {"importances": [torch.ones(3, 4), torch.ones(3, 4)]} if METHODS[name].needs_importance else {}
+    kw.update(REQUIRED_PARAMETERS.get(name, {}))
     out = run(name, base, models, **kw)
     assert out.shape == base.shape and out.dtype == torch.float32
     assert all(torch.equal(a, b) for a, b in zip(models, before))

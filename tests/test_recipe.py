@@ -108,7 +108,7 @@ def test_base_listed_among_models_contributes_no_task_vector(folders):
         ({"models": [{"model": "./a", "parameters": {"weight": "high"}}]}, r"models\[0\].parameters.weight: got 'high'; expected a number"),
         ({"models": [{"model": "./a", "parameters": {"density": 1.5}}]}, r"models\[0\].parameters.density: got 1.5; expected a number in \(0.0, 1.0\]"),
         ({"models": [{"model": "./a", "parameters": {"density": 0}}]}, r"density: got 0; expected a number in \(0.0, 1.0\]"),
-        ({"models": [{"model": "./a", "parameters": {"t": 0.5}}]}, r"models\[0\].parameters.t: not a per-model parameter of 'ties'"),
+        ({"models": [{"model": "./a", "parameters": {"zeta": 0.5}}]}, r"models\[0\].parameters.zeta: not a per-model parameter of 'ties'"),
         ({"models": [{"model": "./a"}, {"model": "./a"}]}, r"models\[1\].model: './a' is the same model as models\[0\].model"),
         ({"models": [{"model": "./a", "parameters": {"weight": float("inf")}}]}, r"models\[0\].parameters.weight: got inf; expected a number"),
         ({"parameters": {"lambda": -1}}, r"parameters.lambda: got -1; expected a number in \[0.0, 10.0\]"),

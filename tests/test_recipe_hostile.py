@@ -185,10 +185,17 @@ CONTAINERS = {"a list": [["x"]], "a mapping": {"x": {"y": 1}}}
 SCALARS = {"a number": 12345, "a string": "no such thing ~", "null": None, "a boolean": True}
 
 
+# Methods whose own checks want one fine-tuned model, and global parameters without a default.
+ONE_MODEL = {"arcee_fusion", "nearswap", "passthrough"}
+REQUIRED_PARAMETERS = {"nearswap": {"t": 0.0001}}
+
+
 def baseline(method: str, folders: Path) -> dict[str, Any]:
-    """A valid recipe for `method` with two models, every per-model key present."""
+    """A valid recipe for `method` with two models (one where it takes one), every per-model key present."""
     spec = METHODS[method]
-    data: dict[str, Any] = {"merge_method": method, "models": [{"model": "./a"}, {"model": "./b"}]}
+    data: dict[str, Any] = {"merge_method": method, "models": [{"model": "./a"}, {"model": "./b"}][:1 if method in ONE_MODEL else 2]}
+    if method in REQUIRED_PARAMETERS:
+        data["parameters"] = dict(REQUIRED_PARAMETERS[method])
     if spec.needs_base:
         data["base_model"] = "./base"
     if spec.needs_importance and not spec.search:
