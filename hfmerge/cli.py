@@ -207,7 +207,9 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 def _demo_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hfmerge demo", description="Build small local checkpoints, merge them with task arithmetic and check that transformers loads the result. Offline.")
+    from .demo import DESCRIPTION
+
+    p = argparse.ArgumentParser(prog="hfmerge demo", description=DESCRIPTION)
     p.add_argument("-o", "--output", default="hfmerge-demo", help="working folder for the demo (default: ./hfmerge-demo)")
     _common(p)
     return p

@@ -102,6 +102,20 @@ def write_checkpoint(folder: Path, state: dict[str, torch.Tensor], config: Path,
     return folder
 
 
+def word_tokenizer(vocab_size: int):
+    """A whitespace word-level tokenizer of `vocab_size` entries (``<pad>``, ``</s>``, ``<unk>``,
+    ``<s>``, then ``w4``, ``w5``, ...) that closes inputs with ``</s>`` as T5's does: enough for a
+    tiny model folder to load with ``AutoTokenizer`` and run through a pipeline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", "<s>"] + [f"w{i}" for i in range(4, vocab_size)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", bos_token="<s>")
+
+
 def keyword_rows(n: int, *, keyword: str, seed: int, words: list[str] | None = None) -> list[dict]:
     """Rows of a synthetic yes/no task: does the text contain `keyword`? Half the rows do."""
     import random
