@@ -1,8 +1,8 @@
-"""Building blocks shared by the task-vector methods (TIES, DARE, task arithmetic)."""
+"""Building blocks shared by the task-vector methods (TIES, DARE, DELLA, Breadcrumbs, task arithmetic)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -48,20 +48,41 @@ def random_drop_(delta: torch.Tensor, density: float, generator: torch.Generator
     return delta.div_(density) if rescale else delta
 
 
-def combine(base: torch.Tensor, deltas: torch.Tensor, weight: Sequence[float], *, lambda_: float, normalize: bool, consensus: bool) -> torch.Tensor:
-    """θ_pre + λ · mix(w_i τ_i): the shared last step of task arithmetic, TIES and DARE.
+def keep_matching_l1_(delta: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """In place: zero the entries of `delta` outside `keep` (a 0/1 or bool mask of its shape).
+
+    With `rescale` (mergekit's ``rescale`` for its magnitude-based sparsifiers), the survivors
+    are then scaled by ‖δ‖₁ / ‖δ ⊙ keep‖₁ so the L1 norm of the task vector is unchanged; when
+    either norm is below 1e-7 nothing is scaled.
+    """
+    before = delta.abs().sum() if rescale else None
+    delta.mul_(keep)
+    if before is None:
+        return delta
+    after = delta.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return delta
+    return delta.mul_(before / after)
+
+
+def combine(base: torch.Tensor, deltas: torch.Tensor, weight: Sequence[float], *, lambda_: float, normalize: bool, consensus: bool,
+            elected_positive: torch.Tensor | None = None) -> torch.Tensor:
+    """θ_pre + λ · mix(w_i τ_i): the shared last step of task arithmetic, TIES, DARE, DELLA, Breadcrumbs and SCE.
 
     Without consensus: Σ w_i τ_i (divided by Σ w_i when `normalize`). With consensus (TIES
     steps 2–3): the sign of Σ w_i τ_i is elected per entry (+ on an exact tie, as in
-    mergekit); entries agreeing with it are summed and, when `normalize`, divided by the sum of
-    their weights (the disjoint mean for unit weights). Zero entries never agree.
+    mergekit), or given as `elected_positive` (True where + is elected); entries agreeing with
+    it are summed and, when `normalize`, divided by the sum of their weights (the disjoint mean
+    for unit weights). Zero entries never agree. Agreement is judged on w_i τ_i, so a given
+    election is meant for non-negative weights.
 
     `deltas` (M, *shape) is consumed: it is scaled in place, and the consensus is accumulated
     model by model, so the work space stays at about one extra stack.
     """
     weighted = deltas.mul_(per_model(weight, deltas))
     if consensus:
-        elected_positive = weighted.sum(dim=0) >= 0
+        if elected_positive is None:
+            elected_positive = weighted.sum(dim=0) >= 0
         mixed = torch.zeros_like(base)
         divisor = torch.zeros_like(base)
         for i, w in enumerate(weight):
@@ -82,3 +103,13 @@ def density_unset(recipe: "Recipe") -> bool:
     """Whether the recipe leaves ``density`` at its default for every model (nothing trimmed
     or dropped), which is worth a warning for the methods whose point is to sparsify."""
     return "density" not in recipe.model_defaults and all("density" not in m.parameters for m in recipe.models)
+
+
+def warn_without_density(advice: str) -> Callable[["Recipe", str], list[str]]:
+    """A `validate` hook that refuses nothing and returns `advice` (``{name}``: the method's
+    name) when the recipe leaves ``density`` at its default for every model."""
+
+    def validate(recipe: "Recipe", source: str) -> list[str]:
+        return [advice.format(name=recipe.method.name)] if density_unset(recipe) else []
+
+    return validate

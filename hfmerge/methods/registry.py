@@ -45,6 +45,7 @@ class TensorPosition(Protocol):
 
     name: str
     shape: tuple[int, ...]
+    depth: float  # relative depth t in [0, 1], where gradient parameters are evaluated
 
     @property
     def numel(self) -> int: ...
