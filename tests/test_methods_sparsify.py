@@ -276,3 +276,19 @@ def test_della_merge_of_tiny_llamas_is_finite_seeded_and_moves_every_tensor(fami
     big = max(base, key=lambda n: base[n].numel())
     untouched = (one[big] == base[big]).float().mean()
     assert 0.02 < untouched < 0.4  # all three dropped: 1/8 on average
+
+
+def test_sce_merge_of_tiny_llamas_follows_a_select_topk_gradient(families, tmp_path):
+    llama = families["llama"]
+    data = _recipe("sce", llama.base, llama.finetuned[:3], select_topk=[0.2, 0.9])
+    result = hfmerge.merge(_write(tmp_path / "r.yaml", data), output=tmp_path / "out", progress=False)
+    base, *models = (load_base_state(p) for p in (llama.base, *llama.finetuned[:3]))
+    got = load_base_state(result.output)
+    layers = len({n.split(".")[2] for n in base if n.startswith("model.layers.")})
+    assert layers > 1
+    for name, theta in base.items():
+        # mergekit's gradient: layer i of L at t = i / (L - 1); tensors outside the layers at t = 0
+        t_ = int(name.split(".")[2]) / (layers - 1) if name.startswith("model.layers.") else 0.0
+        expected = run("sce", theta, [m[name] for m in models], select_topk=(1 - t_) * 0.2 + t_ * 0.9)
+        assert torch.equal(got[name], expected), name
+        assert not torch.equal(got[name], theta), name
