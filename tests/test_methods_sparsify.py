@@ -86,6 +86,13 @@ def test_breadcrumbs_ties_elects_signs_on_the_weighted_masked_vectors():
     torch.testing.assert_close(run("breadcrumbs", base, [a, b], weight=[1.0, 0.5], density=[1.0, 1.0]), a + 0.5 * b)
 
 
+def test_ties_rescale_restores_each_trimmed_task_vectors_l1_norm():
+    base = torch.zeros(4)
+    a = t([0.1, -3.0, 2.0, 0.5])  # top half: -3 and 2; L1 5.6 before, 5 after
+    torch.testing.assert_close(run("ties", base, [a], density=[0.5], rescale=True), 1.12 * t([0.0, -3.0, 2.0, 0.0]))
+    assert torch.equal(run("ties", base, [a], density=[0.5]), t([0.0, -3.0, 2.0, 0.0]))  # off by default
+
+
 # -- SCE -----------------------------------------------------------------------------------
 
 

@@ -34,7 +34,7 @@ def parse(folders: Path, **overrides):
 def test_a_mergekit_ties_recipe_parses_with_mergekit_defaults(folders):
     r = parse(folders)
     assert r.method.name == "ties"
-    assert r.parameters == {"lambda": 1.0, "normalize": True, "trim": "tensor"}
+    assert r.parameters == {"lambda": 1.0, "normalize": True, "trim": "tensor", "rescale": False}
     assert r.base is not None and r.base.path == (folders / "base").resolve()
     assert r.model_param(r.models[1], "density", "x") == 1.0  # mergekit's default density
     assert r.model_param(r.models[0], "density", "x") == 0.2

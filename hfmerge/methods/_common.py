@@ -48,21 +48,21 @@ def random_drop_(delta: torch.Tensor, density: float, generator: torch.Generator
     return delta.div_(density) if rescale else delta
 
 
-def keep_matching_l1_(delta: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
-    """In place: zero the entries of `delta` outside `keep` (a 0/1 or bool mask of its shape).
-
-    With `rescale` (mergekit's ``rescale`` for its magnitude-based sparsifiers), the survivors
-    are then scaled by ‖δ‖₁ / ‖δ ⊙ keep‖₁ so the L1 norm of the task vector is unchanged; when
-    either norm is below 1e-7 nothing is scaled.
-    """
-    before = delta.abs().sum() if rescale else None
-    delta.mul_(keep)
-    if before is None:
-        return delta
+def restore_l1_(delta: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """In place: scale a sparsified task vector back to the L1 norm `before` it had (mergekit's
+    ``rescale``, ‖τ‖₁ / ‖τ̃‖₁); nothing is scaled when either norm is below 1e-7."""
     after = delta.abs().sum()
     if before < 1e-7 or after < 1e-7:
         return delta
     return delta.mul_(before / after)
+
+
+def keep_matching_l1_(delta: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """In place: zero the entries of `delta` outside `keep` (a 0/1 or bool mask of its shape),
+    then with `rescale` restore its L1 norm (`restore_l1_`)."""
+    before = delta.abs().sum() if rescale else None
+    delta.mul_(keep)
+    return delta if before is None else restore_l1_(delta, before)
 
 
 def combine(base: torch.Tensor, deltas: torch.Tensor, weight: Sequence[float], *, lambda_: float, normalize: bool, consensus: bool,

@@ -8,6 +8,9 @@
 2. Elect: sign per entry = sign of Σ_i w_i τ̂_i (mass-weighted; an exact tie elects +).
 3. Disjoint mean over the entries that agree with the elected sign.
 4. θ = θ_pre + λ · τ_merged.
+
+``rescale: true`` (mergekit's, off by default) scales each trimmed task vector back to its
+L1 norm before step 2.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 
 from ..errors import RecipeError
-from ._common import combine, density_unset, task_vectors, trim_top_magnitude_
+from ._common import combine, density_unset, restore_l1_, task_vectors, trim_top_magnitude_
 from .registry import Param, PrepareContext, TensorPosition, merge_method
 from .task_arithmetic import LAMBDA, WEIGHT
 
@@ -117,6 +120,7 @@ def prepare(context: PrepareContext) -> dict[str, Any]:
         LAMBDA,
         Param("normalize", True, kind=bool, help="disjoint mean (divide by the agreeing weights); false sums them"),
         Param("trim", "tensor", kind=str, choices=("tensor", "model"), help="rank magnitudes per tensor or over the whole model"),
+        Param("rescale", False, kind=bool, help="scale each trimmed task vector back to its L1 norm (mergekit's rescale)"),
     ),
     validate=validate,
     prepare=prepare,
@@ -124,8 +128,11 @@ def prepare(context: PrepareContext) -> dict[str, Any]:
     summary="trim to top-k% by magnitude, elect sign by mass, disjoint mean, scale by λ",
 )
 def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, weight: Sequence[float], density: Sequence[float], normalize: bool = True,
-         thresholds: Sequence[float] | None = None, **params: object) -> torch.Tensor:
+         thresholds: Sequence[float] | None = None, rescale: bool = False, **params: object) -> torch.Tensor:
     deltas = task_vectors(base, tensors)
     for i in range(len(tensors)):
+        before = deltas[i].abs().sum() if rescale else None
         trim_top_magnitude_(deltas[i], density[i], None if thresholds is None else thresholds[i])
+        if before is not None:
+            restore_l1_(deltas[i], before)
     return combine(base, deltas, weight, lambda_=float(params.get("lambda", 1.0)), normalize=normalize, consensus=True)
