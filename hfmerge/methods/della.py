@@ -57,6 +57,7 @@ def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> t
     shape = [1] * rows.dim()
     shape[1] = n
     ranks.scatter_(1, order, torch.arange(n).view(shape).expand_as(order))
+    del order  # free the sort indices (8 bytes an entry) before the float work
     probs = (density - epsilon) + ranks.to(delta.dtype).div_(n - 1).mul_(2 * epsilon)
     return probs.view(delta.shape)
 
