@@ -212,3 +212,49 @@ def test_the_plan_maps_each_output_layer_to_its_slice_sources(families, tmp_path
     assert by_name["lm_head.weight"].slice == 1 and by_name["model.embed_tokens.weight"].slice == 0
     assert plan.config_overrides == ((("num_hidden_layers",), 2),)
     assert [t.name for t in plan.tensors][0] == "model.embed_tokens.weight"
+
+
+def test_hub_sources_are_pinned_in_the_recipe_the_card_records(hub, families, tmp_path):
+    from hfmerge.card import resolved_recipe
+
+    llama = families["llama"]
+    repos = {key: hub.unique_repo_id(f"llama-{key}") for key in ("base", "a")}
+    for key, folder in (("base", llama.base), ("a", llama.finetuned[0])):
+        hub.create_repo_direct(repos[key], {p.name: p for p in folder.iterdir() if p.is_file()})
+    plan = build_plan(load_recipe(_recipe(tmp_path / "r.yaml", {"merge_method": "task_arithmetic", "base_model": repos["base"], "slices": [
+        {"sources": [{"model": repos["base"], "layer_range": [0, 1]}, {"model": repos["a"], "layer_range": [1, 2]}]},
+        {"sources": [{"model": repos["a"], "layer_range": [0, 2]}, {"model": repos["base"], "layer_range": [0, 2]}]}]})))
+    raw = resolved_recipe(plan)
+    pinned = {key: f"{repo}@{hub.head_sha(repo)}" for key, repo in repos.items()}
+    assert raw["base_model"] == pinned["base"]
+    assert [[s["model"] for s in sl["sources"]] for sl in raw["slices"]] == [[pinned["base"], pinned["a"]], [pinned["a"], pinned["base"]]]
+    assert len(plan.models) == 1  # the base is no input of a task-vector method; a appears once
+
+
+@pytest.fixture
+def scaling_method():
+    """A method with a tensor parameter (a gradient is allowed for it) for one test, then removed."""
+    from hfmerge.methods import METHODS, Param, merge_method
+
+    @merge_method("slices_test_scale", params=(Param("factor", 1.0, tensor=True),), needs_base=False, summary="test-only method")
+    def scale(base, tensors, *, factor, **_):
+        return tensors[0] * factor
+
+    try:
+        yield "slices_test_scale"
+    finally:
+        METHODS.pop("slices_test_scale")
+
+
+def test_a_slices_tensor_parameter_wins_over_the_global_one_within_that_slice(families, tmp_path, scaling_method):
+    a = families["llama"].finetuned[0]
+    out, _ = _merge(tmp_path, {"merge_method": scaling_method, "dtype": "float32", "parameters": {"factor": 2.0}, "slices": [
+        {"sources": [{"model": a, "layer_range": [0, 1]}]},
+        {"sources": [{"model": a, "layer_range": [0, 2]}], "parameters": {"factor": [{"filter": "mlp", "value": [0.0, 1.0]}]}}]})
+    sa, got = load_base_state(a), load_base_state(out)
+    up, q = "model.layers.{}.mlp.up_proj.weight", "model.layers.{}.self_attn.q_proj.weight"
+    torch.testing.assert_close(got[up.format(0)], 2.0 * sa[up.format(0)])  # slice 0: the global factor
+    torch.testing.assert_close(got[up.format(1)], 0.0 * sa[up.format(0)])  # slice 1, t = 0: the gradient's start
+    torch.testing.assert_close(got[up.format(2)], 1.0 * sa[up.format(1)])  # t = 1
+    torch.testing.assert_close(got[q.format(2)], 2.0 * sa[q.format(1)])  # no filter matched: the global factor
+    torch.testing.assert_close(got["lm_head.weight"], 2.0 * sa["lm_head.weight"])  # slice 1's filter does not match it
