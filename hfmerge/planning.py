@@ -297,10 +297,15 @@ def _before_layers(reference: Checkpoint, names: list[str], group_of: dict[str, 
 
 
 def _slice_tensors(recipe: Recipe, base: Checkpoint | None, models: list[Checkpoint], reference: Checkpoint,
-                   group_of: dict[str, frozenset[str]]) -> list[TensorPlan]:
+                   group_of: dict[str, frozenset[str]]) -> tuple[list[TensorPlan], list[tuple[Checkpoint, int]]]:
     """A `slices:` recipe: the tensors before the layers from the first slice's sources, each
     slice's layers renumbered consecutively, the tensors after the layers from the last
-    slice's sources (mergekit's layout). Every layer range is checked against its checkpoint."""
+    slice's sources (mergekit's layout). Every layer range is checked against its checkpoint.
+
+    Returns:
+        The tensors, and for each output layer the checkpoint and layer it is modelled on (the
+        slice's first input), whose config describes it.
+    """
     stacks: dict[int, _LayerStack] = {}
 
     def stack(ckpt: Checkpoint) -> _LayerStack:
@@ -340,13 +345,15 @@ def _slice_tensors(recipe: Recipe, base: Checkpoint | None, models: list[Checkpo
     names = stack(reference).outside
     before = _before_layers(reference, names, group_of)
     tensors = outside(0, [n for n in names if before[n]])
-    out_layer = 0
+    origins: list[tuple[Checkpoint, int]] = []
     for index, sl in enumerate(recipe.slices):
         rd = readers(index)
         n = sl.length
         for offset in range(n):
             layer = [(ckpt, stack(ckpt), spec.layer_range[0] + offset) for ckpt, spec in rd]
             first_ckpt, first, first_index = layer[0]
+            out_layer = len(origins)
+            origins.append((first_ckpt, first_index))
             rest = first.layers.get(first_index, [])
             for ckpt, layers, i in layer:
                 if sorted(layers.layers.get(i, [])) != sorted(rest):
@@ -357,29 +364,47 @@ def _slice_tensors(recipe: Recipe, base: Checkpoint | None, models: list[Checkpo
                 found = [(ckpt, f"{layers.prefix}.{i}.{suffix}") for ckpt, layers, i in layer]
                 tensors.append(_position(recipe, name, found, with_base=sl.base is not None, depth=offset / (n - 1) if n > 1 else 1.0,
                                          alias_key=name, inputs=sl.inputs, slice_index=index))
-            out_layer += 1
-    return tensors + outside(len(recipe.slices) - 1, [n for n in names if not before[n]])
+    return tensors + outside(len(recipe.slices) - 1, [n for n in names if not before[n]]), origins
 
 
 # The key of config.json that holds the number of layers, in the order they are looked for.
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
-def _layer_count_override(config_ckpt: Checkpoint, tensors: list[TensorPlan]) -> tuple[tuple[tuple[str, ...], Any], ...]:
-    """The output config's layer count set to the stacked model's (the top level of config.json,
-    else its ``text_config``)."""
-    total = len({m.group(2) for t in tensors if (m := _LAYER.match(t.name))})
+def _config_scope(config: Any, scope: tuple[str, ...]) -> dict | None:
+    for key in scope:
+        config = config.get(key) if isinstance(config, dict) else None
+    return config if isinstance(config, dict) else None
+
+
+def _stacked_config(config_ckpt: Checkpoint, origins: list[tuple[Checkpoint, int]]) -> tuple[tuple[tuple[str, ...], Any], ...]:
+    """What the output config.json changes for a stacked model: its layer count (the top level
+    of config.json, else its ``text_config``), and every per-layer list beside it (a key with
+    ``layer`` in its name holding one entry per layer, such as ``layer_types``) rebuilt from the
+    entry of the layer each output layer is modelled on, in that model's config."""
+    total = len(origins)
     for scope in ((), ("text_config",)):
-        config: Any = config_ckpt.config
-        for key in scope:
-            config = config.get(key) if isinstance(config, dict) else None
-        if isinstance(config, dict):
-            for key in LAYER_COUNT_KEYS:
-                if isinstance(config.get(key), int) and not isinstance(config.get(key), bool):
-                    return ((scope + (key,), total),)
+        config = _config_scope(config_ckpt.config, scope)
+        key = next((k for k in LAYER_COUNT_KEYS if config is not None and isinstance(config.get(k), int) and not isinstance(config.get(k), bool)), None)
+        if config is None or key is None:
+            continue
+        count = config[key]
+        overrides: list[tuple[tuple[str, ...], Any]] = [(scope + (key,), total)]
+        for name, value in config.items():
+            if "layer" not in name or not isinstance(value, list) or len(value) != count:
+                continue
+            entries = []
+            for ckpt, layer in origins:
+                own = _config_scope(ckpt.config, scope) or {}
+                listed = own.get(name)
+                if not isinstance(listed, list) or len(listed) <= layer:
+                    raise IncompatibleCheckpointsError(f"{config_ckpt.label}: config.json lists {name} per layer, but {ckpt.label}'s config.json "
+                                                       f"has no entry for its layer {layer}; the stacked model's {name} cannot be written")
+                entries.append(listed[layer])
+            overrides.append((scope + (name,), entries))
+        return tuple(overrides)
     raise IncompatibleCheckpointsError(f"{config_ckpt.label}: config.json has no layer count ({', '.join(LAYER_COUNT_KEYS)}, at the top level "
                                        f"or under text_config); a slices: recipe must set it to the stacked model's {total} layers")
-
 
 def build_plan(recipe: Recipe, *, low_disk: bool = False) -> MergePlan:
     """Open every input header-only and check that the merge can run.
@@ -419,9 +444,9 @@ def _build_plan(recipe: Recipe, scratch: Path | None) -> MergePlan:
 
     inputs = ([base] if base is not None else []) + models
     if recipe.slices:
-        tensors = _slice_tensors(recipe, base, models, reference, group_of)
+        tensors, origins = _slice_tensors(recipe, base, models, reference, group_of)
     else:
-        tensors = _whole_model_tensors(recipe, inputs, reference, group_of)
+        tensors, origins = _whole_model_tensors(recipe, inputs, reference, group_of), []
 
     covered = {n for t in tensors for n in (t.name, *((group_of.get(t.name) or ())))}
     for ckpt in inputs if not recipe.slices else ():  # a slice reads only some layers of its sources
@@ -436,7 +461,7 @@ def _build_plan(recipe: Recipe, scratch: Path | None) -> MergePlan:
     config_ckpt = reference
     if recipe.config_source is not None:
         config_ckpt = next((c for c in inputs if c.ref.text == recipe.config_source.text), None) or _open(recipe.config_source, "config_source", recipe)
-    overrides = _layer_count_override(config_ckpt, tensors) if recipe.slices else ()
+    overrides = _stacked_config(config_ckpt, origins) if recipe.slices else ()
     tokenizer_folder = reference.folder
     if recipe.tokenizer_source is not None:
         match = next((c for c in inputs if c.ref.text == recipe.tokenizer_source.text), None)

@@ -258,3 +258,21 @@ def test_a_slices_tensor_parameter_wins_over_the_global_one_within_that_slice(fa
     torch.testing.assert_close(got[up.format(2)], 1.0 * sa[up.format(1)])  # t = 1
     torch.testing.assert_close(got[q.format(2)], 2.0 * sa[q.format(1)])  # no filter matched: the global factor
     torch.testing.assert_close(got["lm_head.weight"], 2.0 * sa["lm_head.weight"])  # slice 1's filter does not match it
+
+
+def test_per_layer_config_lists_follow_the_stacked_layers(tmp_path):
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=32, use_sliding_window=True, sliding_window=8,
+                                      layer_types=["full_attention", "sliding_attention"])
+    torch.manual_seed(0)
+    source = tmp_path / "qwen2"
+    transformers.Qwen2ForCausalLM(config).save_pretrained(source)
+    assert json.loads((source / "config.json").read_text())["layer_types"] == ["full_attention", "sliding_attention"]
+    out, _ = _merge(tmp_path, {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": source, "layer_range": [1, 2]}]}, {"sources": [{"model": source, "layer_range": [0, 2]}]}]})
+    written = json.loads((out / "config.json").read_text())
+    assert written["num_hidden_layers"] == 3
+    assert written["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.layer_types == written["layer_types"] and len(model.model.layers) == 3
+    assert bool(torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all())
