@@ -217,9 +217,9 @@ def _missing_error(missing: list[tuple[str, str]], reference: Checkpoint) -> Inc
     return IncompatibleCheckpointsError(f"checkpoints do not hold the same tensors: {shown}{more}. Every model must be a fine-tune of {reference.label}")
 
 
-def _in_file_order(ckpt: Checkpoint, names: list[str] | None = None) -> list[str]:
-    infos = [ckpt.tensors[n] for n in (ckpt.tensors if names is None else names)]
-    return [i.name for i in sorted(infos, key=lambda i: (str(i.file), i.begin))]
+def _in_file_order(ckpt: Checkpoint) -> list[str]:
+    """The checkpoint's tensor names in the order they are stored (reads run forward)."""
+    return [i.name for i in sorted(ckpt.tensors.values(), key=lambda i: (str(i.file), i.begin))]
 
 
 def _whole_model_tensors(recipe: Recipe, inputs: list[Checkpoint], reference: Checkpoint,
@@ -309,7 +309,9 @@ def _slice_tensors(recipe: Recipe, base: Checkpoint | None, models: list[Checkpo
     stacks: dict[int, _LayerStack] = {}
 
     def stack(ckpt: Checkpoint) -> _LayerStack:
-        return stacks.setdefault(id(ckpt), _layer_stack(ckpt))
+        if id(ckpt) not in stacks:
+            stacks[id(ckpt)] = _layer_stack(ckpt)
+        return stacks[id(ckpt)]
 
     def readers(index: int) -> list[tuple[Checkpoint, Any]]:
         sl = recipe.slices[index]
@@ -405,6 +407,7 @@ def _stacked_config(config_ckpt: Checkpoint, origins: list[tuple[Checkpoint, int
         return tuple(overrides)
     raise IncompatibleCheckpointsError(f"{config_ckpt.label}: config.json has no layer count ({', '.join(LAYER_COUNT_KEYS)}, at the top level "
                                        f"or under text_config); a slices: recipe must set it to the stacked model's {total} layers")
+
 
 def build_plan(recipe: Recipe, *, low_disk: bool = False) -> MergePlan:
     """Open every input header-only and check that the merge can run.

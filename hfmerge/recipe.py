@@ -466,7 +466,7 @@ def _global_parameters(source: str, where: str, params_in: Any, method: MergeMet
 
 
 def _layer_range(source: str, key: str, value: Any) -> tuple[int, int]:
-    if (not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if (not isinstance(value, (list, tuple)) or len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
             or value[0] < 0 or value[1] <= value[0]):
         raise _fail(source, key, f"got {short_repr(value)}; expected [start, end] with 0 <= start < end (layers start to end - 1)")
     return value[0], value[1]
