@@ -58,6 +58,15 @@ def resolved_recipe(plan: MergePlan) -> dict:
                 entry["model"] = f"{ckpt.ref.repo_id}@{_commit(ckpt)}"
             else:
                 raw["models"][i] = f"{ckpt.ref.repo_id}@{_commit(ckpt)}"
+    for sl in plan.recipe.slices:
+        by_key.update({spec.key: plan.models[i] for spec, i in zip(sl.sources, sl.inputs)})
+        if sl.base is not None and plan.base is not None:
+            by_key[sl.base.key] = plan.base
+    for i, entry in enumerate(raw.get("slices") or []):
+        for j, src in enumerate(entry.get("sources") or []):
+            ckpt = by_key.get(f"slices[{i}].sources[{j}]")
+            if ckpt is not None and ckpt.ref.repo_id:
+                src["model"] = f"{ckpt.ref.repo_id}@{_commit(ckpt)}"
     return raw
 
 
@@ -144,6 +153,8 @@ def build_card(plan: MergePlan, folder: Path, title: str, evaluation=None, extra
     for spec, ckpt in zip(recipe.models, plan.models):
         coeffs = ", ".join(f"{p.name}={recipe_syntax(spec.parameters.get(p.name, recipe.model_defaults.get(p.name, p.default)))}"
                            for p in method.per_model)
+        if recipe.slices:
+            coeffs = "per slice: see the recipe" if method.per_model else ""  # a checkpoint may feed several slices
         role = "LoRA adapter" if getattr(ckpt, "format", "") == "lora" else "fine-tuned"  # applied to the base (checkpoints/lora.py)
         rows.append(f"| {_ref_name(ckpt)} | `{_commit(ckpt)}` | {role} ({spec.key}) | {coeffs} |")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md")

@@ -107,14 +107,16 @@ class TensorMerger:
     def read_inputs(self, t: TensorPlan) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         plan = self.plan
         base = self._float(plan.base.read(t.base_source), plan.base.label, t.base_source) if plan.base is not None and t.base_source else None
-        tensors = [self._float(m.read(src), m.label, src) for m, src in zip(plan.models, t.sources)]
+        tensors = [self._float(m.read(src), m.label, src) for m, src in zip(plan.inputs_of(t), t.sources)]
         return base, tensors
 
     def params_for(self, t: TensorPlan) -> dict:
         recipe = self.recipe
-        params = {name: recipe.tensor_param(name, t.name, t.depth) for name in recipe.parameters}
+        slice_spec = recipe.slices[t.slice] if t.slice is not None else None
+        specs = slice_spec.sources if slice_spec is not None else recipe.models
+        params = {name: recipe.tensor_param(name, t.name, t.depth, slice_spec) for name in recipe.parameters}
         for p in self.method.per_model:
-            params[p.name] = [recipe.model_param(m, p.name, t.name, t.depth) for m in recipe.models]
+            params[p.name] = [recipe.model_param(m, p.name, t.name, t.depth) for m in specs]
         return params
 
     def merge(self, t: TensorPlan) -> torch.Tensor:
@@ -148,9 +150,10 @@ class TensorMerger:
         return [self._float(f.read(src), f.label, src) for f, src in zip(plan.fishers, t.fisher_sources)]  # type: ignore[arg-type]
 
     def _copy_unmergeable(self, t: TensorPlan) -> torch.Tensor:
-        ref = self.plan.reference
-        value = ref.read(t.base_source or t.sources[0])
-        for m, src in zip(self.plan.models, t.sources):
+        models = self.plan.inputs_of(t)
+        ref, name = (self.plan.base, t.base_source) if t.base_source else (models[0], t.sources[0])
+        value = ref.read(name)
+        for m, src in zip(models, t.sources):
             if not torch.equal(m.read(src), value):
                 raise IncompatibleCheckpointsError(
                     f"tensor {t.name!r} has dtype {value.dtype} (not floating point) and differs between {ref.label} and {m.label}; "
@@ -635,13 +638,20 @@ def _copy_side_files(plan: MergePlan, folder: Path) -> list[str]:
         if src.is_file():
             shutil.copyfile(src, folder / name)
             copied.append(name)
-    # Record the output dtype in config.json so from_pretrained picks it by default.
-    if (folder / "config.json").is_file() and plan.recipe.out_dtype is not None:
+    # Record the output dtype in config.json so from_pretrained picks it by default, and what
+    # the plan changed (a stacked model's layer count).
+    if (folder / "config.json").is_file() and (plan.recipe.out_dtype is not None or plan.config_overrides):
         config = json.loads((folder / "config.json").read_text())
-        dtype_name = TORCH_DTYPE_NAMES[plan.recipe.out_dtype]
-        config["dtype"] = dtype_name
-        if "torch_dtype" in config:
-            config["torch_dtype"] = dtype_name
+        if plan.recipe.out_dtype is not None:
+            dtype_name = TORCH_DTYPE_NAMES[plan.recipe.out_dtype]
+            config["dtype"] = dtype_name
+            if "torch_dtype" in config:
+                config["torch_dtype"] = dtype_name
+        for path, value in plan.config_overrides:
+            scope = config
+            for key in path[:-1]:
+                scope = scope[key]
+            scope[path[-1]] = value
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in TOKENIZER_FILES:
         src = plan.tokenizer_folder / name

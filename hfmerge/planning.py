@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoints import Checkpoint, open_checkpoint
-from .checkpoints.aliases import tied_groups
+from .checkpoints.aliases import meta_model, tied_groups
 from .checkpoints.reader import LocalCheckpoint
 from .checkpoints.safetensors_header import DTYPE_SIZES, TensorInfo, read_header
 from .checkpoints.writer import OutputTensor
-from .errors import CheckpointError, FisherFileError, IncompatibleCheckpointsError
+from .errors import CheckpointError, FisherFileError, IncompatibleCheckpointsError, RecipeError
 from .recipe import Recipe
 from .refs import ModelRef
 
@@ -48,12 +48,14 @@ class TensorPlan:
     name: str
     shape: tuple[int, ...]
     out_dtype: str
-    base_source: str | None  # name in the base checkpoint
-    sources: tuple[str, ...]  # name in each fine-tuned model
+    base_source: str | None  # name in the base checkpoint (None: the method gets no base)
+    sources: tuple[str, ...]  # name in each model that feeds it (`inputs`)
     fisher_sources: tuple[str, ...] | None
     merge: bool  # False: a non-float tensor copied from the reference model
     alias_key: str  # the canonical name of its tied group (itself when untied)
     depth: float = 0.0  # relative depth t in [0, 1] for gradient parameters
+    inputs: tuple[int, ...] | None = None  # indices into the plan's models, one per source; None: all, in order
+    slice: int | None = None  # index into the recipe's slices whose sources' settings apply
 
     @property
     def numel(self) -> int:
@@ -77,6 +79,7 @@ class MergePlan:
     tokenizer_folder: Path
     warnings: list[str] = field(default_factory=list)
     scratch: Path | None = None  # low-disk download folder, removed by `release`
+    config_overrides: tuple[tuple[tuple[str, ...], Any], ...] = ()  # (key path, value) set in the output config.json
     group_of: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)  # tied aliases of each name
     node_layout: Any = None  # fisher.nodes.NodeLayout for methods weighing by mask nodes
 
@@ -90,6 +93,10 @@ class MergePlan:
     @property
     def reference(self) -> Checkpoint:
         return self.base if self.base is not None else self.models[0]
+
+    def inputs_of(self, t: TensorPlan) -> list[Checkpoint]:
+        """The models whose tensors `t.sources` names, in that order."""
+        return self.models if t.inputs is None else [self.models[i] for i in t.inputs]
 
     @property
     def parameter_count(self) -> int:
@@ -111,12 +118,12 @@ class MergePlan:
         plus a few single-tensor temporaries: magnitudes, masks, the running sums) and the
         output in float32 and output dtype; plus the process itself.
         """
-        m = len(self.models)
-        n_inputs = m + (1 if self.base is not None else 0)
         method = self.recipe.method
-        n_imp = m if method.needs_importance and method.importance == "diagonal" else 0
         worst = 0
         for t in self.tensors:
+            m = len(t.sources)
+            n_inputs = m + (1 if self.base is not None else 0)
+            n_imp = m if method.needs_importance and method.importance == "diagonal" else 0
             name = t.base_source or t.sources[0]
             stored = DTYPE_SIZES[self.reference.tensors[name].dtype] if name in self.reference.tensors else 4
             per_input = 4 if stored == 4 else stored + 4
@@ -181,6 +188,227 @@ def _find(name: str, stored: dict[str, TensorInfo], group: frozenset[str] | None
     return None
 
 
+def _position(recipe: Recipe, name: str, found: list[tuple[Checkpoint, str]], *, with_base: bool, depth: float, alias_key: str,
+              inputs: tuple[int, ...] | None = None, slice_index: int | None = None) -> TensorPlan:
+    """One output tensor read from `found` (checkpoint, stored name) pairs, the base's first
+    when `with_base`: their shapes and dtype kinds must agree."""
+    def where(ckpt: Checkpoint, src: str) -> str:
+        return ckpt.label if src == name else f"{ckpt.label} ({src!r})"
+
+    infos = [ckpt.tensors[src] for ckpt, src in found]
+    if len({i.shape for i in infos}) > 1:
+        detail = "; ".join(f"{where(ckpt, src)}: {list(i.shape)}" for (ckpt, src), i in zip(found, infos))
+        raise IncompatibleCheckpointsError(f"tensor {name!r} has different shapes across models ({detail}); these checkpoints are not fine-tunes of one architecture")
+    if len({i.is_float for i in infos}) > 1:
+        detail = "; ".join(f"{where(ckpt, src)}: {i.dtype}" for (ckpt, src), i in zip(found, infos))
+        raise IncompatibleCheckpointsError(f"tensor {name!r} is floating point in some models and not in others ({detail}); a non-float tensor cannot be merged")
+    info = infos[0]
+    names = [src for _, src in found]
+    return TensorPlan(
+        name=name, shape=info.shape, out_dtype=(recipe.out_dtype or info.dtype) if info.is_float else info.dtype,
+        base_source=names[0] if with_base else None, sources=tuple(names[1:] if with_base else names), fisher_sources=None,
+        merge=info.is_float, alias_key=alias_key, depth=depth, inputs=inputs, slice=slice_index,
+    )
+
+
+def _missing_error(missing: list[tuple[str, str]], reference: Checkpoint) -> IncompatibleCheckpointsError:
+    shown = "; ".join(f"{n!r} missing in {label}" for n, label in missing[:5])
+    more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+    return IncompatibleCheckpointsError(f"checkpoints do not hold the same tensors: {shown}{more}. Every model must be a fine-tune of {reference.label}")
+
+
+def _in_file_order(ckpt: Checkpoint) -> list[str]:
+    """The checkpoint's tensor names in the order they are stored (reads run forward)."""
+    return [i.name for i in sorted(ckpt.tensors.values(), key=lambda i: (str(i.file), i.begin))]
+
+
+def _whole_model_tensors(recipe: Recipe, inputs: list[Checkpoint], reference: Checkpoint,
+                         group_of: dict[str, frozenset[str]]) -> list[TensorPlan]:
+    """A `models:` recipe: every tensor of the reference, read at the same name (or a tied
+    alias) in every input."""
+    ordered = _in_file_order(reference)
+    depths = relative_depths(ordered)
+    tensors: list[TensorPlan] = []
+    missing: list[tuple[str, str]] = []
+    for name in ordered:
+        group = group_of.get(name)
+        found = [(ckpt, _find(name, ckpt.tensors, group)) for ckpt in inputs]
+        missing += [(name, ckpt.label) for ckpt, src in found if src is None]
+        if all(src is not None for _, src in found):
+            tensors.append(_position(recipe, name, found, with_base=recipe.base is not None, depth=depths[name],  # type: ignore[arg-type]
+                                     alias_key=min(group) if group else name))
+    if missing:
+        raise _missing_error(missing, reference)
+    return tensors
+
+
+@dataclass(frozen=True)
+class _LayerStack:
+    """A checkpoint's numbered layers: ``<prefix>.<index>.<rest>``, and the names outside them."""
+
+    prefix: str
+    layers: dict[int, list[str]]  # index -> the rest of each name, in file order
+    outside: list[str]
+
+    @property
+    def count(self) -> int:
+        return max(self.layers) + 1
+
+
+def _layer_stack(ckpt: Checkpoint) -> _LayerStack:
+    stacks: dict[str, dict[int, list[str]]] = {}
+    outside = []
+    for name in _in_file_order(ckpt):
+        m = _LAYER.match(name)
+        if m:
+            stacks.setdefault(m.group(1), {}).setdefault(int(m.group(2)), []).append(name[m.end():])
+        else:
+            outside.append(name)
+    if len(stacks) != 1:
+        found = "no tensor name has a layer index" if not stacks else f"it has {len(stacks)} layer stacks ({', '.join(sorted(stacks))})"
+        raise IncompatibleCheckpointsError(f"{ckpt.label}: slices stack numbered layers (<prefix>.<index>.<name>), but {found}; "
+                                           "slices need a model with one stack of layers")
+    prefix, layers = next(iter(stacks.items()))
+    return _LayerStack(prefix, layers, outside)
+
+
+def _before_layers(reference: Checkpoint, names: list[str], group_of: dict[str, frozenset[str]]) -> dict[str, bool]:
+    """Whether each tensor outside the layers comes before them (embeddings) or after (final
+    norm, output head), by the order of the architecture's parameters (built on the meta
+    device); for a name it cannot place, by whether the name says it is an embedding
+    (``embed``, ``wte``, ``wpe``)."""
+    model, _ = meta_model(reference.config)
+    order = list(model.state_dict()) if model is not None else []
+    first_layer = next((i for i, k in enumerate(order) if _LAYER.match(k)), len(order))
+
+    def position(name: str) -> int | None:
+        for alias in [name, *sorted(group_of.get(name) or ())]:
+            for i, k in enumerate(order):
+                if k == alias or k.endswith("." + alias) or alias.endswith("." + k):
+                    return i
+        return None
+
+    def by_name(name: str) -> bool:
+        parts = name.split(".")
+        return any("embed" in p and p != "embed_out" for p in parts) or any(p in ("wte", "wpe") for p in parts)
+
+    placed = {n: position(n) for n in names}
+    return {n: (i < first_layer) if i is not None else by_name(n) for n, i in placed.items()}
+
+
+def _slice_tensors(recipe: Recipe, base: Checkpoint | None, models: list[Checkpoint], reference: Checkpoint,
+                   group_of: dict[str, frozenset[str]]) -> tuple[list[TensorPlan], list[tuple[Checkpoint, int]]]:
+    """A `slices:` recipe: the tensors before the layers from the first slice's sources, each
+    slice's layers renumbered consecutively, the tensors after the layers from the last
+    slice's sources (mergekit's layout). Every layer range is checked against its checkpoint.
+
+    Returns:
+        The tensors, and for each output layer the checkpoint and layer it is modelled on (the
+        slice's first input), whose config describes it.
+    """
+    stacks: dict[int, _LayerStack] = {}
+
+    def stack(ckpt: Checkpoint) -> _LayerStack:
+        if id(ckpt) not in stacks:
+            stacks[id(ckpt)] = _layer_stack(ckpt)
+        return stacks[id(ckpt)]
+
+    def readers(index: int) -> list[tuple[Checkpoint, Any]]:
+        sl = recipe.slices[index]
+        pairs = [(models[i], spec) for spec, i in zip(sl.sources, sl.inputs)]
+        return ([(base, sl.base)] if sl.base is not None else []) + pairs
+
+    prefix = stack(readers(0)[0][0]).prefix
+    for index in range(len(recipe.slices)):
+        for ckpt, spec in readers(index):
+            layers = stack(ckpt)
+            start, end = spec.layer_range
+            if layers.prefix != prefix:
+                raise IncompatibleCheckpointsError(f"{ckpt.label}: its layers are {layers.prefix}.<index>, but {readers(0)[0][0].label}'s are "
+                                                   f"{prefix}.<index>; slices stack layers of one architecture")
+            if end > layers.count:
+                raise RecipeError(f"{recipe.source}: {spec.key}.layer_range: [{start}, {end}] is out of range; {ckpt.label} has "
+                                  f"{layers.count} layers (0 to {layers.count - 1}, the range's end is exclusive)")
+
+    def outside(index: int, names: list[str]) -> list[TensorPlan]:
+        found_all, missing = [], []
+        sl = recipe.slices[index]
+        for name in names:
+            group = group_of.get(name)
+            found = [(ckpt, _find(name, ckpt.tensors, group)) for ckpt, _ in readers(index)]
+            missing += [(name, ckpt.label) for ckpt, src in found if src is None]
+            if all(src is not None for _, src in found):
+                found_all.append(_position(recipe, name, found, with_base=sl.base is not None, depth=0.0,  # type: ignore[arg-type]
+                                           alias_key=min(group) if group else name, inputs=sl.inputs, slice_index=index))
+        if missing:
+            raise _missing_error(missing, reference)
+        return found_all
+
+    names = stack(reference).outside
+    before = _before_layers(reference, names, group_of)
+    tensors = outside(0, [n for n in names if before[n]])
+    origins: list[tuple[Checkpoint, int]] = []
+    for index, sl in enumerate(recipe.slices):
+        rd = readers(index)
+        n = sl.length
+        for offset in range(n):
+            layer = [(ckpt, stack(ckpt), spec.layer_range[0] + offset) for ckpt, spec in rd]
+            first_ckpt, first, first_index = layer[0]
+            out_layer = len(origins)
+            origins.append((first_ckpt, first_index))
+            rest = first.layers.get(first_index, [])
+            for ckpt, layers, i in layer:
+                if sorted(layers.layers.get(i, [])) != sorted(rest):
+                    raise IncompatibleCheckpointsError(f"layer {i} of {ckpt.label} does not hold the same tensors as layer {first_index} of "
+                                                       f"{first_ckpt.label}; the sources of {sl.key} must have layers of one architecture")
+            for suffix in rest:
+                name = f"{prefix}.{out_layer}.{suffix}"
+                found = [(ckpt, f"{layers.prefix}.{i}.{suffix}") for ckpt, layers, i in layer]
+                tensors.append(_position(recipe, name, found, with_base=sl.base is not None, depth=offset / (n - 1) if n > 1 else 1.0,
+                                         alias_key=name, inputs=sl.inputs, slice_index=index))
+    return tensors + outside(len(recipe.slices) - 1, [n for n in names if not before[n]]), origins
+
+
+# The key of config.json that holds the number of layers, in the order they are looked for.
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def _config_scope(config: Any, scope: tuple[str, ...]) -> dict | None:
+    for key in scope:
+        config = config.get(key) if isinstance(config, dict) else None
+    return config if isinstance(config, dict) else None
+
+
+def _stacked_config(config_ckpt: Checkpoint, origins: list[tuple[Checkpoint, int]]) -> tuple[tuple[tuple[str, ...], Any], ...]:
+    """What the output config.json changes for a stacked model: its layer count (the top level
+    of config.json, else its ``text_config``), and every per-layer list beside it (a key with
+    ``layer`` in its name holding one entry per layer, such as ``layer_types``) rebuilt from the
+    entry of the layer each output layer is modelled on, in that model's config."""
+    total = len(origins)
+    for scope in ((), ("text_config",)):
+        config = _config_scope(config_ckpt.config, scope)
+        key = next((k for k in LAYER_COUNT_KEYS if config is not None and isinstance(config.get(k), int) and not isinstance(config.get(k), bool)), None)
+        if config is None or key is None:
+            continue
+        count = config[key]
+        overrides: list[tuple[tuple[str, ...], Any]] = [(scope + (key,), total)]
+        for name, value in config.items():
+            if "layer" not in name or not isinstance(value, list) or len(value) != count:
+                continue
+            entries = []
+            for ckpt, layer in origins:
+                own = _config_scope(ckpt.config, scope) or {}
+                listed = own.get(name)
+                if not isinstance(listed, list) or len(listed) <= layer:
+                    raise IncompatibleCheckpointsError(f"{config_ckpt.label}: config.json lists {name} per layer, but {ckpt.label}'s config.json "
+                                                       f"has no entry for its layer {layer}; the stacked model's {name} cannot be written")
+                entries.append(listed[layer])
+            overrides.append((scope + (name,), entries))
+        return tuple(overrides)
+    raise IncompatibleCheckpointsError(f"{config_ckpt.label}: config.json has no layer count ({', '.join(LAYER_COUNT_KEYS)}, at the top level "
+                                       f"or under text_config); a slices: recipe must set it to the stacked model's {total} layers")
+
+
 def build_plan(recipe: Recipe, *, low_disk: bool = False) -> MergePlan:
     """Open every input header-only and check that the merge can run.
 
@@ -218,45 +446,13 @@ def _build_plan(recipe: Recipe, scratch: Path | None) -> MergePlan:
     group_of: dict[str, frozenset[str]] = {n: g for g in groups for n in g}
 
     inputs = ([base] if base is not None else []) + models
-    ordered = sorted(reference.tensors.values(), key=lambda i: (str(i.file), i.begin))
-    depths = relative_depths([i.name for i in ordered])
-    tensors: list[TensorPlan] = []
-    missing: list[tuple[str, str]] = []
-    for info in ordered:
-        name = info.name
-        group = group_of.get(name)
-        found = []
-        for ckpt in inputs:
-            src = _find(name, ckpt.tensors, group)
-            if src is None:
-                missing.append((name, ckpt.label))
-            found.append(src)
-        if any(s is None for s in found):
-            continue
-        shapes = {ckpt.label: ckpt.tensors[src].shape for ckpt, src in zip(inputs, found)}  # type: ignore[index]
-        if len(set(shapes.values())) > 1:
-            detail = "; ".join(f"{k}: {list(v)}" for k, v in shapes.items())
-            raise IncompatibleCheckpointsError(f"tensor {name!r} has different shapes across models ({detail}); these checkpoints are not fine-tunes of one architecture")
-        float_flags = {ckpt.label: ckpt.tensors[src].is_float for ckpt, src in zip(inputs, found)}  # type: ignore[index]
-        mergeable = info.is_float
-        if len(set(float_flags.values())) > 1:
-            detail = "; ".join(f"{k}: {ckpt.tensors[src].dtype}" for (k, _), ckpt, src in zip(float_flags.items(), inputs, found))  # type: ignore[index]
-            raise IncompatibleCheckpointsError(f"tensor {name!r} is floating point in some models and not in others ({detail}); a non-float tensor cannot be merged")
-        out_dtype = (recipe.out_dtype or info.dtype) if mergeable else info.dtype
-        tensors.append(TensorPlan(
-            name=name, shape=info.shape, out_dtype=out_dtype,
-            base_source=found[0] if base is not None else None,
-            sources=tuple(found[1:] if base is not None else found),  # type: ignore[arg-type]
-            fisher_sources=None,
-            merge=mergeable, alias_key=min(group) if group else name, depth=depths[name],
-        ))
-    if missing:
-        shown = "; ".join(f"{n!r} missing in {label}" for n, label in missing[:5])
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise IncompatibleCheckpointsError(f"checkpoints do not hold the same tensors: {shown}{more}. Every model must be a fine-tune of {reference.label}")
+    if recipe.slices:
+        tensors, origins = _slice_tensors(recipe, base, models, reference, group_of)
+    else:
+        tensors, origins = _whole_model_tensors(recipe, inputs, reference, group_of), []
 
     covered = {n for t in tensors for n in (t.name, *((group_of.get(t.name) or ())))}
-    for ckpt in inputs:
+    for ckpt in inputs if not recipe.slices else ():  # a slice reads only some layers of its sources
         extra = sorted(set(ckpt.tensors) - covered)
         if extra:
             warnings.append(f"{ckpt.label}: {len(extra)} tensor(s) not in {reference.label} are ignored, e.g. {extra[0]!r}")
@@ -268,6 +464,7 @@ def _build_plan(recipe: Recipe, scratch: Path | None) -> MergePlan:
     config_ckpt = reference
     if recipe.config_source is not None:
         config_ckpt = next((c for c in inputs if c.ref.text == recipe.config_source.text), None) or _open(recipe.config_source, "config_source", recipe)
+    overrides = _stacked_config(config_ckpt, origins) if recipe.slices else ()
     tokenizer_folder = reference.folder
     if recipe.tokenizer_source is not None:
         match = next((c for c in inputs if c.ref.text == recipe.tokenizer_source.text), None)
@@ -288,7 +485,7 @@ def _build_plan(recipe: Recipe, scratch: Path | None) -> MergePlan:
         fishers, tensors = _checked_fishers(recipe, models, tensors, group_of, node_layout, given,  # type: ignore[arg-type]
                                             [f"{recipe.source}: {m.key}.fisher" for m in recipe.models])
     return MergePlan(recipe, base, models, fishers, tensors, config_ckpt, tokenizer_folder, warnings, scratch,
-                     group_of=group_of, node_layout=node_layout)
+                     group_of=group_of, node_layout=node_layout, config_overrides=overrides)
 
 
 def with_fishers(plan: MergePlan, paths: list[Path], labels: list[str] | None = None) -> MergePlan:

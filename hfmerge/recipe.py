@@ -24,13 +24,14 @@ from .refs import ModelRef, parse_model_ref
 from .yamlio import load_yaml_file
 
 TOP_LEVEL_KEYS = (
-    "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "config_source",
+    "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "config_source",
     "max_shard_size", "allow_pickle", "allow_external_symlinks", "allow_nonfinite", "push_to_hub", "tasks",
 )
 MODEL_KEYS = ("model", "parameters", "fisher")
+SLICE_KEYS = ("sources", "parameters", "base_model", "residual_weight")
+SOURCE_KEYS = ("model", "layer_range", "parameters")
 # mergekit keys hfmerge does not implement: reported as such rather than as typos.
 UNSUPPORTED_MERGEKIT_KEYS = {
-    "slices": "layer slicing (frankenmerges) is not supported; hfmerge merges whole models of one architecture",
     "tokenizer": "vocabulary merging is not supported; use tokenizer_source: base or a model reference",
     "chat_template": "chat templates are copied with the tokenizer files; a custom chat_template is not supported",
     "modules": "per-module recipes are not supported",
@@ -131,13 +132,42 @@ def recipe_syntax(value: ParamValue) -> Any:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One fine-tuned model of the recipe."""
+    """One fine-tuned model of the recipe, or one source of a slice."""
 
-    key: str  # "models[i]"
+    key: str  # "models[i]", or "slices[i].sources[j]"
     ref: ModelRef
     parameters: dict[str, ParamValue]
     fisher: Path | None = None
     task: int | None = None  # index into Recipe.tasks of the model's own task
+    layer_range: tuple[int, int] | None = None  # a slice source's layers [start, end)
+    slice_parameters: dict[str, ParamValue] = field(default_factory=dict)  # its slice's per-model defaults
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """One output slice of a ``slices:`` recipe: consecutive output layers, each merged from the
+    same offset into every source's layer range.
+
+    Attributes:
+        key: ``slices[i]``.
+        sources: The merged inputs, as the method gets them (for a method on task vectors the
+            base model's entry is not among them: it is `base`).
+        inputs: For each source, its index into `Recipe.models` (the distinct checkpoints).
+        base: The base model's entry of this slice (its layer range), for methods that read
+            the base; None otherwise.
+        parameters: The slice's own global (tensor) parameters, consulted before the recipe's.
+    """
+
+    key: str
+    sources: tuple[ModelSpec, ...]
+    inputs: tuple[int, ...]
+    base: ModelSpec | None = None
+    parameters: dict[str, ParamValue] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        start, end = self.sources[0].layer_range  # type: ignore[misc]
+        return end - start
 
 
 @dataclass(frozen=True)
@@ -150,7 +180,7 @@ class Recipe:
 
     method: MergeMethod
     base: ModelRef | None
-    models: list[ModelSpec]
+    models: list[ModelSpec]  # with slices: each distinct source checkpoint once (its settings are per source)
     parameters: dict[str, Any]
     out_dtype: str | None  # safetensors dtype name, None = the base's dtype
     tokenizer_source: ModelRef | None
@@ -165,18 +195,25 @@ class Recipe:
     path: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # the method's advice from its `validate` hook
+    slices: tuple[SliceSpec, ...] = ()  # a `slices:` recipe (layer stacking); empty for `models:`
 
     @property
     def source(self) -> str:
         return str(self.path) if self.path else "recipe"
 
+    @property
+    def model_entries(self) -> list[ModelSpec]:
+        """Every entry that carries per-model settings: the models, or every slice's sources."""
+        return [m for s in self.slices for m in s.sources] if self.slices else list(self.models)
+
     def model_param(self, model: ModelSpec, name: str, tensor_name: str, t: float = 0.0) -> float:
         """A per-model parameter's value for one tensor at relative depth `t`.
 
         As in mergekit: the model's own setting, else the global ``parameters`` setting, else the
-        method's default (a filter list that matches nothing falls through).
+        method's default (a filter list that matches nothing falls through). A slice source's
+        slice-level ``parameters`` come between its own and the global ones.
         """
-        for setting in (model.parameters.get(name), self.model_defaults.get(name)):
+        for setting in (model.parameters.get(name), model.slice_parameters.get(name), self.model_defaults.get(name)):
             value = resolve_setting(setting, tensor_name, t) if setting is not None else None
             if value is not None:
                 return float(value)
@@ -184,16 +221,19 @@ class Recipe:
         assert spec is not None
         return float(spec.default)
 
-    def tensor_param(self, name: str, tensor_name: str, t: float = 0.0) -> Any:
+    def tensor_param(self, name: str, tensor_name: str, t: float = 0.0, slice_spec: SliceSpec | None = None) -> Any:
         """A global parameter's value for one tensor at relative depth `t`: a tensor
-        parameter's gradient or filter list resolved (the default where no filter matches),
-        any other parameter as given."""
+        parameter's gradient or filter list resolved (the slice's setting first, then the
+        recipe's, then the default where no filter matches), any other parameter as given."""
         value = self.parameters.get(name)
         spec = self.method.param(name)
         if spec is None or not spec.tensor:
             return value
-        resolved = resolve_setting(value, tensor_name, t)
-        return float(spec.default) if resolved is None else float(resolved)
+        for setting in ((slice_spec.parameters.get(name),) if slice_spec is not None else ()) + (value,):
+            resolved = resolve_setting(setting, tensor_name, t) if setting is not None else None
+            if resolved is not None:
+                return float(resolved)
+        return float(spec.default)
 
 
 def _fail(source: str, path: str, message: str) -> RecipeError:
@@ -325,6 +365,199 @@ def _check_method_data(source: str, name: str, method: MergeMethod, models: list
                             "or a task for this model under `tasks:` to compute it from")
 
 
+def _check_entry(source: str, key: str, entry: Any, allowed: tuple[str, ...], expected: str) -> None:
+    """A list entry must be a mapping with only `allowed` keys."""
+    if not isinstance(entry, dict):
+        raise _fail(source, key, f"got {short_repr(entry)}; expected {expected}")
+    for k in entry:
+        if k not in allowed:
+            raise _unknown_key(source, f"{key}.", k, allowed)
+
+
+def _model_parameters(source: str, key: str, params_in: Any, method: MergeMethod, ignored: list[str]) -> dict[str, ParamValue]:
+    """The ``parameters`` of one model entry (``models[i]`` or a slice source), checked."""
+    if params_in is None:
+        params_in = {}
+    if not isinstance(params_in, dict):
+        raise _fail(source, f"{key}.parameters", f"got {short_repr(params_in)}; expected a mapping")
+    allowed = tuple(p.name for p in method.per_model)
+    params: dict[str, ParamValue] = {}
+    for pk, pv in params_in.items():
+        spec = method.model_param(pk)
+        if spec is None:
+            if isinstance(pk, str) and pk in known_parameter_names():
+                ignored.append(f"{key}.parameters.{pk}")
+                continue
+            raise _fail(source, f"{key}.parameters.{_key_name(pk)}", f"not a per-model parameter of {method.name!r}" + _did_you_mean(pk, allowed)
+                        + (f" (expected one of: {', '.join(allowed)})" if allowed else " (it takes none)"))
+        params[pk] = _model_param_value(source, f"{key}.parameters.{pk}", spec, pv)
+    return params
+
+
+def _models(source: str, raw_models: Any, method: MergeMethod, base_identity: str | None, base_dir: Path | None,
+            ignored: list[str]) -> list[ModelSpec]:
+    """The ``models:`` list, checked (a base listed there is dropped for methods on task vectors)."""
+    name = method.name
+    if raw_models is None:
+        raise _fail(source, "models", "missing; expected a list of fine-tuned models, each {model: <reference>} (or slices: to stack layer ranges)")
+    if not isinstance(raw_models, list) or not raw_models:
+        raise _fail(source, "models", f"got {short_repr(raw_models)}; expected a non-empty list of {{model: <reference>}}")
+    models: list[ModelSpec] = []
+    seen: dict[str, str] = {}
+    for i, entry in enumerate(raw_models):
+        key = f"models[{i}]"
+        if isinstance(entry, str):  # shorthand: a bare reference
+            entry = {"model": entry}
+        _check_entry(source, key, entry, MODEL_KEYS, "{model: <reference>, parameters: {...}}")
+        if "model" not in entry:
+            raise _fail(source, f"{key}.model", "missing; expected a model reference")
+        ref = _ref(source, f"{key}.model", entry["model"], base_dir)
+        identity = _identity(ref)
+        if identity == base_identity and method.needs_base:
+            # A method on task vectors: the base listed among the models has τ = 0 and is
+            # skipped, as mergekit skips it. Methods that average models (needs_base false)
+            # keep it: it is averaged with its weight, as mergekit's linear does.
+            continue
+        if identity in seen:
+            raise _fail(source, f"{key}.model", f"{short_repr(entry['model'])} is the same model as {seen[identity]}; list each model once")
+        seen[identity] = f"{key}.model"
+        params = _model_parameters(source, key, entry.get("parameters"), method, ignored)
+        fisher = None
+        if "fisher" in entry:
+            if not method.needs_importance:
+                raise _fail(source, f"{key}.fisher", f"merge_method {name!r} does not use Fisher files")
+            if not isinstance(entry["fisher"], str):
+                raise _fail(source, f"{key}.fisher", f"got {short_repr(entry['fisher'])}; expected the path of a safetensors Fisher file")
+            fisher = Path(entry["fisher"]).expanduser()
+            if not fisher.is_absolute() and base_dir is not None:
+                fisher = base_dir / fisher
+        if fisher is not None and method.search:
+            raise _fail(source, f"{key}.fisher", f"merge_method {name!r} computes each model's Fisher at the searched coefficient; a fixed Fisher file does not apply")
+        models.append(ModelSpec(key, ref, params, fisher))
+    if not models:
+        raise _fail(source, "models", "lists only the base model; add at least one fine-tuned model")
+    return models
+
+
+def _global_parameters(source: str, where: str, params_in: Any, method: MergeMethod, ignored: list[str],
+                       ) -> tuple[dict[str, Any], dict[str, ParamValue]]:
+    """A ``parameters`` mapping: the method's global parameters (with defaults, at the top level
+    only) and the per-model parameters it sets for every model. A slice's `where`
+    (``slices[i].parameters``) takes only parameters that may vary by tensor."""
+    name = method.name
+    top = where == "parameters"
+    if params_in is None:
+        params_in = {}
+    if not isinstance(params_in, dict):
+        raise _fail(source, where, f"got {short_repr(params_in)}; expected a mapping")
+    parameters: dict[str, Any] = {p.name: p.default for p in method.params} if top else {}
+    if top:
+        parameters.update(method.fixed)
+    allowed = tuple(p.name for p in method.params)
+    model_defaults: dict[str, ParamValue] = {}
+    for pk, pv in params_in.items():
+        spec = method.param(pk)
+        if spec is None:
+            if pk in method.fixed and pv == method.fixed[pk]:
+                continue
+            if method.model_param(pk) is not None:
+                # mergekit allows per-model parameters globally as a default for every model.
+                model_defaults[pk] = _model_param_value(source, f"{where}.{pk}", method.model_param(pk), pv)
+                continue
+            if pk not in method.fixed and isinstance(pk, str) and pk in known_parameter_names():
+                ignored.append(f"{where}.{pk}")
+                continue
+            extra = f" ({name!r} fixes {pk} = {method.fixed[pk]!r})" if pk in method.fixed else ""
+            everything = allowed + tuple(p.name for p in method.per_model)
+            raise _fail(source, f"{where}.{_key_name(pk)}", f"not a parameter of {name!r}{extra}" + (_did_you_mean(pk, everything) if not extra else "")
+                        + (f"; expected one of: {', '.join(everything)}" if everything else ""))
+        if spec.tensor:
+            parameters[pk] = _model_param_value(source, f"{where}.{pk}", spec, pv)
+        elif top:
+            parameters[pk] = _check_param(source, f"{where}.{pk}", spec, pv)
+        else:
+            raise _fail(source, f"{where}.{pk}", f"{pk!r} applies to the whole merge; set it under the top-level parameters")
+    return parameters, model_defaults
+
+
+def _layer_range(source: str, key: str, value: Any) -> tuple[int, int]:
+    if (not isinstance(value, (list, tuple)) or len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            or value[0] < 0 or value[1] <= value[0]):
+        raise _fail(source, key, f"got {short_repr(value)}; expected [start, end] with 0 <= start < end (layers start to end - 1)")
+    return value[0], value[1]
+
+
+def _slices(source: str, raw: Any, method: MergeMethod, base: ModelRef | None, base_dir: Path | None,
+            ignored: list[str]) -> tuple[SliceSpec, ...]:
+    """The ``slices:`` list, checked as far as the recipe alone allows (the layer ranges against
+    the checkpoints' layer counts are checked by the plan)."""
+    name = method.name
+    if not isinstance(raw, list) or not raw:
+        raise _fail(source, "slices", f"got {short_repr(raw)}; expected a non-empty list of {{sources: [{{model: <reference>, layer_range: [start, end]}}]}}")
+    if method.needs_importance or method.search:
+        raise _fail(source, "slices", f"merge_method {name!r} weighs whole models by Fisher information or a search; it cannot merge slices")
+    base_identity = _identity(base) if base is not None else None
+    uses_base = base is not None and method.needs_base
+    distinct: dict[str, int] = {}  # identity -> index into the recipe's models
+    slices = []
+    for i, entry in enumerate(raw):
+        key = f"slices[{i}]"
+        _check_entry(source, key, entry, SLICE_KEYS, "{sources: [...], parameters: {...}}")
+        if entry.get("base_model") is not None:
+            raise _fail(source, f"{key}.base_model", "a base model per slice is not supported; set base_model at the top level")
+        if entry.get("residual_weight") is not None:
+            ignored.append(f"{key}.residual_weight")  # in mergekit's schema, but never read
+        slice_params, slice_defaults = _global_parameters(source, f"{key}.parameters", entry.get("parameters"), method, ignored)
+        raw_sources = entry.get("sources")
+        if not isinstance(raw_sources, list) or not raw_sources:
+            raise _fail(source, f"{key}.sources", f"got {short_repr(raw_sources)}; expected a non-empty list of {{model: <reference>, layer_range: [start, end]}}")
+        sources: list[ModelSpec] = []
+        inputs: list[int] = []
+        slice_base: ModelSpec | None = None
+        first: ModelSpec | None = None
+        seen: dict[str, str] = {}
+        for j, src in enumerate(raw_sources):
+            skey = f"{key}.sources[{j}]"
+            _check_entry(source, skey, src, SOURCE_KEYS, "{model: <reference>, layer_range: [start, end]}")
+            for k in ("model", "layer_range"):
+                if k not in src:
+                    raise _fail(source, f"{skey}.{k}", "missing; expected " + ("a model reference" if k == "model" else "[start, end]"))
+            ref = _ref(source, f"{skey}.model", src["model"], base_dir)
+            span = _layer_range(source, f"{skey}.layer_range", src["layer_range"])
+            identity = _identity(ref)
+            if identity in seen:
+                raise _fail(source, f"{skey}.model", f"{short_repr(src['model'])} is the same model as {seen[identity]}; list each model once per slice")
+            seen[identity] = f"{skey}.model"
+            spec = ModelSpec(skey, ref, {}, layer_range=span, slice_parameters=slice_defaults)
+            if uses_base and identity == base_identity:
+                slice_base = spec  # the origin of this slice's task vectors; its parameters are not read
+            else:
+                spec = replace(spec, parameters=_model_parameters(source, skey, src.get("parameters"), method, ignored))
+                sources.append(spec)
+                inputs.append(distinct.setdefault(identity, len(distinct)))
+            first = first or spec
+            if span[1] - span[0] != first.layer_range[1] - first.layer_range[0]:  # type: ignore[index]
+                raise _fail(source, f"{skey}.layer_range", f"has {span[1] - span[0]} layers but {first.key} has "
+                            f"{first.layer_range[1] - first.layer_range[0]}; every source of a slice must give the same number of layers")  # type: ignore[index]
+        if uses_base and slice_base is None:
+            raise _fail(source, f"{key}.sources", f"base_model is not among them; merge_method {name!r} takes each slice's task vectors "
+                        "from base_model's layers, so list base_model with its layer_range in every slice (as mergekit requires)")
+        if not sources:
+            raise _fail(source, f"{key}.sources", "lists only the base model; add at least one other source")
+        slices.append(SliceSpec(key, tuple(sources), tuple(inputs), slice_base, slice_params))
+    return tuple(slices)
+
+
+def _distinct_sources(slices: tuple[SliceSpec, ...]) -> list[ModelSpec]:
+    """Each checkpoint the slices read (the base of a method on task vectors aside) once, in
+    order of first appearance, named by that first source; settings stay with the sources."""
+    models: dict[int, ModelSpec] = {}
+    for sl in slices:
+        for spec, index in zip(sl.sources, sl.inputs):
+            models.setdefault(index, ModelSpec(spec.key, spec.ref, {}))
+    return [models[i] for i in sorted(models)]
+
+
 def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
     """Validate a recipe given as parsed YAML.
 
@@ -359,99 +592,23 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
     if base is None and method.needs_base and not method.base_optional:
         raise _fail(source, "base_model", f"missing; merge_method {name!r} works on task vectors and needs the pre-trained model")
 
-    raw_models = data.get("models")
-    if raw_models is None:
-        raise _fail(source, "models", "missing; expected a list of fine-tuned models, each {model: <reference>}")
-    if not isinstance(raw_models, list) or not raw_models:
-        raise _fail(source, "models", f"got {short_repr(raw_models)}; expected a non-empty list of {{model: <reference>}}")
-    models: list[ModelSpec] = []
     ignored: list[str] = []  # keys another method (or mergekit) reads and this one does not
-    seen: dict[str, str] = {}
     base_identity = _identity(base) if base is not None else None
-    for i, entry in enumerate(raw_models):
-        key = f"models[{i}]"
-        if isinstance(entry, str):  # shorthand: a bare reference
-            entry = {"model": entry}
-        if not isinstance(entry, dict):
-            raise _fail(source, key, f"got {short_repr(entry)}; expected {{model: <reference>, parameters: {{...}}}}")
-        for k in entry:
-            if k not in MODEL_KEYS:
-                raise _unknown_key(source, f"{key}.", k, MODEL_KEYS)
-        if "model" not in entry:
-            raise _fail(source, f"{key}.model", "missing; expected a model reference")
-        ref = _ref(source, f"{key}.model", entry["model"], base_dir)
-        identity = _identity(ref)
-        if identity == base_identity and method.needs_base:
-            # A method on task vectors: the base listed among the models has τ = 0 and is
-            # skipped, as mergekit skips it. Methods that average models (needs_base false)
-            # keep it: it is averaged with its weight, as mergekit's linear does.
-            continue
-        if identity in seen:
-            raise _fail(source, f"{key}.model", f"{short_repr(entry['model'])} is the same model as {seen[identity]}; list each model once")
-        seen[identity] = f"{key}.model"
-        params_in = entry.get("parameters")
-        if params_in is None:
-            params_in = {}
-        if not isinstance(params_in, dict):
-            raise _fail(source, f"{key}.parameters", f"got {short_repr(params_in)}; expected a mapping")
-        allowed = tuple(p.name for p in method.per_model)
-        params: dict[str, ParamValue] = {}
-        for pk, pv in params_in.items():
-            spec = method.model_param(pk)
-            if spec is None:
-                if isinstance(pk, str) and pk in known_parameter_names():
-                    ignored.append(f"{key}.parameters.{pk}")
-                    continue
-                raise _fail(source, f"{key}.parameters.{_key_name(pk)}", f"not a per-model parameter of {name!r}" + _did_you_mean(pk, allowed)
-                            + (f" (expected one of: {', '.join(allowed)})" if allowed else " (it takes none)"))
-            params[pk] = _model_param_value(source, f"{key}.parameters.{pk}", spec, pv)
-        fisher = None
-        if "fisher" in entry:
-            if not method.needs_importance:
-                raise _fail(source, f"{key}.fisher", f"merge_method {name!r} does not use Fisher files")
-            if not isinstance(entry["fisher"], str):
-                raise _fail(source, f"{key}.fisher", f"got {short_repr(entry['fisher'])}; expected the path of a safetensors Fisher file")
-            fisher = Path(entry["fisher"]).expanduser()
-            if not fisher.is_absolute() and base_dir is not None:
-                fisher = base_dir / fisher
-        if fisher is not None and method.search:
-            raise _fail(source, f"{key}.fisher", f"merge_method {name!r} computes each model's Fisher at the searched coefficient; a fixed Fisher file does not apply")
-        models.append(ModelSpec(key, ref, params, fisher))
-    if not models:
-        raise _fail(source, "models", "lists only the base model; add at least one fine-tuned model")
-    params_in = data.get("parameters")
-    if params_in is None:
-        params_in = {}
-    if not isinstance(params_in, dict):
-        raise _fail(source, "parameters", f"got {short_repr(params_in)}; expected a mapping")
-    parameters: dict[str, Any] = {p.name: p.default for p in method.params}
-    parameters.update(method.fixed)
-    allowed = tuple(p.name for p in method.params)
-    model_defaults: dict[str, ParamValue] = {}
-    for pk, pv in params_in.items():
-        spec = method.param(pk)
-        if spec is None:
-            if pk in method.fixed and pv == method.fixed[pk]:
-                continue
-            if method.model_param(pk) is not None:
-                # mergekit allows per-model parameters globally as a default for every model.
-                model_defaults[pk] = _model_param_value(source, f"parameters.{pk}", method.model_param(pk), pv)
-                continue
-            if pk not in method.fixed and isinstance(pk, str) and pk in known_parameter_names():
-                ignored.append(f"parameters.{pk}")
-                continue
-            extra = f" ({name!r} fixes {pk} = {method.fixed[pk]!r})" if pk in method.fixed else ""
-            everything = allowed + tuple(p.name for p in method.per_model)
-            raise _fail(source, f"parameters.{_key_name(pk)}", f"not a parameter of {name!r}{extra}" + (_did_you_mean(pk, everything) if not extra else "")
-                        + (f"; expected one of: {', '.join(everything)}" if everything else ""))
-        if spec.tensor:
-            parameters[pk] = _model_param_value(source, f"parameters.{pk}", spec, pv)
-        else:
-            parameters[pk] = _check_param(source, f"parameters.{pk}", spec, pv)
+    if data.get("slices") is not None:
+        if data.get("models") is not None:
+            raise _fail(source, "slices", "give either models (whole models merged) or slices (layer ranges stacked), not both")
+        slices = _slices(source, data["slices"], method, base, base_dir, ignored)
+        models = _distinct_sources(slices)
+    else:
+        slices = ()
+        models = _models(source, data.get("models"), method, base_identity, base_dir, ignored)
+    parameters, model_defaults = _global_parameters(source, "parameters", data.get("parameters"), method, ignored)
     added_base: ModelSpec | None = None
-    if base_identity is not None and method.fixed.get("include_base") and base_identity not in seen:
+    seen = {_identity(m.ref) for m in models}
+    if base_identity is not None and method.fixed.get("include_base") and base_identity not in seen and not slices:
         # mergekit's linear adds an unlisted base_model to the average with the global weight
         # (and fails without one): do the same, and say clearly when there is no weight to use.
+        # A slice averages only its sources, as in mergekit.
         if "weight" not in model_defaults:
             raise _fail(source, "base_model", f"merge_method {name!r} averages base_model with the models, as mergekit does, but it is "
                         "not listed under models and parameters.weight is not set: list it under models with its weight, set "
@@ -482,6 +639,7 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
     tasks, owners = _tasks(data.get("tasks"), source, base_dir, models)
     task_of = {owner: i for i, owner in enumerate(owners) if owner is not None}
     models = [replace(m, task=task_of.get(i)) for i, m in enumerate(models)]
+    slices = tuple(replace(sl, sources=tuple(replace(m, task=task_of.get(i)) for m, i in zip(sl.sources, sl.inputs))) for sl in slices)
     if added_base is not None:
         # Averaged first, as mergekit does; added after the tasks were matched, so a task's
         # `model:` index still counts the models as the recipe lists them.
@@ -496,6 +654,7 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
         push_to_hub=_push_repo(source, data.get("push_to_hub")),
         model_defaults=model_defaults,
         tasks=tasks,
+        slices=slices,
         # The tasks with their includes merged, so the recipe written beside a merge (and the
         # card) says the whole run without the files it included.
         raw={**data, "tasks": [t.raw for t in tasks]} if tasks else data,

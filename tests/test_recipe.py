@@ -116,7 +116,7 @@ def test_base_listed_among_models_contributes_no_task_vector(folders):
         ({"parameters": {"normalize": "yes"}}, r"parameters.normalize: got 'yes'; expected true or false"),
         ({"parameters": {"trim": "layer"}}, r"parameters.trim: got 'layer'; expected one of 'tensor', 'model'"),
         ({"dtype": "float8"}, r"dtype: got 'float8'; expected one of float32, float16, bfloat16"),
-        ({"slices": []}, r"slices: layer slicing \(frankenmerges\) is not supported"),
+        ({"slices": [{"sources": [{"model": "./a", "layer_range": [0, 1]}]}]}, r"slices: give either models \(whole models merged\) or slices .*, not both"),
         ({"tokenizer_source": "union"}, r"tokenizer_source: 'union'"),
         ({"max_shard_size": "lots"}, r"max_shard_size: expected a size"),
         ({"allow_pickle": "yes"}, r"allow_pickle: got 'yes'; expected true or false"),

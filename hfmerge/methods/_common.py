@@ -102,7 +102,7 @@ def combine(base: torch.Tensor, deltas: torch.Tensor, weight: Sequence[float], *
 def density_unset(recipe: "Recipe") -> bool:
     """Whether the recipe leaves ``density`` at its default for every model (nothing trimmed
     or dropped), which is worth a warning for the methods whose point is to sparsify."""
-    return "density" not in recipe.model_defaults and all("density" not in m.parameters for m in recipe.models)
+    return "density" not in recipe.model_defaults and all("density" not in m.parameters and "density" not in m.slice_parameters for m in recipe.model_entries)
 
 
 def warn_without_density(advice: str) -> Callable[["Recipe", str], list[str]]:

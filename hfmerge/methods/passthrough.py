@@ -19,12 +19,16 @@ if TYPE_CHECKING:
 
 
 def validate(recipe: "Recipe", source: str) -> list[str]:
-    """Passthrough copies exactly one model.
+    """Passthrough copies exactly one model, or with ``slices:`` one source per slice.
 
     Raises:
-        RecipeError: More than one model is listed.
+        RecipeError: More than one model, or more than one source in a slice.
     """
-    if len(recipe.models) != 1:
+    for sl in recipe.slices:
+        if len(sl.sources) != 1:
+            raise RecipeError(f"{source}: {sl.key}.sources: merge_method 'passthrough' copies one source per slice, got {len(sl.sources)}; "
+                              "give each layer range its own slice to stack them")
+    if not recipe.slices and len(recipe.models) != 1:
         raise RecipeError(f"{source}: models: merge_method 'passthrough' copies one model, got {len(recipe.models)}; "
                           "list one model, or use slices: to stack layers of several")
     return []

@@ -44,6 +44,9 @@ def validate(recipe: "Recipe", source: str) -> list[str]:
         RecipeError: ``trim: model`` with a density given as a filter list or gradient.
     """
     if recipe.parameters.get("trim") == "model":
+        if recipe.slices:
+            raise RecipeError(f"{source}: parameters.trim: trim: model ranks each model's whole task vector, which a slices: recipe "
+                              "does not merge; use trim: tensor")
         given = [(f"{m.key}.parameters.density", m.parameters.get("density")) for m in recipe.models]
         for key, value in given + [("parameters.density", recipe.model_defaults.get("density"))]:
             if value is not None and not isinstance(value, float):
