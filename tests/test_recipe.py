@@ -128,6 +128,13 @@ def test_bad_recipes_name_the_key_path(folders, overrides, pattern):
         parse(folders, **overrides)
 
 
+def test_a_key_only_another_method_reads_is_ignored_with_a_warning(folders):
+    # slerp's global `t`, given per model to ties: mergekit ignores it, and so does hfmerge.
+    r = parse(folders, models=[{"model": "./a", "parameters": {"t": 0.5}}])
+    assert "t" not in r.models[0].parameters
+    assert any("models[0].parameters.t" in w and "ignored" in w for w in r.warnings)
+
+
 def test_dare_seed_must_be_a_non_negative_integer(folders):
     with pytest.raises(RecipeError, match=r"parameters.seed: got 1.5; expected an integer >= 0"):
         parse(folders, merge_method="dare_ties", parameters={"seed": 1.5})

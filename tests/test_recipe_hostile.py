@@ -198,6 +198,10 @@ def baseline(method: str, folders: Path) -> dict[str, Any]:
         data["parameters"] = dict(REQUIRED_PARAMETERS[method])
     if spec.needs_base:
         data["base_model"] = "./base"
+    if method in ("passthrough", "slerp"):  # one model (slerp's besides the base)
+        data["models"] = data["models"][:1]
+    if method == "slerp":  # t has no default
+        data["parameters"] = {"t": 0.5}
     if spec.needs_importance and not spec.search:
         for i, m in enumerate(data["models"]):
             m["fisher"] = f"f{i}.safetensors"
