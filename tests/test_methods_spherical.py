@@ -160,6 +160,24 @@ def test_multislerp_points_along_the_weighted_mean_direction_with_the_weighted_m
     assert torch.allclose(multislerp(None, [t([1.0, 0.0]), t([0.0, 1.0])], normalize=False), t([2 * R, 2 * R]))
 
 
+def test_multislerp_of_many_models_follows_the_formula_and_leaves_its_inputs_alone():
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(3, 5, generator=gen)
+    models = [base + torch.randn(3, 5, generator=gen) for _ in range(4)]
+    before = [m.clone() for m in models]
+    w = torch.tensor([0.1, 0.4, 0.2, 0.3])
+    out = multislerp(base, models, weight=[0.2, 0.8, 0.4, 0.6])  # normalised: w
+    assert all(torch.equal(a, b) for a, b in zip(models, before))
+    v = torch.stack([m - base for m in models]).reshape(4, -1).double()
+    n = v.norm(dim=1)
+    u = v / n[:, None]
+    m = (w.double() @ u) / (w.double() @ u).norm()
+    g = w.double() @ (u - (u @ m)[:, None] * m)
+    a = g.norm()
+    expected = base + ((w.double() @ n) * (torch.cos(a) * m + torch.sin(a) / a * g)).reshape(3, 5).float()
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
 def test_multislerp_eps_enters_the_norms_and_the_exponential_map():
     e1, e2 = t([1.0, 0.0]), t([0.0, 1.0])
     # eps 0.1: the tangent vectors cancel, the map's angle is ‖0‖ + eps, so cos(0.1) · m

@@ -17,7 +17,7 @@ error, as in mergekit, unless every v_i is zero (a tensor no model changed), whi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
@@ -52,6 +52,16 @@ def validate(recipe: "Recipe", source: str) -> list[str]:
     return []
 
 
+def _weighted_sum(w: torch.Tensor, rows: Iterator[torch.Tensor]) -> torch.Tensor:
+    """Σ_i w_i · row_i, accumulated in order as a sum over the first dimension of a stack is."""
+    total: torch.Tensor | None = None
+    for weight, row in zip(w, rows):
+        term = row * weight
+        total = term if total is None else total.add_(term)
+    assert total is not None
+    return total
+
+
 @merge_method(
     "multislerp",
     per_model=(WEIGHT,),
@@ -80,22 +90,24 @@ def multislerp(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], *, we
         if abs(float(total)) < ZERO_SUM:
             raise HfMergeError(f"multislerp: {_zero_sum_advice(float(total))}")
         w = w / total
+    # Row by row, in mergekit's order of operations (so the numbers agree with it), without the
+    # stacks of unit and tangent vectors: the work space is the M inputs and a few single tensors.
     norms = torch.linalg.vector_norm(vectors, dim=-1, keepdim=True)
-    units = vectors / (norms + eps)
-    mean = (units * w[:, None]).sum(dim=0)
+    # Beyond two models the inputs are not read again: they become the unit vectors in place.
+    units = vectors / (norms + eps) if len(tensors) == 2 else vectors.div_(norms + eps)
+    mean = _weighted_sum(w, (units[i] for i in range(len(units))))
     mean_norm = torch.linalg.vector_norm(mean)
     if mean_norm < eps:
         if len(tensors) == 2:
             merged = stacked[0] * w[0] + stacked[1] * w[1]
-        elif not bool(vectors.any()):
+        elif not bool((norms > 0).any()):  # no model changed this tensor
             merged = torch.zeros(shape)
         else:
             raise HfMergeError("multislerp: the weighted mean of the models' directions is zero (antipodal models whose weights "
                                "balance out, e.g. a and −a with equal weights); change the weights")
         return merged if base is None else merged.add_(base)
     mean = mean / mean_norm
-    tangents = units - (units * mean).sum(dim=-1, keepdim=True) * mean
-    tangent = (tangents * w[:, None]).sum(dim=0)
+    tangent = _weighted_sum(w, (units[i] - (units[i] * mean).sum() * mean for i in range(len(units))))
     angle = torch.linalg.vector_norm(tangent) + eps
     direction = mean * torch.cos(angle) + tangent * (torch.sin(angle) / angle)
     merged = (direction * (norms.squeeze(-1) * w).sum()).reshape(shape)

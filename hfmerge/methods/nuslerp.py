@@ -34,6 +34,13 @@ ZERO_SUM = 1e-6  # |w_1 + w_2| below this gives t = 0.5
 WEIGHT = Param("weight", 1.0, help="the model's weight; t = w_2 / (w_1 + w_2)")
 
 
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """cos Ω of each pair of slices along the last dimension, shaped (..., 1), clamped to [−1, 1]."""
+    unit_a = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
+    unit_b = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
+    return (unit_a * unit_b).sum(dim=-1, keepdim=True).clamp(-1, 1)
+
+
 def nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, *, flatten: bool = True, row_wise: bool = False) -> torch.Tensor:
     """Spherical interpolation of two tensors of one shape, over the whole tensor or per slice.
 
@@ -53,9 +60,7 @@ def nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, *, flatten: bool 
         a, b = v0.transpose(0, -1), v1.transpose(0, -1)
     else:
         a, b = v0, v1
-    unit_a = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
-    unit_b = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
-    cos = (unit_a * unit_b).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    cos = _cosine(a, b)
     colinear = (1 - cos * cos) <= COLINEAR
     omega = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
     spherical = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
