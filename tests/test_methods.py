@@ -145,7 +145,7 @@ def test_fisher_normalisation_divides_coefficients_by_fisher_norms():
     assert torch.allclose(normed, t([2.0]))  # weights 1 and 1
 
 
-REQUIRED_PARAMETERS = {"nearswap": {"t": 0.5}}  # global parameters without a default
+REQUIRED_PARAMETERS = {"nearswap": {"t": 0.5}, "slerp": {"t": 0.5}}  # global parameters without a default
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

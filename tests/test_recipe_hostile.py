@@ -186,8 +186,8 @@ SCALARS = {"a number": 12345, "a string": "no such thing ~", "null": None, "a bo
 
 
 # Methods whose own checks want one fine-tuned model, and global parameters without a default.
-ONE_MODEL = {"arcee_fusion", "nearswap", "passthrough"}
-REQUIRED_PARAMETERS = {"nearswap": {"t": 0.0001}}
+ONE_MODEL = {"arcee_fusion", "nearswap", "passthrough", "slerp"}
+REQUIRED_PARAMETERS = {"nearswap": {"t": 0.0001}, "slerp": {"t": 0.5}}
 
 
 def baseline(method: str, folders: Path) -> dict[str, Any]:
@@ -198,10 +198,6 @@ def baseline(method: str, folders: Path) -> dict[str, Any]:
         data["parameters"] = dict(REQUIRED_PARAMETERS[method])
     if spec.needs_base:
         data["base_model"] = "./base"
-    if method in ("passthrough", "slerp"):  # one model (slerp's besides the base)
-        data["models"] = data["models"][:1]
-    if method == "slerp":  # t has no default
-        data["parameters"] = {"t": 0.5}
     if spec.needs_importance and not spec.search:
         for i, m in enumerate(data["models"]):
             m["fisher"] = f"f{i}.safetensors"

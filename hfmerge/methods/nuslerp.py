@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from ..errors import RecipeError
+from ._model_count import require_models
 from .registry import Param, merge_method
 
 if TYPE_CHECKING:
@@ -76,10 +76,7 @@ def validate(recipe: "Recipe", source: str) -> list[str]:
     Raises:
         RecipeError: Not exactly two models besides base_model.
     """
-    if len(recipe.models) != 2:
-        besides = " besides base_model" if recipe.base is not None else ""
-        raise RecipeError(f"{source}: models: merge_method 'nuslerp' interpolates between exactly two models, got "
-                          f"{len(recipe.models)}{besides}; use multislerp for any number of models")
+    require_models(recipe, source, at_least=2, at_most=2)
     return []
 
 

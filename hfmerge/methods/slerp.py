@@ -13,12 +13,13 @@ their directions: the norm along the path is interpolated as well as the angle.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from ..errors import RecipeError
-from .registry import Param, PrepareContext, merge_method
+from ._model_count import require_models
+from .registry import Param, merge_method
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 DOT_THRESHOLD = 0.9995  # |cos Ω| above this interpolates linearly (mergekit's value)
 EPS = 1e-8  # a vector whose norm is at most this is not normalised
 
-T = Param("t", 0.5, low=0.0, high=1.0, tensor=True,
+T = Param("t", None, low=0.0, high=1.0, tensor=True,
           help="interpolation factor: 0 = base_model, 1 = the other model (required; a number, gradient or filter list)")
 
 
@@ -57,40 +58,25 @@ def slerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
 
 
 def validate(recipe: "Recipe", source: str) -> list[str]:
-    """slerp needs base_model, exactly one other model and ``t``, as in mergekit.
+    """slerp needs base_model, exactly one other model and ``t`` for every tensor, as in mergekit.
 
     Raises:
-        RecipeError: base_model is missing, the models besides it are not exactly one, or
-            ``parameters.t`` is not given.
+        RecipeError: base_model is missing, the models besides it are not exactly one, ``t`` is
+            missing, or a filter list for ``t`` has no last entry that applies to every tensor.
     """
     if recipe.base is None:
         raise RecipeError(f"{source}: base_model: missing; merge_method 'slerp' interpolates from base_model (t = 0) to one other "
                           "model (t = 1): set base_model to one of the two models")
-    if len(recipe.models) != 1:
-        raise RecipeError(f"{source}: models: merge_method 'slerp' interpolates between base_model and exactly one other model, "
-                          f"got {len(recipe.models)} besides base_model; use nuslerp or multislerp for more models")
-    if "t" not in (recipe.raw.get("parameters") or {}):
+    require_models(recipe, source, at_least=1, at_most=1)
+    t = recipe.parameters.get("t")
+    if t is None:
         raise RecipeError(f"{source}: parameters.t: missing; merge_method 'slerp' needs t (0 = base_model, 1 = the other model), "
                           "a number, a gradient or a filter list")
+    entries = getattr(t, "entries", None)
+    if entries is not None and not any(flt is None or flt == "*" for flt, _ in entries):
+        raise RecipeError(f"{source}: parameters.t: t has no default, so its filter list needs a last entry without a filter, "
+                          "e.g. {value: 0.5}, for the tensors no filter matches")
     return []
-
-
-def prepare(context: PrepareContext) -> dict[str, Any]:
-    """Check, before any tensor is merged, that a filter-list ``t`` gives every merged tensor a
-    value: ``t`` has no default (mergekit fails on such a tensor too).
-
-    Raises:
-        RecipeError: Naming ``parameters.t`` and the first tensor no entry applies to.
-    """
-    from ..recipe import FilteredValue  # here: the recipe module imports the methods
-
-    value = context.recipe.parameters.get("t")
-    if isinstance(value, FilteredValue):
-        for position in context.positions:
-            if value.resolve(position.name, 0.0) is None:
-                raise RecipeError(f"{context.recipe.source}: parameters.t: no entry of the filter list applies to tensor "
-                                  f"{position.name!r} and t has no default; end the list with an entry without filter")
-    return {}
 
 
 @merge_method(
@@ -100,7 +86,6 @@ def prepare(context: PrepareContext) -> dict[str, Any]:
     # The base is required; `validate` says so itself, in slerp's own words.
     base_optional=True,
     validate=validate,
-    prepare=prepare,
     paper="https://en.wikipedia.org/wiki/Slerp",
     summary="spherical linear interpolation from base_model (t = 0) to one other model (t = 1)",
 )
