@@ -321,3 +321,39 @@ def test_slerp_merge_of_tiny_llamas_follows_the_filter_list_and_gradient(llama, 
     assert {0.0, 0.5, 1.0, 0.25, 0.6} <= used  # each filter, and the gradients' ends and middle, were exercised
     # t = 0 tensors are the base's: the first layer's attention and everything outside the layers
     assert torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"], theta_base["model.layers.0.self_attn.q_proj.weight"], atol=1e-6)
+
+
+def test_slerp_slices_take_one_source_besides_the_base_and_a_t_per_slice(folders):
+    def slices(*sources, **parameters):
+        entry = {"sources": [{"model": m, "layer_range": [0, 2]} for m in sources]}
+        return [{**entry, "parameters": parameters} if parameters else entry]
+
+    r = parse(folders, merge_method="slerp", base_model="./base", slices=slices("./base", "./a", t=0.3))
+    assert [s.ref.path.name for s in r.slices[0].sources] == ["a"] and r.parameters["t"] is None
+    with pytest.raises(RecipeError, match=r"r.yaml: slices\[0\].sources: merge_method 'slerp' takes exactly 1 source besides base_model in "
+                                          r"each slice, got 2"):
+        parse(folders, merge_method="slerp", base_model="./base", slices=slices("./base", "./a", "./b", t=0.3))
+    with pytest.raises(RecipeError, match=r"r.yaml: parameters.t: missing"):
+        parse(folders, merge_method="slerp", base_model="./base", slices=slices("./base", "./a"))
+    partial = [{"filter": "mlp", "value": 0.2}]
+    with pytest.raises(RecipeError, match=r"r.yaml: slices\[0\].parameters.t: t has no default"):
+        parse(folders, merge_method="slerp", base_model="./base", slices=slices("./base", "./a", t=partial))
+    # the top-level t covers what the slice's filter list leaves out
+    assert parse(folders, merge_method="slerp", base_model="./base", parameters={"t": 0.5}, slices=slices("./base", "./a", t=partial)).slices
+    with pytest.raises(RecipeError, match=r"r.yaml: slices\[0\].sources: merge_method 'nuslerp' takes exactly 2 sources besides base_model"):
+        parse(folders, merge_method="nuslerp", slices=slices("./a"))
+
+
+def test_slerp_of_tiny_llamas_by_slices_uses_each_slice_t(llama, tmp_path):
+    base, ft = llama
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="slerp", base_model=base, dtype="float32", parameters={"t": 0.7}, slices=[
+        {"sources": [{"model": str(base), "layer_range": [0, 2]}, {"model": str(ft), "layer_range": [0, 2]}], "parameters": {"t": 0.2}},
+        {"sources": [{"model": str(base), "layer_range": [2, 3]}, {"model": str(ft), "layer_range": [2, 3]}]},
+    ])
+    merged = load_file(str(hfmerge.merge(recipe, output=tmp_path / "out", progress=False).output / "model.safetensors"))
+    theta_base, theta_ft = load_base_state(base), load_base_state(ft)
+    assert set(merged) == set(theta_base)
+    for name, tensor in merged.items():
+        # the first slice gives layers 0-1 and the tensors before the layers, the last one layer 2 and those after
+        tv = 0.2 if name.startswith(("model.layers.0.", "model.layers.1.", "model.embed_tokens")) else 0.7
+        assert torch.allclose(tensor, slerp_pair(tv, theta_base[name].float(), theta_ft[name].float()), atol=1e-6), name

@@ -57,24 +57,37 @@ def slerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     return torch.sin((1 - tt) * omega) / sin_omega * v0 + torch.sin(tt * omega) / sin_omega * v1
 
 
+def _applies_everywhere(setting: object) -> bool:
+    """Whether a ``t`` setting gives every tensor a value: a number or a gradient, or a filter
+    list with an entry without filter (or ``*``)."""
+    entries = getattr(setting, "entries", None)
+    return setting is not None and (entries is None or any(flt is None or flt == "*" for flt, _ in entries))
+
+
 def validate(recipe: "Recipe", source: str) -> list[str]:
     """slerp needs base_model, exactly one other model and ``t`` for every tensor, as in mergekit.
 
     Raises:
-        RecipeError: base_model is missing, the models besides it are not exactly one, ``t`` is
-            missing, or a filter list for ``t`` has no last entry that applies to every tensor.
+        RecipeError: base_model is missing, the models besides it (or a slice's sources) are not
+            exactly one, or some tensor would have no ``t``: none given, or only filter lists
+            without a last entry that applies to every tensor.
     """
     if recipe.base is None:
         raise RecipeError(f"{source}: base_model: missing; merge_method 'slerp' interpolates from base_model (t = 0) to one other "
                           "model (t = 1): set base_model to one of the two models")
     require_models(recipe, source, at_least=1, at_most=1)
-    t = recipe.parameters.get("t")
-    if t is None:
-        raise RecipeError(f"{source}: parameters.t: missing; merge_method 'slerp' needs t (0 = base_model, 1 = the other model), "
-                          "a number, a gradient or a filter list")
-    entries = getattr(t, "entries", None)
-    if entries is not None and not any(flt is None or flt == "*" for flt, _ in entries):
-        raise RecipeError(f"{source}: parameters.t: t has no default, so its filter list needs a last entry without a filter, "
+    top = recipe.parameters.get("t")
+    if _applies_everywhere(top):
+        return []
+    # A slice's own t comes first for its tensors; where none applies, the top-level one.
+    for key, setting in [(f"{sl.key}.parameters.t", sl.parameters.get("t")) for sl in recipe.slices] or [("parameters.t", top)]:
+        if _applies_everywhere(setting):
+            continue
+        if setting is None and top is None:
+            raise RecipeError(f"{source}: parameters.t: missing; merge_method 'slerp' needs t (0 = base_model, 1 = the other model), "
+                              "a number, a gradient or a filter list")
+        given = key if setting is not None else "parameters.t"
+        raise RecipeError(f"{source}: {given}: t has no default, so its filter list needs a last entry without a filter, "
                           "e.g. {value: 0.5}, for the tensors no filter matches")
     return []
 
