@@ -275,6 +275,10 @@ def test_multislerp_recipe_checks_weights_and_eps(folders):
     assert parse(folders, merge_method="multislerp", models=zero, parameters={"normalize_weights": False}).models
     # weights that vary by tensor are checked while merging
     assert parse(folders, merge_method="multislerp", models=[zero[0], {"model": "./b", "parameters": {"weight": [-1.0, 0.0]}}]).models
+    sliced = [{"sources": [{"model": "./a", "layer_range": [0, 1], "parameters": {"weight": 2.0}},
+                           {"model": "./b", "layer_range": [0, 1]}], "parameters": {"weight": -2.0}}]
+    with pytest.raises(RecipeError, match=r"r.yaml: slices\[0\].sources: the weights sum to 0"):
+        parse(folders, merge_method="multislerp", slices=sliced)
     with pytest.raises(RecipeError, match=r"r.yaml: parameters.eps: got 0; expected a number > 0.0"):
         parse(folders, merge_method="multislerp", models=["./a", "./b"], parameters={"eps": 0})
 

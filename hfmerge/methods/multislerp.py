@@ -41,14 +41,19 @@ def validate(recipe: "Recipe", source: str) -> list[str]:
     """Weights given as plain numbers must not sum to zero when they are normalised.
 
     Raises:
-        RecipeError: ``normalize_weights`` with two or more models whose plain-number weights
-            sum to zero (weights that vary by tensor are checked when merging).
+        RecipeError: ``normalize_weights`` with two or more models (or sources of a slice)
+            whose plain-number weights sum to zero (weights that vary by tensor are checked
+            when merging).
     """
-    if not recipe.parameters.get("normalize_weights", True) or len(recipe.models) < 2:
+    if not recipe.parameters.get("normalize_weights", True):
         return []
-    weights = [m.parameters.get("weight", recipe.model_defaults.get("weight", WEIGHT.default)) for m in recipe.models]
-    if all(isinstance(w, float) for w in weights) and abs(sum(weights)) < ZERO_SUM:
-        raise RecipeError(f"{source}: models: {_zero_sum_advice(sum(weights))}")
+    groups = [(f"{sl.key}.sources", sl.sources) for sl in recipe.slices] or [("models", tuple(recipe.models))]
+    for key, entries in groups:
+        # A model's own weight, else its slice's, else the global one, else the default.
+        weights = [m.parameters.get("weight", m.slice_parameters.get("weight", recipe.model_defaults.get("weight", WEIGHT.default)))
+                   for m in entries]
+        if len(weights) > 1 and all(isinstance(w, float) for w in weights) and abs(sum(weights)) < ZERO_SUM:
+            raise RecipeError(f"{source}: {key}: {_zero_sum_advice(sum(weights))}")
     return []
 
 
