@@ -77,7 +77,8 @@ def _merge_parser() -> argparse.ArgumentParser:
                    help="download Hub shards to a scratch folder, at most one per model at a time, instead of the Hugging Face cache")
     from .fisher.cli import add_device_arguments
 
-    add_device_arguments(p)
+    add_device_arguments(p, device_help="where Fisher models and a search's working model run (default auto: cuda if available, "
+                                         "else cpu); cuda also runs the merge arithmetic on the GPU")
     p.set_defaults(device=None)  # None: not given, so that --cuda / --no-cuda can decide (else auto)
     search = p.add_argument_group("coefficient search (merge_method: dfmerge)")
     search.add_argument("--resume", action="store_true", help="continue an interrupted search (completed trials are kept)")
