@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .errors import OptionError, RecipeError, short_repr
-from .options import RunOptions, device_settings
+from .options import RunOptions, device_settings, output_settings
 
 if TYPE_CHECKING:
     from .evaluation.evaluate_model import EvalReport
@@ -49,10 +49,23 @@ def _load(recipe: str | Path | Recipe, options: RunOptions) -> Recipe:
     from .recipe import Recipe, load_recipe, parse_size
 
     loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    # Copies: a Recipe given by the caller is left as it was.
     if options.max_shard_size is not None:
-        # A copy: a Recipe given by the caller is left as it was.
         loaded = replace(loaded, max_shard_size=parse_size(options.max_shard_size, field="max_shard_size"))
+    if options.random_seed is not None:
+        loaded = _with_seed(loaded, options.random_seed)
     return loaded
+
+
+def _with_seed(recipe: Recipe, seed: int) -> Recipe:
+    """`recipe` with ``parameters.seed`` replaced by `seed` (also in the echoed YAML, so the
+    output's recipe reproduces it), or with a warning when the method draws nothing at random."""
+    if recipe.method.param("seed") is None:
+        note = f"random_seed {seed}: merge_method {recipe.method.name!r} has no seed (it draws no random numbers); the seed has no effect"
+        return replace(recipe, warnings=[*recipe.warnings, note])
+    raw = dict(recipe.raw)
+    raw["parameters"] = {**(raw.get("parameters") or {}), "seed": seed}
+    return replace(recipe, parameters={**recipe.parameters, "seed": seed}, raw=raw)
 
 
 def default_output(recipe: Recipe) -> Path:
@@ -251,10 +264,18 @@ def merge(recipe: str | Path | Recipe, options: RunOptions | None = None, *, on_
         device_settings(options)  # no CUDA device here: an error now, whatever the method
     check_output(output, options.overwrite, _inputs(loaded, options))
     built = build_plan(loaded, low_disk=options.low_disk)
+    threads = None
     try:
+        if options.num_threads is not None:
+            import torch
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(options.num_threads)
         result = _merge_planned(built, loaded, output, options, on_plan, push_repo)
     finally:
         built.release()  # run_merge releases it too; a second release does nothing
+        if threads is not None:
+            torch.set_num_threads(threads)
     if push_repo:
         from .publish import push_folder
 
@@ -295,7 +316,7 @@ def _merge_planned(built: MergePlan, loaded: Recipe, output: Path, options: RunO
                 logger.info("Fisher of %s: %s (%s)", r.model, r.path, r.source)
             built = with_fishers(built, [r.path for r in records])  # shares the checkpoints `merge` releases
         result = run_merge(built, output, overwrite=options.overwrite, progress=options.progress, evaluate=evaluate_output,
-                           title=title, repo_id=push_repo)
+                           title=title, repo_id=push_repo, **output_settings(options))
     result.summary = summary
     return result
 

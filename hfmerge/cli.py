@@ -1,9 +1,14 @@
 """The `hfmerge` command.
 
-    hfmerge RECIPE [--output DIR] [--dry-run] [--overwrite] [-v | -q]
+    hfmerge RECIPE [OUT_PATH] [--output DIR] [--dry-run] [--overwrite] [-v | -q]
     hfmerge demo [--output DIR]
     hfmerge push DIR REPO_ID [--private] [--message M]
     hfmerge cache list|clean ...
+
+`hfmerge CONFIG OUT_PATH` and mergekit-yaml's flags are accepted too (`--cuda`,
+`--out-shard-size`, `--no-copy-tokenizer`, `--random-seed`...): each maps to a `RunOptions`
+field, is accepted without effect where hfmerge already behaves that way, or is refused with
+the reason (docs/cli.md lists them all).
 
 Errors from the `HfMergeError` family are printed as one message without a traceback
 (add --verbose for it) and the exit code is non-zero.
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -21,7 +27,7 @@ from pathlib import Path
 from . import __version__
 from .api import check_report_path, check_repo_id, merge, plan, plan_summary
 from .checkpoints.writer import human_size, write_report_file
-from .errors import HfMergeError
+from .errors import HfMergeError, OptionError
 from .options import RunOptions
 from .publish import push
 
@@ -31,6 +37,7 @@ EPILOG = """\
 examples:
   hfmerge recipe.yaml --dry-run           print the plan and exit
   hfmerge recipe.yaml --output ./merged   merge into ./merged (written atomically)
+  hfmerge recipe.yaml ./merged --cuda     the same, as mergekit-yaml writes it (arithmetic on the GPU)
   hfmerge demo                            build small local checkpoints and merge them
   hfmerge eval recipe.yaml --model DIR    score a model on the recipe's tasks
   hfmerge fisher recipe.yaml              compute and cache the Fishers a recipe needs
@@ -55,6 +62,7 @@ def _merge_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("recipe", help="the recipe YAML file (or a subcommand: demo, eval, fisher, push)")
+    p.add_argument("out_path", nargs="?", metavar="OUT_PATH", help="the output folder, as mergekit-yaml takes it (the same as --output)")
     p.add_argument("-o", "--output", help="folder to write the merged model into (default: ./merged-<recipe name>)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (models, tensors, memory, output size, warnings) and exit without writing")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
@@ -69,14 +77,76 @@ def _merge_parser() -> argparse.ArgumentParser:
                    help="download Hub shards to a scratch folder, at most one per model at a time, instead of the Hugging Face cache")
     from .fisher.cli import add_device_arguments
 
-    add_device_arguments(p)
+    add_device_arguments(p, device_help="where Fisher models and a search's working model run (default auto: cuda if available, "
+                                         "else cpu); cuda also runs the merge arithmetic on the GPU")
+    p.set_defaults(device=None)  # None: not given, so that --cuda / --no-cuda can decide (else auto)
     search = p.add_argument_group("coefficient search (merge_method: dfmerge)")
     search.add_argument("--resume", action="store_true", help="continue an interrupted search (completed trials are kept)")
     search.add_argument("--storage", metavar="URL", help="Optuna storage shared by several workers, e.g. postgresql://user:pw@host/db (default: a journal file beside the output)")
     search.add_argument("--study-name", metavar="NAME", help="the Optuna study's name (workers sharing --storage use the same one)")
     search.add_argument("--n-trials", type=int, metavar="N", help="total trials of the search (overrides the recipe's n_trials)")
     _common(p)
+    p.add_argument("--no-quiet", dest="quiet", action="store_false", help="undo -q / --quiet (the default)")
+    _mergekit_arguments(p)
     return p
+
+
+class _Refused(argparse.Action):
+    """A mergekit-yaml flag hfmerge refuses: using it is a usage error that gives the reason."""
+
+    def __init__(self, option_strings, dest, reason: str = "", nargs=0, **kwargs):
+        super().__init__(option_strings, dest, nargs=nargs, default=argparse.SUPPRESS, help=reason, **kwargs)
+        self.reason = reason
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise argparse.ArgumentError(self, self.reason)
+
+
+def _no_op(group, *names: str, value: str | None = None, why: str) -> None:
+    """Accept mergekit-yaml flags that change nothing here (hfmerge already works that way)."""
+    if value is None:
+        group.add_argument(*names, action="store_true", dest="_ignored", help=f"accepted, no effect: {why}")
+    else:
+        group.add_argument(*names, metavar=value, dest="_ignored", help=f"accepted, no effect: {why}")
+
+
+def _mergekit_arguments(p: argparse.ArgumentParser) -> None:
+    """mergekit-yaml's flags (mergekit 0.1.5), with their meaning where hfmerge has it."""
+    g = p.add_argument_group("mergekit-yaml flags", "accepted so that a mergekit-yaml command line runs unchanged (docs/cli.md: the full table)")
+    g.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=None,
+                   help="--cuda: merge arithmetic on the GPU (--device cuda); --no-cuda: on the CPU (--device cpu)")
+    g.add_argument("--gpu-rich", action="store_true", help="mergekit's alias for --cuda --low-cpu-memory --read-to-gpu --multi-gpu: here --cuda")
+    g.add_argument("--multi-gpu", action=argparse.BooleanOptionalAction, default=False,
+                   help="merge arithmetic on the GPU, as --cuda (hfmerge uses one GPU)")
+    g.add_argument("--out-shard-size", metavar="SIZE",
+                   help="output shard size as mergekit-yaml takes it: a whole number with an optional K, M or B (10^3, 10^6, 10^9), "
+                        "compared with each shard's bytes as mergekit's writer does; 0: one shard")
+    g.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="copy the base's tokenizer files into the output (default); a recipe's tokenizer_source is copied either way")
+    g.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True, help="write README.md, the model card (default)")
+    g.add_argument("--random-seed", type=int, metavar="N", help="seed of the random methods: replaces the recipe's parameters.seed")
+    g.add_argument("-j", "--num-threads", type=int, metavar="N", help="threads torch uses for the merge arithmetic on the CPU")
+    _no_op(g, "--allow-crimes", "--no-allow-crimes", why="hfmerge does not compare architecture names; models merge when their tensor names "
+           "and shapes agree, and tensors that disagree cannot be merged with or without it")
+    _no_op(g, "--low-cpu-memory", "--no-low-cpu-memory", why="the merge streams one tensor position at a time")
+    _no_op(g, "--read-to-gpu", "--no-read-to-gpu", why="inputs are read and checked on the CPU and moved to the merge device per tensor")
+    _no_op(g, "--lazy-unpickle", "--no-lazy-unpickle", why="safetensors are read tensor by tensor; pickles only with allow_pickle: true")
+    _no_op(g, "--clone-tensors", "--no-clone-tensors", why="every output tensor is written from its own buffer")
+    _no_op(g, "--async-write", "--no-async-write", why="shards are written as the merge streams")
+    _no_op(g, "--write-threads", value="N", why="shards are written as the merge streams")
+    _no_op(g, "--safe-serialization", why="the output is always safetensors")
+    _no_op(g, "--no-trust-remote-code", why="hfmerge never runs remote code")
+    _no_op(g, "--no-unsafe-truncate-embeddings", why="embeddings are never truncated")
+    _no_op(g, "--lora-merge-cache", value="DIR", why="LoRA adapters are applied per tensor while reading; no merged copy is stored")
+    _no_op(g, "--lora-merge-dtype", value="DTYPE", why="LoRA adapters are applied per tensor in float32")
+    g.add_argument("--trust-remote-code", action=_Refused, reason="refused: hfmerge never runs code from a model repo; it reads only "
+                   "config.json and safetensors, so models with custom code merge without it")
+    g.add_argument("--unsafe-truncate-embeddings", action=_Refused, reason="refused: hfmerge never discards embedding rows; models whose "
+                   "vocabularies differ in size cannot be merged tensor by tensor")
+    g.add_argument("--no-safe-serialization", action=_Refused, reason="refused: hfmerge writes safetensors only (no pickled weights)")
+    g.add_argument("--transformers-cache", action=_Refused, nargs=1, metavar="DIR",
+                   reason="refused: hfmerge downloads through the Hugging Face cache; set HF_HUB_CACHE=DIR instead")
+    p.set_defaults(_ignored=None)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -113,7 +183,8 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
 
 
 # How the command line names the options of `RunOptions` (and `evaluate`) in messages.
-_FLAGS = {"evaluate": "--no-eval", "task_names": "--tasks", "model": "--model"}
+_FLAGS = {"evaluate": "--no-eval", "task_names": "--tasks", "model": "--model", "write_model_card": "--no-write-model-card",
+          "copy_tokenizer": "--no-copy-tokenizer"}
 
 
 def _flag(option: str) -> str:
@@ -127,17 +198,67 @@ def _error_text(exc: HfMergeError) -> str:
     return str(exc)
 
 
+def parse_param_count(text: str, *, field: str = "--out-shard-size") -> int:
+    """mergekit's size notation: a whole number with an optional suffix K, M or B
+    (10^3, 10^6, 10^9, any case), e.g. ``5B`` = 5,000,000,000.
+
+    Raises:
+        OptionError: Anything else (mergekit-yaml refuses it too), naming `field`.
+    """
+    units = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
+    body, suffix = (text[:-1], text[-1].lower()) if text and text[-1].lower() in units else (text, "")
+    if not body.isascii() or not body.isdigit():
+        hint = "; for a size in bytes with units (5GB, 500MiB) use --max-shard-size" if any(c.isalpha() for c in text) else ""
+        raise OptionError(f"expected a whole number with an optional K, M or B suffix (e.g. 5B), got {text!r}{hint}",
+                          options=(field.lstrip("-").replace("-", "_"),))
+    return int(body) * units[suffix]
+
+
+def _output(args: argparse.Namespace) -> str | None:
+    if args.out_path is None or args.output is None:
+        return args.output if args.out_path is None else args.out_path
+    if os.path.abspath(args.out_path) != os.path.abspath(args.output):
+        raise OptionError(f"the output is given twice and differently: OUT_PATH {args.out_path!r} and --output {args.output!r}; give one",
+                          options=("output",))
+    return args.output
+
+
+def _device(args: argparse.Namespace) -> str:
+    """--device, or what mergekit's --cuda / --no-cuda / --gpu-rich / --multi-gpu ask for (a
+    contradiction between them and --device is refused)."""
+    if args.gpu_rich or args.multi_gpu:
+        flag, implied = ("--gpu-rich" if args.gpu_rich else "--multi-gpu"), "cuda"
+    elif args.cuda is not None:
+        flag, implied = ("--cuda", "cuda") if args.cuda else ("--no-cuda", "cpu")
+    else:
+        return args.device or "auto"
+    if args.device is not None and args.device != implied:
+        raise OptionError(f"{flag} asks for {implied} but --device says {args.device}; give one", options=("device",))
+    return implied
+
+
+def _max_shard_size(args: argparse.Namespace) -> int | None:
+    from .recipe import parse_size
+
+    if args.out_shard_size is not None:
+        if args.max_shard_size is not None:
+            raise OptionError("--out-shard-size and --max-shard-size both set the shard size; give one", options=("max_shard_size",))
+        size = parse_param_count(args.out_shard_size)
+        # mergekit's writer cuts a shard when its bytes would pass the size (0: never).
+        return size if size > 0 else sys.maxsize
+    return parse_size(args.max_shard_size, field="--max-shard-size") if args.max_shard_size else None
+
+
 def run_options(args: argparse.Namespace) -> RunOptions:
     """The `RunOptions` the merge command's arguments ask for."""
     from .fisher.cli import parse_max_memory
-    from .recipe import parse_size
 
     return RunOptions(
-        output=args.output, overwrite=args.overwrite,
-        max_shard_size=parse_size(args.max_shard_size, field="--max-shard-size") if args.max_shard_size else None,
-        device=args.device, max_memory=parse_max_memory(args.max_memory), offload_folder=args.offload_folder, low_disk=args.low_disk,
+        output=_output(args), overwrite=args.overwrite, max_shard_size=_max_shard_size(args),
+        device=_device(args), max_memory=parse_max_memory(args.max_memory), offload_folder=args.offload_folder, low_disk=args.low_disk,
         evaluate=not args.no_eval, batch_size=args.batch_size, progress=not args.quiet, storage=args.storage, study_name=args.study_name,
         n_trials=args.n_trials, resume=args.resume, push_to_hub=args.push_to_hub, private=args.private,
+        copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card, random_seed=args.random_seed, num_threads=args.num_threads,
     )
 
 
@@ -247,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         args = p.parse_args(argv[1:])
         command = "cache"
     else:
-        args = _merge_parser().parse_args(argv)
+        # Intermixed: `hfmerge CONFIG --cuda OUT_PATH` puts OUT_PATH after a flag, as mergekit-yaml allows.
+        args = _merge_parser().parse_intermixed_args(argv)
         command = "merge"
     _setup_logging(args.verbose, args.quiet)
     # A terminated run cleans up like an interrupted one (no half-written output folder).

@@ -36,7 +36,7 @@ from .fisher.cache import cache_key, lookup, store
 from .fisher.diagonal import diagonal_fisher
 from .fisher.engine import FisherSettings, encode_for_model, fisher_examples, fisher_metadata, settings_from_recipe, to_checkpoint_names
 from .methods.dfmerge import Equation8
-from .options import RunOptions, device_settings
+from .options import RunOptions, device_settings, output_settings
 from .searching import SearchResult, SearchSettings, TrialOutcome, plot_trajectory, run_search
 
 if TYPE_CHECKING:
@@ -303,7 +303,7 @@ def run_dfmerge(plan: Any, output: Path, options: RunOptions, *, evaluate: Calla
         return _write_search_outputs(folder, plan, result, lambdas, use_fisher, workdir, tasks_in_order, options, test_reports)
 
     merged = run_merge(plan, output, overwrite=options.overwrite, progress=options.progress, evaluate=evaluate, extra=extra,
-                       title=title, repo_id=repo_id)
+                       title=title, repo_id=repo_id, **output_settings(options))
     if result is not None and options.storage is None:
         shutil.rmtree(workdir, ignore_errors=True)  # the study and log now live in the output folder
     merged.search = result

@@ -83,11 +83,29 @@ def dare_seed(seed: int, alias_key: str, model_index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-class TensorMerger:
-    """Turns one planned tensor position into its merged tensor (reads, checks, calls the method)."""
+def _to_device(value: Any, device: torch.device) -> Any:
+    """`value` with every tensor in it (also inside lists, tuples and dicts) moved to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
 
-    def __init__(self, plan: MergePlan):
+
+class TensorMerger:
+    """Turns one planned tensor position into its merged tensor (reads, checks, calls the method).
+
+    Inputs are read and checked on the CPU; the method's arithmetic runs on `device` (its
+    inputs, importances and pre-pass results are moved there for the call) and the result
+    comes back to the CPU in the output dtype, ready to be written. Random draws stay on the
+    CPU generators, so a seeded merge gives the same masks on every device.
+    """
+
+    def __init__(self, plan: MergePlan, device: str | torch.device = "cpu"):
         self.plan = plan
+        self.device = torch.device(device)
         self.recipe = plan.recipe
         self.method = plan.recipe.method
         self.warnings: list[str] = []
@@ -131,8 +149,10 @@ class TensorMerger:
             seed = int(self.recipe.parameters.get("seed", 0))
             kwargs["generators"] = [torch.Generator().manual_seed(dare_seed(seed, t.alias_key, i)) for i in range(len(tensors))]
         kwargs.update(self.prepared)
+        if self.device.type != "cpu":
+            base, tensors, kwargs = _to_device((base, tensors, kwargs), self.device)
         merged = self.method.func(base, tensors, **kwargs)
-        return merged.to(out_dtype)
+        return merged.to(dtype=out_dtype).cpu()
 
     def importances(self, t: TensorPlan) -> list[torch.Tensor] | None:
         """Per model, the importance of every entry of `t` (None: the method runs without)."""
@@ -549,7 +569,8 @@ def _written_path(exc: OSError, tmp: Path | None, output: Path) -> Path | None:
 def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progress: bool = True,
               evaluate: Callable[[Path], Any] | None = None,
               extra: Callable[[Path, Any], tuple[list[str], str]] | None = None, title: str | None = None,
-              repo_id: str | None = None) -> MergeResult:
+              repo_id: str | None = None, device: str = "cpu", copy_tokenizer: bool = True,
+              model_card: bool = True) -> MergeResult:
     """Merge according to `plan` and write a loadable model folder at `output` atomically.
 
     The model is written into a temporary folder beside `output` and renamed into place when
@@ -568,6 +589,12 @@ def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progres
             for the card.
         title: The model's name in its card (default: the output folder's name).
         repo_id: The Hub repo the model will be pushed to, for the card's usage snippet.
+        device: Where the method's arithmetic runs (``"cpu"``, ``"cuda"``); inputs are
+            read on the CPU and results written from it.
+        copy_tokenizer: Copy the tokenizer files of the tokenizer source (the base, or the
+            recipe's ``tokenizer_source``). False copies none unless the recipe names a
+            ``tokenizer_source``.
+        model_card: Write ``README.md``, the model card.
 
     Raises:
         OutputIsInputError: `output` is, contains or lies inside an input of the plan.
@@ -585,11 +612,11 @@ def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progres
         except OSError as exc:
             raise output_write_error(exc, _written_path(exc, None, output) or output, needed=plan.output_bytes,
                                      what="the merged model") from exc
-        merger = TensorMerger(plan)
+        merger = TensorMerger(plan, device)
         try:
             merger.prepare(progress)
             files = _write_weights(plan, merger, tmp, progress, shown=output)
-            files += _copy_side_files(plan, tmp)
+            files += _copy_side_files(plan, tmp, copy_tokenizer=copy_tokenizer or plan.recipe.tokenizer_source is not None)
             report = evaluate(tmp) if evaluate is not None else None
             if report is not None:
                 (tmp / "eval_results.json").write_text(report.to_json())
@@ -598,10 +625,11 @@ def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progres
             if extra is not None:
                 more, section = extra(tmp, report)
                 files += more
-            from .card import build_card
+            if model_card:
+                from .card import build_card
 
-            build_card(plan, tmp, title or output.name, report, section, repo_id=repo_id).save(tmp / "README.md")
-            files.append("README.md")
+                build_card(plan, tmp, title or output.name, report, section, repo_id=repo_id).save(tmp / "README.md")
+                files.append("README.md")
             _finalize(output, tmp, overwrite)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -630,7 +658,7 @@ def _write_weights(plan: MergePlan, merger: TensorMerger, folder: Path, progress
     return writer.file_names + (["model.safetensors.index.json"] if len(writer.shards) > 1 else [])
 
 
-def _copy_side_files(plan: MergePlan, folder: Path) -> list[str]:
+def _copy_side_files(plan: MergePlan, folder: Path, *, copy_tokenizer: bool = True) -> list[str]:
     copied = []
     config_folder = plan.config_source.folder
     for name in CONFIG_FILES:
@@ -653,7 +681,7 @@ def _copy_side_files(plan: MergePlan, folder: Path) -> list[str]:
                 scope = scope[key]
             scope[path[-1]] = value
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZER_FILES if copy_tokenizer else ():
         src = plan.tokenizer_folder / name
         if src.is_file():
             shutil.copyfile(src, folder / name)

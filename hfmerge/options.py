@@ -11,7 +11,7 @@ from typing import Any
 
 from .errors import OptionError
 
-__all__ = ["RunOptions", "device_settings"]
+__all__ = ["RunOptions", "device_settings", "merge_device", "output_settings"]
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,9 @@ class RunOptions:
         overwrite: Replace `output` if it exists (only once the new folder is complete).
         max_shard_size: Cut output shards at this size (bytes or ``"2GB"``); overrides the recipe.
         device: Where Fisher models, a search's working model and the evaluation run:
-            ``"auto"`` (cuda when available), ``"cpu"`` or ``"cuda"``.
+            ``"auto"`` (cuda when available), ``"cpu"`` or ``"cuda"``. The arithmetic of the
+            streaming merge runs on cuda only when ``"cuda"`` is asked for explicitly
+            (`merge_device`); ``"auto"`` keeps it on the CPU.
         max_memory: Load Fisher models with an accelerate device map within these budgets,
             e.g. ``{0: "20GiB", "cpu": "60GiB"}`` (fisher and fisher_nodes methods).
         offload_folder: Where such a device map offloads layers that fit nowhere else.
@@ -39,6 +41,14 @@ class RunOptions:
         push_to_hub: Upload the output to this Hub repo in one commit; True: the recipe's
             ``push_to_hub``; None: no upload.
         private: Create the Hub repo as private.
+        copy_tokenizer: Copy the tokenizer files of the base (or first) model into the output.
+            False leaves them out; a recipe's explicit ``tokenizer_source`` is still copied.
+        write_model_card: Write ``README.md`` (the model card). False leaves it out (and
+            cannot be combined with `push_to_hub`: a pushed model needs its card).
+        random_seed: The seed of a method's random draws: replaces the recipe's
+            ``parameters.seed`` for methods that have one (DARE's masks, a search's sampler).
+        num_threads: Threads torch uses for the merge arithmetic on the CPU while `merge`
+            runs (default: torch's own setting).
     """
 
     output: str | Path | None = None
@@ -57,6 +67,10 @@ class RunOptions:
     resume: bool = False
     push_to_hub: str | bool | None = None
     private: bool = False
+    copy_tokenizer: bool = True
+    write_model_card: bool = True
+    random_seed: int | None = None
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -65,6 +79,13 @@ class RunOptions:
             raise OptionError(f"got {self.n_trials}; expected a positive number of trials", options=("n_trials",))
         if self.batch_size < 1:
             raise OptionError(f"got {self.batch_size}; expected a positive number", options=("batch_size",))
+        if self.random_seed is not None and (isinstance(self.random_seed, bool) or not isinstance(self.random_seed, int) or self.random_seed < 0):
+            raise OptionError(f"got {self.random_seed!r}; expected a whole number >= 0", options=("random_seed",))
+        if self.num_threads is not None and (isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int) or self.num_threads < 1):
+            raise OptionError(f"got {self.num_threads!r}; expected a positive number of threads", options=("num_threads",))
+        if not self.write_model_card and self.push_to_hub not in (None, False):
+            raise OptionError("a pushed model needs its model card (README.md); write the card or do not push",
+                              options=("write_model_card", "push_to_hub"))
 
 
 def device_settings(options: RunOptions) -> dict[str, Any]:
@@ -82,3 +103,19 @@ def device_settings(options: RunOptions) -> dict[str, Any]:
         raise OptionError("cuda: no CUDA device is available here; use cpu", options=("device",))
     return {"device": device, "max_memory": options.max_memory, "offload_folder": options.offload_folder,
             "device_map": "auto" if options.max_memory else None}
+
+
+def merge_device(options: RunOptions) -> str:
+    """Where the streaming merge computes: ``"cuda"`` when `options.device` says ``"cuda"``,
+    else ``"cpu"`` (``"auto"`` keeps a static merge on the CPU, where it reads its inputs).
+
+    Raises:
+        OptionError: ``cuda`` was asked for and none is available.
+    """
+    return device_settings(options)["device"] if options.device == "cuda" else "cpu"
+
+
+def output_settings(options: RunOptions) -> dict[str, Any]:
+    """Keyword arguments for `merging.run_merge` from `options`: the merge device and which
+    side files the output gets."""
+    return {"device": merge_device(options), "copy_tokenizer": options.copy_tokenizer, "model_card": options.write_model_card}

@@ -30,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def add_device_arguments(parser: argparse.ArgumentParser) -> None:
-    """Where Fisher models run: shared by ``hfmerge fisher`` and the merge command."""
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where Fisher models run (default: cuda if available, else cpu)")
+def add_device_arguments(parser: argparse.ArgumentParser, device_help: str = "where Fisher models run (default: cuda if available, else cpu)") -> None:
+    """Where Fisher models run: shared by ``hfmerge fisher`` and the merge command (which says more in `device_help`)."""
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help=device_help)
     parser.add_argument("--max-memory", metavar="DEV=SIZE[,...]",
                         help="load Fisher models with an accelerate device map within these budgets, e.g. 0=20GiB,cpu=60GiB (layers beyond go to disk)")
     parser.add_argument("--offload-folder", metavar="DIR", help="where a device map offloads layers that fit nowhere else (with --max-memory)")

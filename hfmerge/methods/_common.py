@@ -18,7 +18,7 @@ def task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.T
 
 def per_model(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     """Per-model scalars shaped (M, 1, ..., 1) to broadcast against a stack of M tensors."""
-    return torch.tensor(list(values), dtype=like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+    return torch.tensor(list(values), dtype=like.dtype, device=like.device).reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def trim_top_magnitude_(delta: torch.Tensor, density: float, threshold: float | None = None) -> torch.Tensor:
@@ -35,7 +35,7 @@ def trim_top_magnitude_(delta: torch.Tensor, density: float, threshold: float | 
     if k <= 0:
         return delta.zero_()
     flat = delta.view(-1)
-    keep = torch.zeros(flat.shape, dtype=torch.bool)
+    keep = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
     keep[torch.topk(flat.abs(), k, sorted=False).indices] = True
     return delta.mul_(keep.view(delta.shape))
 
@@ -44,7 +44,11 @@ def random_drop_(delta: torch.Tensor, density: float, generator: torch.Generator
     """DARE, in place: keep each entry with probability `density` (= 1 − p), rescale survivors by 1/density."""
     if density >= 1:
         return delta
-    delta.mul_(torch.bernoulli(torch.full_like(delta, density), generator=generator))
+    # Drawn where the generator lives (the CPU for seeded merges) and moved to `delta`'s device,
+    # so a seed gives the same mask whatever device the arithmetic runs on.
+    where = generator.device if generator is not None else delta.device
+    mask = torch.bernoulli(torch.full(delta.shape, density, dtype=delta.dtype, device=where), generator=generator)
+    delta.mul_(mask.to(delta.device))
     return delta.div_(density) if rescale else delta
 
 

@@ -29,7 +29,7 @@ from .registry import Param, merge_method
 def fisher_nodes(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], *, importances: Sequence[torch.Tensor], weight: Sequence[float],
                  **_: object) -> torch.Tensor:
     numerator = torch.zeros_like(tensors[0])
-    denominator = torch.zeros(torch.broadcast_shapes(*(f.shape for f in importances)), dtype=tensors[0].dtype)
+    denominator = torch.zeros(torch.broadcast_shapes(*(f.shape for f in importances)), dtype=tensors[0].dtype, device=tensors[0].device)
     for c, theta, f in zip(weight, tensors, importances):
         numerator += (c * f) * theta
         denominator = denominator + c * f

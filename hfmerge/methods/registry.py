@@ -9,6 +9,9 @@ A merge method is a function of one tensor position::
 tensors (Fisher) when the method declares it needs them, ``generators`` one seeded
 ``torch.Generator`` per model for random methods, and ``params`` the method's parameters:
 per-model ones as lists of M floats, global ones as scalars. No I/O, no model objects.
+The tensors arrive on the merge device (the CPU, or the GPU with ``--device cuda``): a new
+tensor takes its inputs' device (``torch.zeros_like``, ``device=t.device``), while the
+generators stay on the CPU (draw there and move the draw, as ``_common.random_drop_`` does).
 
 What a method needs beyond one tensor position is declared or hooked here, never as a
 branch on its name elsewhere:
