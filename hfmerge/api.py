@@ -46,7 +46,8 @@ def _options(options: RunOptions | None, overrides: dict[str, Any]) -> RunOption
 
 
 def _load(recipe: str | Path | Recipe, options: RunOptions) -> Recipe:
-    from .recipe import Recipe, load_recipe, parse_size
+    from .fileio import parse_size
+    from .recipe import Recipe, load_recipe
 
     loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     # Copies: a Recipe given by the caller is left as it was.

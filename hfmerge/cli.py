@@ -26,7 +26,7 @@ from pathlib import Path
 
 from . import __version__
 from .api import check_report_path, check_repo_id, merge, plan, plan_summary
-from .checkpoints.writer import human_size, write_report_file
+from .fileio import human_size, parse_size, write_report_file
 from .errors import HfMergeError, OptionError
 from .options import RunOptions
 from .publish import push
@@ -238,7 +238,6 @@ def _device(args: argparse.Namespace) -> str:
 
 
 def _max_shard_size(args: argparse.Namespace) -> int | None:
-    from .recipe import parse_size
 
     if args.out_shard_size is not None:
         if args.max_shard_size is not None:

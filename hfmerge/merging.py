@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoints.reader import TORCH_DTYPES
-from .checkpoints.writer import WRITE_ERRNOS, ShardedSafetensorsWriter, current_umask, free_bytes, human_size, output_write_error
+from .checkpoints.writer import ShardedSafetensorsWriter
+from .fileio import WRITE_ERRNOS, current_umask, free_bytes, human_size, output_write_error
 from .constants import TORCH_DTYPE_NAMES
 from .errors import (
     HfMergeError, IncompatibleCheckpointsError, NonFiniteTensorError, OutputExistsError, OutputIsInputError, OutputWriteError,

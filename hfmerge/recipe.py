@@ -11,7 +11,6 @@ read.
 from __future__ import annotations
 
 import difflib
-import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 from .constants import RECIPE_DTYPES
 from .errors import HfMergeError, RecipeError, short_repr
+from .fileio import parse_size
 from .methods import METHODS, MergeMethod, Param, known_parameter_names
 from .refs import ModelRef, parse_model_ref
 from .yamlio import load_yaml_file
@@ -37,42 +37,11 @@ UNSUPPORTED_MERGEKIT_KEYS = {
     "modules": "per-module recipes are not supported",
 }
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 # YAML 1.1 (PyYAML) reads exponent numbers without a dot, such as 1e-5, as strings; mergekit's
 # numeric parameters accept them as numbers, and so do ours.
 _EXPONENT_NUMBER = re.compile(r"[-+]?\d+(?:\.\d*)?[eE][-+]?\d+")
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_size(value: int | str, *, field: str = "max_shard_size") -> int:
-    """Parse a byte size such as ``5GB``, ``500MiB`` or ``1000000`` (GB = 10^9 as in transformers).
-
-    Args:
-        value: A number of bytes, or a number with a unit (B, KB, MB, GB, TB, KiB, ..., TiB).
-        field: The recipe key or CLI flag messages name.
-
-    Returns:
-        The size in bytes.
-
-    Raises:
-        RecipeError: Not a size, or not positive (the value is quoted short).
-    """
-    expected = "expected a size such as '5GB', '500MiB' or a number of bytes"
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and len(value) > 32):
-        raise RecipeError(f"{field}: {expected}, got {short_repr(value)}")
-    if isinstance(value, int):
-        n = value
-    else:
-        m = _SIZE.match(value)
-        size = float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()] if m else math.nan
-        if not math.isfinite(size):
-            raise RecipeError(f"{field}: {expected}, got {short_repr(value)}")
-        n = int(size)
-    if n <= 0:
-        raise RecipeError(f"{field}: must be positive, got {short_repr(value)}")
-    return n
 
 
 @dataclass(frozen=True)

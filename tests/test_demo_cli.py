@@ -36,3 +36,17 @@ def test_demo_help_names_both_methods_and_the_output_explains_its_columns(tmp_pa
     assert "cos(τ, τ_a): cosine similarity between the merge's task vector" in out
     tok = AutoTokenizer.from_pretrained(tmp_path / "demo" / "merged-ties")  # the merged model carries the base's tokenizer
     assert tok("w5 w6")["input_ids"] == [5, 6, 1]
+
+
+def test_help_version_and_cache_list_start_without_torch(tmp_path):
+    """The quick commands must not pay for importing torch (seconds on a cold machine)."""
+    import os
+
+    script = ("import sys\nfrom hfmerge.cli import main\n"
+              "for argv in (['--help'], ['--version'], ['demo', '--help'], ['fisher', '--help'], ['eval', '--help'], ['push', '--help']):\n"
+              "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+              "main(['cache', 'list'])\n"
+              "print('torch' in sys.modules, 'transformers' in sys.modules)\n")
+    env = {**os.environ, "HFMERGE_CACHE": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    assert result.stdout.strip().splitlines()[-1] == "False False", result.stdout[-500:]

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from hfmerge import merging as merge_module
 from hfmerge import planning as planning_module
+from hfmerge import fileio
 from hfmerge.checkpoints import writer as writer_module
 from hfmerge.cli import main
 from hfmerge.planning import build_plan
@@ -259,7 +260,7 @@ def test_a_side_file_copy_and_the_final_rename_that_fail_leave_nothing(work, cap
 
 
 def test_too_little_free_space_is_refused_up_front_with_the_numbers(work, capsys, monkeypatch):
-    monkeypatch.setattr(writer_module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 100, 100))
+    monkeypatch.setattr(fileio.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 100, 100))
     monkeypatch.setattr(merge_module.TensorMerger, "merge", lambda self, t: pytest.fail("merging started"))
     assert main([str(work["simple"]), "-o", str(work["out"]), "-q"]) == 1
     err = assert_clean_failure(capsys, work["out"], "not enough space", "100 B is free")

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{report.model} on {len(report.results)} task(s), {report.split} split ({report.seconds:.1f} s)")
     print(report.to_table())
     if args.json:
-        from ..checkpoints.writer import write_report_file
+        from ..fileio import write_report_file
 
         write_report_file(args.json, report.to_json(predictions=bool(getattr(args, "predictions", False))), what="the --json report")
         if not quiet:

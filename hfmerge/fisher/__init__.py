@@ -1,9 +1,9 @@
 """The Fisher engine: diagonal Fisher information and Fisher Mask Nodes of live models, their
-files and cache. See `diagonal` (the computation), `nodes` (per head / neuron), `cache` (files)
-and `engine` (what a recipe needs; import it as ``hfmerge.fisher.engine``: the package does not
-import it, since importing any submodule runs this file and the engine works on merge plans)."""
+files and cache. See `diagonal` (the computation), `nodes` (per head / neuron), `cache` (files
+and the cache's size cap), `engine` (what a recipe needs) and the command-line modules `cli`
+and `cache_cli`.
 
-from ..errors import FisherError
-from .diagonal import IMPLEMENTATIONS, MODES, FisherStats, diagonal_fisher
-
-__all__ = ["IMPLEMENTATIONS", "MODES", "FisherError", "FisherStats", "diagonal_fisher"]
+The package itself imports nothing: importing any submodule runs this file, and the
+command-line modules must load without torch (``hfmerge --help`` stays fast). Import the
+submodules by name, e.g. ``from hfmerge.fisher.diagonal import diagonal_fisher``.
+"""

@@ -29,12 +29,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..checkpoints.safetensors_header import read_header
 from ..constants import DEFAULT_FISHER_CACHE_MAX, HFMERGE_FISHER_CACHE_MAX, cache_root
 from ..errors import CheckpointError
+
+if TYPE_CHECKING:  # torch loads only when a Fisher is read or written: `hfmerge cache` stays fast
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +68,10 @@ def save_fisher(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
         OutputWriteError: The cache folder's disk is full, read-only or not writable (the
             temporary file is removed).
     """
+    import torch
     from safetensors.torch import save_file
 
-    from ..checkpoints.writer import PATH_ERRNOS, WRITE_ERRNOS, current_umask, output_write_error
+    from ..fileio import PATH_ERRNOS, WRITE_ERRNOS, current_umask, output_write_error
 
     path = Path(path)
     data = {k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()}
@@ -114,6 +117,7 @@ def check_fisher_file(path: Path, key: str | None = None, names: set[str] | None
         return "its metadata belongs to other inputs"
     if names is not None and not names <= set(infos):
         return f"it lacks {len(names - set(infos))} tensor(s)"
+    import torch
     from safetensors import safe_open
 
     try:
@@ -244,7 +248,7 @@ def cache_size_cap() -> int | None:
         OptionError: The variable is not a size.
     """
     from ..errors import OptionError, RecipeError
-    from ..recipe import parse_size
+    from ..fileio import parse_size
 
     value = os.environ.get(HFMERGE_FISHER_CACHE_MAX, DEFAULT_FISHER_CACHE_MAX).strip()
     if value.lower() in ("0", "none", "off", ""):

@@ -47,8 +47,7 @@ def _age(seconds: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``hfmerge cache`` with parsed arguments."""
-    from ..checkpoints.writer import human_size
-    from ..recipe import parse_size
+    from ..fileio import human_size, parse_size
     from .cache import RECENT_USE_SECONDS, UNFINISHED, cache_dir, delete_cache_entries, scan_cache
 
     entries = scan_cache()

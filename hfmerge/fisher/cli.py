@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         if j == 0:
             print("  ".join("-" * w for w in widths))
     if args.json:
-        from ..checkpoints.writer import write_report_file
+        from ..fileio import write_report_file
 
         write_report_file(args.json, json.dumps([{"model": r.model, "task": r.task, "source": r.source, "seconds": round(r.seconds, 3),
                                                   "path": str(r.path)} for r in records], indent=2) + "\n", what="the --json report")
