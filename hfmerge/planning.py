@@ -524,7 +524,8 @@ def _tokenizer_folder(recipe: Recipe, inputs: list[Checkpoint], reference: Check
         return match.folder
     if recipe.tokenizer_source.is_local and recipe.tokenizer_source.path is not None and recipe.tokenizer_source.path.is_dir():
         return recipe.tokenizer_source.path
-    raise CheckpointError(f"{recipe.source}: tokenizer_source: folder {recipe.tokenizer_source.text!r} not found")
+    key = "tokenizer.source" if recipe.tokenizer is not None and recipe.tokenizer.key == "tokenizer" else "tokenizer_source"
+    raise CheckpointError(f"{recipe.source}: {key}: folder {recipe.tokenizer_source.text!r} not found")
 
 
 def _vocabulary_groups(recipe: Recipe) -> list[tuple[int, ...]]:

@@ -422,3 +422,10 @@ def test_slices_token_source_must_feed_the_vocabulary_tensors(tmp_path, models):
                                                {"sources": [{"model": str(models["chatml"]), "layer_range": [1, 2]}]}]}))
     with pytest.raises(RecipeError, match=r"tokenizer.tokens._tok_5.source: .*chatml.* does not feed the vocabulary tensors"):
         hfmerge.plan(path)
+
+
+def test_a_missing_tokenizer_source_folder_names_its_key(tmp_path, models):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**_recipe(models), "tokenizer": {"source": str(tmp_path / "gone")}}))
+    with pytest.raises(CheckpointError, match=r"r.yaml: tokenizer.source: folder .*gone' not found"):
+        hfmerge.plan(path)
