@@ -596,8 +596,9 @@ def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progres
         device: Where the method's arithmetic runs (``"cpu"``, ``"cuda"``); inputs are
             read on the CPU and results written from it.
         copy_tokenizer: Copy the tokenizer files of the tokenizer source (the base, or the
-            recipe's ``tokenizer_source``). False copies none unless the recipe names a
-            ``tokenizer_source``.
+            recipe's ``tokenizer_source``), or save the tokenizer the plan built. False writes
+            none unless the recipe names a tokenizer (``tokenizer_source`` or ``tokenizer``); a
+            ``chat_template`` alone is then not written either, as in mergekit.
         model_card: Write ``README.md``, the model card.
 
     Raises:

@@ -429,3 +429,15 @@ def test_a_missing_tokenizer_source_folder_names_its_key(tmp_path, models):
     path.write_text(yaml.safe_dump({**_recipe(models), "tokenizer": {"source": str(tmp_path / "gone")}}))
     with pytest.raises(CheckpointError, match=r"r.yaml: tokenizer.source: folder .*gone' not found"):
         hfmerge.plan(path)
+
+
+def test_no_copy_tokenizer_still_writes_a_tokenizer_the_recipe_names(tmp_path, models):
+    recipe = {"merge_method": "linear", "base_model": str(models["base"]), "chat_template": "chatml",
+              "models": [{"model": str(models[n]), "parameters": {"weight": 1.0}} for n in ("base", "chatml")]}
+    (tmp_path / "union.yaml").write_text(yaml.safe_dump({**recipe, "tokenizer_source": "union"}))
+    hfmerge.merge(tmp_path / "union.yaml", hfmerge.RunOptions(output=tmp_path / "union", progress=False, copy_tokenizer=False))
+    check_tokenizer(tmp_path / "union", 66, contains=IM)
+    assert tokenizer(tmp_path / "union").chat_template == CHAT_TEMPLATES["chatml"]
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump({**recipe, "models": [{"model": str(models["base"])}, {"model": str(models["padded"])}]}))
+    hfmerge.merge(tmp_path / "plain.yaml", hfmerge.RunOptions(output=tmp_path / "plain", progress=False, copy_tokenizer=False))
+    assert not (tmp_path / "plain" / "tokenizer.json").exists() and not (tmp_path / "plain" / "chat_template.jinja").exists()
