@@ -441,3 +441,14 @@ def test_no_copy_tokenizer_still_writes_a_tokenizer_the_recipe_names(tmp_path, m
     (tmp_path / "plain.yaml").write_text(yaml.safe_dump({**recipe, "models": [{"model": str(models["base"])}, {"model": str(models["padded"])}]}))
     hfmerge.merge(tmp_path / "plain.yaml", hfmerge.RunOptions(output=tmp_path / "plain", progress=False, copy_tokenizer=False))
     assert not (tmp_path / "plain" / "tokenizer.json").exists() and not (tmp_path / "plain" / "chat_template.jinja").exists()
+
+
+def test_slerp_union(tmp_path, models):
+    out = run(tmp_path, models, ["base", "chatml"], method="slerp", tokenizer_source="union", parameters={"t": 0.5})
+    check_tokenizer(out, 66, contains=IM)
+    # the base takes chatml's rows for the chat tokens; slerp weighs whole tensors, so those
+    # rows come out as chatml's rows scaled by one factor (as mergekit's do)
+    merged, chat = load_base_state(out)[HEAD][64:], load_base_state(models["chatml"])[HEAD][64:]
+    scale = merged / chat
+    torch.testing.assert_close(scale, scale.mean().expand_as(scale), rtol=1e-4, atol=1e-5)
+    assert abs(float(scale.mean()) - 1) > 1e-3  # not simply chatml's rows
