@@ -82,8 +82,10 @@ def plan_summary(plan: MergePlan, options: RunOptions | None = None) -> dict[str
         options: The run's options, where they override the recipe (a search's `n_trials`).
 
     Returns:
-        The recipe, method, models, tensor counts, sizes, estimated peak memory, warnings and,
-        when the method needs Fishers not yet computed, ``fishers_to_compute``.
+        The recipe, method, models, tensor counts, sizes, estimated peak memory, warnings,
+        ``vocabulary`` when the embeddings are re-indexed to an output vocabulary (its tokens,
+        rows and the re-indexed tensors) and, when the method needs Fishers not yet computed,
+        ``fishers_to_compute``.
     """
     from .checkpoints.writer import plan_shards
     from .recipe import recipe_syntax
@@ -113,6 +115,10 @@ def plan_summary(plan: MergePlan, options: RunOptions | None = None) -> dict[str
     }
     if options is not None and options.n_trials is not None and "n_trials" in summary["parameters"]:
         summary["parameters"]["n_trials"] = options.n_trials
+    if plan.vocabulary is not None:
+        # The output vocabulary the embeddings and heads are re-indexed to.
+        summary["vocabulary"] = {"tokens": plan.vocabulary.tokens, "rows": plan.vocabulary.rows,
+                                 "tensors": [t.name for t in plan.tensors if t.vocabulary]}
     if _needs_fishers(plan):
         summary["fishers_to_compute"] = [m.ref.text for m in recipe.models if m.fisher is None]
     return summary

@@ -39,6 +39,7 @@ from .errors import (
     HfMergeError, IncompatibleCheckpointsError, NonFiniteTensorError, OutputExistsError, OutputIsInputError, OutputWriteError,
 )
 from .planning import MergePlan, TensorPlan
+from .tokenizer import align_rows
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -127,6 +128,9 @@ class TensorMerger:
         plan = self.plan
         base = self._float(plan.base.read(t.base_source), plan.base.label, t.base_source) if plan.base is not None and t.base_source else None
         tensors = [self._float(m.read(src), m.label, src) for m, src in zip(plan.inputs_of(t), t.sources)]
+        if t.vocabulary and plan.vocabulary is not None:
+            aligned = align_rows(([base] if base is not None else []) + tensors, plan.vocabulary, plan.vocabulary_group(t))
+            base, tensors = (aligned[0], aligned[1:]) if base is not None else (None, aligned)
         return base, tensors
 
     def params_for(self, t: TensorPlan) -> dict:
@@ -593,8 +597,9 @@ def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progres
         device: Where the method's arithmetic runs (``"cpu"``, ``"cuda"``); inputs are
             read on the CPU and results written from it.
         copy_tokenizer: Copy the tokenizer files of the tokenizer source (the base, or the
-            recipe's ``tokenizer_source``). False copies none unless the recipe names a
-            ``tokenizer_source``.
+            recipe's ``tokenizer_source``), or save the tokenizer the plan built. False writes
+            none unless the recipe names a tokenizer (``tokenizer_source`` or ``tokenizer``); a
+            ``chat_template`` alone is then not written either, as in mergekit.
         model_card: Write ``README.md``, the model card.
 
     Raises:
@@ -617,7 +622,10 @@ def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progres
         try:
             merger.prepare(progress)
             files = _write_weights(plan, merger, tmp, progress, shown=output)
-            files += _copy_side_files(plan, tmp, copy_tokenizer=copy_tokenizer or plan.recipe.tokenizer_source is not None)
+            # As in mergekit, a tokenizer the recipe names (tokenizer_source, a tokenizer block) is
+            # part of the merge and written whatever copy_tokenizer says.
+            named = plan.recipe.tokenizer_source is not None or plan.recipe.tokenizer is not None
+            files += _copy_side_files(plan, tmp, copy_tokenizer=copy_tokenizer or named)
             report = evaluate(tmp) if evaluate is not None else None
             if report is not None:
                 (tmp / "eval_results.json").write_text(report.to_json())
@@ -668,7 +676,7 @@ def _copy_side_files(plan: MergePlan, folder: Path, *, copy_tokenizer: bool = Tr
             shutil.copyfile(src, folder / name)
             copied.append(name)
     # Record the output dtype in config.json so from_pretrained picks it by default, and what
-    # the plan changed (a stacked model's layer count).
+    # the plan changed (a stacked model's layer count, a re-indexed vocabulary's size).
     if (folder / "config.json").is_file() and (plan.recipe.out_dtype is not None or plan.config_overrides):
         config = json.loads((folder / "config.json").read_text())
         if plan.recipe.out_dtype is not None:
@@ -682,11 +690,16 @@ def _copy_side_files(plan: MergePlan, folder: Path, *, copy_tokenizer: bool = Tr
                 scope = scope[key]
             scope[path[-1]] = value
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for name in TOKENIZER_FILES if copy_tokenizer else ():
-        src = plan.tokenizer_folder / name
-        if src.is_file():
-            shutil.copyfile(src, folder / name)
-            copied.append(name)
+    if plan.output_tokenizer is not None and copy_tokenizer:
+        # A built vocabulary or a chat template: saved the way transformers saves a tokenizer.
+        saved = plan.output_tokenizer.save_pretrained(str(folder))
+        copied += sorted({Path(f).name for f in saved if (folder / Path(f).name).is_file()})
+    else:
+        for name in TOKENIZER_FILES if copy_tokenizer else ():
+            src = plan.tokenizer_folder / name
+            if src.is_file():
+                shutil.copyfile(src, folder / name)
+                copied.append(name)
     (folder / RECIPE_FILE).write_text(yaml.safe_dump(plan.recipe.raw, sort_keys=False))
     copied.append(RECIPE_FILE)
     return copied

@@ -22,8 +22,12 @@ from .checkpoints.reader import LocalCheckpoint
 from .checkpoints.safetensors_header import DTYPE_SIZES, TensorInfo, read_header
 from .checkpoints.writer import OutputTensor
 from .errors import CheckpointError, FisherFileError, IncompatibleCheckpointsError, RecipeError
-from .recipe import Recipe
+from .recipe import Recipe, ref_identity
 from .refs import ModelRef
+from .tokenizer import (
+    AlignInput, AlignmentError, TokenizerLoadError, VocabularyAlignment, auto_chat_template, build_alignment, is_vocabulary_tensor,
+    load_tokenizer, vocab_size_key, vocabulary_rows,
+)
 
 # The Python process with torch loaded, measured on CPU; added to the estimate of peak memory.
 PROCESS_BASELINE_BYTES = 350 * 2**20
@@ -56,6 +60,7 @@ class TensorPlan:
     depth: float = 0.0  # relative depth t in [0, 1] for gradient parameters
     inputs: tuple[int, ...] | None = None  # indices into the plan's models, one per source; None: all, in order
     slice: int | None = None  # index into the recipe's slices whose sources' settings apply
+    vocabulary: bool = False  # token-indexed rows, re-indexed to the output vocabulary when read
 
     @property
     def numel(self) -> int:
@@ -82,6 +87,8 @@ class MergePlan:
     config_overrides: tuple[tuple[tuple[str, ...], Any], ...] = ()  # (key path, value) set in the output config.json
     group_of: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)  # tied aliases of each name
     node_layout: Any = None  # fisher.nodes.NodeLayout for methods weighing by mask nodes
+    vocabulary: VocabularyAlignment | None = None  # the inputs' re-indexing to the output vocabulary
+    output_tokenizer: Any = None  # a transformers tokenizer saved with the merge (None: the files are copied)
 
     def release(self) -> None:
         """Delete low-disk downloads (a later read downloads again)."""
@@ -97,6 +104,10 @@ class MergePlan:
     def inputs_of(self, t: TensorPlan) -> list[Checkpoint]:
         """The models whose tensors `t.sources` names, in that order."""
         return self.models if t.inputs is None else [self.models[i] for i in t.inputs]
+
+    def vocabulary_group(self, t: TensorPlan) -> tuple[int, ...]:
+        """The inputs of `t` as indices into base-then-models (the vocabulary alignment's order)."""
+        return _vocabulary_group(self.base is not None, len(self.models), t.base_source is not None, t.inputs)
 
     @property
     def parameter_count(self) -> int:
@@ -188,26 +199,41 @@ def _find(name: str, stored: dict[str, TensorInfo], group: frozenset[str] | None
     return None
 
 
+def _vocabulary_group(has_base: bool, n_models: int, with_base: bool, inputs: tuple[int, ...] | None) -> tuple[int, ...]:
+    offset = 1 if has_base else 0
+    models = tuple(offset + i for i in (inputs if inputs is not None else range(n_models)))
+    return ((0,) if with_base else ()) + models
+
+
 def _position(recipe: Recipe, name: str, found: list[tuple[Checkpoint, str]], *, with_base: bool, depth: float, alias_key: str,
-              inputs: tuple[int, ...] | None = None, slice_index: int | None = None) -> TensorPlan:
+              inputs: tuple[int, ...] | None = None, slice_index: int | None = None, vocabulary_rows_out: int | None = None) -> TensorPlan:
     """One output tensor read from `found` (checkpoint, stored name) pairs, the base's first
-    when `with_base`: their shapes and dtype kinds must agree."""
+    when `with_base`: their shapes and dtype kinds must agree, except the number of rows of a
+    tensor indexed by token when the vocabularies are re-indexed to `vocabulary_rows_out`."""
     def where(ckpt: Checkpoint, src: str) -> str:
         return ckpt.label if src == name else f"{ckpt.label} ({src!r})"
 
     infos = [ckpt.tensors[src] for ckpt, src in found]
-    if len({i.shape for i in infos}) > 1:
+    token_rows = not _LAYER.match(name) and all(is_vocabulary_tensor(src, i.shape, vocabulary_rows(ckpt.config))
+                                                for (ckpt, src), i in zip(found, infos))
+    shape = infos[0].shape
+    if token_rows and vocabulary_rows_out is not None and len({i.shape[1:] for i in infos}) == 1:
+        shape = (vocabulary_rows_out, *shape[1:])  # every input re-indexed to the output vocabulary
+    elif len({i.shape for i in infos}) > 1:
         detail = "; ".join(f"{where(ckpt, src)}: {list(i.shape)}" for (ckpt, src), i in zip(found, infos))
-        raise IncompatibleCheckpointsError(f"tensor {name!r} has different shapes across models ({detail}); these checkpoints are not fine-tunes of one architecture")
+        hint = ("; the models' vocabulary sizes differ: set tokenizer_source (union, base or a model) to re-index them to one vocabulary"
+                if token_rows else "; these checkpoints are not fine-tunes of one architecture")
+        raise IncompatibleCheckpointsError(f"tensor {name!r} has different shapes across models ({detail}){hint}")
     if len({i.is_float for i in infos}) > 1:
         detail = "; ".join(f"{where(ckpt, src)}: {i.dtype}" for (ckpt, src), i in zip(found, infos))
         raise IncompatibleCheckpointsError(f"tensor {name!r} is floating point in some models and not in others ({detail}); a non-float tensor cannot be merged")
     info = infos[0]
     names = [src for _, src in found]
     return TensorPlan(
-        name=name, shape=info.shape, out_dtype=(recipe.out_dtype or info.dtype) if info.is_float else info.dtype,
+        name=name, shape=shape, out_dtype=(recipe.out_dtype or info.dtype) if info.is_float else info.dtype,
         base_source=names[0] if with_base else None, sources=tuple(names[1:] if with_base else names), fisher_sources=None,
         merge=info.is_float, alias_key=alias_key, depth=depth, inputs=inputs, slice=slice_index,
+        vocabulary=token_rows and vocabulary_rows_out is not None,
     )
 
 
@@ -223,7 +249,7 @@ def _in_file_order(ckpt: Checkpoint) -> list[str]:
 
 
 def _whole_model_tensors(recipe: Recipe, inputs: list[Checkpoint], reference: Checkpoint,
-                         group_of: dict[str, frozenset[str]]) -> list[TensorPlan]:
+                         group_of: dict[str, frozenset[str]], out_rows: int | None = None) -> list[TensorPlan]:
     """A `models:` recipe: every tensor of the reference, read at the same name (or a tied
     alias) in every input."""
     ordered = _in_file_order(reference)
@@ -236,7 +262,7 @@ def _whole_model_tensors(recipe: Recipe, inputs: list[Checkpoint], reference: Ch
         missing += [(name, ckpt.label) for ckpt, src in found if src is None]
         if all(src is not None for _, src in found):
             tensors.append(_position(recipe, name, found, with_base=recipe.base is not None, depth=depths[name],  # type: ignore[arg-type]
-                                     alias_key=min(group) if group else name))
+                                     alias_key=min(group) if group else name, vocabulary_rows_out=out_rows))
     if missing:
         raise _missing_error(missing, reference)
     return tensors
@@ -297,7 +323,7 @@ def _before_layers(reference: Checkpoint, names: list[str], group_of: dict[str, 
 
 
 def _slice_tensors(recipe: Recipe, base: Checkpoint | None, models: list[Checkpoint], reference: Checkpoint,
-                   group_of: dict[str, frozenset[str]]) -> tuple[list[TensorPlan], list[tuple[Checkpoint, int]]]:
+                   group_of: dict[str, frozenset[str]], out_rows: int | None = None) -> tuple[list[TensorPlan], list[tuple[Checkpoint, int]]]:
     """A `slices:` recipe: the tensors before the layers from the first slice's sources, each
     slice's layers renumbered consecutively, the tensors after the layers from the last
     slice's sources (mergekit's layout). Every layer range is checked against its checkpoint.
@@ -339,7 +365,8 @@ def _slice_tensors(recipe: Recipe, base: Checkpoint | None, models: list[Checkpo
             missing += [(name, ckpt.label) for ckpt, src in found if src is None]
             if all(src is not None for _, src in found):
                 found_all.append(_position(recipe, name, found, with_base=sl.base is not None, depth=0.0,  # type: ignore[arg-type]
-                                           alias_key=min(group) if group else name, inputs=sl.inputs, slice_index=index))
+                                           alias_key=min(group) if group else name, inputs=sl.inputs, slice_index=index,
+                                           vocabulary_rows_out=out_rows))
         if missing:
             raise _missing_error(missing, reference)
         return found_all
@@ -446,10 +473,13 @@ def _build_plan(recipe: Recipe, scratch: Path | None) -> MergePlan:
     group_of: dict[str, frozenset[str]] = {n: g for g in groups for n in g}
 
     inputs = ([base] if base is not None else []) + models
+    tokenizer_folder = _tokenizer_folder(recipe, inputs, reference)
+    vocabulary = _alignment(recipe, inputs, tokenizer_folder, warnings)
+    out_rows = vocabulary.rows if vocabulary is not None else None
     if recipe.slices:
-        tensors, origins = _slice_tensors(recipe, base, models, reference, group_of)
+        tensors, origins = _slice_tensors(recipe, base, models, reference, group_of, out_rows)
     else:
-        tensors, origins = _whole_model_tensors(recipe, inputs, reference, group_of), []
+        tensors, origins = _whole_model_tensors(recipe, inputs, reference, group_of, out_rows), []
 
     covered = {n for t in tensors for n in (t.name, *((group_of.get(t.name) or ())))}
     for ckpt in inputs if not recipe.slices else ():  # a slice reads only some layers of its sources
@@ -465,15 +495,11 @@ def _build_plan(recipe: Recipe, scratch: Path | None) -> MergePlan:
     if recipe.config_source is not None:
         config_ckpt = next((c for c in inputs if c.ref.text == recipe.config_source.text), None) or _open(recipe.config_source, "config_source", recipe)
     overrides = _stacked_config(config_ckpt, origins) if recipe.slices else ()
-    tokenizer_folder = reference.folder
-    if recipe.tokenizer_source is not None:
-        match = next((c for c in inputs if c.ref.text == recipe.tokenizer_source.text), None)
-        if match is not None:
-            tokenizer_folder = match.folder
-        elif recipe.tokenizer_source.is_local and recipe.tokenizer_source.path is not None and recipe.tokenizer_source.path.is_dir():
-            tokenizer_folder = recipe.tokenizer_source.path
-        else:
-            raise CheckpointError(f"{recipe.source}: tokenizer_source: folder {recipe.tokenizer_source.text!r} not found")
+    if vocabulary is not None:
+        if not any(t.vocabulary for t in tensors):
+            raise IncompatibleCheckpointsError(f"{recipe.source}: {recipe.tokenizer.key}: no tensor of {reference.label} has one row per token "  # type: ignore[union-attr]
+                                               f"(vocab_size {vocabulary.input_rows[0]}); its vocabulary cannot be re-indexed")
+        overrides += ((vocab_size_key(config_ckpt.config) or ("vocab_size",), vocabulary.rows),)
     node_layout = None
     if recipe.method.needs_importance and recipe.method.importance == "nodes":
         from .fisher.nodes import layout_from_config
@@ -485,7 +511,94 @@ def _build_plan(recipe: Recipe, scratch: Path | None) -> MergePlan:
         fishers, tensors = _checked_fishers(recipe, models, tensors, group_of, node_layout, given,  # type: ignore[arg-type]
                                             [f"{recipe.source}: {m.key}.fisher" for m in recipe.models])
     return MergePlan(recipe, base, models, fishers, tensors, config_ckpt, tokenizer_folder, warnings, scratch,
-                     group_of=group_of, node_layout=node_layout, config_overrides=overrides)
+                     group_of=group_of, node_layout=node_layout, config_overrides=overrides, vocabulary=vocabulary,
+                     output_tokenizer=_output_tokenizer(recipe, inputs, vocabulary, tokenizer_folder, warnings))
+
+
+def _tokenizer_folder(recipe: Recipe, inputs: list[Checkpoint], reference: Checkpoint) -> Path:
+    """The folder of the tokenizer the output starts from."""
+    if recipe.tokenizer_source is None:
+        return reference.folder
+    match = next((c for c in inputs if c.ref.text == recipe.tokenizer_source.text), None)
+    if match is not None:
+        return match.folder
+    if recipe.tokenizer_source.is_local and recipe.tokenizer_source.path is not None and recipe.tokenizer_source.path.is_dir():
+        return recipe.tokenizer_source.path
+    key = "tokenizer.source" if recipe.tokenizer is not None and recipe.tokenizer.key == "tokenizer" else "tokenizer_source"
+    raise CheckpointError(f"{recipe.source}: {key}: folder {recipe.tokenizer_source.text!r} not found")
+
+
+def _vocabulary_groups(recipe: Recipe) -> list[tuple[int, ...]]:
+    """The groups of inputs that feed the vocabulary tensors together: all of them, or for
+    slices the first slice's sources (embeddings) and the last one's (output head)."""
+    has_base, n = recipe.base is not None, len(recipe.models)
+    if not recipe.slices:
+        return [_vocabulary_group(has_base, n, has_base, None)]
+    ends = (recipe.slices[0], recipe.slices[-1])
+    return [_vocabulary_group(has_base, n, sl.base is not None, sl.inputs) for sl in ends]
+
+
+def _alignment(recipe: Recipe, inputs: list[Checkpoint], tokenizer_folder: Path, warnings: list[str]) -> VocabularyAlignment | None:
+    """The inputs' re-indexing to the output vocabulary, when the recipe asks for one: always
+    for ``union`` and a ``tokenizer`` block, where the vocabulary sizes differ for an explicit
+    ``tokenizer_source``."""
+    settings = recipe.tokenizer
+    rows = [vocabulary_rows(c.config) for c in inputs]
+    if settings is None or (not settings.always and len(set(rows)) <= 1):
+        return None
+    where = f"{recipe.source}: {settings.key}"
+    for ckpt, r in zip(inputs, rows):
+        if r is None:
+            raise CheckpointError(f"{where}: {ckpt.label}: config.json has no vocab_size; the vocabulary cannot be re-indexed")
+    if recipe.method.needs_importance:
+        raise IncompatibleCheckpointsError(f"{where}: re-indexing vocabularies is not supported with merge_method {recipe.method.name!r}, "
+                                           "which weighs by Fishers of the models' own tensors")
+    refs = ([recipe.base] if recipe.base is not None else []) + [m.ref for m in recipe.models]
+    identities = [ref_identity(r) for r in refs]
+    align_inputs = [AlignInput(ident, c.label, c.folder, r) for ident, c, r in zip(identities, inputs, rows)]  # type: ignore[arg-type]
+
+    def input_of(ref: ModelRef) -> int:
+        ident = ref_identity(ref)
+        return identities.index(ident) if ident in identities else -1
+
+    def warn(message: str) -> None:
+        if message not in warnings:
+            warnings.append(message)
+
+    source_rows = None
+    config_path = tokenizer_folder / "config.json"
+    if config_path.is_file():
+        try:
+            source_rows = vocabulary_rows(json.loads(config_path.read_text()))
+        except (OSError, ValueError, AttributeError):
+            source_rows = None
+    try:
+        return build_alignment(settings, align_inputs, base_index=0 if recipe.base is not None else None, input_of=input_of,
+                               groups=_vocabulary_groups(recipe), source_folder=tokenizer_folder, source_rows=source_rows, warn=warn)
+    except TokenizerLoadError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    except AlignmentError as exc:
+        raise RecipeError(f"{recipe.source}: {exc.key}: {exc}") from None
+
+
+def _output_tokenizer(recipe: Recipe, inputs: list[Checkpoint], vocabulary: VocabularyAlignment | None, tokenizer_folder: Path,
+                      warnings: list[str]) -> Any:
+    """The tokenizer the merge saves (the built one, with the recipe's chat template), or None
+    when the tokenizer files are copied as they are."""
+    template = recipe.chat_template
+    if template == "auto":
+        template = auto_chat_template(list(dict.fromkeys(c.folder for c in inputs)))  # each model once, as mergekit
+        if template is None:
+            warnings.append(f"{recipe.source}: chat_template: auto: no merged model's tokenizer has a chat template; none is set")
+    tokenizer = vocabulary.tokenizer if vocabulary is not None else None
+    if template is not None:
+        if tokenizer is None:
+            try:
+                tokenizer = load_tokenizer(tokenizer_folder)
+            except TokenizerLoadError as exc:
+                raise CheckpointError(f"{recipe.source}: chat_template: the template is saved with the tokenizer, but there is {exc}") from None
+        tokenizer.chat_template = template
+    return tokenizer
 
 
 def with_fishers(plan: MergePlan, paths: list[Path], labels: list[str] | None = None) -> MergePlan:

@@ -2,8 +2,8 @@
 
 The keys follow mergekit's YAML where mergekit has the concept (``merge_method``,
 ``base_model``, ``models[].model``, ``models[].parameters``, ``parameters``, ``dtype``,
-``out_dtype``, ``tokenizer_source``), so a mergekit recipe for a method both tools have
-runs unchanged. hfmerge's own keys extend that schema. Every problem is reported as one
+``out_dtype``, ``tokenizer_source``, ``tokenizer``, ``chat_template``), so a mergekit recipe
+for a method both tools have runs unchanged. hfmerge's own keys extend that schema. Every problem is reported as one
 `RecipeError` naming the key path, what was given and what is expected, before any weight is
 read.
 """
@@ -21,19 +21,19 @@ from .errors import HfMergeError, RecipeError, short_repr
 from .fileio import parse_size
 from .methods import METHODS, MergeMethod, Param, known_parameter_names
 from .refs import ModelRef, parse_model_ref
+from .tokenizer import TokenizerSettings, TokenSetting, TokenSource, resolve_chat_template
 from .yamlio import load_yaml_file
 
 TOP_LEVEL_KEYS = (
     "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "config_source",
-    "max_shard_size", "allow_pickle", "allow_external_symlinks", "allow_nonfinite", "push_to_hub", "tasks",
+    "max_shard_size", "allow_pickle", "allow_external_symlinks", "allow_nonfinite", "push_to_hub", "tasks", "tokenizer",
+    "chat_template",
 )
 MODEL_KEYS = ("model", "parameters", "fisher")
 SLICE_KEYS = ("sources", "parameters", "base_model", "residual_weight")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 # mergekit keys hfmerge does not implement: reported as such rather than as typos.
 UNSUPPORTED_MERGEKIT_KEYS = {
-    "tokenizer": "vocabulary merging is not supported; use tokenizer_source: base or a model reference",
-    "chat_template": "chat templates are copied with the tokenizer files; a custom chat_template is not supported",
     "modules": "per-module recipes are not supported",
 }
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -165,6 +165,10 @@ class Recipe:
     raw: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # the method's advice from its `validate` hook
     slices: tuple[SliceSpec, ...] = ()  # a `slices:` recipe (layer stacking); empty for `models:`
+    # The output vocabulary when it is built rather than copied (union, a `tokenizer:` block, or
+    # tokenizer_source with models whose vocabulary sizes differ); None: copy the tokenizer files.
+    tokenizer: TokenizerSettings | None = None
+    chat_template: str | None = None  # the template text, or "auto"
 
     @property
     def source(self) -> str:
@@ -307,7 +311,7 @@ def _push_repo(source: str, value: Any) -> str | None:
     return ref.repo_id
 
 
-def _identity(ref: ModelRef) -> str:
+def ref_identity(ref: ModelRef) -> str:
     """What makes two references the same model: the resolved folder, or repo id and revision."""
     return str(ref.path) if ref.is_local else f"{ref.repo_id}@{ref.revision or ''}"
 
@@ -381,7 +385,7 @@ def _models(source: str, raw_models: Any, method: MergeMethod, base_identity: st
         if "model" not in entry:
             raise _fail(source, f"{key}.model", "missing; expected a model reference")
         ref = _ref(source, f"{key}.model", entry["model"], base_dir)
-        identity = _identity(ref)
+        identity = ref_identity(ref)
         if identity == base_identity and method.needs_base:
             # A method on task vectors: the base listed among the models has τ = 0 and is
             # skipped, as mergekit skips it. Methods that average models (needs_base false)
@@ -465,7 +469,7 @@ def _slices(source: str, raw: Any, method: MergeMethod, base: ModelRef | None, b
         raise _fail(source, "slices", f"got {short_repr(raw)}; expected a non-empty list of {{sources: [{{model: <reference>, layer_range: [start, end]}}]}}")
     if method.needs_importance or method.search:
         raise _fail(source, "slices", f"merge_method {name!r} weighs whole models by Fisher information or a search; it cannot merge slices")
-    base_identity = _identity(base) if base is not None else None
+    base_identity = ref_identity(base) if base is not None else None
     uses_base = base is not None and method.needs_base
     distinct: dict[str, int] = {}  # identity -> index into the recipe's models
     slices = []
@@ -493,7 +497,7 @@ def _slices(source: str, raw: Any, method: MergeMethod, base: ModelRef | None, b
                     raise _fail(source, f"{skey}.{k}", "missing; expected " + ("a model reference" if k == "model" else "[start, end]"))
             ref = _ref(source, f"{skey}.model", src["model"], base_dir)
             span = _layer_range(source, f"{skey}.layer_range", src["layer_range"])
-            identity = _identity(ref)
+            identity = ref_identity(ref)
             if identity in seen:
                 raise _fail(source, f"{skey}.model", f"{short_repr(src['model'])} is the same model as {seen[identity]}; list each model once per slice")
             seen[identity] = f"{skey}.model"
@@ -525,6 +529,75 @@ def _distinct_sources(slices: tuple[SliceSpec, ...]) -> list[ModelSpec]:
         for spec, index in zip(sl.sources, sl.inputs):
             models.setdefault(index, ModelSpec(spec.key, spec.ref, {}))
     return [models[i] for i in sorted(models)]
+
+
+def _strip_model_prefix(value: Any) -> Any:
+    return value[len("model:"):] if isinstance(value, str) and value.startswith("model:") else value
+
+
+def _input_ref(source: str, key: str, value: Any, base_dir: Path | None, inputs: set[str]) -> ModelRef:
+    ref = _ref(source, key, _strip_model_prefix(value), base_dir)
+    if ref_identity(ref) not in inputs:
+        raise _fail(source, key, f"{short_repr(value)} is not one of the merged models; a token's row comes from base_model or one of models")
+    return ref
+
+
+def _mapping(source: str, key: str, value: Any, allowed: tuple[str, ...]) -> dict:
+    _check_entry(source, key, value, allowed, f"a mapping with {', '.join(allowed)}")
+    return value
+
+
+def _token_source(source: str, key: str, value: Any, base_dir: Path | None, inputs: set[str]) -> TokenSource | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return TokenSource("model", _input_ref(source, key, value, base_dir, inputs))
+    kind = value.get("kind")
+    if kind == "zero":
+        _mapping(source, key, value, ("kind",))
+        return TokenSource("zero")
+    if kind != "model_token":
+        raise _fail(source, f"{key}.kind", f"got {short_repr(kind)}; expected 'zero' or 'model_token' (or give a model reference as the source)")
+    _mapping(source, key, value, ("kind", "model", "token_id", "token"))
+    if "model" not in value:
+        raise _fail(source, f"{key}.model", "missing; expected the merged model whose row is taken")
+    model = _input_ref(source, f"{key}.model", value["model"], base_dir, inputs)
+    token_id, token = value.get("token_id"), value.get("token")
+    if (token_id is None) == (token is None):
+        raise _fail(source, key, "give exactly one of token_id and token (as mergekit)")
+    if token_id is not None and (not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0):
+        raise _fail(source, f"{key}.token_id", f"got {short_repr(token_id)}; expected a row index (an integer >= 0)")
+    if token is not None and not isinstance(token, str):
+        raise _fail(source, f"{key}.token", f"got {short_repr(token)}; expected a token of that model's tokenizer")
+    return TokenSource("model_token", model, token_id=token_id, token=token)
+
+
+def _tokenizer_block(source: str, value: Any, base_dir: Path | None, inputs: set[str]) -> TokenizerSettings:
+    """mergekit's ``tokenizer:`` block: source (default union), tokens, pad_to_multiple_of."""
+    block = _mapping(source, "tokenizer", value, ("source", "tokens", "pad_to_multiple_of"))
+    src: Any = block.get("source", "union")
+    if src is None:
+        src = "union"
+    if src not in ("base", "union"):
+        src = _ref(source, "tokenizer.source", _strip_model_prefix(src), base_dir)
+    pad = block.get("pad_to_multiple_of")
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+        raise _fail(source, "tokenizer.pad_to_multiple_of", f"got {short_repr(pad)}; expected a positive integer")
+    tokens_in = block.get("tokens") or {}
+    if not isinstance(tokens_in, dict):
+        raise _fail(source, "tokenizer.tokens", f"got {short_repr(tokens_in)}; expected a mapping of token to {{source, force}}")
+    tokens = []
+    for tok, entry in tokens_in.items():
+        key = f"tokenizer.tokens.{_key_name(tok)}"
+        if not isinstance(tok, str) or not tok:
+            raise _fail(source, key, "a token must be a non-empty string")
+        entry = _mapping(source, key, {} if entry is None else entry, ("source", "force"))
+        force = _bool(source, f"{key}.force", entry.get("force", False))
+        token_source = _token_source(source, f"{key}.source", entry.get("source"), base_dir, inputs)
+        if force and token_source is None:
+            raise _fail(source, f"{key}.force", "a forced token needs a source (a merged model, {kind: zero} or {kind: model_token, ...})")
+        tokens.append(TokenSetting(tok, token_source, force, key))
+    return TokenizerSettings(src, tuple(tokens), pad, always=True, key="tokenizer")
 
 
 def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
@@ -562,7 +635,7 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
         raise _fail(source, "base_model", f"missing; merge_method {name!r} works on task vectors and needs the pre-trained model")
 
     ignored: list[str] = []  # keys another method (or mergekit) reads and this one does not
-    base_identity = _identity(base) if base is not None else None
+    base_identity = ref_identity(base) if base is not None else None
     if data.get("slices") is not None:
         if data.get("models") is not None:
             raise _fail(source, "slices", "give either models (whole models merged) or slices (layer ranges stacked), not both")
@@ -573,7 +646,7 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
         models = _models(source, data.get("models"), method, base_identity, base_dir, ignored)
     parameters, model_defaults = _global_parameters(source, "parameters", data.get("parameters"), method, ignored)
     added_base: ModelSpec | None = None
-    seen = {_identity(m.ref) for m in models}
+    seen = {ref_identity(m.ref) for m in models}
     if base_identity is not None and method.fixed.get("include_base") and base_identity not in seen and not slices:
         # mergekit's linear adds an unlisted base_model to the average with the global weight
         # (and fails without one): do the same, and say clearly when there is no weight to use.
@@ -588,18 +661,41 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
     dtype = _dtype(source, "dtype", data.get("dtype"))
     out_dtype = _dtype(source, "out_dtype", data.get("out_dtype")) or dtype
 
-    def _source_ref(key: str) -> ModelRef | None:
+    def _source_ref(key: str) -> ModelRef | str | None:
         value = data.get(key)
         if value is None or value == "base":
             return None
-        if isinstance(value, str) and value.startswith("model:"):
-            value = value[len("model:"):]
         if value == "union":
-            raise _fail(source, key, "'union' (merging vocabularies) is not supported; use 'base' or a model reference")
-        return _ref(source, key, value, base_dir)
+            if key != "tokenizer_source":
+                raise _fail(source, key, "'union' applies to tokenizers; expected 'base' or a model reference")
+            return value
+        return _ref(source, key, _strip_model_prefix(value), base_dir)
 
     tokenizer_source = _source_ref("tokenizer_source")
     config_source = _source_ref("config_source")
+    assert not isinstance(config_source, str)
+    inputs = {base_identity, *seen} - {None}
+    tokenizer = None
+    if data.get("tokenizer") is not None:
+        if data.get("tokenizer_source") is not None:
+            raise _fail(source, "tokenizer", "give either tokenizer_source or a tokenizer block, not both (as mergekit)")
+        tokenizer = _tokenizer_block(source, data["tokenizer"], base_dir, inputs)
+        tokenizer_source = tokenizer.source if isinstance(tokenizer.source, ModelRef) else None
+    elif tokenizer_source == "union":
+        tokenizer = TokenizerSettings("union", key="tokenizer_source")
+        tokenizer_source = None
+    elif data.get("tokenizer_source") is not None:
+        # An explicit source re-indexes only where the models' vocabulary sizes differ.
+        tokenizer = TokenizerSettings(tokenizer_source or "base", always=False, key="tokenizer_source")
+    chat_template = None
+    if data.get("chat_template") is not None:
+        value = data["chat_template"]
+        if not isinstance(value, str):
+            raise _fail(source, "chat_template", f"got {short_repr(value)}; expected a template name or a Jinja template")
+        try:
+            chat_template = resolve_chat_template(value)
+        except ValueError as exc:
+            raise _fail(source, "chat_template", str(exc)) from None
     if base is None and (tokenizer_source is None or config_source is None):
         # Without a base model, config and tokenizer come from the first model.
         tokenizer_source = tokenizer_source or models[0].ref
@@ -617,6 +713,7 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
     recipe = Recipe(
         method=method, base=base, models=models, parameters=parameters, out_dtype=out_dtype,
         tokenizer_source=tokenizer_source, config_source=config_source, max_shard_size=max_shard,
+        tokenizer=tokenizer, chat_template=chat_template,
         allow_pickle=_bool(source, "allow_pickle", data.get("allow_pickle", False)),
         allow_external_symlinks=_bool(source, "allow_external_symlinks", data.get("allow_external_symlinks", False)),
         allow_nonfinite=_bool(source, "allow_nonfinite", data.get("allow_nonfinite", False)),

@@ -117,7 +117,7 @@ def test_base_listed_among_models_contributes_no_task_vector(folders):
         ({"parameters": {"trim": "layer"}}, r"parameters.trim: got 'layer'; expected one of 'tensor', 'model'"),
         ({"dtype": "float8"}, r"dtype: got 'float8'; expected one of float32, float16, bfloat16"),
         ({"slices": [{"sources": [{"model": "./a", "layer_range": [0, 1]}]}]}, r"slices: give either models \(whole models merged\) or slices .*, not both"),
-        ({"tokenizer_source": "union"}, r"tokenizer_source: 'union'"),
+        ({"config_source": "union"}, r"config_source: 'union' applies to tokenizers"),
         ({"max_shard_size": "lots"}, r"max_shard_size: expected a size"),
         ({"allow_pickle": "yes"}, r"allow_pickle: got 'yes'; expected true or false"),
         ({"models": [{"model": "org//x"}]}, r"models\[0\].model: 'org//x' is neither an existing folder nor a Hub repo id"),
