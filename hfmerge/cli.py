@@ -1,9 +1,13 @@
 """The `hfmerge` command.
 
-    hfmerge RECIPE [OUT_PATH] [--output DIR] [--dry-run] [--overwrite] [-v | -q]
+    hfmerge RECIPE [OUT_PATH] [--output DIR] [--dry-run] [--overwrite] [-v | -q] ...
+    hfmerge fisher RECIPE [--device ...] [--copy-to DIR] [--json PATH]
+    hfmerge eval RECIPE --model PATH [--split validation|test] [--json PATH] ...
     hfmerge demo [--output DIR]
     hfmerge push DIR REPO_ID [--private] [--message M]
     hfmerge cache list|clean ...
+
+Every command and option is described in docs/cli.md (a test checks that none is missing).
 
 `hfmerge CONFIG OUT_PATH` and mergekit-yaml's flags are accepted too (`--cuda`,
 `--out-shard-size`, `--no-copy-tokenizer`, `--random-seed`...): each maps to a `RunOptions`
