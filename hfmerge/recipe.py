@@ -312,8 +312,9 @@ def _push_repo(source: str, value: Any) -> str | None:
 
 
 def ref_identity(ref: ModelRef) -> str:
-    """What makes two references the same model: the resolved folder, or repo id and revision."""
-    return str(ref.path) if ref.is_local else f"{ref.repo_id}@{ref.revision or ''}"
+    """What makes two references the same model: the resolved folder, or repo id and revision
+    (of both sides for ``BASE+ADAPTER``)."""
+    return "+".join(str(part.path) if part.is_local else f"{part.repo_id}@{part.revision or ''}" for part in ref.parts)
 
 
 def _tasks(value: Any, source: str, base_dir: Path | None, models: list[ModelSpec]) -> tuple[list, list[int | None]]:
@@ -669,7 +670,11 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
             if key != "tokenizer_source":
                 raise _fail(source, key, "'union' applies to tokenizers; expected 'base' or a model reference")
             return value
-        return _ref(source, key, _strip_model_prefix(value), base_dir)
+        ref = _ref(source, key, _strip_model_prefix(value), base_dir)
+        if ref.adapter is not None:
+            raise _fail(source, key, f"{short_repr(value)} applies an adapter to a model; {key} takes one folder or repo, whose files are "
+                        f"copied: name the model ({ref.model.text}) or the adapter ({ref.adapter.text}) alone")
+        return ref
 
     tokenizer_source = _source_ref("tokenizer_source")
     config_source = _source_ref("config_source")
