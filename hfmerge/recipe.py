@@ -306,7 +306,7 @@ def _push_repo(source: str, value: Any) -> str | None:
             ref = parse_model_ref(value, field=f"{source}: push_to_hub")
         except HfMergeError:
             ref = None
-    if ref is None or ref.repo_id is None or ref.revision is not None:
+    if ref is None or ref.repo_id is None or ref.revision is not None or ref.adapter is not None:
         raise _fail(source, "push_to_hub", f"got {short_repr(value)}; expected a Hub repo id org/name")
     return ref.repo_id
 

@@ -247,3 +247,35 @@ def test_a_hub_repo_after_plus_must_be_an_adapter(hub, llama, tmp_path):
                           models=[{"model": f"{llama.base}+{base_repo}"}])
     with pytest.raises(CheckpointError, match=rf"the adapter after '\+': {base_repo}@[0-9a-f]{{40}} is not a PEFT LoRA adapter"):
         build_plan(load_recipe(recipe))
+
+
+def test_passthrough_of_base_plus_adapter_writes_the_adapted_model(llama, tmp_path):
+    # mergekit's way to bake a LoRA into its base: passthrough of one BASE+ADAPTER model
+    folder, tensors = make_adapter(tmp_path / "ad", llama.base, UP, 9)
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="passthrough", models=[{"model": f"{llama.base} + {folder}"}])
+    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
+    out, expected = load_base_state(tmp_path / "out"), apply(load_base_state(llama.base), tensors, {UP: 2.0})
+    assert set(out) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(out[name], value.float(), rtol=0, atol=0)
+    assert not torch.equal(out[UP + ".weight"], load_base_state(llama.base)[UP + ".weight"])
+
+
+def test_places_that_take_one_repo_refuse_base_plus_adapter(tmp_path):
+    from hfmerge.api import check_repo_id
+    from hfmerge.errors import EvaluationError
+    from hfmerge.evaluation.evaluate_model import load_model_for_eval
+
+    with pytest.raises(RecipeError, match=r"push_to_hub: got 'org/out\+org/lora'; expected a Hub repo id"):
+        parse_recipe({"merge_method": "linear", "models": [{"model": "org/a"}], "push_to_hub": "org/out+org/lora"})
+    with pytest.raises(RecipeError, match=r"repo_id: 'org/out\+org/lora' is not a Hub repo id"):
+        check_repo_id("org/out+org/lora")
+    with pytest.raises(EvaluationError, match=r"'org/base\+org/lora' applies a LoRA adapter to a model \(BASE\+ADAPTER\), which only a recipe reads"):
+        load_model_for_eval("org/base+org/lora", device="cpu")
+
+
+def test_a_bare_adapter_without_its_base_suggests_base_plus_adapter(llama, tmp_path):
+    folder, _ = make_adapter(tmp_path / "ad", llama.base, Q, 1)
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="linear", models=[{"model": folder}])
+    with pytest.raises(CheckpointError, match=rf"or name that model in the reference: `base\+{folder.resolve()}`"):
+        build_plan(load_recipe(recipe))

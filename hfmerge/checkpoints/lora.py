@@ -305,6 +305,7 @@ def _no_base(label: str, where: str, config: AdapterConfig) -> CheckpointError:
     return CheckpointError(
         f"{label}: {where} is a PEFT LoRA adapter{named}, which hfmerge applies to the recipe's base_model. An adapter can only "
         f"be a `models` entry, and the recipe needs `base_model:` set to the model it was trained on{' (' + config.base_model + ')' if config.base_model else ''}"
+        f"; or name that model in the reference: `{config.base_model or 'BASE'}+{where}`"
     )
 
 
