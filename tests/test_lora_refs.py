@@ -185,7 +185,8 @@ def test_an_adapter_that_does_not_fit_its_model_is_still_an_error(llama, familie
     folder, _ = make_adapter(tmp_path / "ad", llama.base, Q, 1)
     t5 = families["t5"].base
     recipe = write_recipe(tmp_path / "r.yaml", merge_method="linear", models=[{"model": f"{t5}+{folder}"}])
-    with pytest.raises(IncompatibleCheckpointsError, match=r"models\[0\].model \(.*\): .*q_proj"):
+    with pytest.raises(IncompatibleCheckpointsError, match=r"models\[0\].model \(.*\): the adapter adapts module 'model.layers.0.self_attn.q_proj', "
+                       r"but models\[0\].model \(.*\), the model before '\+' has no tensor"):
         build_plan(load_recipe(recipe))
 
 

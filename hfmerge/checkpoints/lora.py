@@ -405,7 +405,7 @@ def bind_adapter(*, ref: ModelRef, label: str, folder: Path, config: AdapterConf
         raise IncompatibleCheckpointsError(f"{label}: {problem}")
     if note:
         warnings.append(f"{label}: {note}")
-    updates, replacements = _map_tensors(config, weights.tensors, base, label)
+    updates, replacements = _map_tensors(config, weights.tensors, base, label, where=base.label if explicit_base else None)
     if not updates and not replacements:
         raise IncompatibleCheckpointsError(f"{label}: the adapter holds no LoRA tensors (lora_A / lora_B); nothing to merge")
     return LoraCheckpoint(ref=ref, label=label, folder=folder, base=base, adapter=weights, adapter_config=config,
@@ -520,9 +520,9 @@ def _layout(module: str, layouts: dict[str, bool]) -> bool | None:
 
 
 def _map_tensors(config: AdapterConfig, adapter: dict[str, TensorInfo], base: Checkpoint,
-                 label: str) -> tuple[dict[str, LowRankUpdate], dict[str, str]]:
+                 label: str, where: str | None = None) -> tuple[dict[str, LowRankUpdate], dict[str, str]]:
     base_tensors = base.tensors
-    where = f"base_model {base.label}"
+    where = where or f"base_model {base.label}"  # how messages name the model the adapter is applied to
     modules: dict[str, dict[str, str]] = {}
     replacements: dict[str, str] = {}
     for key, info in adapter.items():
