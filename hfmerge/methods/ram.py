@@ -40,7 +40,7 @@ def _split(base: torch.Tensor, tensors: Sequence[torch.Tensor], epsilon: float) 
     return deltas, changed, changed.sum(dim=0)
 
 
-def _combine(base: torch.Tensor, deltas: torch.Tensor, count: torch.Tensor, unique_scale: Sequence[float] | None) -> torch.Tensor:
+def _combine(base: torch.Tensor, deltas: torch.Tensor, count: torch.Tensor, unique_scale: torch.Tensor | None) -> torch.Tensor:
     """θ_pre + Σ_i (τ_i / count where several models change the entry, λ_i · τ_i where only
     model i does); entries a model leaves unchanged are already zero in its task vector."""
     shared = count > 1
@@ -51,21 +51,16 @@ def _combine(base: torch.Tensor, deltas: torch.Tensor, count: torch.Tensor, uniq
     return deltas.sum(dim=0).add_(base)
 
 
-def _unique_scales(changed: torch.Tensor, count: torch.Tensor, *, r: float, alpha: float, epsilon: float) -> list[float]:
-    """RAM+'s λ_i = 1 + r · clip(ρ_i, 0, α) per model, ρ_i counted within this tensor."""
+def _unique_scales(changed: torch.Tensor, count: torch.Tensor, *, r: float, alpha: float, epsilon: float) -> torch.Tensor:
+    """RAM+'s λ_i = 1 + r · clip(ρ_i, 0, α) per model (float32, shape (M,)), ρ_i counted within this tensor."""
     flat = changed.reshape(changed.shape[0], -1)
-    shared = (count > 1).reshape(-1)
-    unique = (count == 1).reshape(-1)
-    scales = []
-    for i in range(flat.shape[0]):
-        n_shared = int((flat[i] & shared).sum())
-        n_unique = int((flat[i] & unique).sum())
-        denominator = max(float(n_unique), epsilon)
-        # With epsilon 0 and no unique entry the ratio is 0/0; λ_i then scales nothing, so any
-        # finite value will do (mergekit gets NaN there, which spoils the whole tensor).
-        rho = n_shared / denominator if denominator > 0 else 0.0
-        scales.append(1.0 + r * min(max(rho, 0.0), alpha))
-    return scales
+    n_shared = (flat & (count > 1).reshape(1, -1)).sum(dim=1).to(torch.float32)
+    n_unique = (flat & (count == 1).reshape(1, -1)).sum(dim=1).to(torch.float32)
+    rho = n_shared / n_unique.clamp(min=epsilon)
+    # With epsilon 0 and no unique entry the ratio is 0/0; λ_i then scales nothing, so any
+    # finite value will do (mergekit gets NaN there, which spoils the whole tensor).
+    rho = torch.where(n_unique.clamp(min=epsilon) > 0, rho, torch.zeros_like(rho))
+    return rho.clamp(min=0.0, max=alpha).mul(r).add(1.0)
 
 
 @merge_method(
