@@ -280,3 +280,17 @@ def test_a_bare_adapter_without_its_base_suggests_base_plus_adapter(llama, tmp_p
     recipe = write_recipe(tmp_path / "r.yaml", merge_method="linear", models=[{"model": folder}])
     with pytest.raises(CheckpointError, match=rf"or name that model in the reference: `base\+{folder.resolve()}`"):
         build_plan(load_recipe(recipe))
+
+
+def test_slices_take_base_plus_adapter_sources(llama, tmp_path):
+    # mergekit's layer stacking of an adapted model: its layer 1 (adapted up_proj) repeated
+    folder, tensors = make_adapter(tmp_path / "ad", llama.base, UP, 10)
+    source = f"{llama.base}+{folder}"
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="passthrough", dtype="float32",
+                          slices=[{"sources": [{"model": source, "layer_range": [0, 2]}]},
+                                  {"sources": [{"model": source, "layer_range": [1, 2]}]}])
+    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
+    out, adapted = load_base_state(tmp_path / "out"), apply(load_base_state(llama.base), tensors, {UP: 2.0})
+    torch.testing.assert_close(out[UP + ".weight"], adapted[UP + ".weight"].float(), rtol=0, atol=0)
+    torch.testing.assert_close(out["model.layers.2.mlp.up_proj.weight"], adapted[UP + ".weight"].float(), rtol=0, atol=0)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 3
