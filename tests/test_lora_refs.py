@@ -4,6 +4,7 @@ locally, on the Hub and mixed, in base_model and models[].model."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from hfmerge.planning import build_plan
 from hfmerge.recipe import load_recipe, parse_recipe
 from hfmerge.refs import parse_model_ref
 from hfmerge.testing import load_base_state
-from test_lora import apply, assert_reads, folder_files, lora_pair, write_adapter
+from hfmerge.checkpoints.lora import AdapterConfig, check_adapter_base
+from test_lora import SHA, _Base, apply, assert_reads, folder_files, lora_pair, write_adapter
 from test_merge import write_recipe
 
 Q = "model.layers.0.self_attn.q_proj"  # [16, 16]
@@ -95,6 +97,33 @@ def test_tokenizer_and_config_sources_take_one_folder_or_repo(key):
     data = {"merge_method": "task_arithmetic", "base_model": "org/base", "models": [{"model": "org/a"}], key: "org/base+org/lora"}
     with pytest.raises(RecipeError, match=rf"{key}: 'org/base\+org/lora' applies an adapter to a model; .*name the model \(org/base\) or the adapter \(org/lora\) alone"):
         parse_recipe(data)
+
+
+# -- the adapter's recorded base ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("adapter_base", "revision", "base", "error", "warning"), [
+    # another Hub repo: an error for a bare adapter, a warning when the reference names the model
+    ("meta-llama/Llama-3.1-8B", None, _Base("meta-llama/Llama-3.1-8B-Instruct", SHA),
+     r"but base_model is meta-llama/Llama-3.1-8B-Instruct\. Set `base_model: meta-llama/Llama-3.1-8B`",
+     r"but the model before '\+' is meta-llama/Llama-3.1-8B-Instruct; the reference names that model"),
+    # the recorded revision is not the one read
+    ("org/base", "v2", _Base("org/base", SHA), r"at revision 'v2', but base_model resolves to main .*Pin it",
+     r"at revision 'v2', but the model before '\+' resolves to main \(0123.*\); the reference names that model"),
+    # the same model: nothing to say either way
+    ("org/base", None, _Base("org/base", SHA), None, None),
+])
+def test_a_recorded_base_that_differs_is_an_error_only_for_a_bare_adapter(adapter_base, revision, base, error, warning):
+    config = AdapterConfig(r=4, lora_alpha=8, base_model=adapter_base, revision=revision)
+    bare_error, bare_note = check_adapter_base(config, base)
+    explicit_error, explicit_note = check_adapter_base(config, base, explicit=True)
+    assert explicit_error is None
+    if error is None:
+        assert bare_error is None and bare_note is None and explicit_note is None
+    else:
+        assert bare_error is not None and re.search(error, bare_error), bare_error
+        assert bare_note is None
+        assert explicit_note is not None and re.search(warning, explicit_note), explicit_note
 
 
 # -- local -----------------------------------------------------------------------------------
