@@ -249,7 +249,10 @@ def _is_number(v: Any) -> bool:
 
 def _setting_value(source: str, path: str, spec: Param, value: Any) -> "float | Gradient":
     if isinstance(value, list):
-        if len(value) < 1 or not all(_is_number(v) for v in value):
+        def number(v: Any) -> bool:  # exponent strings (YAML 1.1's 1e-5) too, as for a single value
+            return _is_number(v) or (spec.kind is float and isinstance(v, str) and bool(_EXPONENT_NUMBER.fullmatch(v)))
+
+        if len(value) < 1 or not all(number(v) for v in value):
             raise _fail(source, path, f"got {short_repr(value)}; expected a number or a gradient (a list of numbers)")
         return Gradient(tuple(_check_param(source, f"{path}[{i}]", spec, v) for i, v in enumerate(value)))
     return _check_param(source, path, spec, value)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import hfmerge
 from hfmerge.errors import RecipeError
 from hfmerge.methods import METHODS
-from hfmerge.recipe import parse_recipe
+from hfmerge.recipe import load_recipe, parse_recipe
 from hfmerge.testing import load_base_state, write_checkpoint
 
 t = torch.tensor
@@ -148,6 +148,20 @@ def test_parameters_may_vary_by_tensor_as_in_mergekit():
     assert r.tensor_param("r", "model.layers.0.mlp.up_proj.weight") == 0.5
     assert r.tensor_param("r", "model.layers.0.self_attn.q_proj.weight") == 0.1
     assert r.tensor_param("alpha", "x") == 0.2 and r.tensor_param("epsilon", "x") == 0.0
+
+
+def test_exponent_numbers_in_a_yaml_gradient_are_numbers(tmp_path):
+    # YAML 1.1 reads 1e-5 (no dot) as a string; mergekit takes it as a number, in a gradient too
+    path = tmp_path / "r.yaml"
+    path.write_text("merge_method: ramplus_tl\nbase_model: org/base\nmodels:\n  - model: org/a\n"
+                    "parameters:\n  epsilon: [1e-5, 5e-3]\n  r: [{filter: mlp, value: [1e-1, 2E-1]}, {value: 0.1}]\n")
+    r = load_recipe(path)
+    assert r.tensor_param("epsilon", "model.layers.0.x", 0.0) == pytest.approx(1e-5)
+    assert r.tensor_param("epsilon", "model.layers.1.x", 1.0) == pytest.approx(5e-3)
+    assert r.tensor_param("r", "model.layers.1.mlp.x", 1.0) == pytest.approx(0.2)
+    path.write_text("merge_method: ram\nbase_model: org/base\nmodels:\n  - model: org/a\nparameters:\n  epsilon: [1e-5, small]\n")
+    with pytest.raises(RecipeError, match=r"parameters.epsilon: got \['1e-5', 'small'\]; expected a number or a gradient"):
+        load_recipe(path)
 
 
 def _sparse_finetune(base: Path, finetuned: Path, folder: Path, keep: float, seed: int) -> Path:
