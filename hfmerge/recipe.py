@@ -535,6 +535,16 @@ def _distinct_sources(slices: tuple[SliceSpec, ...]) -> list[ModelSpec]:
     return [models[i] for i in sorted(models)]
 
 
+def _one_folder_ref(source: str, key: str, value: Any, base_dir: Path | None) -> ModelRef:
+    """A reference whose files are read as they are (tokenizer, config): ``model:`` allowed,
+    ``BASE+ADAPTER`` refused (it names two folders)."""
+    ref = _ref(source, key, _strip_model_prefix(value), base_dir)
+    if ref.adapter is not None:
+        raise _fail(source, key, f"{short_repr(value)} applies an adapter to a model; {key} takes one folder or repo, whose files are "
+                    f"copied: name the model ({ref.model.text}) or the adapter ({ref.adapter.text}) alone")
+    return ref
+
+
 def _strip_model_prefix(value: Any) -> Any:
     return value[len("model:"):] if isinstance(value, str) and value.startswith("model:") else value
 
@@ -583,7 +593,7 @@ def _tokenizer_block(source: str, value: Any, base_dir: Path | None, inputs: set
     if src is None:
         src = "union"
     if src not in ("base", "union"):
-        src = _ref(source, "tokenizer.source", _strip_model_prefix(src), base_dir)
+        src = _one_folder_ref(source, "tokenizer.source", src, base_dir)
     pad = block.get("pad_to_multiple_of")
     if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
         raise _fail(source, "tokenizer.pad_to_multiple_of", f"got {short_repr(pad)}; expected a positive integer")
@@ -673,11 +683,7 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
             if key != "tokenizer_source":
                 raise _fail(source, key, "'union' applies to tokenizers; expected 'base' or a model reference")
             return value
-        ref = _ref(source, key, _strip_model_prefix(value), base_dir)
-        if ref.adapter is not None:
-            raise _fail(source, key, f"{short_repr(value)} applies an adapter to a model; {key} takes one folder or repo, whose files are "
-                        f"copied: name the model ({ref.model.text}) or the adapter ({ref.adapter.text}) alone")
-        return ref
+        return _one_folder_ref(source, key, value, base_dir)
 
     tokenizer_source = _source_ref("tokenizer_source")
     config_source = _source_ref("config_source")

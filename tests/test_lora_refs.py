@@ -92,10 +92,14 @@ def test_recipe_identity_tells_base_plus_adapter_from_either_side():
     assert [m.ref.text for m in same_base.models] == ["org/other"]
 
 
-@pytest.mark.parametrize("key", ["tokenizer_source", "config_source"])
-def test_tokenizer_and_config_sources_take_one_folder_or_repo(key):
-    data = {"merge_method": "task_arithmetic", "base_model": "org/base", "models": [{"model": "org/a"}], key: "org/base+org/lora"}
-    with pytest.raises(RecipeError, match=rf"{key}: 'org/base\+org/lora' applies an adapter to a model; .*name the model \(org/base\) or the adapter \(org/lora\) alone"):
+@pytest.mark.parametrize(("key", "value", "path"), [
+    ("tokenizer_source", "org/base+org/lora", "tokenizer_source"),
+    ("config_source", "model:org/base+org/lora", "config_source"),
+    ("tokenizer", {"source": "org/base+org/lora"}, "tokenizer.source"),
+])
+def test_tokenizer_and_config_sources_take_one_folder_or_repo(key, value, path):
+    data = {"merge_method": "task_arithmetic", "base_model": "org/base", "models": [{"model": "org/a"}], key: value}
+    with pytest.raises(RecipeError, match=rf"{path}: '.*org/base\+org/lora' applies an adapter to a model; .*name the model \(org/base\) or the adapter \(org/lora\) alone"):
         parse_recipe(data)
 
 
