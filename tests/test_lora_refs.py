@@ -327,3 +327,21 @@ def test_slices_take_base_plus_adapter_sources(llama, tmp_path):
     torch.testing.assert_close(out[UP + ".weight"], adapted[UP + ".weight"].float(), rtol=0, atol=0)
     torch.testing.assert_close(out["model.layers.2.mlp.up_proj.weight"], adapted[UP + ".weight"].float(), rtol=0, atol=0)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 3
+
+
+def test_a_union_vocabulary_reads_the_tokenizer_of_the_model_under_an_adapter(tmp_path):
+    # the adapter folder holds no tokenizer: the union takes chatml's own, and its new tokens
+    from test_tokenizer_merge import IM, check_tokenizer, make_tokenizer, run
+
+    from hfmerge.testing import build_base
+
+    models = {"base": make_tokenizer(build_base(tmp_path / "base", "llama", seed=0, vocab=64), 64, []),
+              "chatml": make_tokenizer(build_base(tmp_path / "chatml", "llama", seed=1, vocab=66), 64, IM)}
+    folder, tensors = make_adapter(tmp_path / "ad", models["chatml"], Q, 11, base_model_name_or_path="chatml")
+    models["adapted"] = Path(f"{models['chatml']}+{folder}")
+    out = run(tmp_path, models, ["base", "adapted"], tokenizer_source="union")
+    vocab = check_tokenizer(out, 66, contains=IM)
+    assert vocab["<|im_start|>"] == 64
+    merged, base, adapted = load_base_state(out), load_base_state(models["base"]), apply(load_base_state(models["chatml"]), tensors, {Q: 2.0})
+    torch.testing.assert_close(merged[Q + ".weight"], (base[Q + ".weight"] + adapted[Q + ".weight"].float()) / 2)
+    torch.testing.assert_close(merged["model.embed_tokens.weight"][64:], adapted["model.embed_tokens.weight"][64:])
