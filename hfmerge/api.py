@@ -167,7 +167,7 @@ def check_repo_id(repo_id: str, field: str = "repo_id") -> None:
         ref = None
     else:
         ref = parse_model_ref(repo_id, field=field) if not repo_id.startswith((".", "/", "~")) else None
-    if ref is None or ref.repo_id is None or ref.revision is not None:
+    if ref is None or ref.repo_id is None or ref.revision is not None or ref.adapter is not None:
         raise RecipeError(f"{field}: {short_repr(repo_id)} is not a Hub repo id; expected org/name or a name of your own")
 
 

@@ -37,27 +37,54 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _explicit(ckpt) -> bool:
+    """Whether `ckpt` is a ``BASE+ADAPTER`` reference (a LoRA adapter on a model it names)."""
+    return bool(getattr(ckpt, "explicit_base", False))
+
+
 def _ref_name(ckpt) -> str:
+    if _explicit(ckpt):
+        return ckpt.ref.text
     return ckpt.ref.repo_id if ckpt.ref.repo_id else ckpt.ref.text
 
 
 def _commit(ckpt) -> str:
+    if _explicit(ckpt):
+        return f"{_commit(ckpt.base)}+{ckpt.commit or 'local'}"
     return ckpt.commit or "local"
+
+
+def _pinned(ckpt) -> str | None:
+    """The reference pinned to the commits that were read; None when nothing in it is on the Hub."""
+    if _explicit(ckpt):
+        model, adapter = _pinned(ckpt.base), (f"{ckpt.ref.repo_id}@{ckpt.commit}" if ckpt.ref.repo_id else None)
+        if model is None and adapter is None:
+            return None
+        return f"{model or ckpt.base.ref.text}+{adapter or ckpt.adapter.ref.text}"
+    return f"{ckpt.ref.repo_id}@{_commit(ckpt)}" if ckpt.ref.repo_id else None
+
+
+def _hub_ids(ckpt) -> list[str]:
+    """The Hub repos a checkpoint was read from (for a ``BASE+ADAPTER`` reference, both)."""
+    ids = _hub_ids(ckpt.base) if _explicit(ckpt) else []
+    return ids + ([ckpt.ref.repo_id] if ckpt.ref.repo_id else [])
 
 
 def resolved_recipe(plan: MergePlan) -> dict:
     """The recipe as written, with every Hub reference pinned to the commit that was read."""
     raw = yaml.safe_load(yaml.safe_dump(plan.recipe.raw, sort_keys=False))  # a deep copy in the user's key order
-    if plan.base is not None and plan.base.ref.repo_id:
-        raw["base_model"] = f"{plan.base.ref.repo_id}@{_commit(plan.base)}"
+    pinned = _pinned(plan.base) if plan.base is not None else None
+    if pinned is not None:
+        raw["base_model"] = pinned
     by_key = {spec.key: ckpt for spec, ckpt in zip(plan.recipe.models, plan.models)}
     for i, entry in enumerate(raw.get("models") or []):
         ckpt = by_key.get(f"models[{i}]")
-        if ckpt is not None and ckpt.ref.repo_id:
+        pinned = _pinned(ckpt) if ckpt is not None else None
+        if pinned is not None:
             if isinstance(entry, dict):
-                entry["model"] = f"{ckpt.ref.repo_id}@{_commit(ckpt)}"
+                entry["model"] = pinned
             else:
-                raw["models"][i] = f"{ckpt.ref.repo_id}@{_commit(ckpt)}"
+                raw["models"][i] = pinned
     for sl in plan.recipe.slices:
         by_key.update({spec.key: plan.models[i] for spec, i in zip(sl.sources, sl.inputs)})
         if sl.base is not None and plan.base is not None:
@@ -65,8 +92,9 @@ def resolved_recipe(plan: MergePlan) -> dict:
     for i, entry in enumerate(raw.get("slices") or []):
         for j, src in enumerate(entry.get("sources") or []):
             ckpt = by_key.get(f"slices[{i}].sources[{j}]")
-            if ckpt is not None and ckpt.ref.repo_id:
-                src["model"] = f"{ckpt.ref.repo_id}@{_commit(ckpt)}"
+            pinned = _pinned(ckpt) if ckpt is not None else None
+            if pinned is not None:
+                src["model"] = pinned
     return raw
 
 
@@ -122,7 +150,7 @@ def build_card(plan: MergePlan, folder: Path, title: str, evaluation=None, extra
     if arch.endswith("ForConditionalGeneration") and config.get("model_type") not in SEQ2SEQ_MODEL_TYPES:
         pipeline, auto_class = None, "AutoModel"  # vision-language and speech models: no text-to-text pipeline
     inputs = ([plan.base] if plan.base is not None else []) + plan.models
-    hub_inputs = [c.ref.repo_id for c in inputs if c.ref.repo_id]
+    hub_inputs = list(dict.fromkeys(i for c in inputs for i in _hub_ids(c)))
     data = ModelCardData(
         base_model=hub_inputs or None,
         # The Hub reads the relation of the base_model entries; without them it says nothing.
@@ -155,7 +183,8 @@ def build_card(plan: MergePlan, folder: Path, title: str, evaluation=None, extra
                            for p in method.per_model)
         if recipe.slices:
             coeffs = "per slice: see the recipe" if method.per_model else ""  # a checkpoint may feed several slices
-        role = "LoRA adapter" if getattr(ckpt, "format", "") == "lora" else "fine-tuned"  # applied to the base (checkpoints/lora.py)
+        # applied to the base (checkpoints/lora.py), or to the model the reference names (BASE+ADAPTER)
+        role = ("LoRA adapter on its model" if _explicit(ckpt) else "LoRA adapter") if getattr(ckpt, "format", "") == "lora" else "fine-tuned"
         rows.append(f"| {_ref_name(ckpt)} | `{_commit(ckpt)}` | {role} ({spec.key}) | {coeffs} |")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md")
     hashes = "\n".join(f"| `{p.relative_to(folder).as_posix()}` | `{sha256_file(p)}` |" for p in files)

@@ -322,8 +322,9 @@ def recipe_input_paths(recipe: Any, *, low_disk: bool = False, storage: str | No
     refs = [("base_model", recipe.base)] + [(f"{m.key}.model", m.ref) for m in recipe.models]
     refs += [("tokenizer_source", recipe.tokenizer_source), ("config_source", recipe.config_source)]
     for field_name, ref in refs:
-        if ref is not None and ref.is_local and ref.path is not None:
-            found.append(InputPath(ref.path, f"{source}: {field_name}"))
+        for part in ref.parts if ref is not None else ():
+            if part.is_local and part.path is not None:
+                found.append(InputPath(part.path, f"{source}: {field_name}"))
     for m in recipe.models:
         if m.fisher is not None:
             found.append(InputPath(Path(m.fisher), f"{source}: {m.key}.fisher"))

@@ -153,6 +153,21 @@ def _open(ref: ModelRef, key: str, recipe: Recipe, base: Checkpoint | None = Non
                            allow_external_symlinks=recipe.allow_external_symlinks, scratch=scratch)
 
 
+def _model_of(ckpt: Checkpoint) -> Checkpoint:
+    """The full checkpoint under a LoRA adapter (itself for any other checkpoint)."""
+    while getattr(ckpt, "format", "") == "lora":
+        ckpt = ckpt.base  # type: ignore[attr-defined]
+    return ckpt
+
+
+def _tokenizer_folder_of(ckpt: Checkpoint) -> Path:
+    """Where a checkpoint's tokenizer is: its folder, or for a LoRA adapter without one (no
+    tokenizer.json nor tokenizer_config.json beside it), its model's."""
+    if any((ckpt.folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+        return ckpt.folder
+    return _model_of(ckpt).folder
+
+
 def _open_fisher(path: Path, label: str) -> FisherFile:
     if not path.is_file():
         raise FisherFileError(f"{label}: Fisher file {path} not found")
@@ -449,7 +464,8 @@ def build_plan(recipe: Recipe, *, low_disk: bool = False) -> MergePlan:
         IncompatibleCheckpointsError: Names, shapes or dtypes disagree.
     """
     refs = [recipe.base, *(m.ref for m in recipe.models)]
-    scratch = Path(tempfile.mkdtemp(prefix="hfmerge-low-disk-")) if low_disk and any(r is not None and not r.is_local for r in refs) else None
+    remote = any(not part.is_local for r in refs if r is not None for part in r.parts)
+    scratch = Path(tempfile.mkdtemp(prefix="hfmerge-low-disk-")) if low_disk and remote else None
     try:
         return _build_plan(recipe, scratch)
     except BaseException:
@@ -465,14 +481,14 @@ def _build_plan(recipe: Recipe, scratch: Path | None) -> MergePlan:
     base = _open(recipe.base, "base_model", recipe, scratch=input_scratch(0)) if recipe.base is not None else None
     models = [_open(m.ref, f"{m.key}.model", recipe, base, scratch=input_scratch(i)) for i, m in enumerate(recipe.models, start=1)]
     reference = base if base is not None else models[0]
-    warnings: list[str] = [w for c in models for w in getattr(c, "warnings", ())]  # e.g. an adapter's base matched by name only
+    inputs = ([base] if base is not None else []) + models
+    warnings: list[str] = [w for c in inputs for w in getattr(c, "warnings", ())]  # e.g. an adapter's base matched by name only
 
     groups, alias_warning = tied_groups(reference.config)
     if alias_warning:
         warnings.append(f"{reference.label}: {alias_warning}")
     group_of: dict[str, frozenset[str]] = {n: g for g in groups for n in g}
 
-    inputs = ([base] if base is not None else []) + models
     tokenizer_folder = _tokenizer_folder(recipe, inputs, reference)
     vocabulary = _alignment(recipe, inputs, tokenizer_folder, warnings)
     out_rows = vocabulary.rows if vocabulary is not None else None
@@ -494,6 +510,7 @@ def _build_plan(recipe: Recipe, scratch: Path | None) -> MergePlan:
     config_ckpt = reference
     if recipe.config_source is not None:
         config_ckpt = next((c for c in inputs if c.ref.text == recipe.config_source.text), None) or _open(recipe.config_source, "config_source", recipe)
+    config_ckpt = _model_of(config_ckpt)  # an adapter's config.json is its model's
     overrides = _stacked_config(config_ckpt, origins) if recipe.slices else ()
     if vocabulary is not None:
         if not any(t.vocabulary for t in tensors):
@@ -518,10 +535,10 @@ def _build_plan(recipe: Recipe, scratch: Path | None) -> MergePlan:
 def _tokenizer_folder(recipe: Recipe, inputs: list[Checkpoint], reference: Checkpoint) -> Path:
     """The folder of the tokenizer the output starts from."""
     if recipe.tokenizer_source is None:
-        return reference.folder
+        return _tokenizer_folder_of(reference)
     match = next((c for c in inputs if c.ref.text == recipe.tokenizer_source.text), None)
     if match is not None:
-        return match.folder
+        return _tokenizer_folder_of(match)
     if recipe.tokenizer_source.is_local and recipe.tokenizer_source.path is not None and recipe.tokenizer_source.path.is_dir():
         return recipe.tokenizer_source.path
     key = "tokenizer.source" if recipe.tokenizer is not None and recipe.tokenizer.key == "tokenizer" else "tokenizer_source"
@@ -555,7 +572,7 @@ def _alignment(recipe: Recipe, inputs: list[Checkpoint], tokenizer_folder: Path,
                                            "which weighs by Fishers of the models' own tensors")
     refs = ([recipe.base] if recipe.base is not None else []) + [m.ref for m in recipe.models]
     identities = [ref_identity(r) for r in refs]
-    align_inputs = [AlignInput(ident, c.label, c.folder, r) for ident, c, r in zip(identities, inputs, rows)]  # type: ignore[arg-type]
+    align_inputs = [AlignInput(ident, c.label, _tokenizer_folder_of(c), r) for ident, c, r in zip(identities, inputs, rows)]  # type: ignore[arg-type]
 
     def input_of(ref: ModelRef) -> int:
         ident = ref_identity(ref)

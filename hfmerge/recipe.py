@@ -249,7 +249,10 @@ def _is_number(v: Any) -> bool:
 
 def _setting_value(source: str, path: str, spec: Param, value: Any) -> "float | Gradient":
     if isinstance(value, list):
-        if len(value) < 1 or not all(_is_number(v) for v in value):
+        def number(v: Any) -> bool:  # exponent strings (YAML 1.1's 1e-5) too, as for a single value
+            return _is_number(v) or (spec.kind is float and isinstance(v, str) and bool(_EXPONENT_NUMBER.fullmatch(v)))
+
+        if len(value) < 1 or not all(number(v) for v in value):
             raise _fail(source, path, f"got {short_repr(value)}; expected a number or a gradient (a list of numbers)")
         return Gradient(tuple(_check_param(source, f"{path}[{i}]", spec, v) for i, v in enumerate(value)))
     return _check_param(source, path, spec, value)
@@ -306,14 +309,15 @@ def _push_repo(source: str, value: Any) -> str | None:
             ref = parse_model_ref(value, field=f"{source}: push_to_hub")
         except HfMergeError:
             ref = None
-    if ref is None or ref.repo_id is None or ref.revision is not None:
+    if ref is None or ref.repo_id is None or ref.revision is not None or ref.adapter is not None:
         raise _fail(source, "push_to_hub", f"got {short_repr(value)}; expected a Hub repo id org/name")
     return ref.repo_id
 
 
 def ref_identity(ref: ModelRef) -> str:
-    """What makes two references the same model: the resolved folder, or repo id and revision."""
-    return str(ref.path) if ref.is_local else f"{ref.repo_id}@{ref.revision or ''}"
+    """What makes two references the same model: the resolved folder, or repo id and revision
+    (of both sides for ``BASE+ADAPTER``)."""
+    return "+".join(str(part.path) if part.is_local else f"{part.repo_id}@{part.revision or ''}" for part in ref.parts)
 
 
 def _tasks(value: Any, source: str, base_dir: Path | None, models: list[ModelSpec]) -> tuple[list, list[int | None]]:
@@ -531,6 +535,16 @@ def _distinct_sources(slices: tuple[SliceSpec, ...]) -> list[ModelSpec]:
     return [models[i] for i in sorted(models)]
 
 
+def _one_folder_ref(source: str, key: str, value: Any, base_dir: Path | None) -> ModelRef:
+    """A reference whose files are read as they are (tokenizer, config): ``model:`` allowed,
+    ``BASE+ADAPTER`` refused (it names two folders)."""
+    ref = _ref(source, key, _strip_model_prefix(value), base_dir)
+    if ref.adapter is not None:
+        raise _fail(source, key, f"{short_repr(value)} applies an adapter to a model; {key} takes one folder or repo, whose files are "
+                    f"copied: name the model ({ref.model.text}) or the adapter ({ref.adapter.text}) alone")
+    return ref
+
+
 def _strip_model_prefix(value: Any) -> Any:
     return value[len("model:"):] if isinstance(value, str) and value.startswith("model:") else value
 
@@ -579,7 +593,7 @@ def _tokenizer_block(source: str, value: Any, base_dir: Path | None, inputs: set
     if src is None:
         src = "union"
     if src not in ("base", "union"):
-        src = _ref(source, "tokenizer.source", _strip_model_prefix(src), base_dir)
+        src = _one_folder_ref(source, "tokenizer.source", src, base_dir)
     pad = block.get("pad_to_multiple_of")
     if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
         raise _fail(source, "tokenizer.pad_to_multiple_of", f"got {short_repr(pad)}; expected a positive integer")
@@ -669,7 +683,7 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
             if key != "tokenizer_source":
                 raise _fail(source, key, "'union' applies to tokenizers; expected 'base' or a model reference")
             return value
-        return _ref(source, key, _strip_model_prefix(value), base_dir)
+        return _one_folder_ref(source, key, value, base_dir)
 
     tokenizer_source = _source_ref("tokenizer_source")
     config_source = _source_ref("config_source")

@@ -196,13 +196,17 @@ class LoraCheckpoint:
         updates: Low-rank updates by base tensor name.
         replacements: Base tensor name -> adapter tensor that replaces it (``modules_to_save``, biases).
         warnings: What the plan should report (e.g. a base that could only be matched by name).
+        explicit_base: The reference named the model the adapter is applied to (``BASE+ADAPTER``);
+            `ref` is then the adapter's, pinned, with the whole reference as its text.
+        owns_base: `base` was opened for this adapter alone (``BASE+ADAPTER`` with a BASE other
+            than the recipe's base_model) and is released with it.
     """
 
     format = "lora"
 
     def __init__(self, *, ref: ModelRef, label: str, folder: Path, base: Checkpoint, adapter: LocalCheckpoint,
                  adapter_config: AdapterConfig, updates: dict[str, LowRankUpdate], replacements: dict[str, str],
-                 commit: str | None = None, warnings: list[str] | None = None):
+                 commit: str | None = None, warnings: list[str] | None = None, explicit_base: bool = False):
         self.ref = ref
         self.label = label
         self.folder = folder
@@ -213,6 +217,8 @@ class LoraCheckpoint:
         self.replacements = replacements
         self.commit = commit
         self.warnings = list(warnings or [])
+        self.explicit_base = explicit_base
+        self.owns_base = False
 
     @property
     def tensors(self) -> dict[str, TensorInfo]:
@@ -237,8 +243,11 @@ class LoraCheckpoint:
             self.adapter.scratch = value
 
     def release(self) -> None:
-        """Low-disk mode: delete the adapter's downloaded weights file (the base releases its own)."""
+        """Low-disk mode: delete the adapter's downloaded weights file (the recipe's base releases its
+        own; a base opened for this adapter alone is released here)."""
         self.adapter.release()
+        if self.owns_base:
+            self.base.release()
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor of the fine-tuned model: W + scale·B·A in float32 where the adapter
@@ -296,11 +305,12 @@ def _no_base(label: str, where: str, config: AdapterConfig) -> CheckpointError:
     return CheckpointError(
         f"{label}: {where} is a PEFT LoRA adapter{named}, which hfmerge applies to the recipe's base_model. An adapter can only "
         f"be a `models` entry, and the recipe needs `base_model:` set to the model it was trained on{' (' + config.base_model + ')' if config.base_model else ''}"
+        f"; or name that model in the reference: `{config.base_model or 'BASE'}+{where}`"
     )
 
 
 def open_local_adapter(ref: ModelRef, *, label: str, base: Checkpoint | None, allow_pickle: bool = False,
-                       allow_external_symlinks: bool = False) -> LoraCheckpoint:
+                       allow_external_symlinks: bool = False, explicit_base: bool = False) -> LoraCheckpoint:
     """Open a local PEFT adapter folder header-only and check it against `base`.
 
     Args:
@@ -309,6 +319,8 @@ def open_local_adapter(ref: ModelRef, *, label: str, base: Checkpoint | None, al
         base: The recipe's opened base checkpoint, which the adapter is applied to.
         allow_pickle: Accept ``adapter_model.bin`` (loaded with ``weights_only=True``).
         allow_external_symlinks: Follow symlinks that lead out of the folder (the recipe key).
+        explicit_base: `base` was named by the reference (``BASE+ADAPTER``): an adapter made for
+            another base is then a warning (see `check_adapter_base`).
 
     Returns:
         The adapter as the fine-tuned model it stands for.
@@ -337,10 +349,11 @@ def open_local_adapter(ref: ModelRef, *, label: str, base: Checkpoint | None, al
         weights = _pickle_weights(ref, label, folder, folder / ADAPTER_PICKLE)
     else:
         raise CheckpointError(f"{label}: {folder} has {ADAPTER_CONFIG} but no {ADAPTER_SAFE}; an adapter folder needs its weights beside its config")
-    return bind_adapter(ref=ref, label=label, folder=folder, config=config, weights=weights, base=base)
+    return bind_adapter(ref=ref, label=label, folder=folder, config=config, weights=weights, base=base, explicit_base=explicit_base)
 
 
-def open_hub_adapter(snapshot: HubSnapshot, *, label: str, base: Checkpoint | None, allow_pickle: bool = False) -> LoraCheckpoint:
+def open_hub_adapter(snapshot: HubSnapshot, *, label: str, base: Checkpoint | None, allow_pickle: bool = False,
+                     explicit_base: bool = False) -> LoraCheckpoint:
     """Open a PEFT adapter repo pinned by `pin_hub_repo`: its config and side files are downloaded,
     its safetensors header is read with range requests (the weights download when first read).
 
@@ -349,6 +362,7 @@ def open_hub_adapter(snapshot: HubSnapshot, *, label: str, base: Checkpoint | No
         label: How messages name the model.
         base: The recipe's opened base checkpoint, which the adapter is applied to.
         allow_pickle: Accept ``adapter_model.bin`` (downloaded and loaded with ``weights_only=True``).
+        explicit_base: As for `open_local_adapter`.
 
     Returns:
         The adapter as the fine-tuned model it stands for.
@@ -373,11 +387,12 @@ def open_hub_adapter(snapshot: HubSnapshot, *, label: str, base: Checkpoint | No
         weights = _pickle_weights(ref, label, path.parent, path)
     else:
         raise CheckpointError(f"{label}: {where} has {ADAPTER_CONFIG} but no {ADAPTER_SAFE}")
-    return bind_adapter(ref=ref, label=label, folder=folder, config=config, weights=weights, base=base, commit=commit)
+    return bind_adapter(ref=ref, label=label, folder=folder, config=config, weights=weights, base=base, commit=commit,
+                        explicit_base=explicit_base)
 
 
 def bind_adapter(*, ref: ModelRef, label: str, folder: Path, config: AdapterConfig, weights: LocalCheckpoint,
-                 base: Checkpoint, commit: str | None = None) -> LoraCheckpoint:
+                 base: Checkpoint, commit: str | None = None, explicit_base: bool = False) -> LoraCheckpoint:
     """Check an opened adapter against `base` and map its tensors onto the base's (headers only).
 
     Raises:
@@ -385,16 +400,16 @@ def bind_adapter(*, ref: ModelRef, label: str, folder: Path, config: AdapterConf
             do not fit, a rank that disagrees with the config, an unknown adapter tensor.
     """
     warnings: list[str] = []
-    problem, note = check_adapter_base(config, base)
+    problem, note = check_adapter_base(config, base, explicit=explicit_base)
     if problem:
         raise IncompatibleCheckpointsError(f"{label}: {problem}")
     if note:
         warnings.append(f"{label}: {note}")
-    updates, replacements = _map_tensors(config, weights.tensors, base, label)
+    updates, replacements = _map_tensors(config, weights.tensors, base, label, where=base.label if explicit_base else None)
     if not updates and not replacements:
         raise IncompatibleCheckpointsError(f"{label}: the adapter holds no LoRA tensors (lora_A / lora_B); nothing to merge")
     return LoraCheckpoint(ref=ref, label=label, folder=folder, base=base, adapter=weights, adapter_config=config,
-                          updates=updates, replacements=replacements, commit=commit, warnings=warnings)
+                          updates=updates, replacements=replacements, commit=commit, warnings=warnings, explicit_base=explicit_base)
 
 
 # -- base check ------------------------------------------------------------------------------
@@ -411,8 +426,8 @@ def _identity(text: str) -> tuple[str | None, str, str | None]:
     return (None if local else stripped), name, None
 
 
-def check_adapter_base(config: AdapterConfig, base: Checkpoint) -> tuple[str | None, str | None]:
-    """Compare the adapter's ``base_model_name_or_path`` (and ``revision``) with the recipe's base.
+def check_adapter_base(config: AdapterConfig, base: Checkpoint, *, explicit: bool = False) -> tuple[str | None, str | None]:
+    """Compare the adapter's ``base_model_name_or_path`` (and ``revision``) with the model it is applied to.
 
     Two Hub ids must be equal (ignoring case); the same repo name under another owner is only a
     warning. A local path on either side can only be compared by its folder name (or by the repo
@@ -420,37 +435,50 @@ def check_adapter_base(config: AdapterConfig, base: Checkpoint) -> tuple[str | N
     a local copy may be called anything. When the adapter names a revision and the base is on the
     Hub, base_model must be pinned to it.
 
+    With `explicit` (``BASE+ADAPTER``: the reference itself names the model) what would be an
+    error is a warning: applying an adapter to a sibling fine-tune of its base (an instruct
+    model, say) is a deliberate choice there, and the shapes are still checked. A base that is
+    itself an adapter applied to a model (``base_model: BASE+ADAPTER``) is compared by that model.
+
     Returns:
         (an error text or None, a warning text or None).
     """
+    while isinstance(base, LoraCheckpoint):
+        base = base.base
     base_ref = base.ref
     base_commit = base.commit
+    role = "the model before '+'" if explicit else "base_model"
     if base_ref.repo_id:
         base_id: str | None = base_ref.repo_id
         base_name = base_ref.repo_id.split("/")[-1]
     else:
         base_id, base_name, base_commit = _identity(str(base_ref.path or base_ref.text))
     if not config.base_model:
-        return None, f"the adapter's {ADAPTER_CONFIG} does not name its base model (base_model_name_or_path), so it cannot be checked against base_model {base_ref.text}"
+        return None, f"the adapter's {ADAPTER_CONFIG} does not name its base model (base_model_name_or_path), so it cannot be checked against {role} {base_ref.text}"
     ad_id, ad_name, ad_commit = _identity(config.base_model)
     what = f"the adapter was trained on {config.base_model} ({ADAPTER_CONFIG}: base_model_name_or_path)"
     both_hub = ad_id is not None and base_ref.repo_id is not None
+    problem = None
     if ad_id is None or base_id is None or ad_id.lower() != base_id.lower():
         if ad_name.lower() != base_name.lower():
-            if both_hub:
-                pin = f"@{config.revision}" if config.revision else ""
-                return f"{what}, but base_model is {base_ref.text}. Set `base_model: {config.base_model}{pin}`, or merge only adapters and models of one base", None
-            return None, f"{what} and base_model is {base_ref.text}; their names differ, so check that they are the same model"
-        if both_hub and "/" in ad_id and "/" in base_ref.repo_id:  # type: ignore[operator]
-            return None, f"{what} and base_model is {base_ref.text}: the same name under another owner; assuming they are the same model"
+            if not both_hub:
+                return None, f"{what} and {role} is {base_ref.text}; their names differ, so check that they are the same model"
+            pin = f"@{config.revision}" if config.revision else ""
+            problem = f"{what}, but {role} is {base_ref.text}", f"Set `base_model: {config.base_model}{pin}`, or merge only adapters and models of one base"
+        elif both_hub and "/" in ad_id and "/" in base_ref.repo_id:  # type: ignore[operator]
+            return None, f"{what} and {role} is {base_ref.text}: the same name under another owner; assuming they are the same model"
     revision = config.revision or ad_commit
-    if revision and revision != "main" and base_ref.repo_id:
+    if problem is None and revision and revision != "main" and base_ref.repo_id:
         asked = base_ref.text.partition("@")[2] or None
         is_prefix = bool(base_commit and re.fullmatch(r"[0-9a-f]{7,40}", revision) and base_commit.startswith(revision))
         if revision != asked and not is_prefix:
-            return (f"{what} at revision {revision!r}, but base_model resolves to {asked or 'main'}"
-                    f"{' (' + base_commit + ')' if base_commit else ''}. Pin it: `base_model: {base_ref.repo_id}@{revision}`"), None
-    return None, None
+            problem = (f"{what} at revision {revision!r}, but {role} resolves to {asked or 'main'}{' (' + base_commit + ')' if base_commit else ''}",
+                       f"Pin it: `base_model: {base_ref.repo_id}@{revision}`")
+    if problem is None:
+        return None, None
+    if explicit:
+        return None, f"{problem[0]}; the reference names that model, so the adapter is applied to it: check that it is the adapter's base or a fine-tune of it"
+    return f"{problem[0]}. {problem[1]}", None
 
 
 # -- tensor mapping --------------------------------------------------------------------------
@@ -492,9 +520,9 @@ def _layout(module: str, layouts: dict[str, bool]) -> bool | None:
 
 
 def _map_tensors(config: AdapterConfig, adapter: dict[str, TensorInfo], base: Checkpoint,
-                 label: str) -> tuple[dict[str, LowRankUpdate], dict[str, str]]:
+                 label: str, where: str | None = None) -> tuple[dict[str, LowRankUpdate], dict[str, str]]:
     base_tensors = base.tensors
-    where = f"base_model {base.label}"
+    where = where or f"base_model {base.label}"  # how messages name the model the adapter is applied to
     modules: dict[str, dict[str, str]] = {}
     replacements: dict[str, str] = {}
     for key, info in adapter.items():

@@ -433,7 +433,11 @@ def load_model_for_eval(model: str | Path, *, device: str | torch.device | None 
         from ..checkpoints.hub import download_hub_model
         from ..refs import parse_model_ref
 
-        source = str(download_hub_model(parse_model_ref(text, field="model"), label="model"))
+        ref = parse_model_ref(text, field="model")
+        if ref.adapter is not None:
+            raise EvaluationError(f"{text!r} applies a LoRA adapter to a model (BASE+ADAPTER), which only a recipe reads; merge it "
+                                  "(e.g. merge_method: passthrough with that one model) and evaluate the output folder", options=("model",))
+        source = str(download_hub_model(ref, label="model"))
     vocabularies = [name for name in VOCABULARY_FILES if (Path(source) / name).is_file()]
     if not vocabularies:
         # transformers would build a tokenizer of special tokens only and every score would be
