@@ -26,7 +26,9 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
+from typing import Callable
 
 from . import __version__
 from .api import check_report_path, check_repo_id, merge, plan, plan_summary
@@ -181,9 +183,64 @@ def _print_plan(s: dict) -> None:
             print(f"    - {w}")
 
 
-def _setup_logging(verbose: bool, quiet: bool) -> None:
+# Libraries whose INFO lines (every HTTP request, every Optuna trial...) show only with -v.
+THIRD_PARTY_LOGGERS = ("httpx", "httpcore", "urllib3", "huggingface_hub", "filelock", "fsspec", "datasets", "evaluate", "transformers",
+                       "accelerate", "optuna", "torch", "sqlalchemy", "alembic")
+# Warnings that say nothing a user can act on; shown with -v.
+HARMLESS_WARNINGS = (
+    r"There is a performance drop because we have not yet implemented the batching rule",  # torch.func on CPU attention
+    r".* is experimental \(supported from v",  # Optuna's ExperimentalWarning for the GP sampler's options
+)
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> Callable[[], None]:
+    """Default: hfmerge's own INFO lines and every library's warnings; -v: everything, with the
+    libraries' INFO and DEBUG lines; -q: warnings and errors only, and no progress bars from
+    any library.
+
+    Returns:
+        A function that puts the loggers, warning filters and progress-bar switches back as they
+        were (for callers of `main` inside a longer-lived process: tests, notebooks).
+    """
+    names = ("hfmerge", *THIRD_PARTY_LOGGERS)
+    saved_levels = {name: logging.getLogger(name).level for name in names}
+    saved_filters = list(warnings.filters)
+    saved_env = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    hub_bars_off = sys.modules["huggingface_hub"].utils.are_progress_bars_disabled() if "huggingface_hub" in sys.modules else None
+    tf_bars_on = sys.modules["transformers"].utils.logging.is_progress_bar_enabled() if "transformers" in sys.modules else None
+
+    def restore() -> None:
+        for name, old in saved_levels.items():
+            logging.getLogger(name).setLevel(old)
+        warnings.filters[:] = saved_filters
+        if saved_env is None:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        else:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = saved_env
+        if hub_bars_off is False:
+            sys.modules["huggingface_hub"].utils.enable_progress_bars()
+        if tf_bars_on:
+            sys.modules["transformers"].utils.logging.enable_progress_bar()
+
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hfmerge").setLevel(level)
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if not verbose:
+        for message in HARMLESS_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+    if quiet:
+        # huggingface_hub reads this when imported, and transformers takes its progress-bar
+        # switch from the hub's; either may already be loaded, so switch them off directly too.
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "huggingface_hub" in sys.modules:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+    return restore
 
 
 # How the command line names the options of `RunOptions` (and `evaluate`) in messages.
@@ -374,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         # Intermixed: `hfmerge CONFIG --cuda OUT_PATH` puts OUT_PATH after a flag, as mergekit-yaml allows.
         args = _merge_parser().parse_intermixed_args(argv)
         command = "merge"
-    _setup_logging(args.verbose, args.quiet)
+    restore_logging = _setup_logging(args.verbose, args.quiet)
     # A terminated run cleans up like an interrupted one (no half-written output folder).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     try:
@@ -405,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        restore_logging()
 
 
 if __name__ == "__main__":

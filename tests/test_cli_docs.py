@@ -45,3 +45,47 @@ def test_every_subcommand_has_its_synopsis_in_docs_cli_md():
     synopsis = DOCS.read_text().split("```", 2)[1]
     for command in ("hfmerge RECIPE", "hfmerge fisher", "hfmerge eval", "hfmerge demo", "hfmerge push", "hfmerge cache list", "hfmerge cache clean"):
         assert command in synopsis, command
+
+
+def test_library_info_lines_show_only_with_verbose_and_quiet_silences_progress_bars():
+    """Default output: hfmerge's own lines; -v: the libraries' INFO too; -q: no progress bars,
+    and everything put back afterwards (main may run inside a longer process)."""
+    import logging
+    import warnings
+
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    seen = {}
+
+    def probe(verbose: bool, quiet: bool) -> None:
+        filters = list(warnings.filters)
+        restore = cli._setup_logging(verbose, quiet)
+        seen[(verbose, quiet)] = (logging.getLogger("httpx").getEffectiveLevel(), logging.getLogger("hfmerge").getEffectiveLevel(),
+                                  are_progress_bars_disabled())
+        restore()
+        assert warnings.filters == filters
+
+    before = (logging.getLogger("httpx").level, are_progress_bars_disabled())
+    for verbose, quiet in ((False, False), (True, False), (False, True)):
+        probe(verbose, quiet)
+        assert (logging.getLogger("httpx").level, are_progress_bars_disabled()) == before  # restored
+    assert seen[(False, False)][0] == logging.WARNING and seen[(False, False)][1] == logging.INFO
+    assert seen[(True, False)][0] == logging.DEBUG
+    assert seen[(False, True)][2] is True and seen[(False, False)][2] is before[1]
+
+
+def test_a_harmless_library_warning_is_hidden_unless_verbose():
+    import warnings
+
+    for verbose, shown in ((False, 0), (True, 1)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            restore = cli._setup_logging(verbose, False)
+            try:
+                warnings.warn("There is a performance drop because we have not yet implemented the batching rule for aten::x", UserWarning)
+                warnings.warn("something a user should see", UserWarning)
+            finally:
+                restore()
+        texts = [str(w.message) for w in caught]
+        assert "something a user should see" in texts
+        assert sum("performance drop" in t for t in texts) == shown
