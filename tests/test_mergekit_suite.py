@@ -497,6 +497,64 @@ def test_pending_is_exactly_what_hfmerge_lacks(missing_features):
     assert not stale, f"PENDING reasons to update: {stale}"
 
 
+def test_required_names_extend_only_the_stacked_decoder():
+    names = {"transformer.wte.weight", "transformer.h.0.mlp.weight", "transformer.h.1.mlp.weight", "tower.layers.0.fc.weight"}
+    assert required_names(names, 2, 2) == names
+    assert required_names(names, 2, 4) == names | {"transformer.h.2.mlp.weight", "transformer.h.3.mlp.weight"}
+
+
+@pytest.mark.parametrize("damage", ["missing weight", "nan", "dtype", "no config"])
+def test_the_common_checks_catch_a_broken_output(damage, mergekit_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    source = Path(mergekit_models["model_a"])
+    state = load_file(source / "model.safetensors")
+    dtype = None
+    if damage == "missing weight":
+        del state["model.layers.1.mlp.up_proj.weight"]
+    elif damage == "nan":
+        state["model.norm.weight"][3] = math.nan
+    elif damage == "dtype":
+        dtype = "bfloat16"
+    out = tmp_path / "out"
+    out.mkdir()
+    save_file(state, out / "model.safetensors")
+    if damage != "no config":
+        (out / "config.json").write_bytes((source / "config.json").read_bytes())
+    with pytest.raises(AssertionError, match={"missing weight": "up_proj", "nan": "non-finite", "dtype": "bfloat16", "no config": "config"}[damage]):
+        check_merge_output(out, source, dtype)
+    check_merge_output(source, source, "float32")  # the intact checkpoint passes
+
+
+# (check, fixture it is applied to, whether it holds there): the test-specific checks, most of
+# which only run once the pending features land, tried on the input checkpoints.
+CHECK_PROBES = [
+    (config_value("n_layer", 12), "gpt2_like", True),
+    (config_value("n_layer", 24), "gpt2_like", False),
+    (zeroed("o_proj", nonzero="lm_head"), "model_a", False),
+    (vocabulary(64, added=3), "model_base", True),
+    (vocabulary(66, added=5, contains=CHATML, excludes=("<UNUSED_0>",)), "model_chatml", True),
+    (vocabulary(68, excludes=("<UNUSED_0>",)), "model_padded", False),
+    (embedding_from("<|im_start|>", "model_chatml"), "model_chatml", True),
+    (embedding_from("_tok_20", "model_chatml", {"token_id": 64}), "model_chatml", False),
+    (embedding_from("_tok_21", "model_base", {"token": "<s>"}), "model_base", False),
+    (padded_vocabulary(66), "model_chatml", True),
+    (padded_vocabulary(80), "model_chatml", False),
+    (chat_template("<|im_start|>"), "model_chatml", False),
+]
+
+
+@pytest.mark.parametrize(("index", "holds"), [pytest.param(i, holds, id=f"{i}-{fixture}-{'holds' if holds else 'fails'}")
+                                              for i, (_, fixture, holds) in enumerate(CHECK_PROBES)])
+def test_the_configuration_checks_hold_exactly_where_they_should(index, holds, mergekit_models):
+    check, fixture, _ = CHECK_PROBES[index]
+    if holds:
+        check(Path(mergekit_models[fixture]), mergekit_models)
+    else:
+        with pytest.raises(AssertionError):
+            check(Path(mergekit_models[fixture]), mergekit_models)
+
+
 def _dtype_variants() -> list[Any]:
     params = []
     for case in RUNNABLE:
