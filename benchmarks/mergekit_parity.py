@@ -2,7 +2,8 @@
 """Merge mergekit's test-suite configurations with hfmerge and with mergekit, and compare.
 
 The configurations are those of ``tests/test_mergekit_suite.py`` (mergekit's own merge tests)
-that hfmerge runs today, on the tiny models of ``tests/mergekit_fixtures.py``, in float32.
+that hfmerge runs today, on the tiny models of ``tests/mergekit_fixtures.py``, in float32
+(``--dtype`` for another).
 mergekit is never installed into hfmerge's virtualenv; pass the python of a separate one::
 
     python benchmarks/mergekit_parity.py --mergekit-python /path/to/mk-venv/bin/python
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mergekit-python", required=True, help="python of a virtualenv where mergekit is installed")
     parser.add_argument("--work", type=Path, default=None, help="folder for the models and outputs (default: a temporary one)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="the recipes' dtype (default float32)")
     parser.add_argument("-k", dest="match", default="", help="only configurations whose name contains this")
     args = parser.parse_args(argv)
     logging.getLogger("hfmerge").setLevel(logging.ERROR)
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         folder = work / f"case-{i:02d}"
         try:
-            ours, recipe = run_case(case, models, folder, "float32")
+            ours, recipe = run_case(case, models, folder, args.dtype)
             # Where mergekit renames tensors (MERGEKIT_DIFFERS), compare what it wrote under the
             # checkpoint's names.
             rename = (lambda n: n.removeprefix("model.")) if case.name in MERGEKIT_DIFFERS else None
