@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, case in enumerate(c for c in RUNNABLE if args.match in c.name):
         label = f"`{case.name.split('::')[-1]}`"
         if not deterministic(case):
-            rows.append((label, case.method, "", "", "", "random masks: not compared"))
+            why = "a refused recipe" if case.raises is not None else "random masks"
+            rows.append((label, case.method, "", "", "", f"{why}: not compared"))
             continue
         folder = work / f"case-{i:02d}"
         try:
