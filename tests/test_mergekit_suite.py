@@ -505,8 +505,8 @@ def test_the_common_checks_catch_a_broken_output(damage, mergekit_models, tmp_pa
     check_merge_output(source, source, "float32")  # the intact checkpoint passes
 
 
-# (check, fixture it is applied to, whether it holds there): the test-specific checks, most of
-# which only run once the pending features land, tried on the input checkpoints.
+# (check, fixture it is applied to, whether it holds there): the test-specific checks tried on
+# the input checkpoints, so that each is seen both to pass and to fail.
 CHECK_PROBES = [
     (config_value("n_layer", 12), "gpt2_like", True),
     (config_value("n_layer", 24), "gpt2_like", False),
