@@ -381,8 +381,6 @@ MERGEKIT_CONFIGURATION_COUNT = 59
 # whose feature hfmerge refuses (`test_pending_is_exactly_what_hfmerge_lacks`); when one lands,
 # delete its lines here.
 PENDING: dict[str, str] = {
-    BASIC + "test_ram_merge": "method ram",
-    BASIC + "test_ramplus_tl_merge": "method ramplus_tl",
     # mergekit cuts every model's embeddings to the base's rows; hfmerge asks for a tokenizer_source.
     TOKENIZER + "test_legacy_mode": "feature legacy_vocab",
 }
