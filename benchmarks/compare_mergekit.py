@@ -16,8 +16,9 @@ peak RSS from ``os.wait4``), then reads both outputs tensor by tensor with safet
 * the deterministic methods (all but DARE and DELLA): the outputs should be equal up to
   float32 rounding; the table shows max |difference|, max relative difference (per tensor:
   max |hf - mk| / max |mk|, the largest over tensors) and how many entries differ beyond
-  1e-6 of their tensor's scale. For TIES, differing tensors are checked for ties in magnitude
-  at the top-k threshold (where the choice of kept entries is arbitrary). Where hfmerge
+  1e-6 of their tensor's scale. For TIES and Breadcrumbs, differing entries are checked for
+  ties in magnitude at the cuts (TIES' top-k, the ends of Breadcrumbs' band), where the
+  choice of kept entries is arbitrary. Where hfmerge
   deliberately differs from mergekit (``sce``'s weight fallback, ``arcee_fusion``'s sampled
   quantiles on large tensors, ...) the row points to the section of docs/methods.md that says so.
 * ``dare_linear``, ``dare_ties``, ``della``, ``della_linear``: the random masks differ, so only
@@ -92,6 +93,8 @@ RECIPES: dict[str, Spec] = {
 }
 # random sparsification: outputs compared by statistics (expectation for the linear ones)
 RANDOM = {"dare_linear", "dare_ties", "dare_ties_normalize", "della", "della_linear"}
+# magnitude cuts: where a cut falls between equal magnitudes, which entries are kept is arbitrary
+MAGNITUDE_CUT = {"ties", "breadcrumbs", "breadcrumbs_ties"}
 # where hfmerge deliberately differs from mergekit 0.1.5: docs/methods.md explains
 DOCUMENTED = {
     "della": "docs/methods.md#della--della-della_linear (rescale per entry by 1/p, not one L1 factor per tensor)",
@@ -179,21 +182,32 @@ class Comparison:
     dist_to_expectation_mk: float = 0.0
 
 
-def _tied_at_threshold(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Entries whose |tau| equals the k-th largest magnitude while the top-k is not unique.
+def _tied_at_rank(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Entries whose |value| equals the k-th largest magnitude while the top-k is not unique.
 
-    Only at such entries may two correct TIES implementations keep different entries (the
-    choice among equal magnitudes is arbitrary). Returns a flat bool mask (all False when
-    the top-k is unique).
+    Only at such entries may two correct implementations of a magnitude cut keep different
+    entries (the choice among equal magnitudes is arbitrary). Returns a flat bool mask (all
+    False when the top-k is unique).
     """
-    flat = tau.abs().reshape(-1)
-    k = int(density * flat.numel())
-    none = torch.zeros_like(flat, dtype=torch.bool)
-    if k <= 0 or k >= flat.numel():
+    mags = flat.abs()
+    none = torch.zeros_like(mags, dtype=torch.bool)
+    if k <= 0 or k >= mags.numel():
         return none
-    kth = torch.topk(flat, k, sorted=True).values[-1]
-    at = flat == kth
-    return at if int((flat > kth).sum()) + int(at.sum()) > k else none
+    kth = torch.topk(mags, k, sorted=True).values[-1]
+    at = mags == kth
+    return at if int((mags > kth).sum()) + int(at.sum()) > k else none
+
+
+def _tied_at_cut(tau: torch.Tensor, method: str, density: float, gamma: float) -> torch.Tensor:
+    """Entries on a magnitude tie at the cut(s) of TIES' top-k or Breadcrumbs' band."""
+    flat = tau.reshape(-1)
+    n = flat.numel()
+    k = int(density * n)
+    if method == "ties":
+        return _tied_at_rank(flat, k)
+    # breadcrumbs: keep ascending ranks s .. s + k - 1, i.e. the top n - s without the top n - s - k
+    s = max(0, n - k - int(gamma * n))
+    return _tied_at_rank(flat, n - s) | _tied_at_rank(flat, n - s - k)
 
 
 def compare(label: str, hf_dir: Path, mk_dir: Path, base_dir: Path, experts: list[Path], recipe: dict, c: Comparison) -> Comparison:
@@ -224,11 +238,12 @@ def compare(label: str, hf_dir: Path, mk_dir: Path, base_dir: Path, experts: lis
         if n_bad:
             c.tensors_differing += 1
             c.differing_tensors.append(f"{name} ({n_bad} of {b.numel()} entries)")
-            if recipe["merge_method"] == "ties":
+            if recipe["merge_method"] in MAGNITUDE_CUT:
                 th = base.get(name)
                 tied = torch.zeros(th.numel(), dtype=torch.bool)
+                gamma = recipe["models"][0].get("parameters", {}).get("gamma", 0.01)
                 for m in models:
-                    tied |= _tied_at_threshold(m.get(name) - th, density)
+                    tied |= _tied_at_cut(m.get(name) - th, recipe["merge_method"], density, gamma)
                 bad = (diff > REL_TOL * scale).reshape(-1)
                 c.tie_explained_entries += int((bad & tied).sum())
         if label in RANDOM:
@@ -259,8 +274,8 @@ def compare(label: str, hf_dir: Path, mk_dir: Path, base_dir: Path, experts: lis
     return c
 
 
-def recipe_is_ties(c: Comparison) -> bool:
-    return c.recipe["merge_method"] == "ties"
+def recipe_cuts_by_magnitude(c: Comparison) -> bool:
+    return c.recipe["merge_method"] in MAGNITUDE_CUT
 
 
 def mergekit_cmd(python: str) -> list[str]:
@@ -287,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int)
     p.add_argument("--experts", type=int, default=3)
     p.add_argument("--seed", type=int, default=0, help="seed of the random checkpoints (the merges use seed 0)")
+    p.add_argument("--delta-scale", type=float, default=0.02,
+                   help="experts' task vectors: Gaussian noise of this standard deviation times the tensor's initial scale times "
+                   "1 + e/2 for expert e (default %(default)s)")
     p.add_argument("--mergekit-args", default="--no-cuda --no-lazy-unpickle --no-copy-tokenizer --random-seed 0 --quiet",
                    help="extra options for mergekit-yaml (default: %(default)s)")
     p.add_argument("--repeat", type=int, default=1, help="runs of each tool per recipe, each in a fresh process; the table shows the shortest "
@@ -299,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hfmerge {hf.describe()}")
     preset = dict(zip(("d_model", "d_ff", "layers", "heads", "vocab"), SIZES[args.size]))
     dims = T5Dims(**{k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.items()})
-    fam = build_family(dims, args.experts, seed=args.seed)
+    fam = build_family(dims, args.experts, seed=args.seed, delta_scale=args.delta_scale)
     runs = WORK / "compare"
     runs.mkdir(parents=True, exist_ok=True)
     results: list[Comparison] = []
@@ -342,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
             verdict = "equal to float32 rounding"
         else:
             verdict = f"{c.entries_differing} entries in {c.tensors_differing} tensors differ"
-            if recipe_is_ties(c):
-                verdict += f"; {c.tie_explained_entries} of them at magnitude ties on the top-k threshold"
+            if recipe_cuts_by_magnitude(c):
+                verdict += f"; {c.tie_explained_entries} of them at magnitude ties on a cut (top-k, or the band's ends)"
             verdict += f"; largest relative difference in {c.worst_tensor}"
         if c.method in DOCUMENTED and (c.entries_differing or c.method in RANDOM):
             verdict += f" (documented difference: {DOCUMENTED[c.method]})"

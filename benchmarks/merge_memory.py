@@ -232,7 +232,7 @@ def build_family(dims: T5Dims, experts: int, *, seed: int = 0, delta_scale: floa
     check_layout(dims)
     layout = t5_tensors(dims)
     params = param_count(dims)
-    folder = root / f"{dims.tag}-e{experts}-s{seed}"
+    folder = root / (f"{dims.tag}-e{experts}-s{seed}" + (f"-d{delta_scale:g}" if delta_scale != 0.02 else ""))
     manifest = {"dims": asdict(dims), "experts": experts, "seed": seed, "delta_scale": delta_scale, "params": params, "version": 1}
     names = ["base"] + [f"expert{i}" for i in range(1, experts + 1)]
     fam = Family(folder, folder / "base", [folder / n for n in names[1:]], dims, params, params * 4)
