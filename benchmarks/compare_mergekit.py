@@ -18,9 +18,9 @@ peak RSS from ``os.wait4``), then reads both outputs tensor by tensor with safet
   max |hf - mk| / max |mk|, the largest over tensors) and how many entries differ beyond
   1e-6 of their tensor's scale. For TIES and Breadcrumbs, differing entries are checked for
   ties in magnitude at the cuts (TIES' top-k, the ends of Breadcrumbs' band), where the
-  choice of kept entries is arbitrary. Where hfmerge
-  deliberately differs from mergekit (``sce``'s weight fallback, ``arcee_fusion``'s sampled
-  quantiles on large tensors, ...) the row points to the section of docs/methods.md that says so.
+  choice of kept entries is arbitrary. Where hfmerge deliberately differs from mergekit
+  (``sce``'s weight fallback, ``arcee_fusion``'s sampled quantiles on large tensors, ...) and
+  the outputs differ, the row points to the section of docs/methods.md that says so.
 * ``dare_linear``, ``dare_ties``, ``della``, ``della_linear``: the random masks differ, so only
   statistics are compared: the standardised mean of hf - mk per tensor (near 0), the ratio of
   the merged task vectors' norms ||mk - base|| / ||hf - base||, and for ``dare_linear`` and
