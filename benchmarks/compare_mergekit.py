@@ -10,20 +10,26 @@ mergekit is not a dependency of hfmerge and must not be installed into hfmerge's
     python benchmarks/compare_mergekit.py --mergekit-python /tmp/mk-venv/bin/python
 
 For every method the script writes one recipe, runs ``mergekit-yaml RECIPE OUT`` (CPU) and
-``hfmerge RECIPE --output OUT2`` on it, each in a fresh child process (wall time and peak
-RSS from ``os.wait4``), then reads both outputs tensor by tensor with safetensors:
+``hfmerge RECIPE --output OUT2`` on it, each in a fresh child process (wall time, CPU time and
+peak RSS from ``os.wait4``), then reads both outputs tensor by tensor with safetensors:
 
-* ``linear``, ``task_arithmetic``, ``ties``: the outputs should be equal up to float32
-  rounding; the table shows max |difference|, max relative difference (per tensor:
+* the deterministic methods (all but DARE and DELLA): the outputs should be equal up to
+  float32 rounding; the table shows max |difference|, max relative difference (per tensor:
   max |hf - mk| / max |mk|, the largest over tensors) and how many entries differ beyond
-  1e-6 of their tensor's scale. For TIES, differing tensors are checked for ties in magnitude
-  at the top-k threshold (where the choice of kept entries is arbitrary).
-* ``dare_linear``, ``dare_ties``: the random masks differ, so only statistics are compared:
-  the standardised mean of hf - mk per tensor (near 0), the ratio of the merged task
-  vectors' norms ||mk - base|| / ||hf - base||, and for ``dare_linear`` each tool's relative
-  distance to the expectation (task arithmetic with the same weights and λ).
+  1e-6 of their tensor's scale. For TIES and Breadcrumbs, differing entries are checked for
+  ties in magnitude at the cuts (TIES' top-k, the ends of Breadcrumbs' band), where the
+  choice of kept entries is arbitrary. Where hfmerge deliberately differs from mergekit
+  (``sce``'s weight fallback, ``arcee_fusion``'s sampled quantiles on large tensors, ...) and
+  the outputs differ, the row points to the section of docs/methods.md that says so.
+* ``dare_linear``, ``dare_ties``, ``della``, ``della_linear``: the random masks differ, so only
+  statistics are compared: the standardised mean of hf - mk per tensor (near 0), the ratio of
+  the merged task vectors' norms ||mk - base|| / ||hf - base||, and for ``dare_linear`` and
+  ``della_linear`` each tool's relative distance to the expectation (task arithmetic with the
+  same weights and λ).
 
-The inputs (base + 3 experts, ~230 MB each by default) are cached under benchmarks/_work/.
+The inputs (base + 3 experts, ~230 MB each by default, ~29 MB with ``--size small``) are cached
+under benchmarks/_work/. Methods that take one or two models (slerp, nearswap, arcee_fusion,
+passthrough; nuslerp) use the first experts.
 """
 
 from __future__ import annotations
@@ -45,26 +51,77 @@ from merge_memory import WORK, Hfmerge, Measure, T5Dims, build_family, print_tab
 WEIGHTS = (1.0, 0.6, 0.3, 0.8, 0.5)
 REL_TOL = 1e-6  # relative to the tensor's max |value|: float32 rounding of a few operations
 
-# label -> (merge_method, uses base, global parameters, per-model parameters besides weight)
-RECIPES: dict[str, tuple[str, bool, dict, dict]] = {
-    "linear": ("linear", False, {}, {}),
-    "task_arithmetic": ("task_arithmetic", True, {"lambda": 0.7}, {}),
-    "ties": ("ties", True, {"normalize": True}, {"density": 0.3}),
-    "dare_linear": ("dare_linear", True, {"lambda": 0.7}, {"density": 0.5}),
-    "dare_ties": ("dare_ties", True, {}, {"density": 0.5}),
-    "dare_ties_normalize": ("dare_ties", True, {"normalize": True}, {"density": 0.5}),
+
+@dataclass(frozen=True)
+class Spec:
+    """One benchmark recipe: what the YAML file says."""
+
+    method: str  # merge_method
+    base: bool  # base_model set
+    params: dict = field(default_factory=dict)  # global parameters
+    per_model: dict = field(default_factory=dict)  # per-model parameters besides weight
+    models: int = 0  # experts used (0: all of them)
+    weight: bool = True  # per-model weight from WEIGHTS
+
+
+# label -> recipe. Methods without a per-model weight in mergekit get none (a weight would be
+# ignored with a warning by hfmerge and silently by mergekit).
+RECIPES: dict[str, Spec] = {
+    "linear": Spec("linear", False),
+    "task_arithmetic": Spec("task_arithmetic", True, {"lambda": 0.7}),
+    "ties": Spec("ties", True, {"normalize": True}, {"density": 0.3}),
+    "dare_linear": Spec("dare_linear", True, {"lambda": 0.7}, {"density": 0.5}),
+    "dare_ties": Spec("dare_ties", True, {}, {"density": 0.5}),
+    "dare_ties_normalize": Spec("dare_ties", True, {"normalize": True}, {"density": 0.5}),
+    "della": Spec("della", True, {}, {"density": 0.5, "epsilon": 0.15}),
+    "della_linear": Spec("della_linear", True, {"lambda": 0.7}, {"density": 0.5, "epsilon": 0.15}),
+    "breadcrumbs": Spec("breadcrumbs", True, {}, {"density": 0.5, "gamma": 0.01}),
+    "breadcrumbs_ties": Spec("breadcrumbs_ties", True, {}, {"density": 0.5, "gamma": 0.01}),
+    "sce": Spec("sce", True, {"select_topk": 0.5}, weight=False),
+    "ram": Spec("ram", True, weight=False),
+    "ramplus_tl": Spec("ramplus_tl", True, {"r": 0.1, "alpha": 0.2}, weight=False),
+    "slerp": Spec("slerp", True, {"t": 0.4}, models=1, weight=False),
+    "nuslerp": Spec("nuslerp", False, models=2),
+    "nuslerp_base": Spec("nuslerp", True, models=2),
+    "multislerp": Spec("multislerp", True),
+    "karcher": Spec("karcher", True, weight=False),
+    "model_stock": Spec("model_stock", True, weight=False),
+    "model_stock_filter_wise": Spec("model_stock", True, {"filter_wise": True}, weight=False),
+    "nearswap": Spec("nearswap", True, {"t": 0.001}, models=1, weight=False),
+    "arcee_fusion": Spec("arcee_fusion", True, models=1, weight=False),
+    "passthrough": Spec("passthrough", False, {}, {"scale": 0.5}, models=1, weight=False),
 }
-RANDOM = {"dare_linear", "dare_ties", "dare_ties_normalize"}
+# random sparsification: outputs compared by statistics (expectation for the linear ones)
+RANDOM = {"dare_linear", "dare_ties", "dare_ties_normalize", "della", "della_linear"}
+# magnitude cuts: where a cut falls between equal magnitudes, which entries are kept is arbitrary
+MAGNITUDE_CUT = {"ties", "breadcrumbs", "breadcrumbs_ties"}
+# where hfmerge deliberately differs from mergekit 0.1.5: docs/methods.md explains
+DOCUMENTED = {
+    "della": "docs/methods.md#della--della-della_linear (rescale per entry by 1/p, not one L1 factor per tensor)",
+    "della_linear": "docs/methods.md#della--della-della_linear (rescale per entry by 1/p, not one L1 factor per tensor)",
+    "sce": "docs/methods.md#sce--sce (mergekit uses 1/M weights when the mean squares sum below 1e-6)",
+    "arcee_fusion": "docs/methods.md#arcee-fusion--arcee_fusion (mergekit samples 1M scores for the quartiles of larger tensors)",
+    "nearswap": "docs/methods.md#nearswap--nearswap",
+    "multislerp": "docs/methods.md#multi-slerp--multislerp",
+}
+SIZES = {  # --size presets (d_model, d_ff, layers per stack, heads, vocab)
+    "default": (512, 1024, 4, 8, 32128),  # 58.1M parameters, 232 MB per checkpoint
+    "small": (256, 512, 2, 4, 8000),  # 7.2M parameters, 29 MB per checkpoint
+}
 
 
 def write_recipe(path: Path, label: str, base: Path, experts: list[Path]) -> dict:
-    method, uses_base, params, per_model = RECIPES[label]
-    recipe: dict = {"merge_method": method}
-    if uses_base:
+    spec = RECIPES[label]
+    recipe: dict = {"merge_method": spec.method}
+    if spec.base:
         recipe["base_model"] = str(base)
-    recipe["models"] = [{"model": str(e), "parameters": {"weight": WEIGHTS[i % len(WEIGHTS)], **per_model}} for i, e in enumerate(experts)]
-    if params:
-        recipe["parameters"] = dict(params)
+    used = experts[:spec.models] if spec.models else experts
+    recipe["models"] = []
+    for i, e in enumerate(used):
+        params = ({"weight": WEIGHTS[i % len(WEIGHTS)]} if spec.weight else {}) | spec.per_model
+        recipe["models"].append({"model": str(e), "parameters": params} if params else {"model": str(e)})
+    if spec.params:
+        recipe["parameters"] = dict(spec.params)
     recipe["dtype"] = "float32"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return recipe
@@ -114,6 +171,7 @@ class Comparison:
     worst_tensor: str = ""
     entries_differing: int = 0
     tensors_differing: int = 0
+    differing_tensors: list[str] = field(default_factory=list)  # names and sizes of the tensors with entries beyond REL_TOL
     tie_explained_entries: int = 0
     # DARE statistics
     max_std_mean_diff: float = 0.0
@@ -124,34 +182,45 @@ class Comparison:
     dist_to_expectation_mk: float = 0.0
 
 
-def _tied_at_threshold(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Entries whose |tau| equals the k-th largest magnitude while the top-k is not unique.
+def _tied_at_rank(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Entries whose |value| equals the k-th largest magnitude while the top-k is not unique.
 
-    Only at such entries may two correct TIES implementations keep different entries (the
-    choice among equal magnitudes is arbitrary). Returns a flat bool mask (all False when
-    the top-k is unique).
+    Only at such entries may two correct implementations of a magnitude cut keep different
+    entries (the choice among equal magnitudes is arbitrary). Returns a flat bool mask (all
+    False when the top-k is unique).
     """
-    flat = tau.abs().reshape(-1)
-    k = int(density * flat.numel())
-    none = torch.zeros_like(flat, dtype=torch.bool)
-    if k <= 0 or k >= flat.numel():
+    mags = flat.abs()
+    none = torch.zeros_like(mags, dtype=torch.bool)
+    if k <= 0 or k >= mags.numel():
         return none
-    kth = torch.topk(flat, k, sorted=True).values[-1]
-    at = flat == kth
-    return at if int((flat > kth).sum()) + int(at.sum()) > k else none
+    kth = torch.topk(mags, k, sorted=True).values[-1]
+    at = mags == kth
+    return at if int((mags > kth).sum()) + int(at.sum()) > k else none
+
+
+def _tied_at_cut(tau: torch.Tensor, method: str, density: float, gamma: float) -> torch.Tensor:
+    """Entries on a magnitude tie at the cut(s) of TIES' top-k or Breadcrumbs' band."""
+    flat = tau.reshape(-1)
+    n = flat.numel()
+    k = int(density * n)
+    if method == "ties":
+        return _tied_at_rank(flat, k)
+    # breadcrumbs: keep ascending ranks s .. s + k - 1, i.e. the top n - s without the top n - s - k
+    s = max(0, n - k - int(gamma * n))
+    return _tied_at_rank(flat, n - s) | _tied_at_rank(flat, n - s - k)
 
 
 def compare(label: str, hf_dir: Path, mk_dir: Path, base_dir: Path, experts: list[Path], recipe: dict, c: Comparison) -> Comparison:
     hf, mk = Weights(hf_dir), Weights(mk_dir)
     base = Weights(base_dir)
-    models = [Weights(e) for e in experts]
+    models = [Weights(Path(m["model"])) for m in recipe["models"]]
     common = sorted(hf.names() & mk.names())
     c.only_in_hf = sorted(hf.names() - mk.names())
     c.only_in_mk = sorted(mk.names() - hf.names())
     c.tensors_compared = len(common)
-    weights = [m["parameters"]["weight"] for m in recipe["models"]]
+    weights = [m.get("parameters", {}).get("weight", 1.0) for m in recipe["models"]]
     lam = float(recipe.get("parameters", {}).get("lambda", 1.0))
-    density = recipe["models"][0]["parameters"].get("density", 1.0)
+    density = recipe["models"][0].get("parameters", {}).get("density", 1.0)
     sq_hf = sq_mk = sq_e = sq_hf_e = sq_mk_e = 0.0
     ratios = []
     for name in common:
@@ -168,11 +237,13 @@ def compare(label: str, hf_dir: Path, mk_dir: Path, base_dir: Path, experts: lis
         c.entries_differing += n_bad
         if n_bad:
             c.tensors_differing += 1
-            if recipe["merge_method"] == "ties":
+            c.differing_tensors.append(f"{name} ({n_bad} of {b.numel()} entries)")
+            if recipe["merge_method"] in MAGNITUDE_CUT:
                 th = base.get(name)
                 tied = torch.zeros(th.numel(), dtype=torch.bool)
+                gamma = recipe["models"][0].get("parameters", {}).get("gamma", 0.01)
                 for m in models:
-                    tied |= _tied_at_threshold(m.get(name) - th, density)
+                    tied |= _tied_at_cut(m.get(name) - th, recipe["merge_method"], density, gamma)
                 bad = (diff > REL_TOL * scale).reshape(-1)
                 c.tie_explained_entries += int((bad & tied).sum())
         if label in RANDOM:
@@ -189,7 +260,7 @@ def compare(label: str, hf_dir: Path, mk_dir: Path, base_dir: Path, experts: lis
             sq_mk += nb
             if na > 0:
                 ratios.append((nb / na) ** 0.5)
-            if recipe["merge_method"] == "dare_linear":
+            if recipe["merge_method"] in ("dare_linear", "della_linear"):
                 expect = lam * sum(w * (m.get(name) - th) for w, m in zip(weights, models))
                 sq_e += float(expect.double().pow(2).sum())
                 sq_hf_e += float((da - expect).double().pow(2).sum())
@@ -203,8 +274,8 @@ def compare(label: str, hf_dir: Path, mk_dir: Path, base_dir: Path, experts: lis
     return c
 
 
-def recipe_is_ties(c: Comparison) -> bool:
-    return c.recipe["merge_method"] == "ties"
+def recipe_cuts_by_magnitude(c: Comparison) -> bool:
+    return c.recipe["merge_method"] in MAGNITUDE_CUT
 
 
 def mergekit_cmd(python: str) -> list[str]:
@@ -218,15 +289,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mergekit-python", required=True, help="python of a separate virtualenv with mergekit installed (its mergekit-yaml is used)")
     p.add_argument("--hfmerge-python", default=sys.executable, help="python that has hfmerge and its dependencies installed (default: this one)")
     p.add_argument("--hfmerge-src", type=Path, help="folder holding the hfmerge package to measure, put first on PYTHONPATH (default: the installed hfmerge)")
-    p.add_argument("--methods", nargs="+", choices=list(RECIPES), default=["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "dare_ties_normalize"],
-                   help="recipes to run (dare_ties_normalize is dare_ties with normalize: true set explicitly)")
-    p.add_argument("--layers", type=int, default=4, help="blocks per stack (default 4)")
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--d-ff", type=int, default=1024)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=32128)
+    p.add_argument("--methods", nargs="+", choices=list(RECIPES), default=list(RECIPES),
+                   help="recipes to run (default: all; dare_ties_normalize is dare_ties with normalize: true set explicitly, nuslerp_base "
+                   "nuslerp of task vectors, model_stock_filter_wise model_stock with filter_wise: true)")
+    p.add_argument("--size", choices=list(SIZES), default="default",
+                   help="input size preset: default (d_model 512, d_ff 1024, 4+4 layers, 8 heads, vocab 32128: 232 MB per checkpoint) or "
+                   "small (d_model 256, d_ff 512, 2+2 layers, 4 heads, vocab 8000: 29 MB); the options below override single sizes")
+    p.add_argument("--layers", type=int, help="blocks per stack (default 4)")
+    p.add_argument("--d-model", type=int)
+    p.add_argument("--d-ff", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--vocab", type=int)
     p.add_argument("--experts", type=int, default=3)
     p.add_argument("--seed", type=int, default=0, help="seed of the random checkpoints (the merges use seed 0)")
+    p.add_argument("--delta-scale", type=float, default=0.02,
+                   help="experts' task vectors: Gaussian noise of this standard deviation times the tensor's initial scale times "
+                   "1 + e/2 for expert e (default %(default)s)")
     p.add_argument("--mergekit-args", default="--no-cuda --no-lazy-unpickle --no-copy-tokenizer --random-seed 0 --quiet",
                    help="extra options for mergekit-yaml (default: %(default)s)")
     p.add_argument("--repeat", type=int, default=1, help="runs of each tool per recipe, each in a fresh process; the table shows the shortest "
@@ -237,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
 
     hf = Hfmerge(args.hfmerge_python, args.hfmerge_src.resolve() if args.hfmerge_src else None)
     print(f"hfmerge {hf.describe()}")
-    dims = T5Dims(d_model=args.d_model, d_ff=args.d_ff, layers=args.layers, heads=args.heads, vocab=args.vocab)
-    fam = build_family(dims, args.experts, seed=args.seed)
+    preset = dict(zip(("d_model", "d_ff", "layers", "heads", "vocab"), SIZES[args.size]))
+    dims = T5Dims(**{k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.items()})
+    fam = build_family(dims, args.experts, seed=args.seed, delta_scale=args.delta_scale)
     runs = WORK / "compare"
     runs.mkdir(parents=True, exist_ok=True)
     results: list[Comparison] = []
@@ -281,8 +360,11 @@ def main(argv: list[str] | None = None) -> int:
             verdict = "equal to float32 rounding"
         else:
             verdict = f"{c.entries_differing} entries in {c.tensors_differing} tensors differ"
-            if recipe_is_ties(c):
-                verdict += f"; {c.tie_explained_entries} of them at magnitude ties on the top-k threshold"
+            if recipe_cuts_by_magnitude(c):
+                verdict += f"; {c.tie_explained_entries} of them at magnitude ties on a cut (top-k, or the band's ends)"
+            verdict += f"; largest relative difference in {c.worst_tensor}"
+        if c.method in DOCUMENTED and (c.entries_differing or c.method in RANDOM):
+            verdict += f" (documented difference: {DOCUMENTED[c.method]})"
         rows.append([c.method, f"{c.max_abs_diff:.3g}", f"{c.max_rel_diff:.3g}", verdict])
         trows.append([c.method, f"{c.hf_wall_s:.1f}", f"{c.hf_cpu_s:.1f}", f"{c.hf_peak_mib:.0f}", f"{c.hf_anon_mib:.0f}",
                       f"{c.mk_wall_s:.1f}", f"{c.mk_cpu_s:.1f}", f"{c.mk_peak_mib:.0f}", f"{c.mk_anon_mib:.0f}", f"{c.mk_file_mib:.0f}"])
@@ -298,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"{c.dist_to_expectation_hf:.4f}" if c.dist_to_expectation_hf else "-", f"{c.dist_to_expectation_mk:.4f}" if c.dist_to_expectation_mk else "-"])
         print_table(["method", "max |mean(hf-mk)|/std(hf-base)", "max |z| of mean(hf-mk)", "norm ratio mk/hf (model)", "per tensor", "hf: rel. dist. to E", "mk: rel. dist. to E"], srows)
     for c in results:
+        if c.differing_tensors and c.method not in RANDOM:
+            more = f" and {len(c.differing_tensors) - 10} more" if len(c.differing_tensors) > 10 else ""
+            print(f"{c.method}: tensors that differ: {', '.join(c.differing_tensors[:10])}{more}")
         if c.only_in_hf or c.only_in_mk:
             print(f"{c.method}: tensors only in hfmerge's output: {c.only_in_hf or 'none'}; only in mergekit's: {c.only_in_mk or 'none'}")
     if args.json_out:

@@ -232,7 +232,7 @@ def build_family(dims: T5Dims, experts: int, *, seed: int = 0, delta_scale: floa
     check_layout(dims)
     layout = t5_tensors(dims)
     params = param_count(dims)
-    folder = root / f"{dims.tag}-e{experts}-s{seed}"
+    folder = root / (f"{dims.tag}-e{experts}-s{seed}" + (f"-d{delta_scale:g}" if delta_scale != 0.02 else ""))
     manifest = {"dims": asdict(dims), "experts": experts, "seed": seed, "delta_scale": delta_scale, "params": params, "version": 1}
     names = ["base"] + [f"expert{i}" for i in range(1, experts + 1)]
     fam = Family(folder, folder / "base", [folder / n for n in names[1:]], dims, params, params * 4)
@@ -334,37 +334,51 @@ def _rss_parts(pid: int) -> tuple[int, int]:
 def run_measured(cmd: list[str], *, log_path: Path | None = None, env: dict | None = None, cwd: Path | None = None) -> Measure:
     """Run `cmd` as a fresh child and measure it.
 
-    The peak is the child's ``ru_maxrss`` from ``os.wait4`` (Linux: KiB), i.e. the high-water
+    The peak is the command's ``ru_maxrss`` from ``os.wait4`` (Linux: KiB), i.e. the high-water
     mark of that process alone (including any grandchildren it waited for), not of earlier
-    runs. CPU time is the child's user + system time, which, unlike wall time, hardly depends
-    on other load on the machine. While it runs, /proc/PID/status is sampled every 50 ms for
-    the split of the resident set into anonymous memory (what the process allocated) and
-    file pages (shared libraries, and the inputs for a tool that memory-maps them).
+    runs. The command is started through ``_spawn.py``, a small launcher with a fresh address
+    space: forked straight from this process, the command's ``ru_maxrss`` would start at this
+    process's own peak, which grows as the outputs are compared. CPU time is the command's
+    user + system time, which, unlike wall time, hardly depends on other load on the machine.
+    While it runs, /proc/PID/status is sampled every 50 ms for the split of the resident set
+    into anonymous memory (what the process allocated) and file pages (shared libraries, and
+    the inputs for a tool that memory-maps them).
     """
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL
+    r, w = os.pipe()
     try:
         steal0, total0 = _cpu_ticks()
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        peak_anon = peak_file = 0
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid == proc.pid:
-                break
-            anon, file = _rss_parts(proc.pid)
-            peak_anon, peak_file = max(peak_anon, anon), max(peak_file, file)
-            time.sleep(0.05)
-        wall = time.perf_counter() - t0
-        steal1, total1 = _cpu_ticks()
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        launcher = subprocess.Popen([sys.executable, "-I", "-S", str(HERE / "_spawn.py"), str(w), *cmd], stdout=out,
+                                    stderr=subprocess.STDOUT, env=env, cwd=cwd, pass_fds=(w,))
+        os.close(w)
+        w = -1
+        with os.fdopen(r) as report:
+            r = -1
+            line = report.readline()
+            if not line:
+                launcher.wait()
+                raise SystemExit(f"could not start: {' '.join(cmd)} (launcher exit {launcher.returncode})")
+            pid = int(line)
+            peak_anon = peak_file = 0
+            while launcher.poll() is None:
+                anon, file = _rss_parts(pid)
+                peak_anon, peak_file = max(peak_anon, anon), max(peak_file, file)
+                time.sleep(0.05)
+            wall = time.perf_counter() - t0
+            steal1, total1 = _cpu_ticks()
+            result = json.loads(report.readline() or "{}")
     finally:
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
         if log_path:
             out.close()  # type: ignore[union-attr]
-    if proc.returncode != 0:
+    if result.get("exit") != 0:
         tail = log_path.read_text(errors="replace")[-3000:] if log_path else ""
-        raise SystemExit(f"command failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+        raise SystemExit(f"command failed (exit {result.get('exit')}): {' '.join(cmd)}\n{tail}")
     steal = 100.0 * (steal1 - steal0) / (total1 - total0) if total1 > total0 else 0.0
-    return Measure(wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime, steal, peak_anon, peak_file)
+    return Measure(wall, result["maxrss_kib"] * 1024, result["cpu_s"], steal, peak_anon, peak_file)
 
 
 @dataclass(frozen=True)
