@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 import hfmerge
 from hfmerge.cli import main
 from hfmerge.errors import PublishError
-from hfmerge.testing import load_base_state
 from test_hub_read import folder_files
 from test_merge import write_recipe
 
