@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from huggingface_hub import ModelCard
 
+import hfmerge
 from hfmerge.cli import main
+from hfmerge.errors import TaskError
 from hfmerge.evaluation.evaluate_model import evaluate_model
 from hfmerge.recipe import load_recipe
 from hfmerge.testing import build_finetuned
@@ -46,16 +49,17 @@ def test_no_eval_skips_evaluation(tiny_models, tmp_path):  # noqa: F811
     ft = build_finetuned(base, tmp_path / "ft", seed=3)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"merge_method": "average", "base_model": str(base), "models": [{"model": str(ft)}], "tasks": [task(tmp_path)]}))
-    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q", "--no-eval"]) == 0
+    result = hfmerge.merge(recipe, output=tmp_path / "out", evaluate=False, progress=False)
+    assert result.output == tmp_path / "out" and result.evaluation is None
     assert not (tmp_path / "out" / "eval_results.json").exists()
 
 
-def test_bad_task_in_a_recipe_fails_before_merging(tiny_models, tmp_path, capsys):  # noqa: F811
+def test_bad_task_in_a_recipe_fails_before_merging(tiny_models, tmp_path):  # noqa: F811
     base = tiny_models["t5"]
     ft = build_finetuned(base, tmp_path / "ft", seed=4)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"merge_method": "average", "base_model": str(base), "models": [{"model": str(ft)}],
                                       "tasks": [task(tmp_path, doc_to_text="{{missing_field}}")]}))
-    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 1
-    assert "missing_field" in capsys.readouterr().err
+    with pytest.raises(TaskError, match="missing_field"):
+        hfmerge.merge(recipe, output=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
