@@ -72,7 +72,7 @@ def _sha256(path: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# The early auth check (run_recipe, before the plan)
+# The early auth check (hfmerge.merge and hfmerge.plan, before the plan is built)
 # ----------------------------------------------------------------------------------------------
 
 
