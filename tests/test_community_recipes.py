@@ -24,9 +24,6 @@ from hfmerge.evaluation.tasks import load_task_data, load_tasks_file, parse_task
 from hfmerge.recipe import load_recipe
 from hfmerge.testing import build_base, build_finetuned
 
-# torch.func on CPU attention (Fisher computation): harmless, and silenced by the command line too.
-pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
-
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 GLUE = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb")
 BASE = "google/flan-t5-base"

@@ -23,8 +23,6 @@ from hfmerge.testing import build_base, build_finetuned, keyword_rows, tiny_conf
 from test_evaluation import make_tokenizer, random_examples, write_jsonl
 
 warnings.filterwarnings("ignore", message=".*batching rule.*")
-# pytest restores the warning filters for each test: the same, per test (the command line silences it too).
-pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
 
 
 @pytest.fixture(autouse=True, scope="module")
