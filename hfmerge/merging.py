@@ -165,7 +165,8 @@ class TensorMerger:
         if plan.fishers is None:
             if self.method.importance_optional:
                 return None
-            raise HfMergeError(f"{self.recipe.source}: merge_method {self.method.name!r} needs the models' Fishers; compute them first (hfmerge fisher)")
+            raise HfMergeError(f"{self.recipe.source}: merge_method {self.method.name!r} needs the models' Fishers; "
+                               "compute them first (hfmerge.compute_fishers, or the `hfmerge fisher` command)")
         if self.method.importance == "nodes":
             if self._node_fishers is None:
                 from safetensors.torch import load_file

@@ -686,7 +686,8 @@ def _checked_fishers(recipe: Recipe, models: list[Checkpoint], tensors: list[Ten
             for unit in node_layout.units:
                 info = fisher.tensors.get(unit.key)
                 if info is None:
-                    raise FisherFileError(f"{fisher.label}: {fisher.path.name} has no node Fisher {unit.key!r}; compute it for {model_ckpt.label} with hfmerge fisher")
+                    raise FisherFileError(f"{fisher.label}: {fisher.path.name} has no node Fisher {unit.key!r}; compute it for {model_ckpt.label} "
+                                          "with hfmerge.compute_fishers (the `hfmerge fisher` command)")
                 if info.shape != (unit.size,):
                     raise FisherFileError(f"{fisher.label}: {unit.key!r} has shape {list(info.shape)}; the architecture has {unit.size} nodes there")
         return fishers, tensors

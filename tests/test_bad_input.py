@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import hfmerge
 from hfmerge import merging as merge_module
 from hfmerge.cli import main
 from hfmerge.errors import CheckpointError, FisherFileError, IncompatibleCheckpointsError, NonFiniteTensorError, OutputExistsError
@@ -153,20 +154,30 @@ def test_nan_is_a_warning_when_the_recipe_allows_it(t5, tmp_path):
     assert any("contains NaN or Inf" in w for w in result.warnings)
 
 
-def test_existing_output_is_refused_without_overwrite(t5, tmp_path, capsys):
+def test_existing_output_is_refused_without_overwrite(t5, tmp_path):
     r = recipe_for(tmp_path, t5.base, [t5.finetuned[0]])
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert main([str(r), "-o", str(out), "-q"]) == 1
-    err = capsys.readouterr().err
-    assert "already exists" in err and "--overwrite" in err
+    with pytest.raises(OutputExistsError) as refused:
+        hfmerge.merge(r, output=out, progress=False)
+    assert "already exists" in str(refused.value) and "overwrite" in refused.value.options
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     with pytest.raises(OutputExistsError):
         run_merge(plan_error(r), out, progress=False)
-    assert main([str(r), "-o", str(out), "-q", "--overwrite"]) == 0
+    assert hfmerge.merge(r, output=out, overwrite=True, progress=False).output == out
     assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
     assert_nothing_written(tmp_path, {"r.yaml", "out"})
+
+
+def test_the_command_names_its_overwrite_flag_for_an_existing_output(t5, tmp_path, capsys):
+    r = recipe_for(tmp_path, t5.base, [t5.finetuned[0]])
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main([str(r), "-o", str(out), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --output / --overwrite: output folder") and "already exists" in err
+    assert list(out.iterdir()) == []
 
 
 def test_failure_while_writing_leaves_no_partial_output(t5, tmp_path, monkeypatch):

@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from hfmerge.cli import main
+import hfmerge
 from hfmerge.errors import RecipeError
 from hfmerge.recipe import load_recipe
 from hfmerge.testing import load_base_state
@@ -24,14 +23,12 @@ def test_a_base_listed_among_the_models_is_averaged_with_its_weight(t5, tmp_path
     recipe = write_recipe(tmp_path / "r.yaml", merge_method=method, base_model=t5.base,
                           models=[{"model": p, "parameters": {"weight": w}} for p, w in zip(inputs, weights)])
 
-    plan_json = tmp_path / "plan.json"
-    assert main([str(recipe), "--dry-run", "--json", str(plan_json), "-q"]) == 0
-    listed = json.loads(plan_json.read_text())["models"]
+    listed = hfmerge.plan_summary(hfmerge.plan(recipe))["models"]
     assert [m["ref"] for m in listed] == [str(p) for p in inputs]
     assert [m["parameters"]["weight"] for m in listed] == weights
 
     out = tmp_path / "out"
-    assert main([str(recipe), "--output", str(out), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=out, progress=False).output == out
     states = [load_base_state(p) for p in inputs]
     got = load_base_state(out)
     assert set(got) == set(states[0])
@@ -48,7 +45,7 @@ def test_linear_averages_an_unlisted_base_with_the_global_weight(t5, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", merge_method="linear", base_model=t5.base, parameters={"weight": 0.5},
                           models=[{"model": t5.finetuned[0], "parameters": {"weight": 1.0}}, {"model": t5.finetuned[1]}])
     out = tmp_path / "out"
-    assert main([str(recipe), "--output", str(out), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=out, progress=False).output == out
     weights = [0.5, 1.0, 0.5]
     states = [load_base_state(p) for p in inputs]
     for name, merged in load_base_state(out).items():

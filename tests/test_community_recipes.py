@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from hfmerge.cli import main
+import hfmerge
 from hfmerge.errors import TaskError
 from hfmerge.evaluation.tasks import load_task_data, load_tasks_file, parse_tasks
 from hfmerge.recipe import load_recipe
@@ -267,7 +267,7 @@ def test_glue_tasks_load_from_the_hub_dataset_layout(hub, standins):
 
 def test_flan_t5_base_ties_recipe_runs_against_the_hub(hub, standins, tmp_path):
     out = tmp_path / "ties"
-    assert main([str(RECIPES / "flan_t5_base_glue_ties.yaml"), "-o", str(out), "-q"]) == 0
+    assert hfmerge.merge(RECIPES / "flan_t5_base_glue_ties.yaml", output=out, progress=False).output == out
     assert_loadable_merge(out, [BASE, *EXPERTS])
     scores = json.loads((out / "eval_results.json").read_text())
     assert set(scores["tasks"]) == set(GLUE)
@@ -277,7 +277,8 @@ def test_flan_t5_base_ties_recipe_runs_against_the_hub(hub, standins, tmp_path):
 
 def test_flan_t5_base_dfmerge_recipe_runs_against_the_hub(hub, standins, tmp_path):
     out = tmp_path / "dfmerge"
-    assert main([str(RECIPES / "flan_t5_base_glue_dfmerge.yaml"), "-o", str(out), "-q", "--n-trials", "2"]) == 0
+    result = hfmerge.merge(RECIPES / "flan_t5_base_glue_dfmerge.yaml", output=out, n_trials=2, progress=False)
+    assert result.output == out and len(result.search.trials) == 2
     assert_loadable_merge(out, [BASE, *EXPERTS])
     search = json.loads((out / "dfmerge_search.json").read_text())
     assert search["test"]["tasks"]["cola"]["dataset_split"] == "validation"
@@ -291,7 +292,7 @@ def test_flan_t5_base_dfmerge_recipe_runs_against_the_hub(hub, standins, tmp_pat
 def test_flan_t5_base_fisher_recipe_computes_fishers_of_generation_tasks(hub, standins, tmp_path, monkeypatch):
     monkeypatch.setenv("HFMERGE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "fisher"
-    assert main([str(RECIPES / "flan_t5_base_glue_fisher.yaml"), "-o", str(out), "-q"]) == 0
+    assert hfmerge.merge(RECIPES / "flan_t5_base_glue_fisher.yaml", output=out, progress=False).output == out
     assert_loadable_merge(out, [BASE, *EXPERTS])
     scores = json.loads((out / "eval_results.json").read_text())
     assert scores["tasks"]["stsb"]["dataset_split"] == "train"  # the Fisher data's slice; GLUE validation is --split test
@@ -299,7 +300,8 @@ def test_flan_t5_base_fisher_recipe_computes_fishers_of_generation_tasks(hub, st
 
 def test_flan_t5_base_lora_dfmerge_recipe_runs_against_the_hub(hub, standins, tmp_path):
     out = tmp_path / "lora"
-    assert main([str(RECIPES / "flan_t5_base_glue_lora_dfmerge.yaml"), "-o", str(out), "-q", "--n-trials", "1", "--no-eval"]) == 0
+    result = hfmerge.merge(RECIPES / "flan_t5_base_glue_lora_dfmerge.yaml", output=out, n_trials=1, evaluate=False, progress=False)
+    assert result.output == out and len(result.search.trials) == 1 and result.evaluation is None
     assert_loadable_merge(out, [BASE, *ADAPTERS])
     assert "LoRA adapter" in (out / "README.md").read_text()
 

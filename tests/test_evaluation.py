@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hfmerge.errors import HfMergeError, MetricError, RecipeError, TaskError
+import hfmerge
+from hfmerge.errors import EvaluationError, HfMergeError, MetricError, OptionError, RecipeError, TaskError
 from hfmerge.evaluation import evaluate_model as evaluate_model_module
 from hfmerge.cli import main as hfmerge_main
 from hfmerge.evaluation.evaluate_model import EvalReport, TaskEvaluator, TaskResult, evaluate_model
@@ -583,17 +584,28 @@ def test_eval_command_prints_table_and_writes_json(tmp_path, tiny_models, family
     assert code == 0 and "test" in capsys.readouterr().out
 
 
-def test_eval_command_errors_are_one_line(tmp_path, tiny_models, capsys):
+def test_evaluate_refuses_a_missing_model_split_or_task_naming_what_is_wrong(tmp_path, tiny_models):
+    recipe = _recipe(tmp_path, sentiment_rows(4))
+    with pytest.raises(EvaluationError) as refused:
+        hfmerge.evaluate(tmp_path / "nothing", recipe, progress=False)
+    assert refused.value.options == ("model",) and "folder not found" in refused.value.detail
+    with pytest.raises(TaskError, match=r"tasks\[1\]\.test_split: missing; task 'answer' has no test split"):
+        hfmerge.evaluate(tiny_models["t5"], recipe, split="test", progress=False)
+    with pytest.raises(OptionError) as refused:
+        hfmerge.evaluate(tiny_models["t5"], recipe, task_names=["nope"], progress=False)
+    assert refused.value.options == ("task_names",) and refused.value.detail.startswith("'nope' not in")
+    (tmp_path / "plain.yaml").write_text("merge_method: linear\n")
+    with pytest.raises(RecipeError, match="tasks: missing"):
+        hfmerge.evaluate(tiny_models["t5"], tmp_path / "plain.yaml", progress=False)
+
+
+def test_eval_command_errors_are_one_line_naming_its_flags(tmp_path, tiny_models, capsys):
     recipe = _recipe(tmp_path, sentiment_rows(4))
     assert hfmerge_main(["eval", str(recipe), "--model", str(tmp_path / "nothing"), "-q"]) == 1
-    assert "error: --model: folder not found" in capsys.readouterr().err
-    assert hfmerge_main(["eval", str(recipe), "--model", str(tiny_models["t5"]), "--split", "test", "-q"]) == 1  # 'answer' has no test split
-    assert "tasks[1].test_split: missing; task 'answer' has no test split" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error: --model: folder not found" in err and len(err.strip().splitlines()) == 1
     assert hfmerge_main(["eval", str(recipe), "--model", str(tiny_models["t5"]), "--tasks", "nope", "-q"]) == 1
     assert "--tasks: 'nope' not in" in capsys.readouterr().err
-    (tmp_path / "plain.yaml").write_text("merge_method: linear\n")
-    assert hfmerge_main(["eval", str(tmp_path / "plain.yaml"), "--model", str(tiny_models["t5"]), "-q"]) == 1
-    assert "tasks: missing" in capsys.readouterr().err
 
 
 def test_task_evaluator_reuses_encodings_across_weight_changes(tmp_path, tiny_models):

@@ -12,9 +12,10 @@ import pytest
 import torch
 import yaml
 
+import hfmerge
 from hfmerge.cli import main
 from hfmerge.evaluation.tasks import Example
-from hfmerge.errors import FisherError, NodeLayoutError
+from hfmerge.errors import FisherError, NodeLayoutError, RecipeError
 from hfmerge.fisher.diagonal import diagonal_fisher
 from hfmerge.fisher.engine import FisherSettings, compute_fisher, encode_for_model, fisher_examples
 from hfmerge.fisher.nodes import HEADS, NEURONS, node_layout
@@ -297,36 +298,37 @@ def write_recipe(path: Path, method: str, experts, parameters: dict | None = Non
     return path
 
 
-def test_fisher_recipe_computes_caches_and_merges(experts, tmp_path, capsys):
+def fisher_sources(recipe: Path) -> list[str]:
+    return [r.source for r in hfmerge.compute_fishers(recipe, device="cpu", progress=False)]
+
+
+def test_fisher_recipe_computes_caches_and_merges(experts, tmp_path):
     from hfmerge.evaluation.evaluate_model import evaluate_model
     from hfmerge.recipe import load_recipe
 
     recipe = write_recipe(tmp_path / "fisher.yaml", "fisher", experts, {"fisher_examples": 12})
-    assert main(["fisher", str(recipe), "-q", "--device", "cpu", "--json", str(tmp_path / "f.json")]) == 0
-    records = json.loads((tmp_path / "f.json").read_text())
-    assert [r["source"] for r in records] == ["computed", "computed"]
+    records = hfmerge.compute_fishers(recipe, device="cpu", progress=False)
+    assert [r.source for r in records] == ["computed", "computed"]
+    assert [r.task for r in records] == ["has_w1", "has_w2"] and all(r.path.is_file() for r in records)
     from safetensors import safe_open
 
-    with safe_open(records[0]["path"], framework="pt") as f:
+    with safe_open(records[0].path, framework="pt") as f:
         meta = f.metadata()
         keys = set(f.keys())
     assert meta["task"] == "has_w1" and meta["num_examples"] == "12" and meta["mode"] == "exact" and meta["lambda"] == ""
     assert "shared.weight" in keys and "encoder.block.0.layer.0.SelfAttention.q.weight" in keys
     # A second run reuses the cache; a damaged entry is recomputed, never used.
-    assert main(["fisher", str(recipe), "-q", "--device", "cpu", "--json", str(tmp_path / "f2.json")]) == 0
-    assert [r["source"] for r in json.loads((tmp_path / "f2.json").read_text())] == ["cache", "cache"]
-    damaged = Path(records[1]["path"])
+    assert fisher_sources(recipe) == ["cache", "cache"]
+    damaged = records[1].path
     damaged.write_bytes(damaged.read_bytes()[:-100])
-    assert main(["fisher", str(recipe), "-q", "--device", "cpu", "--json", str(tmp_path / "f3.json")]) == 0
-    assert [r["source"] for r in json.loads((tmp_path / "f3.json").read_text())] == ["cache", "computed"]
+    assert fisher_sources(recipe) == ["cache", "computed"]
     # Different inputs, different entry.
     other = write_recipe(tmp_path / "fisher16.yaml", "fisher", experts, {"fisher_examples": 16})
-    assert main(["fisher", str(other), "-q", "--device", "cpu", "--json", str(tmp_path / "f4.json")]) == 0
-    assert [r["source"] for r in json.loads((tmp_path / "f4.json").read_text())] == ["computed", "computed"]
-    capsys.readouterr()
+    assert fisher_sources(other) == ["computed", "computed"]
     # The merge reads the cached Fishers and evaluates the result.
     out = tmp_path / "merged"
-    assert main([str(recipe), "-o", str(out), "-q"]) == 0
+    result = hfmerge.merge(recipe, output=out, progress=False)
+    assert result.output == out and result.evaluation is not None and {r.task for r in result.evaluation.results} == {"has_w1", "has_w2"}
     report = evaluate_model(out, load_recipe(recipe).tasks, progress=False)
     assert 0.0 <= report.average <= 1.0 and (out / "eval_results.json").is_file()
 
@@ -345,7 +347,7 @@ def test_fisher_merge_with_equal_fishers_is_averaging_and_a_dominant_fisher_wins
         recipe = tmp_path / "r.yaml"
         recipe.write_text(yaml.safe_dump({"merge_method": "fisher", "models": [{"model": str(m), "fisher": str(f)} for m, f in zip(experts["models"], files)]}))
         out = tmp_path / f"out-{files[0].stem}"
-        assert main([str(recipe), "-o", str(out), "-q"]) == 0
+        assert hfmerge.merge(recipe, output=out, progress=False).output == out
         merged = load_file(out / "model.safetensors")
         for name, value in merged.items():
             torch.testing.assert_close(value, expected(states[0][name], states[1][name]), rtol=1e-5, atol=1e-6)
@@ -354,7 +356,7 @@ def test_fisher_merge_with_equal_fishers_is_averaging_and_a_dominant_fisher_wins
 def test_fisher_nodes_recipe_on_trained_t5_experts(experts, tmp_path):
     recipe = write_recipe(tmp_path / "nodes.yaml", "fisher_nodes", experts, {"fisher_examples": 12})
     out = tmp_path / "merged"
-    assert main([str(recipe), "-o", str(out), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=out, progress=False).output == out
     results = json.loads((out / "eval_results.json").read_text())
     assert set(results["tasks"]) == {"has_w1", "has_w2"}
     from safetensors.torch import load_file
@@ -389,7 +391,8 @@ def test_fisher_nodes_recipe_on_other_architectures(family, tmp_path):
                                       "models": [{"model": str(m)} for m in models], "parameters": {"fisher_examples": 6},
                                       "tasks": [dict(task, task="a"), dict(task, task="b")]}))
     out = tmp_path / "out"
-    assert main([str(recipe), "-o", str(out), "-q", "--no-eval"]) == 0
+    result = hfmerge.merge(recipe, output=out, evaluate=False, progress=False)
+    assert result.output == out and result.evaluation is None
     loaded = tf.AutoModelForSequenceClassification.from_pretrained(out) if family == "bert" else tf.AutoModelForSeq2SeqLM.from_pretrained(out)
     assert sum(p.numel() for p in loaded.parameters()) > 0
 
@@ -405,14 +408,15 @@ def test_fisher_examples_are_drawn_once_with_the_seed(experts):
     assert fisher_examples(data, 1000, seed=0) == data.validation
 
 
-def test_a_fisher_recipe_without_files_or_tasks_fails_before_loading(experts, tmp_path, capsys):
+def test_a_fisher_recipe_without_files_or_tasks_fails_before_loading(experts, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"merge_method": "fisher", "models": [{"model": str(m)} for m in experts["models"]]}))
-    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 1
-    assert "models[0].fisher: missing" in capsys.readouterr().err
+    with pytest.raises(RecipeError, match=r"models\[0\]\.fisher: missing"):
+        hfmerge.merge(recipe, output=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
     recipe.write_text(yaml.safe_dump({"merge_method": "average", "models": [{"model": str(m)} for m in experts["models"]]}))
-    assert main(["fisher", str(recipe), "-q"]) == 1
-    assert "uses no Fisher" in capsys.readouterr().err
+    with pytest.raises(RecipeError, match="uses no Fisher"):
+        hfmerge.compute_fishers(recipe, progress=False)
 
 
 def test_fisher_through_an_accelerate_device_map_with_disk_offload_equals_the_in_memory_one(experts, tmp_path, monkeypatch):

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+import hfmerge
 import hfmerge.checkpoints.hub as hub_module
 from hfmerge.cli import main
+from hfmerge.errors import CheckpointError
 from hub_server import Fault
 from test_merge import write_recipe
 
@@ -55,7 +57,7 @@ def family(hub, t5, tmp_path):
                           models=[{"model": repos["a"], "parameters": {"weight": 0.7}}])
     local = write_recipe(tmp_path / "local.yaml", merge_method="task_arithmetic", base_model=t5.base,
                          models=[{"model": t5.finetuned[0], "parameters": {"weight": 0.7}}])
-    assert main([str(local), "-o", str(tmp_path / "expected"), "-q"]) == 0
+    assert hfmerge.merge(local, output=tmp_path / "expected", progress=False).output == tmp_path / "expected"
     expected = (tmp_path / "expected" / "model.safetensors").read_bytes()
     sha = hub.head_sha(repos["a"])
     paths = {
@@ -103,7 +105,7 @@ def test_one_transient_fault_on_every_endpoint_is_retried_and_the_merge_is_uncha
     faults = faults_on_every_endpoint(paths, **fault)
     for f in faults.values():
         hub.faults.add(f)
-    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=tmp_path / "out", progress=False).output == tmp_path / "out"
     assert {name: f.hits for name, f in faults.items()} == dict.fromkeys(faults, 1)  # every fault fired
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == expected
     assert cache_problems(hub_cache) == []
@@ -121,18 +123,19 @@ def test_a_timeout_is_retried(hub, family, waits, tmp_path, monkeypatch):
     repos, recipe, expected, paths = family
     monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 0.3)
     stall = hub.set_delay(1.0, path_contains=paths["revision lookup"], method="HEAD", times=1)
-    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=tmp_path / "out", progress=False).output == tmp_path / "out"
     assert stall.hits == 1 and len(hub.requests_matching("HEAD", paths["revision lookup"])) == 2
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == expected
 
 
-def test_retry_after_and_attempts_are_bounded(hub, family, waits, tmp_path, capsys):
+def test_retry_after_and_attempts_are_bounded(hub, family, waits, tmp_path):
     repos, recipe, expected, paths = family
     hub.fail_next("GET", paths["file listing"], 429, times=None, headers={"Retry-After": "3600"})
-    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 1
+    with pytest.raises(CheckpointError) as failed:
+        hfmerge.merge(recipe, output=tmp_path / "out", progress=False)
     assert len(hub.requests_matching("GET", paths["file listing"])) == POLICY.attempts
     assert waits == [POLICY.max_retry_after_s] * (POLICY.attempts - 1)
-    err = capsys.readouterr().err
+    err = str(failed.value)
     assert f"{repos['a']}@main: could not be read from the Hub: the Hub did not answer or answered with an error (HfHubHTTPError: 429" in err
     assert f"on all {POLICY.attempts} attempts; retry later" in err
     assert not (tmp_path / "out").exists()
@@ -148,11 +151,12 @@ def test_403_on_config_json_fails_at_once_saying_forbidden(hub, family, waits, t
     assert not (tmp_path / "out").exists()
 
 
-def test_404_on_config_json_fails_at_once_with_a_clear_message(hub, family, waits, tmp_path, capsys):
+def test_404_on_config_json_fails_at_once_with_a_clear_message(hub, family, waits, tmp_path):
     repos, recipe, _, paths = family
     hub.fail_next(None, paths["revision lookup"], 404, times=None)
-    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 1
-    err = capsys.readouterr().err
+    with pytest.raises(CheckpointError) as failed:
+        hfmerge.merge(recipe, output=tmp_path / "out", progress=False)
+    err = str(failed.value)
     assert f"{repos['a']}@main config.json: not found on the Hub (HTTP 404); check the repo name, the revision and the file" in err
     assert len(hub.requests_matching(None, f"/{repos['a']}/")) == 1 and waits == []
 
@@ -162,7 +166,7 @@ def test_404_on_config_json_fails_at_once_with_a_clear_message(hub, family, wait
 def test_corrupt_bytes_once_are_downloaded_again_and_never_kept(hub, hub_cache, family, waits, tmp_path, target, low_disk):
     repos, recipe, expected, paths = family
     corrupt = hub.corrupt_next(paths[target], times=1)
-    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q", *(["--low-disk"] if low_disk else [])]) == 0
+    assert hfmerge.merge(recipe, output=tmp_path / "out", low_disk=low_disk, progress=False).output == tmp_path / "out"
     assert corrupt.hits == 1
     assert [r.status for r in hub.requests_matching("GET", paths[target]) if not r.range] == [200, 200]  # downloaded again
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == expected
@@ -170,12 +174,13 @@ def test_corrupt_bytes_once_are_downloaded_again_and_never_kept(hub, hub_cache, 
 
 
 @pytest.mark.parametrize("low_disk", [False, True], ids=["cache", "low-disk"])
-def test_corrupt_bytes_every_time_fail_clearly_and_leave_nothing(hub, hub_cache, family, waits, tmp_path, capsys, low_disk):
+def test_corrupt_bytes_every_time_fail_clearly_and_leave_nothing(hub, hub_cache, family, waits, tmp_path, low_disk):
     repos, recipe, _, paths = family
     sha256 = hub.list_files(repos["a"])["model.safetensors"].sha256
     hub.corrupt_next(paths["shard"], times=None)
-    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q", *(["--low-disk"] if low_disk else [])]) == 1
-    err = capsys.readouterr().err
+    with pytest.raises(CheckpointError) as failed:
+        hfmerge.merge(recipe, output=tmp_path / "out", low_disk=low_disk, progress=False)
+    err = str(failed.value)
     assert f"{repos['a']}@{hub.head_sha(repos['a'])} model.safetensors: downloaded twice and both copies were damaged" in err
     assert f"the Hub announces {sha256}" in err
     assert len([r for r in hub.requests_matching("GET", paths["shard"]) if not r.range]) == 2

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hfmerge.cli import main
+import hfmerge
 from hfmerge.errors import CheckpointError
 from hfmerge.planning import build_plan
 from hfmerge.recipe import load_recipe
@@ -42,11 +42,11 @@ def test_hub_inputs_merge_bit_identical_to_local_and_plan_reads_headers_only(hub
     assert all(len(c.commit) == 40 for c in plan.models) and len(plan.base.commit) == 40
     assert plan.models[1].commit == hub.head_sha(repos["b"])
     out_hub = tmp_path / "out-hub"
-    assert main([str(hub_recipe), "-o", str(out_hub), "-q"]) == 0
+    assert hfmerge.merge(hub_recipe, output=out_hub, progress=False).output == out_hub
     local_recipe = write_recipe(tmp_path / "local.yaml", merge_method="ties", base_model=local["base"],
                                 models=[{"model": local["a"], "parameters": {"density": 0.5}}, {"model": local["b"], "parameters": {"density": 0.5}}])
     out_local = tmp_path / "out-local"
-    assert main([str(local_recipe), "-o", str(out_local), "-q"]) == 0
+    assert hfmerge.merge(local_recipe, output=out_local, progress=False).output == out_local
     assert (out_hub / "model.safetensors").read_bytes() == (out_local / "model.safetensors").read_bytes()
 
 
@@ -100,12 +100,12 @@ def test_remote_index_with_parent_shard_name_is_rejected(hub, hub_family, t5, tm
 def test_second_run_offline_works_from_the_cache(hub, hub_family, tmp_path, monkeypatch):
     repos, _ = hub_family
     recipe = write_recipe(tmp_path / "r.yaml", merge_method="average", base_model=repos["base"], models=[{"model": repos["a"]}, {"model": repos["b"]}])
-    assert main([str(recipe), "-o", str(tmp_path / "online"), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=tmp_path / "online", progress=False).output == tmp_path / "online"
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     hub.clear_requests()
-    assert main([str(recipe), "-o", str(tmp_path / "offline"), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=tmp_path / "offline", progress=False).output == tmp_path / "offline"
     assert len(hub.requests) == 0  # nothing asked of the Hub
     assert (tmp_path / "online" / "model.safetensors").read_bytes() == (tmp_path / "offline" / "model.safetensors").read_bytes()
 
@@ -142,12 +142,12 @@ def test_low_disk_keeps_at_most_one_shard_per_model_and_gives_the_same_output(hu
         return path
 
     monkeypatch.setattr(HubCheckpoint, "local_file", spy)
-    assert main([str(recipe), "-o", str(tmp_path / "low"), "-q", "--low-disk"]) == 0
+    assert hfmerge.merge(recipe, output=tmp_path / "low", low_disk=True, progress=False).output == tmp_path / "low"
     assert on_disk and max(on_disk) == 1
     assert all(d is not None and not d.exists() for d in scratch_dirs)  # scratch removed afterwards
     assert not list(hub_cache.rglob("*.safetensors"))  # no weights went through the cache
     monkeypatch.setattr(HubCheckpoint, "local_file", real)
-    assert main([str(recipe), "-o", str(tmp_path / "cached"), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=tmp_path / "cached", progress=False).output == tmp_path / "cached"
     assert (tmp_path / "low" / "model.safetensors").read_bytes() == (tmp_path / "cached" / "model.safetensors").read_bytes()
 
 

@@ -13,6 +13,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from hfmerge.checkpoints.lora import PEFT_PREFIX, AdapterConfig, check_adapter_base
+import hfmerge
 from hfmerge.cli import main
 from hfmerge.errors import CheckpointError, IncompatibleCheckpointsError
 from hfmerge.planning import build_plan
@@ -119,7 +120,7 @@ def test_streamed_adapter_equals_peft_merge_and_unload(families, tmp_path, case)
     assert_reads(lora, {n: expected[n] for n in lora.tensors})
     # λ = 1 and one model: the merge is the adapted model itself, which transformers loads.
     out = tmp_path / "out"
-    assert main([str(tmp_path / "r.yaml"), "-o", str(out), "-q"]) == 0
+    assert hfmerge.merge(tmp_path / "r.yaml", output=out, progress=False).output == out
     got = load_file(out / "model.safetensors")
     for name, t in got.items():
         torch.testing.assert_close(t, expected[name], rtol=1e-6, atol=1e-6)
@@ -219,9 +220,11 @@ def test_two_adapters_merge_like_the_full_models_they_stand_for(flan, tmp_path):
         fulls.append(write_checkpoint(tmp_path / f"full{i}", {k: v.contiguous() for k, v in full.items()}, flan.base / "config.json"))
     params = {"lambda": 0.8}
     models = [{"model": adapters[0], "parameters": {"weight": 0.7}}, {"model": adapters[1], "parameters": {"weight": 0.5}}]
-    assert main([str(write_recipe(tmp_path / "lora.yaml", merge_method="task_arithmetic", base_model=flan.base, models=models, parameters=params)), "-o", str(tmp_path / "out-lora"), "-q"]) == 0
+    recipe = write_recipe(tmp_path / "lora.yaml", merge_method="task_arithmetic", base_model=flan.base, models=models, parameters=params)
+    assert hfmerge.merge(recipe, output=tmp_path / "out-lora", progress=False).output == tmp_path / "out-lora"
     models = [{"model": fulls[0], "parameters": {"weight": 0.7}}, {"model": fulls[1], "parameters": {"weight": 0.5}}]
-    assert main([str(write_recipe(tmp_path / "full.yaml", merge_method="task_arithmetic", base_model=flan.base, models=models, parameters=params)), "-o", str(tmp_path / "out-full"), "-q"]) == 0
+    recipe = write_recipe(tmp_path / "full.yaml", merge_method="task_arithmetic", base_model=flan.base, models=models, parameters=params)
+    assert hfmerge.merge(recipe, output=tmp_path / "out-full", progress=False).output == tmp_path / "out-full"
     got, want = load_file(tmp_path / "out-lora" / "model.safetensors"), load_file(tmp_path / "out-full" / "model.safetensors")
     assert set(got) == set(want) == set(base)
     for name in got:
@@ -367,23 +370,23 @@ def test_adapters_on_the_hub_merge_end_to_end_pinned_and_offline(hub, flan, tmp_
     plan = build_plan(load_recipe(recipe))
     assert [m.commit for m in plan.models] == [hub.head_sha(r) for r in repos]
     assert not [r for r in hub.requests_matching("GET", "adapter_model.safetensors") if not r.range]  # headers only
-    assert main([str(recipe), "-o", str(tmp_path / "out-hub"), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=tmp_path / "out-hub", progress=False).output == tmp_path / "out-hub"
     card = (tmp_path / "out-hub" / "README.md").read_text()
     assert f"| {repos[0]} | `{hub.head_sha(repos[0])}` | LoRA adapter (models[0]) |" in card
     assert f"model: {repos[1]}@{hub.head_sha(repos[1])}" in card
 
     local_recipe = write_recipe(tmp_path / "local.yaml", merge_method="ties", base_model=flan.base,
                                 models=[{"model": f, "parameters": {"density": 0.5}} for f in local])
-    assert main([str(local_recipe), "-o", str(tmp_path / "out-local"), "-q"]) == 0
+    assert hfmerge.merge(local_recipe, output=tmp_path / "out-local", progress=False).output == tmp_path / "out-local"
     assert (tmp_path / "out-hub" / "model.safetensors").read_bytes() == (tmp_path / "out-local" / "model.safetensors").read_bytes()
-    assert main([str(recipe), "-o", str(tmp_path / "out-low"), "-q", "--low-disk"]) == 0
+    assert hfmerge.merge(recipe, output=tmp_path / "out-low", low_disk=True, progress=False).output == tmp_path / "out-low"
     assert (tmp_path / "out-low" / "model.safetensors").read_bytes() == (tmp_path / "out-local" / "model.safetensors").read_bytes()
 
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     hub.clear_requests()
-    assert main([str(recipe), "-o", str(tmp_path / "out-offline"), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=tmp_path / "out-offline", progress=False).output == tmp_path / "out-offline"
     assert len(hub.requests) == 0
     assert (tmp_path / "out-offline" / "model.safetensors").read_bytes() == (tmp_path / "out-local" / "model.safetensors").read_bytes()
 

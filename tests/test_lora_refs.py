@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from hfmerge.cli import main
+import hfmerge
 from hfmerge.errors import CheckpointError, IncompatibleCheckpointsError, ModelReferenceError, RecipeError
 from hfmerge.planning import build_plan
 from hfmerge.recipe import load_recipe, parse_recipe
@@ -144,8 +144,8 @@ def test_base_plus_adapter_on_the_recipe_base_is_the_bare_adapter(llama, tmp_pat
     assert not plan.warnings
     bare = write_recipe(tmp_path / "bare.yaml", merge_method="task_arithmetic", base_model=llama.base,
                         models=[{"model": folder}, {"model": llama.finetuned[0]}])
-    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
-    assert main([str(bare), "-o", str(tmp_path / "out-bare"), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=tmp_path / "out", progress=False).output == tmp_path / "out"
+    assert hfmerge.merge(bare, output=tmp_path / "out-bare", progress=False).output == tmp_path / "out-bare"
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "out-bare" / "model.safetensors").read_bytes()
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"| {llama.base}+{folder} | `local+local` | LoRA adapter on its model (models[0]) |" in card
@@ -163,7 +163,7 @@ def test_an_adapter_applied_to_another_model_of_the_same_architecture(llama, tmp
     assert_reads(lora, apply(load_base_state(ft), tensors, {UP: 2.0}))
     # "ft1" is not "base", the adapter's base_model_name_or_path: local names can only be compared, a warning
     assert any("the adapter was trained on base" in w and "the model before '+'" in w for w in plan.warnings), plan.warnings
-    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=tmp_path / "out", progress=False).output == tmp_path / "out"
     out = load_base_state(tmp_path / "out")
     base, ft0 = load_base_state(llama.base), load_base_state(llama.finetuned[0])
     adapted = apply(load_base_state(ft), tensors, {UP: 2.0})
@@ -179,7 +179,7 @@ def test_without_base_model_the_adapted_model_gives_config_and_tokenizer(llama, 
     a, ta = make_adapter(tmp_path / "a", llama.base, Q, 3)
     b, tb = make_adapter(tmp_path / "b", llama.base, UP, 4)
     recipe = write_recipe(tmp_path / "r.yaml", merge_method="linear", models=[{"model": f"./base+./a"}, {"model": "base+b"}])
-    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=tmp_path / "out", progress=False).output == tmp_path / "out"
     out, state = load_base_state(tmp_path / "out"), load_base_state(llama.base)
     left, right = apply(state, ta, {Q: 2.0}), apply(state, tb, {UP: 2.0})
     for name in (Q + ".weight", UP + ".weight", "model.norm.weight"):
@@ -241,7 +241,7 @@ def test_hub_and_mixed_references_merge_pinned_like_local_ones(hub, llama, tmp_p
     # an adapter named for base_repo applied to ft_repo: asked for explicitly, so a warning, not an error
     assert sum(f"the adapter was trained on {base_repo}" in w and f"the model before '+' is {ft_repo}" in w for w in plan.warnings) == 2
     assert plan.models[0].commit == hub.head_sha(a_repo) and plan.models[0].base.commit == hub.head_sha(ft_repo)
-    assert main([str(recipe), "-o", str(tmp_path / "out-hub"), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=tmp_path / "out-hub", progress=False).output == tmp_path / "out-hub"
     card = (tmp_path / "out-hub" / "README.md").read_text()
     assert f"model: {ft_repo}@{hub.head_sha(ft_repo)}+{a_repo}@{hub.head_sha(a_repo)}" in card
     assert f"model: {ft_repo}@{hub.head_sha(ft_repo)}+{b}" in card
@@ -250,11 +250,11 @@ def test_hub_and_mixed_references_merge_pinned_like_local_ones(hub, llama, tmp_p
 
     local = write_recipe(tmp_path / "local.yaml", merge_method="task_arithmetic", base_model=llama.base,
                          models=[{"model": f"{llama.finetuned[1]}+{a}"}, {"model": f"{llama.finetuned[1]}+{b}"}])
-    assert main([str(local), "-o", str(tmp_path / "out-local"), "-q"]) == 0
+    assert hfmerge.merge(local, output=tmp_path / "out-local", progress=False).output == tmp_path / "out-local"
     expected = (tmp_path / "out-local" / "model.safetensors").read_bytes()
     assert (tmp_path / "out-hub" / "model.safetensors").read_bytes() == expected
     mixed = write_recipe(tmp_path / "mixed.yaml", merge_method="task_arithmetic", base_model=llama.base, models=[models[2], models[1]])
-    assert main([str(mixed), "-o", str(tmp_path / "out-mixed"), "-q", "--low-disk"]) == 0
+    assert hfmerge.merge(mixed, output=tmp_path / "out-mixed", low_disk=True, progress=False).output == tmp_path / "out-mixed"
     assert (tmp_path / "out-mixed" / "model.safetensors").read_bytes() == expected
 
 
@@ -287,7 +287,7 @@ def test_passthrough_of_base_plus_adapter_writes_the_adapted_model(llama, tmp_pa
     # mergekit's way to bake a LoRA into its base: passthrough of one BASE+ADAPTER model
     folder, tensors = make_adapter(tmp_path / "ad", llama.base, UP, 9)
     recipe = write_recipe(tmp_path / "r.yaml", merge_method="passthrough", models=[{"model": f"{llama.base} + {folder}"}])
-    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=tmp_path / "out", progress=False).output == tmp_path / "out"
     out, expected = load_base_state(tmp_path / "out"), apply(load_base_state(llama.base), tensors, {UP: 2.0})
     assert set(out) == set(expected)
     for name, value in expected.items():
@@ -322,7 +322,7 @@ def test_slices_take_base_plus_adapter_sources(llama, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", merge_method="passthrough", dtype="float32",
                           slices=[{"sources": [{"model": source, "layer_range": [0, 2]}]},
                                   {"sources": [{"model": source, "layer_range": [1, 2]}]}])
-    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=tmp_path / "out", progress=False).output == tmp_path / "out"
     out, adapted = load_base_state(tmp_path / "out"), apply(load_base_state(llama.base), tensors, {UP: 2.0})
     torch.testing.assert_close(out[UP + ".weight"], adapted[UP + ".weight"].float(), rtol=0, atol=0)
     torch.testing.assert_close(out["model.layers.2.mlp.up_proj.weight"], adapted[UP + ".weight"].float(), rtol=0, atol=0)

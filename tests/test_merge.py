@@ -11,6 +11,7 @@ import transformers
 import yaml
 from safetensors.torch import load_file, save_file
 
+import hfmerge
 from hfmerge.cli import main
 from hfmerge.merging import run_merge
 from hfmerge.planning import build_plan
@@ -41,7 +42,7 @@ def test_task_arithmetic_output_loads_and_equals_the_formula(families, tmp_path,
         parameters={"lambda": 0.9}, max_shard_size="8KB",
     )
     out = tmp_path / "out"
-    assert main([str(recipe), "--output", str(out), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=out, progress=False).output == out
     base, a, b = (load_base_state(p) for p in (fam.base, fam.finetuned[0], fam.finetuned[1]))
     got = merged_state(out)
     assert set(got) == set(base)  # the base checkpoint's key set
@@ -64,7 +65,7 @@ def test_output_dtype_is_the_recipes_and_computation_is_float32(t5, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", merge_method="average", base_model=t5.base,
                           models=[{"model": p} for p in t5.finetuned], dtype="bfloat16")
     out = tmp_path / "out"
-    assert main([str(recipe), "-o", str(out), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=out, progress=False).output == out
     got = load_file(out / "model.safetensors")
     states = [load_base_state(p) for p in t5.finetuned]
     for name, t in got.items():
@@ -103,7 +104,7 @@ def test_untied_lm_head_of_t5_v1_1_is_merged_separately(families, tmp_path):
     fam = families["t5_v1_1"]
     recipe = write_recipe(tmp_path / "r.yaml", merge_method="average", base_model=fam.base, models=[{"model": p} for p in fam.finetuned])
     out = tmp_path / "out"
-    assert main([str(recipe), "-o", str(out), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=out, progress=False).output == out
     got = load_file(out / "model.safetensors")
     states = [load_base_state(p) for p in fam.finetuned]
     assert not torch.equal(got["lm_head.weight"], got["shared.weight"])
@@ -116,7 +117,7 @@ def test_ties_whole_model_trim_matches_a_flattened_reference(t5, tmp_path):
                           models=[{"model": p, "parameters": {"density": density}} for p in t5.finetuned[:2]],
                           parameters={"trim": "model"})
     out = tmp_path / "out"
-    assert main([str(recipe), "-o", str(out), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=out, progress=False).output == out
     base = load_base_state(t5.base)
     names = list(base)
     tvs = []
@@ -148,7 +149,7 @@ def test_dare_merge_is_reproducible_and_tied_aliases_stay_identical(t5, tmp_path
     outs = []
     for i in range(2):
         out = tmp_path / f"out{i}"
-        assert main([str(recipe), "-o", str(out), "-q"]) == 0
+        assert hfmerge.merge(recipe, output=out, progress=False).output == out
         outs.append(load_file(out / "model.safetensors"))
     assert all(torch.equal(outs[0][n], outs[1][n]) for n in outs[0])
     assert torch.equal(outs[0]["shared.weight"], outs[0]["encoder.embed_tokens.weight"])
@@ -164,7 +165,7 @@ def test_fisher_merge_reads_fisher_files_with_checkpoint_names(t5, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", merge_method="fisher", base_model=t5.base,
                           models=[{"model": p, "fisher": f} for p, f in zip(t5.finetuned[:2], fishers)])
     out = tmp_path / "out"
-    assert main([str(recipe), "-o", str(out), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=out, progress=False).output == out
     got = load_file(out / "model.safetensors")
     for n in got:
         torch.testing.assert_close(got[n], (states[0][n] * 1 + states[1][n] * 3) / 4)
@@ -190,7 +191,7 @@ def test_tokenizer_and_generation_config_come_from_the_chosen_sources(t5, tmp_pa
     recipe = write_recipe(tmp_path / "r.yaml", merge_method="average", base_model=t5.base,
                           models=[{"model": p} for p in t5.finetuned[:2]], tokenizer_source=str(tok_src))
     out = tmp_path / "out"
-    assert main([str(recipe), "-o", str(out), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=out, progress=False).output == out
     assert json.loads((out / "tokenizer_config.json").read_text()) == {"model_max_length": 7}
     assert (out / "generation_config.json").read_text() == (t5.base / "generation_config.json").read_text()
 
@@ -204,7 +205,7 @@ def test_non_float_tensors_are_copied_when_equal(t5, tmp_path):
         folders[k] = write_checkpoint(tmp_path / k, s, t5.base / "config.json")
     recipe = write_recipe(tmp_path / "r.yaml", merge_method="task_arithmetic", base_model=folders["base"], models=[{"model": folders["a"]}])
     out = tmp_path / "out"
-    assert main([str(recipe), "-o", str(out), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=out, progress=False).output == out
     assert torch.equal(load_file(out / "model.safetensors")["steps"], torch.tensor([1, 2, 3]))
 
 
@@ -212,7 +213,7 @@ def test_gradient_weights_follow_layer_depth_in_a_merge(t5, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", merge_method="task_arithmetic", base_model=t5.base,
                           models=[{"model": t5.finetuned[0], "parameters": {"weight": [0.0, 1.0]}}])
     out = tmp_path / "out"
-    assert main([str(recipe), "-o", str(out), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=out, progress=False).output == out
     got, base, ft = load_file(out / "model.safetensors"), load_base_state(t5.base), load_base_state(t5.finetuned[0])
     for name, expected in [("shared.weight", base), ("encoder.block.0.layer.0.SelfAttention.q.weight", base),
                            ("decoder.block.1.layer.2.DenseReluDense.wo.weight", ft), ("decoder.final_layer_norm.weight", base)]:

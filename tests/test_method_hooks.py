@@ -5,7 +5,6 @@ method's name."""
 from __future__ import annotations
 
 import ast
-import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -14,7 +13,6 @@ import torch
 import yaml
 
 import hfmerge
-from hfmerge.cli import main
 from hfmerge.errors import RecipeError
 from hfmerge.methods import METHODS, Param, merge_method
 from hfmerge.testing import load_base_state
@@ -60,13 +58,12 @@ def _recipe(path: Path, base: Path, models: list[Path]) -> Path:
     return path
 
 
-def test_a_method_registered_outside_hfmerge_runs_end_to_end_through_the_cli(throwaway_method, t5, tmp_path):
+def test_a_method_registered_outside_hfmerge_runs_end_to_end(throwaway_method, t5, tmp_path):
     recipe = _recipe(tmp_path / "r.yaml", t5.base, t5.finetuned[:2])
-    assert main([str(recipe), "--dry-run", "--json", str(tmp_path / "plan.json"), "-o", str(tmp_path / "dry")]) == 0
-    assert ADVICE in json.loads((tmp_path / "plan.json").read_text())["warnings"]
+    assert ADVICE in hfmerge.plan_summary(hfmerge.plan(recipe, output=tmp_path / "dry"))["warnings"]
 
     out = tmp_path / "out"
-    assert main([str(recipe), "-o", str(out), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=out, progress=False).output == out
     assert throwaway_method["prepare"] == 1  # the pre-pass runs once per merge, not per tensor
     base, a, b = (load_base_state(p) for p in (t5.base, *t5.finetuned[:2]))
     peak_a = max(float((a[n] - t).abs().max()) for n, t in base.items())
@@ -77,10 +74,11 @@ def test_a_method_registered_outside_hfmerge_runs_end_to_end_through_the_cli(thr
         torch.testing.assert_close(got[name], expected, rtol=1e-6, atol=1e-6)
 
 
-def test_a_methods_validate_hook_refuses_the_recipe_before_any_weight_is_read(throwaway_method, t5, tmp_path, capsys):
+def test_a_methods_validate_hook_refuses_the_recipe_before_any_weight_is_read(throwaway_method, t5, tmp_path):
     recipe = _recipe(tmp_path / "r.yaml", t5.base, t5.finetuned[:3])
-    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q"]) != 0
-    assert "models: merge_method 'unit_max_scaled' takes exactly two models, got 3" in capsys.readouterr().err
+    with pytest.raises(RecipeError) as refused:
+        hfmerge.merge(recipe, output=tmp_path / "out", progress=False)
+    assert "models: merge_method 'unit_max_scaled' takes exactly two models, got 3" in str(refused.value)
     assert throwaway_method["prepare"] == 0 and not (tmp_path / "out").exists()
 
 
@@ -126,7 +124,7 @@ def test_fisher_norms_from_the_prepare_hook_reach_every_tensor(t5, tmp_path):
     recipe.write_text(yaml.safe_dump({"merge_method": "fisher", "base_model": str(t5.base), "parameters": {"normalize_fishers": True},
                                       "models": [{"model": str(p), "fisher": str(f)} for p, f in zip(t5.finetuned[:2], paths)]}))
     out = tmp_path / "out"
-    assert main([str(recipe), "-o", str(out), "-q"]) == 0
+    assert hfmerge.merge(recipe, output=out, progress=False).output == out
     got = load_base_state(out)
     for name, t in got.items():
         torch.testing.assert_close(t, (states[0][name] + states[1][name]) / 2, rtol=1e-6, atol=1e-6)

@@ -26,11 +26,13 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+import hfmerge
 from hfmerge import merging as merge_module
 from hfmerge import planning as planning_module
 from hfmerge import fileio
 from hfmerge.checkpoints import writer as writer_module
 from hfmerge.cli import main
+from hfmerge.errors import OutputIsInputError, OutputWriteError
 from hfmerge.planning import build_plan
 from hfmerge.recipe import load_recipe
 from hfmerge.testing import load_base_state
@@ -100,9 +102,17 @@ def temp_siblings(output: Path) -> list[Path]:
 
 
 def one_line_error(capsys) -> str:
+    """What the command printed: one line, no traceback."""
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err
     assert len(err.splitlines()) == 1, err
+    return err
+
+
+def one_line(exc: BaseException) -> str:
+    """A library error's message, which must be one line."""
+    err = str(exc)
+    assert err and len(err.splitlines()) == 1, err
     return err
 
 
@@ -122,7 +132,7 @@ OUTPUT_CASES = {
 
 @pytest.mark.parametrize("how", ["plain", "overwrite", "symlink"])
 @pytest.mark.parametrize("case", list(OUTPUT_CASES))
-def test_an_output_that_is_contains_or_lies_inside_an_input_is_refused_before_anything_is_read(work, tmp_path, capsys, monkeypatch, case, how):
+def test_an_output_that_is_contains_or_lies_inside_an_input_is_refused_before_anything_is_read(work, tmp_path, monkeypatch, case, how):
     target, field = OUTPUT_CASES[case]
     output = target(work)
     if how == "symlink":
@@ -139,13 +149,20 @@ def test_an_output_that_is_contains_or_lies_inside_an_input_is_refused_before_an
     existed = os.path.lexists(output)
     # Refused before any reading: building the plan would be a bug.
     monkeypatch.setattr(planning_module, "build_plan", lambda *a, **k: pytest.fail("the plan was built"))
-    args = [str(work["full"]), "-o", str(output), "-q", "--no-eval"] + (["--overwrite"] if how != "plain" else [])
-    assert main(args) == 1
-    err = one_line_error(capsys)
+    with pytest.raises(OutputIsInputError) as refused:
+        hfmerge.merge(work["full"], output=output, overwrite=how != "plain", evaluate=False, progress=False)
+    err = one_line(refused.value)
     assert str(output) in err and field in err, err
     assert snapshot(*watched) == before  # every input byte-identical, nothing added
     assert os.path.lexists(output) == existed
     assert not any(p.name.startswith("." + output.name) for p in output.parent.iterdir()) if output.parent.exists() else True
+
+
+def test_the_command_prints_an_output_inside_an_input_as_one_line_and_fails(work, capsys, monkeypatch):
+    monkeypatch.setattr(planning_module, "build_plan", lambda *a, **k: pytest.fail("the plan was built"))
+    assert main([str(work["full"]), "-o", str(work["ft0"]), "-q", "--no-eval", "--overwrite"]) == 1
+    err = one_line_error(capsys)
+    assert err.startswith("error: ") and str(work["ft0"]) in err and "models[0].model" in err, err
 
 
 def test_a_library_merge_refuses_an_output_inside_an_input_too(work):
@@ -181,15 +198,15 @@ def test_json_and_copy_targets_may_not_replace_an_input(work, capsys):
 
 def test_an_output_beside_the_inputs_is_fine(work):
     out = work["models"] / "merged"  # a sibling of the model folders, inside none of them
-    assert main([str(work["simple"]), "-o", str(out), "-q"]) == 0
+    assert hfmerge.merge(work["simple"], output=out, progress=False).output == out
     assert (out / "config.json").is_file() and not temp_siblings(out)
 
 
 # -- 2. full, read-only or forbidden disks --------------------------------------------------------
 
 
-def assert_clean_failure(capsys, out: Path, *words: str) -> str:
-    err = one_line_error(capsys)
+def assert_clean_failure(refused: pytest.ExceptionInfo, out: Path, *words: str) -> str:
+    err = one_line(refused.value)
     assert str(out) in err, err
     for w in words:
         assert w in err, err
@@ -222,24 +239,26 @@ class FailingFile:
     (errno.EACCES, ["permission denied"]),
     (errno.EPERM, ["permission denied"]),
 ])
-def test_a_shard_write_that_fails_gives_one_line_and_leaves_nothing(work, capsys, monkeypatch, code, words):
+def test_a_shard_write_that_fails_gives_one_line_and_leaves_nothing(work, monkeypatch, code, words):
     real_open = open
     monkeypatch.setattr(writer_module, "open", lambda path, mode="r": FailingFile(real_open(path, mode), code), raising=False)
-    assert main([str(work["simple"]), "-o", str(work["out"]), "-q"]) == 1
-    err = assert_clean_failure(capsys, work["out"], *words)
+    with pytest.raises(OutputWriteError) as refused:
+        hfmerge.merge(work["simple"], output=work["out"], progress=False)
+    err = assert_clean_failure(refused, work["out"], *words)
     assert ".hfmerge-" not in err  # the folder the user asked for, not the temporary one
 
 
-def test_a_temporary_folder_that_cannot_be_created_is_one_line(work, capsys, monkeypatch):
+def test_a_temporary_folder_that_cannot_be_created_is_one_line(work, monkeypatch):
     def read_only(prefix="", dir=None, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", os.path.join(dir, prefix + "x"))
 
     monkeypatch.setattr(merge_module.tempfile, "mkdtemp", read_only)
-    assert main([str(work["simple"]), "-o", str(work["out"]), "-q"]) == 1
-    assert_clean_failure(capsys, work["out"], "read-only")
+    with pytest.raises(OutputWriteError) as refused:
+        hfmerge.merge(work["simple"], output=work["out"], progress=False)
+    assert_clean_failure(refused, work["out"], "read-only")
 
 
-def test_a_side_file_copy_and_the_final_rename_that_fail_leave_nothing(work, capsys, monkeypatch):
+def test_a_side_file_copy_and_the_final_rename_that_fail_leave_nothing(work, monkeypatch):
     def full_copy(src, dst, **kwargs):
         err = OSError(errno.ENOSPC, "No space left on device")
         err.filename, err.filename2 = str(src), str(dst)
@@ -247,23 +266,26 @@ def test_a_side_file_copy_and_the_final_rename_that_fail_leave_nothing(work, cap
 
     with monkeypatch.context() as m:
         m.setattr(merge_module.shutil, "copyfile", full_copy)
-        assert main([str(work["simple"]), "-o", str(work["out"]), "-q"]) == 1
-    assert_clean_failure(capsys, work["out"], "config.json", "no space left")
+        with pytest.raises(OutputWriteError) as refused:
+            hfmerge.merge(work["simple"], output=work["out"], progress=False)
+    assert_clean_failure(refused, work["out"], "config.json", "no space left")
 
     def forbidden(src, dst):
         raise PermissionError(errno.EACCES, "Permission denied", str(src), None, str(dst))
 
     with monkeypatch.context() as m:
         m.setattr(merge_module.os, "rename", forbidden)
-        assert main([str(work["simple"]), "-o", str(work["out"]), "-q"]) == 1
-    assert_clean_failure(capsys, work["out"], "permission denied")
+        with pytest.raises(OutputWriteError) as refused:
+            hfmerge.merge(work["simple"], output=work["out"], progress=False)
+    assert_clean_failure(refused, work["out"], "permission denied")
 
 
-def test_too_little_free_space_is_refused_up_front_with_the_numbers(work, capsys, monkeypatch):
+def test_too_little_free_space_is_refused_up_front_with_the_numbers(work, monkeypatch):
     monkeypatch.setattr(fileio.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 100, 100))
     monkeypatch.setattr(merge_module.TensorMerger, "merge", lambda self, t: pytest.fail("merging started"))
-    assert main([str(work["simple"]), "-o", str(work["out"]), "-q"]) == 1
-    err = assert_clean_failure(capsys, work["out"], "not enough space", "100 B is free")
+    with pytest.raises(OutputWriteError) as refused:
+        hfmerge.merge(work["simple"], output=work["out"], progress=False)
+    err = assert_clean_failure(refused, work["out"], "not enough space", "100 B is free")
     assert "needs" in err
 
 
@@ -334,14 +356,14 @@ def test_a_run_killed_mid_merge_is_cleaned_up_by_the_next_run(work):
             real(self, name, tensor)
             os.kill(os.getpid(), signal.SIGKILL)  # killed after the first tensor is on disk
         writer.ShardedSafetensorsWriter.write = write
-        from hfmerge.cli import main
-        sys.exit(main([{str(work['simple'])!r}, "-o", {str(out)!r}, "-q"]))
+        import hfmerge
+        hfmerge.merge({str(work['simple'])!r}, output={str(out)!r}, progress=False)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr
     left = temp_siblings(out)
     assert len(left) == 1 and not out.exists()
-    assert main([str(work["simple"]), "-o", str(out), "-q"]) == 0
+    assert hfmerge.merge(work["simple"], output=out, progress=False).output == out
     assert not temp_siblings(out) and (out / "model.safetensors.index.json").is_file()
 
 
@@ -362,7 +384,7 @@ def test_an_old_output_left_in_a_backup_by_a_killed_overwrite_is_put_back(work):
 def test_the_output_folder_and_files_get_the_umask_mode(work, umask):
     previous = os.umask(umask)
     try:
-        assert main([str(work["simple"]), "-o", str(work["out"]), "-q"]) == 0
+        assert hfmerge.merge(work["simple"], output=work["out"], progress=False).output == work["out"]
         from hfmerge.fisher.cache import save_fisher
 
         fisher = save_fisher(work["root"] / "cache" / "k.safetensors", {"w": torch.ones(3)}, {})

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+import hfmerge
 from hfmerge.cli import main
-from hfmerge.errors import HubAccessError
+from hfmerge.errors import HubAccessError, IncompleteOutputError, PublishError
 from hfmerge.publish import check_push_access
 from hub_fixtures import HUB_TEST_TOKEN
 from hub_server import HubServer
@@ -33,7 +34,7 @@ def merged(t5, tmp_path_factory) -> Path:
     """A sharded merge output (index + several shards), written once for the module, offline."""
     root = tmp_path_factory.mktemp("merged")
     recipe = write_recipe(root / "r.yaml", merge_method="average", base_model=t5.base, models=[{"model": p} for p in t5.finetuned[:2]])
-    assert main([str(recipe), "-o", str(root / "out"), "-q", "--max-shard-size", "20KB"]) == 0
+    assert hfmerge.merge(recipe, output=root / "out", max_shard_size="20KB", progress=False).output == root / "out"
     assert (root / "out" / "model.safetensors.index.json").is_file()
     return root / "out"
 
@@ -71,7 +72,7 @@ def _sha256(path: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# The early auth check (run_recipe, before the plan)
+# The early auth check (hfmerge.merge and hfmerge.plan, before the plan is built)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -84,36 +85,38 @@ def test_missing_token_fails_before_any_model_is_read(hub, t5, tmp_path, capsys)
     _assert_nothing_read_or_written(hub, out)
 
 
-def test_read_only_token_fails_fast_naming_write_access(hub, t5, tmp_path, capsys, monkeypatch):
+def test_read_only_token_fails_fast_naming_write_access(hub, t5, tmp_path, monkeypatch):
     token = _use_token(monkeypatch, hub, role="read")
     recipe = _hub_recipe(hub, t5, tmp_path)
     out = tmp_path / "out"
-    assert main([str(recipe), "-o", str(out), "-q", "--push-to-hub", hub.unique_repo_id("target")]) == 1
-    err = capsys.readouterr().err
+    with pytest.raises(HubAccessError) as refused:
+        hfmerge.merge(recipe, output=out, push_to_hub=hub.unique_repo_id("target"), progress=False)
+    err = str(refused.value)
     assert "read token" in err and "write access" in err and token not in err
     _assert_nothing_read_or_written(hub, out)
     assert len(hub.requests_matching("GET", "/api/whoami-v2")) == 1
 
 
-def test_token_of_another_namespace_fails_fast_even_for_an_existing_repo(hub, t5, tmp_path, capsys, monkeypatch):
+def test_token_of_another_namespace_fails_fast_even_for_an_existing_repo(hub, t5, tmp_path, monkeypatch):
     _use_token(monkeypatch, hub, user="someone-else")
     target = hub.unique_repo_id("theirs")  # a repo of test-user
     hub.create_repo_direct(target, {"README.md": b"theirs\n"})
     before = hub.commit_history(target)
     recipe = _hub_recipe(hub, t5, tmp_path)
     out = tmp_path / "out"
-    assert main([str(recipe), "-o", str(out), "-q", "--push-to-hub", target]) == 1
-    err = capsys.readouterr().err
+    with pytest.raises(HubAccessError) as refused:
+        hfmerge.merge(recipe, output=out, push_to_hub=target, progress=False)
+    err = str(refused.value)
     assert "'someone-else'" in err and "'test-user'" in err and "write access to test-user" in err
     _assert_nothing_read_or_written(hub, out)
     assert hub.commit_history(target) == before
 
 
-def test_dry_run_with_push_checks_the_token_too(hub, t5, tmp_path, capsys, monkeypatch):
+def test_dry_run_with_push_checks_the_token_too(hub, t5, tmp_path, monkeypatch):
     _use_token(monkeypatch, hub, role="read")
     recipe = _hub_recipe(hub, t5, tmp_path)
-    assert main([str(recipe), "--dry-run", "--push-to-hub", hub.unique_repo_id("target")]) == 1
-    assert "write access" in capsys.readouterr().err
+    with pytest.raises(HubAccessError, match="write access"):
+        hfmerge.plan(recipe, push_to_hub=hub.unique_repo_id("target"))
 
 
 @pytest.mark.parametrize(
@@ -185,7 +188,7 @@ def test_offline_mode_is_reported_before_anything_is_sent(hub, hf_token, monkeyp
 
 
 # ----------------------------------------------------------------------------------------------
-# hfmerge push DIR REPO
+# hfmerge.push(folder, repo_id) and `hfmerge push DIR REPO`
 # ----------------------------------------------------------------------------------------------
 
 
@@ -214,7 +217,7 @@ def test_push_subcommand_publishes_a_merged_folder_hash_equal(hub, hf_token, mer
         ("cache_folder", "in a folder the Hub refuses"),
     ],
 )
-def test_push_subcommand_refuses_an_incomplete_folder(hub, hf_token, folder, capsys, damage, expected):
+def test_push_refuses_an_incomplete_folder(hub, hf_token, folder, damage, expected):
     shards = sorted(folder.glob("model-*.safetensors"))
     if damage == "missing_shard":
         shards[-1].unlink()
@@ -234,24 +237,25 @@ def test_push_subcommand_refuses_an_incomplete_folder(hub, hf_token, folder, cap
         (folder / ".cache" / "other").mkdir(parents=True)
         (folder / ".cache" / "other" / "x.txt").write_text("x")
     target = hub.unique_repo_id("incomplete")
-    assert main(["push", str(folder), target]) == 1
-    err = capsys.readouterr().err
+    with pytest.raises(IncompleteOutputError) as refused:
+        hfmerge.push(folder, target)
+    err = str(refused.value)
     assert "not a complete hfmerge output" in err and expected in err
     assert not hub.requests and not hub.repo_exists(target)
 
 
-def test_push_subcommand_refuses_an_unfinished_merge_folder(hub, hf_token, merged, tmp_path, capsys):
+def test_push_refuses_an_unfinished_merge_folder(hub, hf_token, merged, tmp_path):
     tmp = Path(shutil.copytree(merged, tmp_path / ".out.hfmerge-abc123"))
-    assert main(["push", str(tmp), hub.unique_repo_id("unfinished")]) == 1
-    assert "temporary folder of an unfinished merge" in capsys.readouterr().err
+    with pytest.raises(IncompleteOutputError, match="temporary folder of an unfinished merge"):
+        hfmerge.push(tmp, hub.unique_repo_id("unfinished"))
     assert not hub.requests
 
 
-def test_push_subcommand_checks_the_token_before_uploading(hub, merged, capsys, monkeypatch):
+def test_push_checks_the_token_before_uploading(hub, merged, monkeypatch):
     _use_token(monkeypatch, hub, role="read")
     target = hub.unique_repo_id("readonly")
-    assert main(["push", str(merged), target]) == 1
-    assert "write access" in capsys.readouterr().err
+    with pytest.raises(HubAccessError, match="write access"):
+        hfmerge.push(merged, target)
     assert not hub.requests_matching("POST") and not hub.repo_exists(target)
 
 
@@ -263,17 +267,16 @@ def test_push_subcommand_rejects_a_bad_repo_id(hub, hf_token, merged, capsys, ba
     assert not hub.requests
 
 
-def test_a_bare_repo_name_goes_to_the_token_users_namespace(hub, merged, t5, tmp_path, capsys, monkeypatch):
+def test_a_bare_repo_name_goes_to_the_token_users_namespace(hub, merged, t5, tmp_path, monkeypatch):
     """As the Hub's own command line does: `name` means `<token user>/name`."""
     user = hub.unique_repo_id("u").split("/")[1].replace("-", "")
     _use_token(monkeypatch, hub, user=user, role="write")
     name = "bare-" + user
-    assert main(["push", str(merged), name, "-q"]) == 0
-    assert f"Pushed to {user}/{name}:" in capsys.readouterr().out and hub.repo_exists(f"{user}/{name}")
-    # The same through a merge's --push-to-hub.
+    assert hfmerge.push(merged, name).repo_id == f"{user}/{name}" and hub.repo_exists(f"{user}/{name}")
+    # The same through a merge's push_to_hub.
     recipe = write_recipe(tmp_path / "r.yaml", merge_method="average", base_model=t5.base, models=[{"model": m} for m in t5.finetuned[:2]])
-    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q", "--push-to-hub", name + "-2"]) == 0
-    assert hub.repo_exists(f"{user}/{name}-2")
+    result = hfmerge.merge(recipe, output=tmp_path / "out", push_to_hub=name + "-2", progress=False)
+    assert result.pushed.repo_id == f"{user}/{name}-2" and hub.repo_exists(f"{user}/{name}-2")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,33 +285,35 @@ def test_a_bare_repo_name_goes_to_the_token_users_namespace(hub, merged, t5, tmp
 
 
 @pytest.mark.parametrize("status", [500, 403])
-def test_failed_commit_on_a_new_repo_leaves_no_repo(hub, hf_token, merged, capsys, status):
+def test_failed_commit_on_a_new_repo_leaves_no_repo(hub, hf_token, merged, status):
     target = hub.unique_repo_id("new")
     hub.fail_commits(status, repo_id=target)
-    assert main(["push", str(merged), target]) == 1
-    err = capsys.readouterr().err
+    with pytest.raises(PublishError) as failed:
+        hfmerge.push(merged, target)
+    err = str(failed.value)
     assert "nothing was committed" in err and "created was deleted again" in err
     assert hub.requests_matching("POST", "/api/repos/create"), "the push did create the repo first"
     assert not hub.repo_exists(target)
 
 
-def test_failed_commit_after_a_merge_leaves_no_new_repo(hub, hf_token, t5, tmp_path, capsys):
+def test_failed_commit_after_a_merge_leaves_no_new_repo(hub, hf_token, t5, tmp_path):
     target = hub.unique_repo_id("merged-new")
     hub.fail_commits(500, repo_id=target)
     recipe = write_recipe(tmp_path / "r.yaml", merge_method="average", base_model=t5.base, models=[{"model": p} for p in t5.finetuned[:2]])
-    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q", "--push-to-hub", target]) == 1
-    assert "nothing was committed" in capsys.readouterr().err
+    with pytest.raises(PublishError, match="nothing was committed"):
+        hfmerge.merge(recipe, output=tmp_path / "out", push_to_hub=target, progress=False)
     assert not hub.repo_exists(target)
     assert (tmp_path / "out" / "README.md").is_file()  # the local output stays: push it later with `hfmerge push`
 
 
-def test_failed_commit_on_an_existing_repo_leaves_it_and_its_history_unchanged(hub, hf_token, merged, capsys):
+def test_failed_commit_on_an_existing_repo_leaves_it_and_its_history_unchanged(hub, hf_token, merged):
     target = hub.unique_repo_id("existing")
     hub.create_repo_direct(target, {"README.md": b"original\n"})
     history, files = hub.commit_history(target), hub.list_files(target)
     hub.fail_commits(500, repo_id=target)
-    assert main(["push", str(merged), target]) == 1
-    err = capsys.readouterr().err
+    with pytest.raises(PublishError) as failed:
+        hfmerge.push(merged, target)
+    err = str(failed.value)
     assert "nothing was committed" in err and "deleted" not in err
     assert hub.commit_history(target) == history and hub.list_files(target) == files
     assert not hub.requests_matching("DELETE")
@@ -337,5 +342,6 @@ def test_interrupt_during_the_upload_to_an_existing_repo_keeps_it(hub, hf_token,
     hub.create_repo_direct(target, {"README.md": b"original\n"})
     history = hub.commit_history(target)
     monkeypatch.setattr(HfApi, "create_commit", interrupted)
-    assert main(["push", str(merged), target]) == 130
+    with pytest.raises(KeyboardInterrupt):
+        hfmerge.push(merged, target)
     assert hub.commit_history(target) == history

@@ -277,13 +277,14 @@ def test_the_issue_examples_are_recipe_errors(folders):
         parse_recipe({"merge_method": "ties", "base_model": "./base", "models": ["./a"], "dtype": ["float32"]}, source="r.yaml", base_dir=folders)
 
 
-def test_paths_the_os_refuses_and_huge_task_values_are_one_short_error(folders, capsys):
-    from hfmerge.cli import main
+def test_paths_the_os_refuses_and_huge_task_values_are_one_short_error(folders):
+    import hfmerge
 
-    # A recipe path too long for the OS: an error, not an OSError traceback.
-    assert main([str(folders / ("r" * 300 + ".yaml")), "--dry-run"]) == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and "cannot be read" in err and len(err) < 600
+    # A recipe path too long for the OS: a RecipeError, not an OSError.
+    with pytest.raises(RecipeError) as refused:
+        hfmerge.plan(folders / ("r" * 300 + ".yaml"))
+    err = str(refused.value)
+    assert "cannot be read" in err and len(err) < 600 and len(err.splitlines()) == 1
     task = {"task": "t", "doc_to_text": "{{x}}", "doc_to_choice": ["a", "b"], "doc_to_target": 0}
     base = {"merge_method": "task_arithmetic", "base_model": "./base", "models": ["./a"]}
     for tasks in ([{**task, "dataset_path": "./" + "d" * 300}], [{**task, "dataset_path": "json", "dataset_kwargs": {"data_files": "/" + "f" * 300}}],

@@ -19,9 +19,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import hfmerge
 from hfmerge.checkpoints.reader import open_local_checkpoint
 from hfmerge.checkpoints.safetensors_header import read_header
-from hfmerge.cli import main
 from hfmerge.errors import CheckpointError, RecipeError
 from hfmerge.planning import build_plan
 from hfmerge.recipe import load_recipe, parse_recipe
@@ -153,12 +153,12 @@ def _shift_into_header(header: dict) -> None:
     header[name]["data_offsets"] = [begin - 64, end - 64]
 
 
-def test_merge_of_a_checkpoint_with_offsets_into_the_header_fails_in_the_plan(t5, tmp_path, capsys):
+def test_merge_of_a_checkpoint_with_offsets_into_the_header_fails_in_the_plan(t5, tmp_path):
     folder = _with_weights(t5, tmp_path, _shift_into_header)
     recipe = write_recipe(tmp_path / "r.yaml", merge_method="task_arithmetic", base_model=t5.base, models=[{"model": folder}])
-    assert main([str(recipe), "-o", str(tmp_path / "out"), "-q"]) != 0
-    err = capsys.readouterr().err
-    assert "bad/model.safetensors: tensor '" in err and "Traceback" not in err
+    with pytest.raises(CheckpointError) as refused:
+        hfmerge.merge(recipe, output=tmp_path / "out", progress=False)
+    assert "bad/model.safetensors: tensor '" in str(refused.value)
     assert not (tmp_path / "out").exists()
 
 
@@ -246,17 +246,18 @@ def test_symlink_outside_is_followed_with_the_recipe_key(t5, tmp_path):
         assert torch.equal(ckpt.read(name), f.get_tensor(name))
 
 
-def test_recipe_key_allow_external_symlinks_reaches_the_merge(t5, tmp_path, capsys):
+def test_recipe_key_allow_external_symlinks_reaches_the_merge(t5, tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     shutil.copyfile(t5.finetuned[0] / "model.safetensors", outside / "model.safetensors")
     folder = _linked_copy(t5, tmp_path, "model.safetensors", outside / "model.safetensors")
     data = {"merge_method": "task_arithmetic", "base_model": t5.base, "models": [{"model": folder}]}
     refused = write_recipe(tmp_path / "refused.yaml", **data)
-    assert main([str(refused), "--output", str(tmp_path / "out1"), "-q"]) == 1
-    assert "allow_external_symlinks" in capsys.readouterr().err and not (tmp_path / "out1").exists()
+    with pytest.raises(CheckpointError, match="allow_external_symlinks"):
+        hfmerge.merge(refused, output=tmp_path / "out1", progress=False)
+    assert not (tmp_path / "out1").exists()
     allowed = write_recipe(tmp_path / "allowed.yaml", **data, allow_external_symlinks=True)
-    assert main([str(allowed), "--output", str(tmp_path / "out2"), "-q"]) == 0
+    assert hfmerge.merge(allowed, output=tmp_path / "out2", progress=False).output == tmp_path / "out2"
     assert (tmp_path / "out2" / "model.safetensors").is_file()
 
 
@@ -285,7 +286,7 @@ def test_hub_file_resolving_outside_the_repo_cache_is_refused(hub, hub_cache, t5
     hub.create_repo_direct(base_repo, {p.name: p for p in t5.base.iterdir() if p.is_file()})
     hub.create_repo_direct(repo, {p.name: p for p in t5.finetuned[0].iterdir() if p.is_file()})
     recipe = write_recipe(tmp_path / "r.yaml", merge_method="task_arithmetic", base_model=base_repo, models=[{"model": repo}])
-    assert main([str(recipe), "-o", str(tmp_path / "first"), "-q"]) == 0  # fills the cache
+    assert hfmerge.merge(recipe, output=tmp_path / "first", progress=False).output == tmp_path / "first"  # fills the cache
     # Alter the cache: the snapshot's weights now lead to a file outside it.
     outside = tmp_path / "elsewhere.safetensors"
     shutil.copyfile(t5.finetuned[0] / "model.safetensors", outside)
