@@ -8,6 +8,11 @@ accelerate's `find_tied_parameters` group the state-dict names that share one pa
 The meta model stays hfmerge's own because accelerate needs a model to look at and hfmerge
 never loads one to plan; on top of accelerate's groups it unties the output embeddings that a
 checkpoint's config declares untied (see `_tied_groups`).
+
+The groups are cached per config and transformers version (`tied_groups`), so torch and
+transformers are imported only on a cache miss: a dry run of an architecture seen before
+starts without them. The plan never falls back to a rule read from the config, which could
+disagree with the merge.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..constants import cache_root
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +40,7 @@ def meta_model(config: dict) -> tuple[torch.nn.Module | None, str | None]:
     Returns:
         The model, or ``None`` and a text saying why it could not be built.
     """
+    import torch
     import transformers
 
     archs = config.get("architectures") or []
