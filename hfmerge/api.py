@@ -55,7 +55,20 @@ def _load(recipe: str | Path | Recipe, options: RunOptions) -> Recipe:
         loaded = replace(loaded, max_shard_size=parse_size(options.max_shard_size, field="max_shard_size"))
     if options.random_seed is not None:
         loaded = _with_seed(loaded, options.random_seed)
+    if options.hub_ids is not None:
+        loaded = _with_hub_ids(loaded, options.hub_ids)
     return loaded
+
+
+def _with_hub_ids(recipe: Recipe, hub_ids: dict[str, str]) -> Recipe:
+    """`recipe` with the Hub ids `hub_ids` gives its local inputs (over the recipe's own)."""
+    from .recipe import named_hub_ids, recipe_inputs
+
+    def fail(where: str, message: str) -> OptionError:
+        return OptionError(f"{where[1:-1]}: {message}" if where else message, options=("hub_ids",))
+
+    named = named_hub_ids(hub_ids, recipe_inputs(recipe), base_dir=None, fail=fail)
+    return replace(recipe, hub_ids={**recipe.hub_ids, **named})
 
 
 def _with_seed(recipe: Recipe, seed: int) -> Recipe:
