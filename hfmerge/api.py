@@ -171,16 +171,9 @@ def check_repo_id(repo_id: str, field: str = "repo_id") -> None:
     Raises:
         RecipeError: Naming `field`.
     """
-    from .constants import REPO_ID
-    from .refs import parse_model_ref
+    from .refs import is_hub_repo_id
 
-    if "/" not in repo_id and "@" not in repo_id and not repo_id.startswith((".", "~")):
-        if REPO_ID.match(repo_id) and "--" not in repo_id and ".." not in repo_id:
-            return
-        ref = None
-    else:
-        ref = parse_model_ref(repo_id, field=field) if not repo_id.startswith((".", "/", "~")) else None
-    if ref is None or ref.repo_id is None or ref.revision is not None or ref.adapter is not None:
+    if not is_hub_repo_id(repo_id, field=field):
         raise RecipeError(f"{field}: {short_repr(repo_id)} is not a Hub repo id; expected org/name or a name of your own")
 
 

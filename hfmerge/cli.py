@@ -21,6 +21,7 @@ Errors from the `HfMergeError` family are printed as one message without a trace
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -209,7 +210,9 @@ def _setup_logging(verbose: bool, quiet: bool) -> Callable[[], None]:
     saved_levels = {name: logging.getLogger(name).level for name in names}
     saved_filters = list(warnings.filters)
     saved_env = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
-    hub_bars_off = sys.modules["huggingface_hub"].utils.are_progress_bars_disabled() if "huggingface_hub" in sys.modules else None
+    # huggingface_hub loads its submodules lazily: it may be imported without `utils` yet.
+    hub_utils = importlib.import_module("huggingface_hub.utils") if "huggingface_hub" in sys.modules else None
+    hub_bars_off = hub_utils.are_progress_bars_disabled() if hub_utils is not None else None
     tf_bars_on = sys.modules["transformers"].utils.logging.is_progress_bar_enabled() if "transformers" in sys.modules else None
 
     def restore() -> None:
@@ -221,7 +224,7 @@ def _setup_logging(verbose: bool, quiet: bool) -> Callable[[], None]:
         else:
             os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = saved_env
         if hub_bars_off is False:
-            sys.modules["huggingface_hub"].utils.enable_progress_bars()
+            importlib.import_module("huggingface_hub.utils").enable_progress_bars()
         if tf_bars_on:
             sys.modules["transformers"].utils.logging.enable_progress_bar()
 

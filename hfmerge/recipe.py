@@ -20,7 +20,7 @@ from .constants import RECIPE_DTYPES
 from .errors import HfMergeError, RecipeError, short_repr
 from .fileio import parse_size
 from .methods import METHODS, MergeMethod, Param, known_parameter_names
-from .refs import ModelRef, parse_model_ref
+from .refs import ModelRef, is_hub_repo_id, parse_model_ref
 from .tokenizer import TokenizerSettings, TokenSetting, TokenSource, resolve_chat_template
 from .yamlio import load_yaml_file
 
@@ -340,8 +340,6 @@ def named_hub_ids(value: Any, inputs: Sequence[ModelRef], *, base_dir: Path | No
     Returns:
         The resolved folder (`ref_identity`) -> repo id.
     """
-    from .api import check_repo_id
-
     if not isinstance(value, dict) or not value:
         raise fail("", f"got {short_repr(value)}; expected a mapping from local input folders to Hub repo ids, e.g. {{./base: org/name}}")
     local = {ref_identity(part) for ref in inputs for part in ref.parts if part.is_local}
@@ -362,9 +360,11 @@ def named_hub_ids(value: Any, inputs: Sequence[ModelRef], *, base_dir: Path | No
         if not isinstance(repo_id, str):
             raise fail(where, f"got {short_repr(repo_id)}; expected a Hub repo id org/name")
         try:
-            check_repo_id(repo_id, field="hub id")
+            valid = is_hub_repo_id(repo_id)
         except RecipeError:
-            raise fail(where, f"{short_repr(repo_id)} is not a Hub repo id; expected org/name, without a revision") from None
+            valid = False
+        if not valid:
+            raise fail(where, f"{short_repr(repo_id)} is not a Hub repo id; expected org/name, without a revision")
         if named.get(identity, repo_id) != repo_id:
             raise fail(where, f"{ref.path} is named twice, as {named[identity]} and {repo_id}; give one id")
         named[identity] = repo_id

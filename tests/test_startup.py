@@ -53,8 +53,12 @@ def test_recipe_validation_and_local_dry_run_start_without_torch(tmp_path, monke
         "merge_method": "ties", "base_model": str(base), "dtype": "float32",
         "models": [{"model": str(m), "parameters": {"weight": 0.5, "density": 0.5}} for m in models],
     }, sort_keys=False))
-    # The tie groups of an architecture are found once (from transformers' meta model) and
-    # cached; every later dry run of that architecture reads the cache.
+    stacked = tmp_path / "stack.yaml"  # a slices: recipe also places the tensors outside the layers
+    stacked.write_text(yaml.safe_dump({"merge_method": "passthrough", "dtype": "float32",
+                                       "slices": [{"sources": [{"model": str(models[0]), "layer_range": [0, 1]}]},
+                                                  {"sources": [{"model": str(models[1]), "layer_range": [0, 1]}]}]}))
+    # The tie groups and state-dict order of an architecture are found once (from
+    # transformers' meta model) and cached; every later dry run of that architecture reads them.
     monkeypatch.setenv("HFMERGE_CACHE", str(tmp_path / "cache"))
     groups, warning = tied_groups(json.loads((base / "config.json").read_text()))
     assert warning is None
@@ -62,8 +66,12 @@ def test_recipe_validation_and_local_dry_run_start_without_torch(tmp_path, monke
              "assert recipe.method.name == 'ties' and len(recipe.models) == 2\n"
              "print('after parse', loaded())\n"
              f"from hfmerge.cli import main\nassert main([{str(recipe)!r}, '--dry-run', '--json', {str(tmp_path / 'plan.json')!r}]) == 0\n"
-             "print('after dry-run', loaded())\n")
+             "print('after dry-run', loaded())\n"
+             f"assert main([{str(stacked)!r}, '--dry-run', '--json', {str(tmp_path / 'stack.json')!r}]) == 0\n"
+             "print('after slices dry-run', loaded())\n")
     lines = _run(steps, env={**os.environ, "HFMERGE_CACHE": str(tmp_path / "cache")})
-    assert lines == ["start []", "after parse []", "after dry-run []"], lines
+    assert lines == ["start []", "after parse []", "after dry-run []", "after slices dry-run []"], lines
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["tensors_merged"] > 0 and len(plan["models"]) == 2, plan  # the dry run did plan the merge
+    stack = json.loads((tmp_path / "stack.json").read_text())
+    assert stack["tensors"] == 2 * (plan["tensors"] - 3) + 3, stack  # two one-layer slices around embeddings, norm and head
