@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 if TYPE_CHECKING:
     import torch
+
     from ..recipe import Recipe
 
 

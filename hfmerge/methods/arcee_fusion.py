@@ -27,6 +27,7 @@ from .registry import merge_method
 
 if TYPE_CHECKING:
     import torch
+
     from ..recipe import Recipe
 
 EPS = 1e-8

@@ -22,6 +22,7 @@ from .task_arithmetic import LAMBDA, WEIGHT
 
 if TYPE_CHECKING:
     import torch
+
     from ..recipe import Recipe
 
 DENSITY = Param("density", 1.0, low=0.0, high=1.0, low_open=True, help="keep probability 1 − p")

@@ -23,6 +23,7 @@ from .registry import Param, merge_method
 
 if TYPE_CHECKING:
     import torch
+
     from ..recipe import Recipe
 
 

@@ -24,6 +24,7 @@ from .registry import Param, merge_method
 
 if TYPE_CHECKING:
     import torch
+
     from ..recipe import Recipe
 
 ZERO_SUM = 1e-6  # |Σ w_i| below this cannot be normalised

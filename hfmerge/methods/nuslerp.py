@@ -24,6 +24,7 @@ from .registry import Param, merge_method
 
 if TYPE_CHECKING:
     import torch
+
     from ..recipe import Recipe
 
 NORM_FLOOR = 1e-7  # norms are clamped to at least this before dividing

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, S
 
 if TYPE_CHECKING:
     import torch
+
     from ..recipe import Recipe
 
 _T = TypeVar("_T")

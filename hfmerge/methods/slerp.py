@@ -21,6 +21,7 @@ from .registry import Param, merge_method
 
 if TYPE_CHECKING:
     import torch
+
     from ..recipe import Recipe
 
 DOT_THRESHOLD = 0.9995  # |cos Ω| above this interpolates linearly (mergekit's value)

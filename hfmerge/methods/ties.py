@@ -24,6 +24,7 @@ from .task_arithmetic import LAMBDA, WEIGHT
 
 if TYPE_CHECKING:
     import torch
+
     from ..recipe import Recipe
 
 DENSITY = Param("density", 1.0, low=0.0, high=1.0, low_open=True, help="fraction of entries kept (k of top-k%); 1 keeps all")
