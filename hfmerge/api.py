@@ -55,7 +55,20 @@ def _load(recipe: str | Path | Recipe, options: RunOptions) -> Recipe:
         loaded = replace(loaded, max_shard_size=parse_size(options.max_shard_size, field="max_shard_size"))
     if options.random_seed is not None:
         loaded = _with_seed(loaded, options.random_seed)
+    if options.hub_ids is not None:
+        loaded = _with_hub_ids(loaded, options.hub_ids)
     return loaded
+
+
+def _with_hub_ids(recipe: Recipe, hub_ids: dict[str, str]) -> Recipe:
+    """`recipe` with the Hub ids `hub_ids` gives its local inputs (over the recipe's own)."""
+    from .recipe import named_hub_ids, recipe_inputs
+
+    def fail(where: str, message: str) -> OptionError:
+        return OptionError(f"{where[1:-1]}: {message}" if where else message, options=("hub_ids",))
+
+    named = named_hub_ids(hub_ids, recipe_inputs(recipe), base_dir=None, fail=fail)
+    return replace(recipe, hub_ids={**recipe.hub_ids, **named})
 
 
 def _with_seed(recipe: Recipe, seed: int) -> Recipe:
@@ -158,16 +171,9 @@ def check_repo_id(repo_id: str, field: str = "repo_id") -> None:
     Raises:
         RecipeError: Naming `field`.
     """
-    from .constants import REPO_ID
-    from .refs import parse_model_ref
+    from .refs import is_hub_repo_id
 
-    if "/" not in repo_id and "@" not in repo_id and not repo_id.startswith((".", "~")):
-        if REPO_ID.match(repo_id) and "--" not in repo_id and ".." not in repo_id:
-            return
-        ref = None
-    else:
-        ref = parse_model_ref(repo_id, field=field) if not repo_id.startswith((".", "/", "~")) else None
-    if ref is None or ref.repo_id is None or ref.revision is not None or ref.adapter is not None:
+    if not is_hub_repo_id(repo_id, field=field):
         raise RecipeError(f"{field}: {short_repr(repo_id)} is not a Hub repo id; expected org/name or a name of your own")
 
 

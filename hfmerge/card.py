@@ -15,7 +15,7 @@ import yaml
 from . import __version__
 from .constants import FILE_BUILDERS, TORCH_DTYPE_NAMES
 from .planning import MergePlan
-from .recipe import recipe_syntax
+from .recipe import Recipe, hub_id_of, recipe_syntax
 
 # Architecture class suffix -> (pipeline tag, transformers Auto class that loads it).
 PIPELINE_BY_SUFFIX = (
@@ -64,10 +64,19 @@ def _pinned(ckpt) -> str | None:
     return f"{ckpt.ref.repo_id}@{_commit(ckpt)}" if ckpt.ref.repo_id else None
 
 
-def _hub_ids(ckpt) -> list[str]:
-    """The Hub repos a checkpoint was read from (for a ``BASE+ADAPTER`` reference, both)."""
-    ids = _hub_ids(ckpt.base) if _explicit(ckpt) else []
-    return ids + ([ckpt.ref.repo_id] if ckpt.ref.repo_id else [])
+def _hub_ids(ckpt, recipe: Recipe, *, local_only: bool = False) -> list[str]:
+    """The Hub repos a checkpoint was read from, or that the recipe's ``hub_ids`` name for its
+    local folder (for a ``BASE+ADAPTER`` reference, both sides); `local_only`: only the latter."""
+    ids = _hub_ids(ckpt.base, recipe, local_only=local_only) if _explicit(ckpt) else []
+    own = hub_id_of(recipe, ckpt.ref) if ckpt.ref.is_local or not local_only else None
+    return ids + ([own] if own else [])
+
+
+def _input_name(ckpt, recipe: Recipe) -> str:
+    """How the inputs table names a checkpoint: its reference, and the Hub ids ``hub_ids``
+    gives its local folders."""
+    named = _hub_ids(ckpt, recipe, local_only=True)
+    return f"{_ref_name(ckpt)} (Hub: {', '.join(named)})" if named else _ref_name(ckpt)
 
 
 def resolved_recipe(plan: MergePlan) -> dict:
@@ -134,8 +143,10 @@ def _usage(auto_class: str, pipeline: str | None, repo: str) -> str:
 def build_card(plan: MergePlan, folder: Path, title: str, evaluation=None, extra_sections: str = "", repo_id: str | None = None):
     """Build the ModelCard for the merged model written in `folder` (hashes every file there but README.md).
 
-    Only Hub repos go into the `base_model` metadata (local folders have no id there); the
-    inputs table lists every input. `evaluation` (an `EvalReport` of the output) adds
+    Hub repos go into the `base_model` metadata, with the ids the recipe's ``hub_ids`` gives
+    local folders (a local folder without one has no id there); `base_model_relation: merge`
+    is written only with a `base_model`. The inputs table lists every input, a named local
+    folder with its id. `evaluation` (an `EvalReport` of the output) adds
     `model-index` results and an evaluation section; `extra_sections` (markdown, e.g. the
     coefficient search) follows it. `repo_id` (where the model is pushed) goes into the usage
     snippet; without it the snippet loads the folder by its `title`.
@@ -150,7 +161,7 @@ def build_card(plan: MergePlan, folder: Path, title: str, evaluation=None, extra
     if arch.endswith("ForConditionalGeneration") and config.get("model_type") not in SEQ2SEQ_MODEL_TYPES:
         pipeline, auto_class = None, "AutoModel"  # vision-language and speech models: no text-to-text pipeline
     inputs = ([plan.base] if plan.base is not None else []) + plan.models
-    hub_inputs = list(dict.fromkeys(i for c in inputs for i in _hub_ids(c)))
+    hub_inputs = list(dict.fromkeys(i for c in inputs for i in _hub_ids(c, recipe)))
     data = ModelCardData(
         base_model=hub_inputs or None,
         # The Hub reads the relation of the base_model entries; without them it says nothing.
@@ -177,7 +188,7 @@ def build_card(plan: MergePlan, folder: Path, title: str, evaluation=None, extra
     eval_section += extra_sections
     rows = []
     if plan.base is not None:
-        rows.append(f"| {_ref_name(plan.base)} | `{_commit(plan.base)}` | base | |")
+        rows.append(f"| {_input_name(plan.base, recipe)} | `{_commit(plan.base)}` | base | |")
     for spec, ckpt in zip(recipe.models, plan.models):
         coeffs = ", ".join(f"{p.name}={recipe_syntax(spec.parameters.get(p.name, recipe.model_defaults.get(p.name, p.default)))}"
                            for p in method.per_model)
@@ -185,7 +196,7 @@ def build_card(plan: MergePlan, folder: Path, title: str, evaluation=None, extra
             coeffs = "per slice: see the recipe" if method.per_model else ""  # a checkpoint may feed several slices
         # applied to the base (checkpoints/lora.py), or to the model the reference names (BASE+ADAPTER)
         role = ("LoRA adapter on its model" if _explicit(ckpt) else "LoRA adapter") if getattr(ckpt, "format", "") == "lora" else "fine-tuned"
-        rows.append(f"| {_ref_name(ckpt)} | `{_commit(ckpt)}` | {role} ({spec.key}) | {coeffs} |")
+        rows.append(f"| {_input_name(ckpt, recipe)} | `{_commit(ckpt)}` | {role} ({spec.key}) | {coeffs} |")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md")
     hashes = "\n".join(f"| `{p.relative_to(folder).as_posix()}` | `{sha256_file(p)}` |" for p in files)
     params = ", ".join(f"`{k}` = {recipe_syntax(v)}" for k, v in recipe.parameters.items()) or "none"
@@ -193,7 +204,7 @@ def build_card(plan: MergePlan, folder: Path, title: str, evaluation=None, extra
     body = f"""
 # {title}
 
-This model is a merge of {len(plan.models)} fine-tuned model(s){' of ' + _ref_name(plan.base) if plan.base is not None else ''}, made with hfmerge using **{method.name}** ({_paper(method.paper)}): {method.summary}.
+This model is a merge of {len(plan.models)} fine-tuned model(s){' of ' + _input_name(plan.base, recipe) if plan.base is not None else ''}, made with hfmerge using **{method.name}** ({_paper(method.paper)}): {method.summary}.
 
 ## Usage
 

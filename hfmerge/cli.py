@@ -21,6 +21,7 @@ Errors from the `HfMergeError` family are printed as one message without a trace
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -77,6 +78,9 @@ def _merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", nargs="?", const=True, default=None, metavar="REPO_ID",
                    help="upload the output folder to this Hub repo in one commit (default: the recipe's push_to_hub)")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    p.add_argument("--base-model-id", action="append", metavar="PATH=ORG/NAME",
+                   help="the Hub repo a local input folder is a copy of, for the model card's base_model metadata "
+                        "(repeat per folder; adds to the recipe's hub_ids)")
     p.add_argument("--no-eval", action="store_true", help="do not evaluate the output on the recipe's tasks")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="evaluation batch size (default: 32)")
     p.add_argument("--low-disk", action="store_true",
@@ -206,7 +210,9 @@ def _setup_logging(verbose: bool, quiet: bool) -> Callable[[], None]:
     saved_levels = {name: logging.getLogger(name).level for name in names}
     saved_filters = list(warnings.filters)
     saved_env = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
-    hub_bars_off = sys.modules["huggingface_hub"].utils.are_progress_bars_disabled() if "huggingface_hub" in sys.modules else None
+    # huggingface_hub loads its submodules lazily: it may be imported without `utils` yet.
+    hub_utils = importlib.import_module("huggingface_hub.utils") if "huggingface_hub" in sys.modules else None
+    hub_bars_off = hub_utils.are_progress_bars_disabled() if hub_utils is not None else None
     tf_bars_on = sys.modules["transformers"].utils.logging.is_progress_bar_enabled() if "transformers" in sys.modules else None
 
     def restore() -> None:
@@ -218,7 +224,7 @@ def _setup_logging(verbose: bool, quiet: bool) -> Callable[[], None]:
         else:
             os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = saved_env
         if hub_bars_off is False:
-            sys.modules["huggingface_hub"].utils.enable_progress_bars()
+            importlib.import_module("huggingface_hub.utils").enable_progress_bars()
         if tf_bars_on:
             sys.modules["transformers"].utils.logging.enable_progress_bar()
 
@@ -245,7 +251,7 @@ def _setup_logging(verbose: bool, quiet: bool) -> Callable[[], None]:
 
 # How the command line names the options of `RunOptions` (and `evaluate`) in messages.
 _FLAGS = {"evaluate": "--no-eval", "task_names": "--tasks", "model": "--model", "write_model_card": "--no-write-model-card",
-          "copy_tokenizer": "--no-copy-tokenizer"}
+          "copy_tokenizer": "--no-copy-tokenizer", "hub_ids": "--base-model-id"}
 
 
 def _flag(option: str) -> str:
@@ -319,7 +325,23 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         evaluate=not args.no_eval, batch_size=args.batch_size, progress=not args.quiet, storage=args.storage, study_name=args.study_name,
         n_trials=args.n_trials, resume=args.resume, push_to_hub=args.push_to_hub, private=args.private,
         copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card, random_seed=args.random_seed, num_threads=args.num_threads,
+        hub_ids=_hub_ids(args.base_model_id),
     )
+
+
+def _hub_ids(pairs: list[str] | None) -> dict[str, str] | None:
+    """--base-model-id PATH=ORG/NAME, given once per folder, as a mapping (checked by the API)."""
+    if not pairs:
+        return None
+    named: dict[str, str] = {}
+    for pair in pairs:
+        folder, sep, repo_id = pair.rpartition("=")  # a repo id has no '='; a path might
+        if not sep or not folder or not repo_id:
+            raise OptionError(f"got {pair!r}; expected PATH=ORG/NAME (a local input folder and its Hub repo id)", options=("hub_ids",))
+        if named.get(folder, repo_id) != repo_id:
+            raise OptionError(f"{folder}: given twice, as {named[folder]} and {repo_id}; give one id", options=("hub_ids",))
+        named[folder] = repo_id
+    return named
 
 
 def run_recipe(args: argparse.Namespace) -> int:

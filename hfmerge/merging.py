@@ -24,14 +24,13 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
-import torch
 import yaml
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoints.reader import TORCH_DTYPES
+from .checkpoints.reader import torch_dtypes
 from .checkpoints.writer import ShardedSafetensorsWriter
 from .fileio import WRITE_ERRNOS, current_umask, free_bytes, human_size, output_write_error
 from .constants import TORCH_DTYPE_NAMES
@@ -40,6 +39,9 @@ from .errors import (
 )
 from .planning import MergePlan, TensorPlan
 from .tokenizer import align_rows
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -87,6 +89,8 @@ def dare_seed(seed: int, alias_key: str, model_index: int) -> int:
 
 def _to_device(value: Any, device: torch.device) -> Any:
     """`value` with every tensor in it (also inside lists, tuples and dicts) moved to `device`."""
+    import torch
+
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, (list, tuple)):
@@ -106,6 +110,8 @@ class TensorMerger:
     """
 
     def __init__(self, plan: MergePlan, device: str | torch.device = "cpu"):
+        import torch
+
         self.plan = plan
         self.device = torch.device(device)
         self.recipe = plan.recipe
@@ -115,6 +121,8 @@ class TensorMerger:
         self._node_fishers: list[dict[str, torch.Tensor]] | None = None
 
     def _float(self, tensor: torch.Tensor, label: str, name: str) -> torch.Tensor:
+        import torch
+
         t = tensor.to(torch.float32)
         if not bool(torch.isfinite(t).all()):
             msg = f"{label}: tensor {name!r} contains NaN or Inf values"
@@ -143,7 +151,9 @@ class TensorMerger:
         return params
 
     def merge(self, t: TensorPlan) -> torch.Tensor:
-        out_dtype = TORCH_DTYPES[t.out_dtype]
+        import torch
+
+        out_dtype = torch_dtypes()[t.out_dtype]
         if not t.merge:
             return self._copy_unmergeable(t)
         base, tensors = self.read_inputs(t)
@@ -176,6 +186,8 @@ class TensorMerger:
         return [self._float(f.read(src), f.label, src) for f, src in zip(plan.fishers, t.fisher_sources)]  # type: ignore[arg-type]
 
     def _copy_unmergeable(self, t: TensorPlan) -> torch.Tensor:
+        import torch
+
         models = self.plan.inputs_of(t)
         ref, name = (self.plan.base, t.base_source) if t.base_source else (models[0], t.sources[0])
         value = ref.read(name)

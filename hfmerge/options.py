@@ -49,6 +49,9 @@ class RunOptions:
             ``parameters.seed`` for methods that have one (DARE's masks, a search's sampler).
         num_threads: Threads torch uses for the merge arithmetic on the CPU while `merge`
             runs (default: torch's own setting).
+        hub_ids: The Hub ids of local inputs, ``{folder: "org/name"}``, for the model card's
+            ``base_model`` metadata: added to the recipe's ``hub_ids`` (replacing its id for the
+            same folder). A relative folder is taken from the working directory.
     """
 
     output: str | Path | None = None
@@ -71,6 +74,7 @@ class RunOptions:
     write_model_card: bool = True
     random_seed: int | None = None
     num_threads: int | None = None
+    hub_ids: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoints import Checkpoint, open_checkpoint
-from .checkpoints.aliases import meta_model, tied_groups
+from .checkpoints.aliases import state_dict_order, tied_groups
 from .checkpoints.reader import LocalCheckpoint
 from .checkpoints.safetensors_header import DTYPE_SIZES, TensorInfo, read_header
 from .checkpoints.writer import OutputTensor
@@ -316,10 +316,9 @@ def _layer_stack(ckpt: Checkpoint) -> _LayerStack:
 def _before_layers(reference: Checkpoint, names: list[str], group_of: dict[str, frozenset[str]]) -> dict[str, bool]:
     """Whether each tensor outside the layers comes before them (embeddings) or after (final
     norm, output head), by the order of the architecture's parameters (built on the meta
-    device); for a name it cannot place, by whether the name says it is an embedding
+    device, cached with the tie groups); for a name it cannot place, by whether the name says it is an embedding
     (``embed``, ``wte``, ``wpe``)."""
-    model, _ = meta_model(reference.config)
-    order = list(model.state_dict()) if model is not None else []
+    order = state_dict_order(reference.config)
     first_layer = next((i for i, k in enumerate(order) if _LAYER.match(k)), len(order))
 
     def position(name: str) -> int | None:

@@ -14,20 +14,20 @@ import difflib
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from .constants import RECIPE_DTYPES
 from .errors import HfMergeError, RecipeError, short_repr
 from .fileio import parse_size
 from .methods import METHODS, MergeMethod, Param, known_parameter_names
-from .refs import ModelRef, parse_model_ref
+from .refs import ModelRef, is_hub_repo_id, parse_model_ref
 from .tokenizer import TokenizerSettings, TokenSetting, TokenSource, resolve_chat_template
 from .yamlio import load_yaml_file
 
 TOP_LEVEL_KEYS = (
     "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "config_source",
     "max_shard_size", "allow_pickle", "allow_external_symlinks", "allow_nonfinite", "push_to_hub", "tasks", "tokenizer",
-    "chat_template",
+    "chat_template", "hub_ids",
 )
 MODEL_KEYS = ("model", "parameters", "fisher")
 SLICE_KEYS = ("sources", "parameters", "base_model", "residual_weight")
@@ -169,6 +169,9 @@ class Recipe:
     # tokenizer_source with models whose vocabulary sizes differ); None: copy the tokenizer files.
     tokenizer: TokenizerSettings | None = None
     chat_template: str | None = None  # the template text, or "auto"
+    # The Hub ids of local inputs (`hub_ids`): resolved folder (`ref_identity`) -> org/name, for
+    # the model card's base_model metadata and inputs table; nothing else reads them.
+    hub_ids: dict[str, str] = field(default_factory=dict)
 
     @property
     def source(self) -> str:
@@ -318,6 +321,66 @@ def ref_identity(ref: ModelRef) -> str:
     """What makes two references the same model: the resolved folder, or repo id and revision
     (of both sides for ``BASE+ADAPTER``)."""
     return "+".join(str(part.path) if part.is_local else f"{part.repo_id}@{part.revision or ''}" for part in ref.parts)
+
+
+def named_hub_ids(value: Any, inputs: Sequence[ModelRef], *, base_dir: Path | None,
+                  fail: Callable[[str, str], HfMergeError]) -> dict[str, str]:
+    """Check a mapping from local input folders to the Hub repos they are copies of
+    (the recipe's ``hub_ids``, or ``--base-model-id``).
+
+    Args:
+        value: ``{folder: org/name}``; a folder as a model reference names it (relative to
+            `base_dir` first), and must be a local input: the base model, a model, a slice's
+            source, or a side of a ``BASE+ADAPTER`` reference.
+        inputs: The recipe's model references.
+        base_dir: The folder relative paths are resolved against (the recipe's; None: the
+            working directory).
+        fail: Makes the error from the key path below `value` (``[folder]``) and the message.
+
+    Returns:
+        The resolved folder (`ref_identity`) -> repo id.
+    """
+    if not isinstance(value, dict) or not value:
+        raise fail("", f"got {short_repr(value)}; expected a mapping from local input folders to Hub repo ids, e.g. {{./base: org/name}}")
+    local = {ref_identity(part) for ref in inputs for part in ref.parts if part.is_local}
+    named: dict[str, str] = {}
+    for folder, repo_id in value.items():
+        where = f"[{_key_name(folder)}]"
+        ref = None
+        if isinstance(folder, str):
+            try:
+                ref = parse_model_ref(folder, base_dir=base_dir, field=folder)
+            except HfMergeError:
+                ref = None
+        if ref is None or not ref.is_local or ref.adapter is not None:
+            raise fail(where, "not a local folder; name the folder of a local input as the recipe does (a Hub input's id is known already)")
+        identity = ref_identity(ref)
+        if identity not in local:
+            raise fail(where, f"{ref.path} is not one of the recipe's local inputs (base_model, models, slices' sources)")
+        if not isinstance(repo_id, str):
+            raise fail(where, f"got {short_repr(repo_id)}; expected a Hub repo id org/name")
+        try:
+            valid = is_hub_repo_id(repo_id)
+        except RecipeError:
+            valid = False
+        if not valid:
+            raise fail(where, f"{short_repr(repo_id)} is not a Hub repo id; expected org/name, without a revision")
+        if named.get(identity, repo_id) != repo_id:
+            raise fail(where, f"{ref.path} is named twice, as {named[identity]} and {repo_id}; give one id")
+        named[identity] = repo_id
+    return named
+
+
+def recipe_inputs(recipe: Recipe) -> list[ModelRef]:
+    """The model references a recipe merges: its base model and every model (or slice source)."""
+    return ([recipe.base] if recipe.base is not None else []) + [m.ref for m in recipe.models]
+
+
+def hub_id_of(recipe: Recipe, ref: ModelRef) -> str | None:
+    """The Hub id of `ref`: its repo id on the Hub, or the one ``hub_ids`` gives a local folder."""
+    if ref.repo_id is not None:
+        return ref.repo_id
+    return recipe.hub_ids.get(ref_identity(ref.model)) if ref.is_local else None
 
 
 def _tasks(value: Any, source: str, base_dir: Path | None, models: list[ModelSpec]) -> tuple[list, list[int | None]]:
@@ -724,6 +787,10 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
         # `model:` index still counts the models as the recipe lists them.
         models.insert(0, added_base)
     _check_method_data(source, name, method, models)
+    hub_ids = {}
+    if data.get("hub_ids") is not None:
+        inputs = ([base] if base is not None else []) + [m.ref for m in models]
+        hub_ids = named_hub_ids(data["hub_ids"], inputs, base_dir=base_dir, fail=lambda where, msg: _fail(source, f"hub_ids{where}", msg))
     recipe = Recipe(
         method=method, base=base, models=models, parameters=parameters, out_dtype=out_dtype,
         tokenizer_source=tokenizer_source, config_source=config_source, max_shard_size=max_shard,
@@ -735,6 +802,7 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
         model_defaults=model_defaults,
         tasks=tasks,
         slices=slices,
+        hub_ids=hub_ids,
         # The tasks with their includes merged, so the recipe written beside a merge (and the
         # card) says the whole run without the files it included.
         raw={**data, "tasks": [t.raw for t in tasks]} if tasks else data,

@@ -93,6 +93,22 @@ def parse_model_ref(text: str, *, base_dir: Path | None = None, field: str = "mo
     return _parse_plain(text, base_dir=base_dir, field=field)
 
 
+def is_hub_repo_id(text: str, *, field: str = "repo_id") -> bool:
+    """Whether `text` is a Hub repo id alone: ``org/name``, or a bare ``name`` (a canonical
+    repo, or one of the token's user); no revision, no adapter, no local folder.
+
+    Raises:
+        ModelReferenceError: `text` looks like a reference but is malformed (e.g. an empty
+            revision), naming `field`.
+    """
+    if "/" not in text and "@" not in text and not text.startswith((".", "~")):
+        return bool(REPO_ID.match(text)) and "--" not in text and ".." not in text
+    if text.startswith((".", "/", "~")):
+        return False
+    ref = parse_model_ref(text, field=field)
+    return ref.repo_id is not None and ref.revision is None and ref.adapter is None
+
+
 def _candidates(text: str, base_dir: Path | None) -> list[Path]:
     """Where a local reference may be: relative to `base_dir` first, then as written."""
     expanded = Path(os.path.expanduser(text))

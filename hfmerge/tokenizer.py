@@ -20,9 +20,10 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -465,6 +466,8 @@ class _Tokens:
     warn: Callable[[str], None]
 
     def rules(self, group: tuple[int, ...], tokens: int, rows: int) -> RowRules:
+        import torch
+
         inputs, src, names = self.inputs, self.src, self.names
         # Distinct inputs of the group, by position in the group (the same model listed twice
         # counts once in the shared rows, as in mergekit).
@@ -551,6 +554,8 @@ class _Tokens:
 
 
 def _long(values: list[int]) -> torch.Tensor:
+    import torch
+
     return torch.tensor(values, dtype=torch.long)
 
 
@@ -567,6 +572,8 @@ def align_rows(tensors: Sequence[torch.Tensor], alignment: VocabularyAlignment, 
     Returns:
         One tensor per input with `alignment.rows` rows, in the dtype of the inputs.
     """
+    import torch
+
     rules = alignment.rules[group if group is not None else tuple(range(len(alignment.input_rows)))]
     rest = tensors[0].shape[1:]
     dtype = tensors[0].dtype

@@ -54,3 +54,51 @@ def test_the_plan_summary_shows_the_trial_count_that_will_run(t5, tmp_path):
     built = hfmerge.plan(path)
     assert plan_summary(built)["parameters"]["n_trials"] == 30
     assert plan_summary(built, RunOptions(n_trials=5))["parameters"]["n_trials"] == 5
+
+
+def test_hub_ids_of_local_inputs_link_the_card_to_the_hub(t5, tmp_path, monkeypatch):
+    path = _recipe(tmp_path / "r.yaml", t5)
+    data = yaml.safe_load(path.read_text())
+    data["hub_ids"] = {str(t5.base): "google/t5-tiny", str(t5.finetuned[1]): "org/t5-old"}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    monkeypatch.chdir(t5.finetuned[0].parent)
+    # --base-model-id / RunOptions.hub_ids: relative to the working directory, added to the
+    # recipe's and replacing its id for the same folder.
+    options = RunOptions(hub_ids={f"./{t5.finetuned[0].name}": "org/t5-rte", str(t5.finetuned[1]): "org/t5-mnli"}, progress=False)
+    result = hfmerge.merge(path, options, output=tmp_path / "linked")
+    card = ModelCard.load(result.output / "README.md")
+    meta = card.data.to_dict()
+    assert meta["base_model"] == ["google/t5-tiny", "org/t5-rte", "org/t5-mnli"] and meta["base_model_relation"] == "merge"
+    assert f"| {t5.base} (Hub: google/t5-tiny) | `local` | base | |" in card.text
+    assert f"| {t5.finetuned[0]} (Hub: org/t5-rte) | `local` | fine-tuned (models[0])" in card.text
+    assert "org/t5-old" not in card.text.split("## Recipe")[0]  # replaced by the option
+    assert f"of {t5.base} (Hub: google/t5-tiny), made with hfmerge" in card.text
+
+
+def test_hub_ids_are_checked_with_the_key_path(t5, tmp_path, capsys):
+    import pytest
+
+    from hfmerge.cli import main
+    from hfmerge.errors import OptionError, RecipeError
+    from hfmerge.recipe import parse_recipe
+
+    base = {"merge_method": "task_arithmetic", "base_model": str(t5.base), "models": [str(t5.finetuned[0])]}
+    for hub_ids, match in [
+        ({str(t5.finetuned[2]): "org/x"}, r"hub_ids\[.*ft2\]: .*ft2 is not one of the recipe's local inputs"),
+        ({str(t5.base): "org/x@main"}, r"hub_ids\[.*base\]: 'org/x@main' is not a Hub repo id"),
+        ({str(t5.base): "./somewhere/else"}, r"is not a Hub repo id"),
+        ({"org/model": "org/x"}, r"hub_ids\[org/model\]: not a local folder"),
+        ({str(t5.base): 3}, r"got 3; expected a Hub repo id"),
+        (["org/x"], r"hub_ids: got \['org/x'\]; expected a mapping"),
+    ]:
+        with pytest.raises(RecipeError, match=match):
+            parse_recipe({**base, "hub_ids": hub_ids}, source="r.yaml")
+    assert parse_recipe({**base, "hub_ids": {str(t5.base): "gpt2"}}).hub_ids == {str(t5.base.resolve()): "gpt2"}  # a canonical name
+    with pytest.raises(OptionError, match=r"^hub_ids: .*ft2 is not one of the recipe's local inputs"):
+        hfmerge.plan(parse_recipe(base), hub_ids={str(t5.finetuned[2]): "org/x"})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(base))
+    for flag, message in [("org-x", "--base-model-id: got 'org-x'; expected PATH=ORG/NAME"),
+                          (f"{t5.finetuned[2]}=org/x", "--base-model-id: " + str(t5.finetuned[2]))]:
+        assert main([str(path), "--dry-run", "--base-model-id", flag]) != 0
+        assert message in capsys.readouterr().err

@@ -49,7 +49,7 @@ def open_checkpoint(ref: ModelRef, *, label: str, allow_pickle: bool = False, al
             `hub.open_hub_checkpoint`, `lora.open_local_adapter`), or an adapter without `base`.
         IncompatibleCheckpointsError: An adapter does not fit `base`.
     """
-    from . import hub, lora, reader
+    from . import hub, reader
     from .base import is_adapter_folder
 
     if ref.adapter is not None:
@@ -59,6 +59,8 @@ def open_checkpoint(ref: ModelRef, *, label: str, allow_pickle: bool = False, al
         snapshot = hub.pin_hub_repo(ref, label=label)
         ckpt: hub.HubCheckpoint | lora.LoraCheckpoint
         if snapshot.is_adapter:
+            from . import lora  # adapters only: it imports torch
+
             ckpt = lora.open_hub_adapter(snapshot, label=label, base=base, allow_pickle=allow_pickle)
         else:
             ckpt = hub.open_hub_checkpoint(ref, label=label, snapshot=snapshot)
@@ -66,6 +68,8 @@ def open_checkpoint(ref: ModelRef, *, label: str, allow_pickle: bool = False, al
         return ckpt
     assert ref.path is not None
     if is_adapter_folder(ref.path):
+        from . import lora
+
         return lora.open_local_adapter(ref, label=label, base=base, allow_pickle=allow_pickle,
                                        allow_external_symlinks=allow_external_symlinks)
     return reader.open_local_checkpoint(ref, label=label, allow_pickle=allow_pickle, allow_external_symlinks=allow_external_symlinks)

@@ -8,6 +8,11 @@ accelerate's `find_tied_parameters` group the state-dict names that share one pa
 The meta model stays hfmerge's own because accelerate needs a model to look at and hfmerge
 never loads one to plan; on top of accelerate's groups it unties the output embeddings that a
 checkpoint's config declares untied (see `_tied_groups`).
+
+The groups are cached per config and transformers version (`tied_groups`), so torch and
+transformers are imported only on a cache miss: a dry run of an architecture seen before
+starts without them. The plan never falls back to a rule read from the config, which could
+disagree with the merge.
 """
 
 from __future__ import annotations
@@ -15,14 +20,16 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..constants import cache_root
 
+if TYPE_CHECKING:
+    import torch
+
 logger = logging.getLogger(__name__)
 
-TIES_FORMAT = 2  # bump when the grouping rule below changes
+TIES_FORMAT = 3  # bump when the grouping rule or the cached entry below changes
 
 
 def meta_model(config: dict) -> tuple[torch.nn.Module | None, str | None]:
@@ -33,6 +40,7 @@ def meta_model(config: dict) -> tuple[torch.nn.Module | None, str | None]:
     Returns:
         The model, or ``None`` and a text saying why it could not be built.
     """
+    import torch
     import transformers
 
     archs = config.get("architectures") or []
@@ -52,7 +60,7 @@ def meta_model(config: dict) -> tuple[torch.nn.Module | None, str | None]:
 
 
 def _cache_path(config: dict):
-    """Where the tie groups of `config` are cached: keyed by the config and the transformers
+    """Where the tie groups (and state-dict order) of `config` are cached: keyed by the config and the transformers
     version (which decides the architecture), so no stale answer is ever read."""
     import hashlib
     import json
@@ -73,29 +81,44 @@ def tied_groups(config: dict) -> tuple[list[frozenset[str]], str | None]:
         The groups (each with at least two names), and a warning text when the architecture
         could not be instantiated (then no aliases are known and names must match exactly).
     """
+    entry = _architecture(config)
+    return [frozenset(g) for g in entry["groups"]], entry["warning"]
+
+
+def state_dict_order(config: dict) -> list[str]:
+    """The state-dict names of the architecture of `config`, in its order (empty when it
+    cannot be built); cached with the tie groups."""
+    return list(_architecture(config)["order"])
+
+
+def _architecture(config: dict) -> dict:
+    """What the plan needs from the architecture (``groups``, ``warning``, ``order``), from the
+    cache, or built once on the meta device and cached."""
     import json
 
     path = _cache_path(config)
     try:
         cached = json.loads(path.read_text())
-        return [frozenset(g) for g in cached["groups"]], cached["warning"]
+        if isinstance(cached["groups"], list) and isinstance(cached["order"], list) and "warning" in cached:
+            return cached
     except (OSError, ValueError, KeyError, TypeError):
         pass  # absent or damaged: compute it again
-    groups, warning = _tied_groups(config)
+    model, problem = meta_model(config)
+    if model is None:
+        entry = {"groups": [], "warning": f"{problem}; tied tensors must be stored under the same names in every model", "order": []}
+    else:
+        entry = {"groups": sorted(sorted(g) for g in _tied_groups(model, config)), "warning": None, "order": list(model.state_dict())}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"groups": sorted(sorted(g) for g in groups), "warning": warning}))
+        tmp.write_text(json.dumps(entry))
         os.replace(tmp, path)
     except OSError as exc:  # a read-only cache only costs time
         logger.debug("could not cache tie groups in %s: %s", path, exc)
-    return groups, warning
+    return entry
 
 
-def _tied_groups(config: dict) -> tuple[list[frozenset[str]], str | None]:
-    model, problem = meta_model(config)
-    if model is None:
-        return [], f"{problem}; tied tensors must be stored under the same names in every model"
+def _tied_groups(model: torch.nn.Module, config: dict) -> list[frozenset[str]]:
     from accelerate.utils import find_tied_parameters
 
     untied: set[str] = set()
@@ -108,4 +131,4 @@ def _tied_groups(config: dict) -> tuple[list[frozenset[str]], str | None]:
             if prefix is not None:
                 untied = {f"{prefix}.{n}" for n, _ in out.named_parameters(remove_duplicate=False)}
     groups = [frozenset(n for n in names if n not in untied) for names in find_tied_parameters(model)]
-    return [g for g in groups if len(g) > 1], None
+    return [g for g in groups if len(g) > 1]

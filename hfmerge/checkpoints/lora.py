@@ -52,7 +52,7 @@ from ..errors import CheckpointError, IncompatibleCheckpointsError
 from ..refs import ModelRef
 from .base import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_SAFE, SIDE_FILES, Checkpoint
 from .hub import HubCheckpoint, HubSnapshot, download_file
-from .reader import SAFE_DTYPE_NAMES, LocalCheckpoint, check_inside, confinement_root, load_pickle
+from .reader import LocalCheckpoint, check_inside, confinement_root, load_pickle, safe_dtype_names
 from .safetensors_header import TensorInfo, read_header
 
 PEFT_PREFIX = "base_model.model."
@@ -287,9 +287,9 @@ def _pickle_weights(ref: ModelRef, label: str, folder: Path, path: Path) -> Loca
     state = load_pickle(path, label)
     infos = {}
     for name, t in state.items():
-        if t.dtype not in SAFE_DTYPE_NAMES:
+        if t.dtype not in safe_dtype_names():
             raise CheckpointError(f"{label}: {path.name} tensor {name!r} has dtype {t.dtype}, which safetensors cannot name")
-        infos[name] = TensorInfo(name, SAFE_DTYPE_NAMES[t.dtype], tuple(t.shape), path, 0, t.numel() * t.element_size())
+        infos[name] = TensorInfo(name, safe_dtype_names()[t.dtype], tuple(t.shape), path, 0, t.numel() * t.element_size())
     return LocalCheckpoint(ref, label, folder, infos, {}, format="pickle")
 
 

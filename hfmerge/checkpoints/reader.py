@@ -18,13 +18,13 @@ low-disk scratch folder; no recipe key relaxes that.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..constants import TORCH_DTYPE_NAMES
 from ..errors import CheckpointError
@@ -32,9 +32,35 @@ from ..refs import ModelRef
 from .base import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, SIDE_FILES
 from .safetensors_header import TensorInfo, read_header
 
-# safetensors dtype name <-> torch dtype (the table is `constants.TORCH_DTYPE_NAMES`).
-TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, attr) for name, attr in TORCH_DTYPE_NAMES.items()}
-SAFE_DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+
+
+@functools.cache
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """safetensors dtype name -> torch dtype (the table is `constants.TORCH_DTYPE_NAMES`).
+
+    A function so that reading headers and planning never import torch; only reading a
+    tensor does."""
+    import torch
+
+    return {name: getattr(torch, attr) for name, attr in TORCH_DTYPE_NAMES.items()}
+
+
+@functools.cache
+def safe_dtype_names() -> dict[torch.dtype, str]:
+    """torch dtype -> safetensors dtype name (the inverse of `torch_dtypes`)."""
+    return {v: k for k, v in torch_dtypes().items()}
+
+
+def __getattr__(name: str) -> Any:
+    # The tables under their former constant names, built (and torch imported) on first use.
+    if name == "TORCH_DTYPES":
+        return torch_dtypes()
+    if name == "SAFE_DTYPE_NAMES":
+        return safe_dtype_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def safe_relative_path(name: str, *, source: str) -> str:
@@ -153,12 +179,14 @@ class LocalCheckpoint:
         Raises:
             CheckpointError: If the tensor is missing or the file changed underneath.
         """
+        import torch
+
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.label}: tensor {name!r} is not in the checkpoint")
         if self.format == "pickle":
             return self._read_pickle(info)
-        dtype = TORCH_DTYPES[info.dtype]
+        dtype = torch_dtypes()[info.dtype]
         if info.numel == 0:
             return torch.empty(info.shape, dtype=dtype)
         buf = bytearray(info.nbytes)
@@ -198,6 +226,8 @@ def load_pickle(path: Path, label: str) -> dict[str, torch.Tensor]:
     Raises:
         CheckpointError: The file cannot be loaded or is not a plain dict of tensors.
     """
+    import torch
+
     try:
         # weights_only=True: the restricted unpickler that cannot run code; mmap keeps memory low.
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -221,7 +251,7 @@ def _pickle_infos(folder: Path, label: str, inside: Callable[[Path], Path]) -> d
         if not path.is_file():
             raise CheckpointError(f"{label}: {fname} is listed in {PICKLE_INDEX} but missing from {folder}")
         for name, t in load_pickle(path, label).items():
-            infos[name] = TensorInfo(name, SAFE_DTYPE_NAMES[t.dtype], tuple(t.shape), path, 0, t.numel() * t.element_size())
+            infos[name] = TensorInfo(name, safe_dtype_names()[t.dtype], tuple(t.shape), path, 0, t.numel() * t.element_size())
     return infos
 
 

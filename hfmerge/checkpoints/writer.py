@@ -13,15 +13,17 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import HfMergeError, OutputWriteError
 from ..fileio import output_write_error
 from .base import SAFE_INDEX, SAFE_SINGLE
-from .reader import SAFE_DTYPE_NAMES
+from .reader import safe_dtype_names
 from .safetensors_header import DTYPE_SIZES
+
+if TYPE_CHECKING:
+    import torch
+
 
 @dataclass(frozen=True)
 class OutputTensor:
@@ -158,10 +160,12 @@ class ShardedSafetensorsWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next tensor; it must be the one the plan expects, with its shape and dtype."""
+        import torch
+
         if self._next >= len(self._order):
             raise HfMergeError(f"internal error: tensor {name!r} written after the last planned tensor")
         shard, planned = self._order[self._next]
-        if name != planned.name or tuple(tensor.shape) != planned.shape or SAFE_DTYPE_NAMES.get(tensor.dtype) != planned.dtype:
+        if name != planned.name or tuple(tensor.shape) != planned.shape or safe_dtype_names().get(tensor.dtype) != planned.dtype:
             raise HfMergeError(
                 f"internal error: writer expected {planned.name} {list(planned.shape)} {planned.dtype}, "
                 f"got {name} {list(tensor.shape)} {tensor.dtype}"

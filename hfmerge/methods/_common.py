@@ -4,20 +4,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Sequence
 
-import torch
-
 if TYPE_CHECKING:
+    import torch
+
     from ..recipe import Recipe
 
 
 def task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """τ_i = θ_i − θ_pre, stacked on a new first dimension (M, *shape); a fresh tensor the
     caller may modify in place."""
+    import torch
+
     return torch.stack(list(tensors)).sub_(base)
 
 
 def per_model(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     """Per-model scalars shaped (M, 1, ..., 1) to broadcast against a stack of M tensors."""
+    import torch
+
     return torch.tensor(list(values), dtype=like.dtype, device=like.device).reshape(-1, *([1] * (like.dim() - 1)))
 
 
@@ -27,6 +31,8 @@ def trim_top_magnitude_(delta: torch.Tensor, density: float, threshold: float | 
     With `threshold` (whole-model trim) keep entries with |δ| >= threshold; otherwise keep the
     top ``int(density * numel)`` entries of this tensor (per-tensor trim, as mergekit does).
     """
+    import torch
+
     if threshold is not None:
         return delta.mul_(delta.abs() >= threshold)
     if density >= 1:
@@ -42,6 +48,8 @@ def trim_top_magnitude_(delta: torch.Tensor, density: float, threshold: float | 
 
 def random_drop_(delta: torch.Tensor, density: float, generator: torch.Generator | None, rescale: bool = True) -> torch.Tensor:
     """DARE, in place: keep each entry with probability `density` (= 1 − p), rescale survivors by 1/density."""
+    import torch
+
     if density >= 1:
         return delta
     # Drawn where the generator lives (the CPU for seeded merges) and moved to `delta`'s device,
@@ -83,6 +91,8 @@ def combine(base: torch.Tensor, deltas: torch.Tensor, weight: Sequence[float], *
     `deltas` (M, *shape) is consumed: it is scaled in place, and the consensus is accumulated
     model by model, so the work space stays at about one extra stack.
     """
+    import torch
+
     weighted = deltas.mul_(per_model(weight, deltas))
     if consensus:
         if elected_positive is None:

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-import torch
-
 from ._model_count import require_models
 from .registry import merge_method
 
 if TYPE_CHECKING:
+    import torch
+
     from ..recipe import Recipe
 
 EPS = 1e-8
@@ -45,6 +45,8 @@ def validate(recipe: "Recipe", source: str) -> list[str]:
 
 def fusion_importance(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
     """s = |θ_1 − θ_pre| times the row's KL(softmax θ_1 ‖ softmax θ_pre), shaped like `base`."""
+    import torch
+
     p = torch.softmax(model, dim=-1) + EPS
     q = torch.softmax(base, dim=-1) + EPS
     kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)

@@ -7,11 +7,12 @@ mergekit always averages it) asks for it to be listed.
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
+from typing import TYPE_CHECKING, Sequence
 
 from .registry import Param, merge_method
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHT = Param("weight", 1.0, help="the model's weight in the weighted mean")
 
@@ -28,6 +29,8 @@ WEIGHT = Param("weight", 1.0, help="the model's weight in the weighted mean")
     aliases={"linear": {"include_base": True}},
 )
 def average(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], *, weight: Sequence[float], normalize: bool = True, **_: object) -> torch.Tensor:
+    import torch
+
     total = torch.zeros_like(tensors[0])
     for w, theta in zip(weight, tensors):
         total.add_(theta, alpha=w)

@@ -14,14 +14,15 @@ entries so the task vector keeps its L1 norm (mergekit's ``rescale``; off by def
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
+from typing import TYPE_CHECKING, Sequence
 
 from ._common import combine as combine_deltas
 from ._common import keep_matching_l1_, task_vectors, warn_without_density
 from .registry import Param, merge_method
 from .task_arithmetic import LAMBDA, WEIGHT
+
+if TYPE_CHECKING:
+    import torch
 
 DENSITY = Param("density", 1.0, low=0.0, high=1.0, low_open=True, help="fraction of entries kept; 1 keeps all")
 GAMMA = Param("gamma", 0.01, low=0.0, high=1.0, help="fraction of the largest-magnitude entries removed as outliers")
@@ -41,6 +42,8 @@ def band_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor
     Returns:
         A float mask of `delta`'s shape, or None when `density` >= 1.
     """
+    import torch
+
     if density >= 1:
         return None
     n = delta.numel()

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-import torch
-
 from ._common import combine as combine_deltas
 from ._common import density_unset, random_drop_, task_vectors
 from .registry import Param, merge_method
 from .task_arithmetic import LAMBDA, WEIGHT
 
 if TYPE_CHECKING:
+    import torch
+
     from ..recipe import Recipe
 
 DENSITY = Param("density", 1.0, low=0.0, high=1.0, low_open=True, help="keep probability 1 − p")

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
-
 from ..errors import RecipeError
 from ._common import combine as combine_deltas
 from ._common import task_vectors, warn_without_density
@@ -28,6 +26,8 @@ from .registry import Param, PrepareContext, merge_method
 from .task_arithmetic import LAMBDA, WEIGHT
 
 if TYPE_CHECKING:
+    import torch
+
     from ..recipe import ModelSpec, Recipe
 
 DENSITY = Param("density", 1.0, low=0.0, high=1.0, low_open=True, help="mean keep probability; 1 keeps all")
@@ -48,6 +48,8 @@ def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> t
     Ranks come from a stable sort of |δ| within each row, so among equal magnitudes the
     earlier position ranks lower. A row of one entry gets `density`.
     """
+    import torch
+
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
     n = rows.shape[1]
     if n < 2:
@@ -68,6 +70,8 @@ def magprune_(delta: torch.Tensor, density: float, epsilon: float, generator: to
     Raises:
         ValueError: density ± epsilon leaves (0, 1).
     """
+    import torch
+
     if density >= 1:
         return delta
     problem = window_problem(density, epsilon)

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-import torch
-
 from ..errors import RecipeError, short_repr
 from .fisher import FISHER_DATA_PARAMS, FISHER_IMPLEMENTATION
 from .registry import Param, merge_method
 
 if TYPE_CHECKING:
+    import torch
+
     from ..recipe import Recipe
 
 FISHER_EPS = 1e-12
@@ -43,6 +43,8 @@ class Equation8:
         self.count = 0
 
     def add(self, task_vector: torch.Tensor, lam: float, fisher: torch.Tensor | None) -> None:
+        import torch
+
         f = torch.ones_like(task_vector) if fisher is None else fisher + FISHER_EPS
         if self.numerator is None:
             self.numerator = torch.zeros_like(task_vector)

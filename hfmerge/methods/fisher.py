@@ -13,11 +13,12 @@ F_i comes from the model's ``fisher:`` file, or is computed at θ_i on the model
 
 from __future__ import annotations
 
-from typing import Any, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .registry import Param, PrepareContext, merge_method
+
+if TYPE_CHECKING:
+    import torch
 
 # How Fishers are computed from the recipe's tasks (models without a `fisher:` file).
 FISHER_DATA_PARAMS = (
@@ -39,6 +40,8 @@ def prepare(context: PrepareContext) -> dict[str, Any]:
     Returns:
         ``{"fisher_norms": [one float per model]}`` with ``normalize_fishers``, else nothing.
     """
+    import torch
+
     if not context.recipe.parameters.get("normalize_fishers"):
         return {}
     sq = [0.0] * len(context.recipe.models)
@@ -67,6 +70,8 @@ def prepare(context: PrepareContext) -> dict[str, Any]:
 )
 def fisher(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], *, importances: Sequence[torch.Tensor], weight: Sequence[float],
            fisher_floor: float = 1e-6, favor_target_model: bool = True, fisher_norms: Sequence[float] | None = None, **_: object) -> torch.Tensor:
+    import torch
+
     numerator = torch.zeros_like(tensors[0])
     denominator = torch.zeros_like(tensors[0])
     for i, (theta, f) in enumerate(zip(tensors, importances)):

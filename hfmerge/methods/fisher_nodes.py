@@ -8,12 +8,13 @@ entry takes the plain mean (the reference sets both masks to one there).
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
+from typing import TYPE_CHECKING, Sequence
 
 from .fisher import FISHER_DATA_PARAMS
 from .registry import Param, merge_method
+
+if TYPE_CHECKING:
+    import torch
 
 
 @merge_method(
@@ -28,6 +29,8 @@ from .registry import Param, merge_method
 )
 def fisher_nodes(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], *, importances: Sequence[torch.Tensor], weight: Sequence[float],
                  **_: object) -> torch.Tensor:
+    import torch
+
     numerator = torch.zeros_like(tensors[0])
     denominator = torch.zeros(torch.broadcast_shapes(*(f.shape for f in importances)), dtype=tensors[0].dtype, device=tensors[0].device)
     for c, theta, f in zip(weight, tensors, importances):

@@ -22,11 +22,12 @@ per-model weight for this method, so a ``weight`` is ignored with a warning.
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
+from typing import TYPE_CHECKING, Sequence
 
 from .registry import Param, merge_method
+
+if TYPE_CHECKING:
+    import torch
 
 
 def karcher_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
@@ -42,6 +43,8 @@ def karcher_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, m
     Returns:
         A new tensor of the inputs' shape (the only input itself when there is one).
     """
+    import torch
+
     if len(tensors) == 1:
         return tensors[0]
     norms = [torch.linalg.vector_norm(x) for x in tensors]

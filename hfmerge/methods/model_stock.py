@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-import torch
-
 from ._model_count import require_models
 from .registry import Param, merge_method
 
 if TYPE_CHECKING:
+    import torch
+
     from ..recipe import Recipe
 
 
@@ -44,6 +44,8 @@ def stock_ratio(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Te
         base: θ_pre, already shaped as the rows the angles are taken over.
         tensors: The N fine-tuned tensors, shaped like `base`.
     """
+    import torch
+
     offsets = [x - base for x in tensors]
     lengths = [torch.linalg.vector_norm(o, dim=-1) for o in offsets]
     cosines = [((offsets[k] * offsets[m]).sum(dim=-1) / (lengths[k] * lengths[m]).clamp(min=1e-6)).clamp(-1.0, 1.0)
@@ -63,6 +65,8 @@ def stock_ratio(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Te
     summary="interpolate from the base toward the models' mean by t = N cos θ / (1 + (N − 1) cos θ) of their task vectors",
 )
 def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_wise: bool = False, **_: object) -> torch.Tensor:
+    import torch
+
     if not filter_wise:
         rows = base.reshape(-1)
     elif base.dim() <= 1:

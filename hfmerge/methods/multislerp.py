@@ -19,12 +19,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-import torch
-
 from ..errors import HfMergeError, RecipeError
 from .registry import Param, merge_method
 
 if TYPE_CHECKING:
+    import torch
+
     from ..recipe import Recipe
 
 ZERO_SUM = 1e-6  # |Σ w_i| below this cannot be normalised
@@ -82,6 +82,8 @@ def _weighted_sum(w: torch.Tensor, rows: Iterator[torch.Tensor]) -> torch.Tensor
 )
 def multislerp(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], *, weight: Sequence[float], normalize_weights: bool = True,
                eps: float = 1e-8, **_: object) -> torch.Tensor:
+    import torch
+
     if len(tensors) == 1:
         return tensors[0]
     shape = tensors[0].shape

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-import torch
-
 from ..errors import RecipeError
 from ._model_count import require_models
 from .registry import Param, merge_method
 
 if TYPE_CHECKING:
+    import torch
+
     from ..recipe import Recipe
 
 

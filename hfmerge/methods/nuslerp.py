@@ -19,12 +19,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-import torch
-
 from ._model_count import require_models
 from .registry import Param, merge_method
 
 if TYPE_CHECKING:
+    import torch
+
     from ..recipe import Recipe
 
 NORM_FLOOR = 1e-7  # norms are clamped to at least this before dividing
@@ -36,6 +36,8 @@ WEIGHT = Param("weight", 1.0, help="the model's weight; t = w_2 / (w_1 + w_2)")
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """cos Ω of each pair of slices along the last dimension, shaped (..., 1), clamped to [−1, 1]."""
+    import torch
+
     unit_a = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
     unit_b = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=NORM_FLOOR)
     return (unit_a * unit_b).sum(dim=-1, keepdim=True).clamp(-1, 1)
@@ -53,6 +55,8 @@ def nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, *, flatten: bool 
     Returns:
         A new tensor of their shape.
     """
+    import torch
+
     shape = v0.shape
     if flatten or v0.dim() == 0:  # a scalar has no slices: one vector of one entry
         a, b = v0.reshape(-1), v1.reshape(-1)

@@ -16,12 +16,13 @@ within the tensor (hence "tensor-local"; the paper counts over the whole model).
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
+from typing import TYPE_CHECKING, Sequence
 
 from ._common import task_vectors
 from .registry import Param, merge_method
+
+if TYPE_CHECKING:
+    import torch
 
 PAPER = "https://arxiv.org/abs/2601.13572"
 
@@ -43,6 +44,8 @@ def _split(base: torch.Tensor, tensors: Sequence[torch.Tensor], epsilon: float) 
 def _combine(base: torch.Tensor, deltas: torch.Tensor, count: torch.Tensor, unique_scale: torch.Tensor | None) -> torch.Tensor:
     """θ_pre + Σ_i (τ_i / count where several models change the entry, λ_i · τ_i where only
     model i does); entries a model leaves unchanged are already zero in its task vector."""
+    import torch
+
     shared = count > 1
     divisor = count.clamp(min=1)
     for i in range(deltas.shape[0]):
@@ -53,6 +56,8 @@ def _combine(base: torch.Tensor, deltas: torch.Tensor, count: torch.Tensor, uniq
 
 def _unique_scales(changed: torch.Tensor, count: torch.Tensor, *, r: float, alpha: float, epsilon: float) -> torch.Tensor:
     """RAM+'s λ_i = 1 + r · clip(ρ_i, 0, α) per model (float32, shape (M,)), ρ_i counted within this tensor."""
+    import torch
+
     flat = changed.reshape(changed.shape[0], -1)
     n_shared = (flat & (count > 1).reshape(1, -1)).sum(dim=1).to(torch.float32)
     n_unique = (flat & (count == 1).reshape(1, -1)).sum(dim=1).to(torch.float32)

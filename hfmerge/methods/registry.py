@@ -27,6 +27,19 @@ branch on its name elsewhere:
 
 Adding a method = one module with a function decorated by `merge_method` + its import in
 ``hfmerge/methods/__init__.py`` + its formula test; nothing outside this package changes.
+
+Importing a method module must not import torch: `hfmerge.recipe` imports every method to
+validate a recipe, and recipe checks, ``--help`` and a local ``--dry-run`` run without torch
+(importing it costs seconds). So a method module (and every helper module here) follows one
+pattern, which ``tests/test_startup.py`` checks for every module in this package:
+
+- ``from __future__ import annotations`` at the top, so ``torch.Tensor`` in annotations is
+  never evaluated;
+- ``import torch`` at module level only under ``if TYPE_CHECKING:``;
+- ``import torch`` as the first statement of each function that calls torch at run time
+  (after its docstring; the import is a dictionary look-up once torch is loaded);
+- no torch object at module level: no ``torch.float32`` constants or default arguments
+  (write the name as a string and look it up inside the function).
 """
 
 from __future__ import annotations
@@ -35,9 +48,9 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
-import torch
-
 if TYPE_CHECKING:
+    import torch
+
     from ..recipe import Recipe
 
 _T = TypeVar("_T")

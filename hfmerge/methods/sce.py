@@ -14,12 +14,13 @@ No per-model weight or λ: the coefficients come from the task vectors themselve
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
+from typing import TYPE_CHECKING, Sequence
 
 from ._common import combine, task_vectors
 from .registry import Param, merge_method
+
+if TYPE_CHECKING:
+    import torch
 
 SELECT_TOPK = Param("select_topk", 1.0, low=0.0, high=1.0, tensor=True,
                     help="fraction of entries kept, those whose variance across the task vectors is largest")
@@ -36,6 +37,8 @@ def select_mask(deltas: torch.Tensor, fraction: float) -> torch.Tensor | None:
         A float mask of one task vector's shape, or None when `fraction` >= 1. Among equal
         variances the earlier position (row-major) is taken first.
     """
+    import torch
+
     if fraction >= 1:
         return None
     var = deltas.var(dim=0, unbiased=False)

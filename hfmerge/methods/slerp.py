@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-import torch
-
 from ..errors import RecipeError
 from ._model_count import require_models
 from .registry import Param, merge_method
 
 if TYPE_CHECKING:
+    import torch
+
     from ..recipe import Recipe
 
 DOT_THRESHOLD = 0.9995  # |cos Ω| above this interpolates linearly (mergekit's value)
@@ -41,6 +41,8 @@ def slerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     Returns:
         A new tensor of their shape.
     """
+    import torch
+
     a, b = v0.reshape(-1), v1.reshape(-1)
     if a.numel() == 0:
         return (1 - t) * v0 + t * v1

@@ -6,11 +6,12 @@ A per-model ``weight`` is the per-model coefficient λ_i of General Task Arithme
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
+from typing import TYPE_CHECKING, Sequence
 
 from .registry import Param, merge_method
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHT = Param("weight", 1.0, help="per-model coefficient (λ_i of General Task Arithmetic)")
 LAMBDA = Param("lambda", 1.0, low=0.0, high=10.0, help="global scale λ of the merged task vector")
@@ -25,6 +26,8 @@ LAMBDA = Param("lambda", 1.0, low=0.0, high=10.0, help="global scale λ of the m
 )
 def task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, weight: Sequence[float], normalize: bool = False, **params: object) -> torch.Tensor:
     # Accumulate w_i (θ_i − θ_pre) model by model: no stacked copy of the M task vectors.
+    import torch
+
     mixed = torch.zeros_like(base)
     for w, theta in zip(weight, tensors):
         mixed.add_(theta - base, alpha=w)

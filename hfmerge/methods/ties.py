@@ -17,14 +17,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-import torch
-
 from ..errors import RecipeError
 from ._common import combine, density_unset, restore_l1_, task_vectors, trim_top_magnitude_
 from .registry import Param, PrepareContext, TensorPosition, merge_method
 from .task_arithmetic import LAMBDA, WEIGHT
 
 if TYPE_CHECKING:
+    import torch
+
     from ..recipe import Recipe
 
 DENSITY = Param("density", 1.0, low=0.0, high=1.0, low_open=True, help="fraction of entries kept (k of top-k%); 1 keeps all")
@@ -69,6 +69,8 @@ def prepare(context: PrepareContext) -> dict[str, Any]:
     Returns:
         ``{"thresholds": [one float per model]}`` for ``trim: model``, else nothing.
     """
+    import torch
+
     recipe = context.recipe
     if recipe.parameters.get("trim") != "model":
         return {}
