@@ -12,9 +12,10 @@ singular values in Δ are not drowned by the dominant ones. Other tensors take
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from ._svd import ALPHA, WEIGHT, is_matrix, mean_update, significant, weighted_sum
 from .registry import merge_method
@@ -26,6 +27,8 @@ def isotropic(delta: torch.Tensor) -> torch.Tensor:
     """σ̄ · U Vᵀ for delta = U Σ Vᵀ: the same singular vectors, every singular value their mean
     (σ̄ over all min(m, n) of them; directions whose singular value is at rounding level, whose
     vectors are arbitrary, are left out of U Vᵀ)."""
+    import torch
+
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     sigma = s.mean()
     u, _, vh = significant(u, s, vh)
@@ -40,6 +43,8 @@ def isotropic(delta: torch.Tensor) -> torch.Tensor:
     summary="per matrix: the task-arithmetic sum with its singular values flattened to their mean, scaled by α",
 )
 def iso_c(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, weight: Sequence[float], alpha: float = 1.0, **_: object) -> torch.Tensor:
+    import torch
+
     if not tensors or not is_matrix(base):
         return mean_update(base, tensors, weight, float(alpha))
     total = weighted_sum(base, tensors, weight)

@@ -19,9 +19,10 @@ arbitrary) but count in σ̄. With d = 0 (``common_space_fraction: 1``, or r < M
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from ._svd import ALPHA, WEIGHT, decorrelated, is_matrix, mean_update, weighted_sum, weighted_task_vectors
 from .iso_c import PAPER, isotropic
@@ -52,6 +53,8 @@ def subspace_sizes(r: int, m: int, fraction: float) -> tuple[int, int]:
 )
 def iso_cts(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, weight: Sequence[float], alpha: float = 1.0,
             common_space_fraction: float = 0.8, **_: object) -> torch.Tensor:
+    import torch
+
     if not tensors or not is_matrix(base):
         return mean_update(base, tensors, weight, float(alpha))
     total = weighted_sum(base, tensors, weight)

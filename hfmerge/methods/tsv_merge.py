@@ -16,9 +16,10 @@ Other tensors, and matrices too small to give each model a direction (r < M), ta
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from ._svd import ALPHA, WEIGHT, decorrelated, from_factors, is_matrix, mean_update, weighted_task_vectors
 from .registry import merge_method
@@ -34,6 +35,8 @@ PAPER = "https://arxiv.org/abs/2412.00081"
     summary="per matrix: top 1/M singular triplets of each task vector, decorrelated by orthogonal Procrustes, scaled by α",
 )
 def tsv_merge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, weight: Sequence[float], alpha: float = 1.0, **_: object) -> torch.Tensor:
+    import torch
+
     m = len(tensors)
     k = min(base.shape) // m if m and is_matrix(base) else 0
     if k == 0:
