@@ -45,7 +45,7 @@ from .loglik import model_kind, option_logliks, pair_batches, pair_loglik
 logger = logging.getLogger(__name__)
 
 MODES = ("exact", "sampled", "empirical")
-IMPLEMENTATIONS = ("auto", "vmap", "loop")
+IMPLEMENTATIONS = ("auto", "hooks", "vmap", "loop")
 # Below this many parameters the vectorised implementation is used by `auto`.
 VMAP_MAX_PARAMETERS = 20_000_000
 # (example, option) pairs per vmap call; bounded further by VMAP_MAX_ELEMENTS.
@@ -96,6 +96,10 @@ def choose_implementation(model: Any, implementation: str, offloaded: bool) -> s
     if implementation == "vmap" and not vmap_ok:
         raise FisherError("fisher implementation 'vmap' needs a language model held in memory (not offloaded, not a classifier); use 'loop'")
     if implementation == "auto":
+        from .hooks import uncovered_parameters
+
+        if not uncovered_parameters(model):
+            return "hooks"
         size = sum(p.numel() for p in model.parameters())
         return "vmap" if vmap_ok and size <= VMAP_MAX_PARAMETERS else "loop"
     return implementation
@@ -159,6 +163,8 @@ def diagonal_fisher(model: Any, examples: Sequence[EncodedExample], labels: Sequ
                         logliks[k].backward(retain_graph=j < len(chosen) - 1)
                     bar.update(1)
                 fisher, count = sink.result(), sink.count
+        elif impl == "hooks":
+            fisher, count = _hooks_fisher(model, examples, labels, mode, rng, dev, bar)
         else:
             fisher, count = _vmap_fisher(model, examples, labels, mode, rng, dev, bar)
     finally:
@@ -197,6 +203,44 @@ def weighted_rows(model: Any, examples: list[EncodedExample], labels: Sequence[i
     for n, s in enumerate(score_encoded(model, examples, batch_size=64, device=device)):
         rows += [(n, k, w) for k, w in option_weights(torch.tensor(s.mean_logprobs), mode, labels[n], rng)]
     return rows
+
+
+def _hooks_fisher(model: Any, examples: list[EncodedExample], labels: Sequence[int], mode: str, rng: random.Random,
+                  device: torch.device, bar: Any) -> tuple[dict[str, torch.Tensor], int]:
+    from .hooks import hooks_fisher
+
+    if mode == "exact":  # p comes from the gradient pass's own forward: every option is a row
+        for n, e in enumerate(examples):
+            _label(labels[n], len(e.option_ids), n)
+        pairs = [(n, k, 1.0) for n, e in enumerate(examples) for k in range(len(e.option_ids))]
+    else:
+        pairs = weighted_rows(model, examples, labels, mode, rng, device)
+    fisher, missing, count = hooks_fisher(model, examples, pairs, device, bar, exact=mode == "exact")
+    if missing:
+        if mode == "exact":
+            pairs = weighted_rows(model, examples, labels, mode, rng, device)
+        logger.info("Fisher: %d parameter(s) outside the layer hooks computed one option at a time (%s)", len(missing),
+                    "; ".join(f"{n}: {why}" for n, why in list(missing.items())[:3]))
+        fisher.update(rows_loop(model, examples, pairs, device, set(missing)))
+    return fisher, count
+
+
+def rows_loop(model: Any, examples: list[EncodedExample], pairs: Sequence[tuple[int, int, float]], device: torch.device,
+              only: set[str]) -> dict[str, torch.Tensor]:
+    """Σ_pairs w · (∇ℓ)² of the parameters in `only`, one backward pass per pair (the loop,
+    over given rows)."""
+    from .offload import squared_grad_hooks
+
+    by_example: dict[int, list[tuple[int, float]]] = {}
+    for n, k, w in pairs:
+        by_example.setdefault(n, []).append((k, w))
+    with squared_grad_hooks(model, only) as sink:
+        for n, chosen in by_example.items():
+            logliks = option_logliks(model, examples[n], device)
+            for j, (k, w) in enumerate(chosen):
+                sink.weight = w
+                logliks[k].backward(retain_graph=j < len(chosen) - 1)
+        return sink.result()
 
 
 def _vmap_fisher(model: Any, examples: list[EncodedExample], labels: Sequence[int], mode: str, rng: random.Random,
