@@ -79,6 +79,28 @@ def test_hooks_vmap_and_loop_give_the_same_fisher(family, mode):
         assert stats[0].implementation == impl and stats[0].num_gradients == (len(enc) if mode != "exact" else sum(len(e.option_ids) for e in enc))
 
 
+@pytest.mark.parametrize("mode", ["exact", "empirical"])
+def test_hooks_fisher_in_small_chunks_equals_one_chunk(monkeypatch, mode):
+    """Chunks never split an example (exact mode's p needs all its options; an example with
+    more options than a chunk holds is a chunk of its own) and are sorted by length; the
+    per-row, batched and Gram forms of Σ w·G² agree."""
+    from hfmerge.fisher import hooks
+
+    model, tok = tiny("t5", seed=7)
+    examples, enc = encoded(model, tok, n=12)
+    labels = [e.label for e in examples]
+    assert max(len(e.option_ids) for e in enc) > 3
+    whole = diagonal_fisher(model, enc, labels, mode=mode, implementation="hooks")
+    monkeypatch.setattr(hooks, "HOOKS_CHUNK", 3)
+    # and the other ways of summing w·G²: per row in tiles of 40 entries, or always as one product
+    monkeypatch.setattr(hooks, "PER_ROW_MIN_ENTRIES", 1 if mode == "exact" else 1 << 30)
+    monkeypatch.setattr(hooks, "TILE_ENTRIES", 40)
+    monkeypatch.setattr(hooks, "GRAM_MAX_TOKENS", 0 if mode == "exact" else 1000)
+    chunks = hooks.example_chunks([(n, k, 1.0) for n, e in enumerate(enc) for k in range(len(e.option_ids))], 3)
+    assert all(len(c) <= 3 or len({n for n, _, _ in c}) == 1 for c in chunks) and len(chunks) > 4
+    assert_same_fisher(diagonal_fisher(model, enc, labels, mode=mode, implementation="hooks"), whole)
+
+
 def test_hooks_cover_every_parameter_of_the_tested_families_and_auto_picks_them():
     from hfmerge.fisher.diagonal import choose_implementation
     from hfmerge.fisher.hooks import uncovered_parameters

@@ -23,8 +23,8 @@ A parameter reached by several calls or tied modules (T5's shared embedding: enc
 decoder inputs and, tied, the LM head) sums its per-row pieces before squaring. Σ_r w_r G_r²
 is then added to the Fisher without keeping a model-sized gradient for any row:
 
-* per row (``outer`` form): tiles of rows' G (a few hundred thousand entries at a time) are
-  formed, squared and summed with the weights;
+* per row (``outer`` form): G_r is formed a tile of output rows at a time (about 262,000
+  entries), squared and added with its weight while the tile is in cache;
 * when a row has only a few tokens with a non-zero gradient (T ≤ `GRAM_MAX_TOKENS`, e.g.
   the decoder side of T5, the LM head of a decoder-only model) as one matrix product,
   Σ_r w_r G_r² = Σ_r w_r Σ_{t,s} (g_rt ⊙ g_rs)(a_rt ⊙ a_rs)ᵀ (``gram`` form);
@@ -48,6 +48,9 @@ from torch import nn
 
 # Rows' weight gradients formed at once in the ``outer`` form, in entries.
 TILE_ENTRIES = 1 << 18
+# Weights of at least this many entries take one matrix product per row (small ones: one
+# batched product for all rows).
+PER_ROW_MIN_ENTRIES = 1 << 16
 # Up to this many tokens with a non-zero gradient per row, the ``gram`` form is used.
 GRAM_MAX_TOKENS = 3
 # (example, option) rows per forward/backward pass.
@@ -297,9 +300,23 @@ def _pack_nonzero(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor
 def _outer(dense: torch.Tensor, left: torch.Tensor, right: torch.Tensor, w: torch.Tensor) -> None:
     rows, _, p = left.shape
     q = right.shape[2]
+    flat = dense.view(p, q)
+    if p * q >= PER_ROW_MIN_ENTRIES:
+        # One matrix product per row and output tile, squared into the Fisher while in cache.
+        lt = left.transpose(1, 2).contiguous()
+        step = max(1, TILE_ENTRIES // q)
+        buf = torch.empty(min(step, p), q, dtype=torch.float32, device=left.device)
+        weights = w.tolist()
+        for i in range(0, p, step):
+            part = flat[i:i + step]
+            g = buf[:part.shape[0]]
+            for r in range(rows):
+                if weights[r] != 0.0:
+                    torch.mm(lt[r, i:i + step], right[r], out=g)
+                    part.addcmul_(g, g, value=weights[r])
+        return
     lt = left.transpose(1, 2)
     step = max(1, TILE_ENTRIES // max(rows * q, 1))
-    flat = dense.view(p, q)
     for i in range(0, p, step):
         g = torch.bmm(lt[:, i:i + step], right)
         g.square_()
@@ -373,7 +390,7 @@ def hooks_fisher(model: Any, examples: Sequence[Any], pairs: Sequence[tuple[int,
         for _, p in named:
             p.requires_grad_(False)
         with recorder.attached():
-            for part in example_chunks(pairs, HOOKS_CHUNK):
+            for part in example_chunks(pairs, HOOKS_CHUNK, length=lambda n: _length(examples[n])):
                 batch = pair_batches(model, examples, part, len(part), device)[0]
                 recorder.rows, recorder.calls = len(part), []
                 with torch.enable_grad():
@@ -399,15 +416,18 @@ def hooks_fisher(model: Any, examples: Sequence[Any], pairs: Sequence[tuple[int,
     return {k: v.cpu() for k, v in fisher.items()}, missing, count
 
 
-def example_chunks(pairs: Sequence[tuple[int, int, float]], size: int) -> list[list[tuple[int, int, float]]]:
+def example_chunks(pairs: Sequence[tuple[int, int, float]], size: int, length: Any = None) -> list[list[tuple[int, int, float]]]:
     """`pairs` cut into chunks of at most `size` rows that never split an example (an example
-    with more rows than `size` is a chunk of its own)."""
+    with more rows than `size` is a chunk of its own); with `length` (example index → a
+    length), examples of similar lengths share chunks, so that little padding is computed."""
     groups: list[list[tuple[int, int, float]]] = []
     for row in pairs:
         if groups and groups[-1][-1][0] == row[0]:
             groups[-1].append(row)
         else:
             groups.append([row])
+    if length is not None:
+        groups.sort(key=lambda g: length(g[0][0]))
     chunks: list[list[tuple[int, int, float]]] = []
     for group in groups:
         if chunks and len(chunks[-1]) + len(group) <= size:
@@ -415,6 +435,11 @@ def example_chunks(pairs: Sequence[tuple[int, int, float]], size: int) -> list[l
         else:
             chunks.append(list(group))
     return chunks
+
+
+def _length(example: Any) -> int:
+    contexts = example.contexts or (example.prompt_ids,)
+    return max(len(c) for c in contexts) + max((len(o) for o in example.option_ids), default=0)
 
 
 def _softmax_per_example(ll: torch.Tensor, owners: list[int]) -> torch.Tensor:
