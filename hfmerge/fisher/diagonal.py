@@ -12,7 +12,7 @@ weights w_nk given by the mode:
 * ``empirical``: the labelled option, weight 1 (the "empirical Fisher").
 
 Squares are taken **per example and option**, never of a batch sum (that adds cross terms).
-Two implementations give the same result:
+Three implementations give the same result:
 
 * ``loop``: per example one forward pass (the encoder once, the K options as one decoder
   batch) and one backward pass per option with a non-zero weight. Squared gradients are
@@ -23,8 +23,14 @@ Two implementations give the same result:
   ``torch.func.vmap(grad(...))``. Faster for small models (one fused pass over many pairs);
   for large models the per-pair gradient copies cost more memory and time than they save.
 
-``auto`` picks ``vmap`` for in-memory language models under `VMAP_MAX_PARAMETERS`
-parameters, ``loop`` otherwise (see docs/benchmarks.md for the measurements behind it).
+* ``hooks``: a batch of pairs in one forward and one backward pass; layer hooks record each
+  layer's inputs and output gradients, from which every pair's gradient is formed one
+  parameter at a time, squared and added (`hooks`). Parameters the hooks do not cover are
+  computed with the loop over the same pairs.
+
+``auto`` picks ``hooks`` where they cover every parameter of the model, else ``vmap`` for
+in-memory language models under `VMAP_MAX_PARAMETERS` parameters and ``loop`` otherwise (see
+docs/benchmarks.md for the measurements behind it).
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ class FisherStats:
     Attributes:
         num_examples: Examples used (N).
         num_gradients: Per-(example, option) gradients taken.
-        implementation: ``vmap`` or ``loop``.
+        implementation: ``hooks``, ``vmap`` or ``loop``.
         seconds: Wall time.
     """
 
@@ -89,12 +95,13 @@ def option_weights(logliks: torch.Tensor, mode: str, label: int, rng: random.Ran
 
 
 def choose_implementation(model: Any, implementation: str, offloaded: bool) -> str:
-    """Resolve ``auto``; refuse ``vmap`` where it cannot run."""
+    """Resolve ``auto`` (``hooks`` where they cover every parameter); refuse ``vmap`` where it
+    cannot run."""
     if implementation not in IMPLEMENTATIONS:
         raise FisherError(f"fisher implementation {implementation!r}; expected one of {', '.join(IMPLEMENTATIONS)}")
     vmap_ok = not offloaded and model_kind(model) != "classifier"
     if implementation == "vmap" and not vmap_ok:
-        raise FisherError("fisher implementation 'vmap' needs a language model held in memory (not offloaded, not a classifier); use 'loop'")
+        raise FisherError("fisher implementation 'vmap' needs a language model held in memory (not offloaded, not a classifier); use 'hooks' or 'loop'")
     if implementation == "auto":
         from .hooks import uncovered_parameters
 
@@ -112,12 +119,12 @@ def diagonal_fisher(model: Any, examples: Sequence[EncodedExample], labels: Sequ
 
     Args:
         model: A transformers encoder-decoder LM, decoder-only LM or sequence classifier.
-            Its parameters may be offloaded by an accelerate device map (then only ``loop``
-            runs). Put in ``eval()`` mode for the computation (dropout off), restored after.
+            Its parameters may be offloaded by an accelerate device map (then ``vmap`` does
+            not run). Put in ``eval()`` mode for the computation (dropout off), restored after.
         examples: Tokenised examples (`hfmerge.evaluation.scoring.encode_examples`).
         labels: Per example, the index of the right option (used by ``empirical`` only).
         mode: ``exact``, ``sampled`` or ``empirical``.
-        implementation: ``auto``, ``vmap`` or ``loop``.
+        implementation: ``auto``, ``hooks``, ``vmap`` or ``loop``.
         seed: Seed of the option draws in ``sampled`` mode.
         device: Where inputs go (default: the model's execution device).
         progress: Show a progress bar.

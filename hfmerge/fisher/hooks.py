@@ -131,8 +131,10 @@ class _Recorder:
                 self.modules.append((module, kind, local))
         self.bias_modules = [m for _, m in model.named_modules()
                              if isinstance(getattr(m, "relative_attention_bias", None), nn.Embedding) and callable(getattr(m, "compute_bias", None))]
+        self._bias_tables = {m.relative_attention_bias for m in self.bias_modules}
         self.rows = 0
-        self.calls: list[tuple[str, nn.Module, dict[str, str], tuple, dict]] = []
+        # per call: (kind, module, local name -> parameter name, saved inputs, {"g": output gradient})
+        self.calls: list[tuple[str, nn.Module, dict[str, str], dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
         self.unsupported: dict[str, str] = {}
         self._bias_ids: torch.Tensor | None = None
         self._inside_bias: nn.Module | None = None
@@ -164,7 +166,10 @@ class _Recorder:
                 self._flag(local, f"{type(mod).__name__} called in an unexpected way")
                 return None
             x = args[0].detach()
-            if kind == "embedding" and self._inside_bias is not None and mod is self._inside_bias.relative_attention_bias:
+            if mod in self._bias_tables:  # a relative attention bias: batch-free ids, only within compute_bias
+                if self._inside_bias is None or mod is not self._inside_bias.relative_attention_bias:
+                    self._flag(local, f"{type(mod).__name__} used as a relative attention bias outside compute_bias")
+                    return None
                 self._bias_ids = x
                 return output if output.requires_grad else output.detach().requires_grad_()
             expand = kind == "embedding" and x.dim() >= 2 and x.shape[0] == 1 and self.rows > 1 and output.shape[0] == 1
@@ -258,6 +263,19 @@ class _Recorder:
             self._flag(local, f"{type(mod).__name__} is not weight ⊙ (x / rms(x))")
             return None
         return n
+
+
+def _inconsistent(terms: _Terms, shape: torch.Size) -> str | None:
+    """Why `terms` cannot describe a gradient of `shape` (None: they can)."""
+    if terms.vec and (terms.outer or terms.rows):
+        return "used both as a vector and as a matrix"
+    if any(v.shape[1:].numel() != shape.numel() for v in terms.vec):
+        return "a per-row gradient of another size"
+    if any(len(shape) != 2 or (left.shape[2], right.shape[2]) != tuple(shape) for left, right in terms.outer):
+        return "a weight gradient of another shape"
+    if any(len(shape) != 2 or values.shape[2] != shape[1] for _, values in terms.rows):
+        return "embedding rows of another width"
+    return None
 
 
 def add_weighted_squares(fisher: torch.Tensor, terms: _Terms, weights: torch.Tensor) -> None:
@@ -402,6 +420,9 @@ def hooks_fisher(model: Any, examples: Sequence[Any], pairs: Sequence[tuple[int,
                     else:
                         ll.sum().backward()
                 for name, terms in recorder.terms().items():
+                    problem = _inconsistent(terms, fisher[name].shape)
+                    if problem:
+                        recorder.unsupported.setdefault(name, problem)
                     if name not in recorder.unsupported and name not in missing:
                         add_weighted_squares(fisher[name], terms, batch.weights)
                 recorder.calls = []
