@@ -118,6 +118,19 @@ class _Terms:
     vec: list[torch.Tensor] = field(default_factory=list)  # [B, d]: the per-row gradient itself
 
 
+@dataclass(eq=False)
+class _Call:
+    """One call of a hooked module: what its parameters' per-row gradients are formed from."""
+
+    kind: str
+    module: nn.Module
+    local: dict[str, str]  # the module's parameter name -> the model's
+    x: torch.Tensor  # input (ids for embeddings)
+    y: torch.Tensor | None = None  # output (norms: to check the formula)
+    g: torch.Tensor | None = None  # output gradient, once the backward pass reached it
+    open: int = 0  # parameters of this call not yet added to the Fisher
+
+
 class _Recorder:
     """The hooks of one pass: per call, inputs in the forward and output gradients in the backward."""
 
@@ -133,8 +146,12 @@ class _Recorder:
                              if isinstance(getattr(m, "relative_attention_bias", None), nn.Embedding) and callable(getattr(m, "compute_bias", None))]
         self._bias_tables = {m.relative_attention_bias for m in self.bias_modules}
         self.rows = 0
-        # per call: (kind, module, local name -> parameter name, saved inputs, {"g": output gradient})
-        self.calls: list[tuple[str, nn.Module, dict[str, str], dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+        # The calls of the current pass, by parameter, and how many of them still wait for
+        # their output gradient; `sink(name, terms)` receives a parameter's terms once all
+        # its calls have one, so that inputs and gradients are let go of during the backward.
+        self.sink: Any = None
+        self._by_param: dict[str, list[_Call]] = {}
+        self._waiting: dict[str, int] = {}
         self.unsupported: dict[str, str] = {}
         self._bias_ids: torch.Tensor | None = None
         self._inside_bias: nn.Module | None = None
@@ -180,9 +197,9 @@ class _Recorder:
             if expand:
                 out = out.expand(self.rows, *out.shape[1:])
                 x = x.expand(self.rows, *x.shape[1:])
-            record = (kind, mod, local, {"x": x, "y": output.detach()}, {})
-            self.calls.append(record)
-            out.register_hook(lambda g: record[4].__setitem__("g", g.detach()))
+            call = _Call(kind, mod, local, x, output.detach() if kind == "rmsnorm" else None)
+            self._add(call)
+            out.register_hook(lambda g: self._arrived(call, g))
             return out if out is not output else None
         return hook
 
@@ -201,53 +218,76 @@ class _Recorder:
                 self._flag(local, "relative attention bias of an unexpected shape")
                 return bias
             expanded = bias.expand(self.rows, -1, -1, -1)
-            record = ("relbias", emb, local, {"x": ids}, {})
-            self.calls.append(record)
-            expanded.register_hook(lambda g: record[4].__setitem__("g", g.detach()))
+            call = _Call("relbias", emb, local, ids)
+            self._add(call)
+            expanded.register_hook(lambda g: self._arrived(call, g))
             return expanded
         return compute_bias
 
     # -- per-parameter terms -----------------------------------------------------------------
 
-    def terms(self) -> dict[str, _Terms]:
-        out: dict[str, _Terms] = {}
-        for kind, mod, local, saved, grads in self.calls:
-            g = grads.get("g")
-            if g is None:  # the call's output did not reach the loss: no gradient
-                continue
-            g = g.float()
-            rows = self.rows
-            if kind == "relbias":
-                ids = saved["x"].reshape(1, -1).expand(rows, -1)
-                values = g.permute(0, 2, 3, 1).reshape(rows, ids.shape[1], -1)
-                out.setdefault(local["weight"], _Terms()).rows.append((ids, values))
-                continue
-            x = saved["x"]
-            if kind in ("linear", "conv1d"):
-                a = x.to(device=g.device, dtype=torch.float32).reshape(rows, -1, x.shape[-1])
-                g2 = g.reshape(rows, -1, g.shape[-1])
-                pair = (g2, a) if kind == "linear" else (a, g2)
-                out.setdefault(local["weight"], _Terms()).outer.append(pair)
-                if "bias" in local:
-                    out.setdefault(local["bias"], _Terms()).vec.append(g2.sum(1))
-            elif kind == "embedding":
-                ids = x.to(g.device).reshape(rows, -1)
-                values = g.reshape(rows, ids.shape[1], -1)
-                if mod.padding_idx is not None:  # no gradient reaches the padding row
-                    values = values * (ids != mod.padding_idx).unsqueeze(-1)
-                out.setdefault(local["weight"], _Terms()).rows.append((ids, values))
-            else:  # layernorm / rmsnorm
-                n = self._normalised(kind, mod, local, x.to(device=g.device, dtype=torch.float32), saved["y"].to(g.device))
-                if n is None:
-                    continue
-                d = n.shape[-1] if kind == "rmsnorm" else int(torch.tensor(mod.normalized_shape).prod())
-                if "weight" in local:
-                    out.setdefault(local["weight"], _Terms()).vec.append((g * n).reshape(rows, -1, d).sum(1))
-                if "bias" in local:
-                    out.setdefault(local["bias"], _Terms()).vec.append(g.reshape(rows, -1, d).sum(1))
-        return out
+    def _add(self, call: _Call) -> None:
+        for name in call.local.values():
+            self._by_param.setdefault(name, []).append(call)
+            self._waiting[name] = self._waiting.get(name, 0) + 1
+            call.open += 1
 
-    def _normalised(self, kind: str, mod: nn.Module, local: dict[str, str], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    def _arrived(self, call: _Call, g: torch.Tensor) -> None:
+        call.g = g.detach()
+        for name in call.local.values():
+            self._waiting[name] -= 1
+            if self._waiting[name] == 0:
+                self._finish(name)
+
+    def finish(self) -> None:
+        """After the backward pass: the parameters some of whose calls got no gradient (their
+        output did not reach ℓ)."""
+        for name in list(self._by_param):
+            self._finish(name)
+        self._waiting.clear()
+
+    def _finish(self, name: str) -> None:
+        terms = _Terms()
+        for call in self._by_param.pop(name, []):
+            if call.g is not None:
+                self._add_terms(call, name, terms)
+            call.open -= 1
+            if call.open == 0:  # let go of the call's tensors
+                call.x = call.y = call.g = None
+        if terms.outer or terms.rows or terms.vec:
+            self.sink(name, terms)
+
+    def _add_terms(self, call: _Call, name: str, terms: _Terms) -> None:
+        """Add what `call` contributes to parameter `name`'s per-row gradient to `terms`."""
+        g, rows, kind, local = call.g.float(), self.rows, call.kind, call.local
+        if kind == "relbias":
+            ids = call.x.reshape(1, -1).expand(rows, -1)
+            terms.rows.append((ids, g.permute(0, 2, 3, 1).reshape(rows, ids.shape[1], -1)))
+        elif kind in ("linear", "conv1d"):
+            g2 = g.reshape(rows, -1, g.shape[-1])
+            if name == local.get("bias"):
+                terms.vec.append(g2.sum(1))
+            else:
+                a = call.x.to(device=g.device, dtype=torch.float32).reshape(rows, -1, call.x.shape[-1])
+                terms.outer.append((g2, a) if kind == "linear" else (a, g2))
+        elif kind == "embedding":
+            ids = call.x.to(g.device).reshape(rows, -1)
+            values = g.reshape(rows, ids.shape[1], -1)
+            if call.module.padding_idx is not None:  # no gradient reaches the padding row
+                values = values * (ids != call.module.padding_idx).unsqueeze(-1)
+            terms.rows.append((ids, values))
+        else:  # layernorm / rmsnorm
+            mod = call.module
+            d = g.shape[-1] if kind == "rmsnorm" else int(torch.tensor(mod.normalized_shape).prod())
+            if name == local.get("bias"):
+                terms.vec.append(g.reshape(rows, -1, d).sum(1))
+                return
+            y = None if call.y is None else call.y.to(g.device)
+            n = self._normalised(kind, mod, local, call.x.to(device=g.device, dtype=torch.float32), y)
+            if n is not None:
+                terms.vec.append((g * n).reshape(rows, -1, d).sum(1))
+
+    def _normalised(self, kind: str, mod: nn.Module, local: dict[str, str], x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor | None:
         if kind == "layernorm":
             return torch.nn.functional.layer_norm(x, mod.normalized_shape, None, None, mod.eps)
         n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _eps(mod))
@@ -410,7 +450,16 @@ def hooks_fisher(model: Any, examples: Sequence[Any], pairs: Sequence[tuple[int,
         with recorder.attached():
             for part in example_chunks(pairs, HOOKS_CHUNK, length=lambda n: _length(examples[n])):
                 batch = pair_batches(model, examples, part, len(part), device)[0]
-                recorder.rows, recorder.calls = len(part), []
+                recorder.rows = len(part)
+
+                def sink(name: str, terms: _Terms, batch=batch) -> None:
+                    problem = _inconsistent(terms, fisher[name].shape)
+                    if problem:
+                        recorder.unsupported.setdefault(name, problem)
+                    if name not in recorder.unsupported and name not in missing:
+                        add_weighted_squares(fisher[name], terms, batch.weights)
+
+                recorder.sink = sink
                 with torch.enable_grad():
                     ll = batch_logliks(model, batch)
                     if exact:
@@ -419,13 +468,7 @@ def hooks_fisher(model: Any, examples: Sequence[Any], pairs: Sequence[tuple[int,
                         recorder.unsupported.update({n: "ℓ does not depend on any hooked layer" for n, _ in named})
                     else:
                         ll.sum().backward()
-                for name, terms in recorder.terms().items():
-                    problem = _inconsistent(terms, fisher[name].shape)
-                    if problem:
-                        recorder.unsupported.setdefault(name, problem)
-                    if name not in recorder.unsupported and name not in missing:
-                        add_weighted_squares(fisher[name], terms, batch.weights)
-                recorder.calls = []
+                recorder.finish()
                 count += int((batch.weights > 0).sum())
                 bar.update(len({n for n, _, _ in part}))
     finally:
