@@ -9,7 +9,8 @@ Three tables:
    timed in interleaved rounds, the hooks' speed-up over what ``auto`` picked before they
    existed and over the loop, which one ``auto`` picks now, and the largest difference
    between the hooks' and the loop's Fisher (relative to the largest entry), on the tiny T5
-   of the tests and on a randomly initialised model of t5-small's shape (60M parameters).
+   of the tests, on a randomly initialised model of t5-small's shape (60M parameters) and,
+   with ``--widths``, on T5 models of the same depth and other widths.
 2. ``nodes``: Fisher Mask Nodes against the full diagonal Fisher on the same models and data
    (time ratio), and the merge quality of ``fisher_nodes`` against ``fisher`` (and averaging)
    on tiny T5 experts trained for a few steps on keyword tasks.
@@ -42,7 +43,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 warnings.filterwarnings("ignore")
 
-from scoring_speed import SETUPS, build, make_examples, timed  # noqa: E402
+from scoring_speed import SETUPS, Setup, build, make_examples, timed  # noqa: E402
 
 from hfmerge.fisher.diagonal import VMAP_MAX_PARAMETERS, choose_implementation, diagonal_fisher  # noqa: E402
 from hfmerge.fisher.engine import FisherSettings, compute_fisher, encode_for_model  # noqa: E402
@@ -71,10 +72,17 @@ def interleaved(fns: dict, repeats: int) -> dict[str, float]:
     return best
 
 
-def speed_table(examples_n: int, repeats: int, mode: str = "exact") -> list[dict]:
+def t5_of_width(d_model: int) -> dict:
+    """A T5 with 6+6 layers, 8 heads, d_ff = 4 × d_model and t5's vocabulary (d_model 512: t5-small's shape)."""
+    return {"d_model": d_model, "d_kv": d_model // 8, "d_ff": 4 * d_model, "num_layers": 6, "num_decoder_layers": 6, "num_heads": 8,
+            "vocab_size": 32128}
+
+
+def speed_table(examples_n: int, repeats: int, mode: str = "exact", widths: tuple[int, ...] = ()) -> list[dict]:
     rows = []
-    for name in ("tiny-t5", "t5-small-shape"):
-        setup = SETUPS[name]
+    setups = [SETUPS["tiny-t5"]] + [Setup(f"t5-d{w}", "t5", t5_of_width(w), "") for w in widths] + [SETUPS["t5-small-shape"]]
+    for setup in setups:
+        name = setup.name
         model, tokenizer, words = build(setup)
         n = examples_n if name == "tiny-t5" else max(4, examples_n // 8)
         examples = make_examples(n, words, max_prompt=24)
@@ -178,7 +186,7 @@ print(sum(p.numel() for p in model.parameters()), before, status("VmHWM"))
 def memory_table() -> list[dict]:
     rows = []
     for d_model in (64, 128, 256, 512):
-        config = {"d_model": d_model, "d_kv": d_model // 8, "d_ff": 4 * d_model, "num_layers": 6, "num_decoder_layers": 6, "num_heads": 8, "vocab_size": 32128}
+        config = t5_of_width(d_model)
         for impl in IMPLEMENTATIONS:
             code = MEMORY_CHILD.format(benchmarks=str(REPO / "benchmarks"), repo=str(REPO), config=config, impl=impl)
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
@@ -194,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tables", default="speed,nodes,memory", help="comma-separated: speed, nodes, memory")
     parser.add_argument("--examples", type=int, default=32, help="examples on the tiny model (t5-small shape: an eighth for the speed table, half for the nodes table; at least 4)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--widths", default="", help="comma-separated d_model values of extra T5 rows (6+6 layers) in the speed table, e.g. 64,128,256")
     parser.add_argument("--mode", default="exact", choices=("exact", "sampled", "empirical"), help="Fisher mode of the speed table")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--json", metavar="PATH")
@@ -208,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(load average {load:.1f}), best of {args.repeats} (interleaved in the speed table)")
     result: dict = {}
     if "speed" in tables:
-        rows = result["speed"] = speed_table(args.examples, args.repeats, args.mode)
+        widths = tuple(int(w) for w in args.widths.split(",") if w.strip())
+        rows = result["speed"] = speed_table(args.examples, args.repeats, args.mode, widths)
         print("\n| model | parameters | examples (options) | loop s/example | vmap s/example | hooks s/example | hooks vs previous auto | "
               "hooks vs loop | auto picks | auto is the fastest | hooks − loop (max, relative) |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")

@@ -4,7 +4,8 @@ A batch of (example, option) rows goes through one ordinary forward pass and one
 pass of Σ_r ℓ_r. Rows do not interact in an eval-mode transformer, so the gradient that
 reaches a module's output at row r is row r's own ∂ℓ_r/∂output. Hooks record, per module
 call, what the module's parameter gradient is made of, and each row's parameter gradient is
-formed from it afterwards, one parameter at a time:
+formed from it during the backward pass, one parameter at a time, as soon as every call of
+that parameter has its output gradient (then the call's tensors are let go of):
 
 * ``nn.Linear`` (weight [out, in]): G_r = Σ_t g_rt a_rtᵀ (g the output gradient, a the
   input at token t); bias: Σ_t g_rt. transformers' ``Conv1D`` (GPT-2) is the same with the
