@@ -4,13 +4,17 @@ the full diagonal Fisher, and peak memory of a Fisher computation against model 
 
 Three tables:
 
-1. ``speed``: seconds per example of the exact diagonal Fisher with the vectorised (vmap)
-   and the per-example loop implementation, and which one ``auto`` picks, on the tiny T5 of
-   the tests and on a randomly initialised model of t5-small's shape (60M parameters).
+1. ``speed``: seconds per example of the diagonal Fisher (exact mode unless ``--mode``) with
+   the per-example loop, the vectorised (vmap) and the layer-hook (hooks) implementation,
+   timed in interleaved rounds, the hooks' speed-up over what ``auto`` picked before they
+   existed and over the loop, which one ``auto`` picks now, and the largest difference
+   between the hooks' and the loop's Fisher (relative to the largest entry), on the tiny T5
+   of the tests, on a randomly initialised model of t5-small's shape (60M parameters) and,
+   with ``--widths``, on T5 models of the same depth and other widths.
 2. ``nodes``: Fisher Mask Nodes against the full diagonal Fisher on the same models and data
    (time ratio), and the merge quality of ``fisher_nodes`` against ``fisher`` (and averaging)
    on tiny T5 experts trained for a few steps on keyword tasks.
-3. ``memory``: peak resident memory of one Fisher computation (loop and vmap) for T5 models
+3. ``memory``: peak resident memory of one Fisher computation (loop, vmap, hooks) for T5 models
    of growing width, each measured in a fresh process.
 
 Examples::
@@ -39,29 +43,63 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 warnings.filterwarnings("ignore")
 
-from scoring_speed import SETUPS, build, make_examples, timed  # noqa: E402
+from scoring_speed import SETUPS, Setup, build, make_examples, timed  # noqa: E402
 
-from hfmerge.fisher.diagonal import choose_implementation, diagonal_fisher  # noqa: E402
+from hfmerge.fisher.diagonal import VMAP_MAX_PARAMETERS, choose_implementation, diagonal_fisher  # noqa: E402
 from hfmerge.fisher.engine import FisherSettings, compute_fisher, encode_for_model  # noqa: E402
 
 
-def speed_table(examples_n: int, repeats: int) -> list[dict]:
+IMPLEMENTATIONS = ("loop", "vmap", "hooks")
+
+
+def previous_auto(model) -> str:
+    """What ``auto`` chose before the hooks implementation existed (vmap up to 20M parameters)."""
+    return "vmap" if sum(p.numel() for p in model.parameters()) <= VMAP_MAX_PARAMETERS else "loop"
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Best wall time of each function over `repeats` rounds; every round runs each once, in an
+    order rotated from round to round, so that load changes on a shared machine hit all alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    names = list(fns)
+    best = {n: float("inf") for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def t5_of_width(d_model: int) -> dict:
+    """A T5 with 6+6 layers, 8 heads, d_ff = 4 × d_model and t5's vocabulary (d_model 512: t5-small's shape)."""
+    return {"d_model": d_model, "d_kv": d_model // 8, "d_ff": 4 * d_model, "num_layers": 6, "num_decoder_layers": 6, "num_heads": 8,
+            "vocab_size": 32128}
+
+
+def speed_table(examples_n: int, repeats: int, mode: str = "exact", widths: tuple[int, ...] = ()) -> list[dict]:
     rows = []
-    for name in ("tiny-t5", "t5-small-shape"):
-        setup = SETUPS[name]
+    setups = [SETUPS["tiny-t5"]] + [Setup(f"t5-d{w}", "t5", t5_of_width(w), "") for w in widths] + [SETUPS["t5-small-shape"]]
+    for setup in setups:
+        name = setup.name
         model, tokenizer, words = build(setup)
         n = examples_n if name == "tiny-t5" else max(4, examples_n // 8)
         examples = make_examples(n, words, max_prompt=24)
         enc = encode_for_model(model, tokenizer, examples)
-        labels = [0] * len(enc)
-        times = {}
-        for impl in ("loop", "vmap"):
-            times[impl], _ = timed(lambda: diagonal_fisher(model, enc, labels, implementation=impl), repeats)
-        auto = choose_implementation(model, "auto", offloaded=False)
+        labels = [e.label for e in examples]
+        fns = {impl: (lambda impl=impl: diagonal_fisher(model, enc, labels, mode=mode, implementation=impl)) for impl in IMPLEMENTATIONS}
+        times = interleaved(fns, repeats)
+        loop, hooks = fns["loop"](), fns["hooks"]()
+        top = max(float(v.abs().max()) for v in loop.values())
+        difference = max(float((hooks[k] - loop[k]).abs().max()) for k in loop) / top
+        auto, before = choose_implementation(model, "auto", offloaded=False), previous_auto(model)
         rows.append({"model": name, "parameters": sum(p.numel() for p in model.parameters()), "examples": len(enc),
-                     "options": sum(len(e.option_ids) for e in enc), "loop_s_per_example": times["loop"] / len(enc),
-                     "vmap_s_per_example": times["vmap"] / len(enc), "auto": auto, "vmap_speedup": times["loop"] / times["vmap"],
-                     "auto_is_best": times[auto] <= min(times.values()) * 1.05})
+                     "options": sum(len(e.option_ids) for e in enc), "mode": mode,
+                     **{f"{impl}_s_per_example": times[impl] / len(enc) for impl in IMPLEMENTATIONS},
+                     "previous_auto": before, "hooks_vs_previous_auto": times[before] / times["hooks"],
+                     "hooks_vs_loop": times["loop"] / times["hooks"], "auto": auto,
+                     "auto_is_best": times[auto] <= min(times.values()) * 1.05, "hooks_max_difference": difference})
         print(f"  speed {name}: done", file=sys.stderr)
     return rows
 
@@ -148,8 +186,8 @@ print(sum(p.numel() for p in model.parameters()), before, status("VmHWM"))
 def memory_table() -> list[dict]:
     rows = []
     for d_model in (64, 128, 256, 512):
-        config = {"d_model": d_model, "d_kv": d_model // 8, "d_ff": 4 * d_model, "num_layers": 6, "num_decoder_layers": 6, "num_heads": 8, "vocab_size": 32128}
-        for impl in ("loop", "vmap"):
+        config = t5_of_width(d_model)
+        for impl in IMPLEMENTATIONS:
             code = MEMORY_CHILD.format(benchmarks=str(REPO / "benchmarks"), repo=str(REPO), config=config, impl=impl)
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
             params, before, after = int(out[0]), int(out[1]), int(out[2])
@@ -164,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tables", default="speed,nodes,memory", help="comma-separated: speed, nodes, memory")
     parser.add_argument("--examples", type=int, default=32, help="examples on the tiny model (t5-small shape: an eighth for the speed table, half for the nodes table; at least 4)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--widths", default="", help="comma-separated d_model values of extra T5 rows (6+6 layers) in the speed table, e.g. 64,128,256")
+    parser.add_argument("--mode", default="exact", choices=("exact", "sampled", "empirical"), help="Fisher mode of the speed table")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
@@ -171,15 +211,21 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     tables = [t.strip() for t in args.tables.split(",")]
     load = os.getloadavg()[0]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} CPUs (load average {load:.1f}), best of {args.repeats}")
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} CPUs "
+          f"(load average {load:.1f}), best of {args.repeats} (interleaved in the speed table)")
     result: dict = {}
     if "speed" in tables:
-        rows = result["speed"] = speed_table(args.examples, args.repeats)
-        print("\n| model | parameters | examples (options) | loop s/example | vmap s/example | vmap speed-up | auto picks | auto is the faster |")
-        print("|---|---:|---:|---:|---:|---:|---|---|")
+        widths = tuple(int(w) for w in args.widths.split(",") if w.strip())
+        rows = result["speed"] = speed_table(args.examples, args.repeats, args.mode, widths)
+        print("\n| model | parameters | examples (options) | loop s/example | vmap s/example | hooks s/example | hooks vs previous auto | "
+              "hooks vs loop | auto picks | auto is the fastest | hooks − loop (max, relative) |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")
         for r in rows:
             print(f"| {r['model']} | {r['parameters'] / 1e6:.3f}M | {r['examples']} ({r['options']}) | {r['loop_s_per_example']:.4f} | "
-                  f"{r['vmap_s_per_example']:.4f} | {r['vmap_speedup']:.1f}x | {r['auto']} | {'yes' if r['auto_is_best'] else 'no'} |")
+                  f"{r['vmap_s_per_example']:.4f} | {r['hooks_s_per_example']:.4f} | {r['hooks_vs_previous_auto']:.1f}x ({r['previous_auto']}) | "
+                  f"{r['hooks_vs_loop']:.1f}x | {r['auto']} | {'yes' if r['auto_is_best'] else 'no'} | {r['hooks_max_difference']:.1e} |")
     if "nodes" in tables:
         rows = result["nodes"] = nodes_table(args.examples, args.repeats)
         print("\n| model | examples | full Fisher (auto) s | full Fisher (loop) s | Fisher nodes s | ratio vs auto | ratio vs loop |")

@@ -1,4 +1,4 @@
-"""The Fisher engine (hfmerge.fisher): diagonal Fisher in every mode and both implementations,
+"""The Fisher engine (hfmerge.fisher): diagonal Fisher in every mode and all three implementations,
 offloaded parameters, Fisher files and cache, Fisher Mask Nodes, and the fisher /
 fisher_nodes methods run from recipes on tiny experts trained in a fixture."""
 
@@ -37,7 +37,8 @@ def tiny(family: str, seed: int = 0):
     import transformers as tf
 
     torch.manual_seed(seed)
-    cls = {"t5": tf.T5ForConditionalGeneration, "t5_v1_1": tf.T5ForConditionalGeneration, "gpt2": tf.GPT2LMHeadModel}[family]
+    cls = {"t5": tf.T5ForConditionalGeneration, "t5_v1_1": tf.T5ForConditionalGeneration, "gpt2": tf.GPT2LMHeadModel,
+           "llama": tf.LlamaForCausalLM}[family]
     return cls(tiny_config(family)).eval(), make_tokenizer(append_eos=family.startswith("t5"))
 
 
@@ -51,19 +52,115 @@ def encoded(model, tokenizer, n: int = 10, seed: int = 3):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["t5", "gpt2"])
+def assert_same_fisher(got, expected, rtol=1e-5):
+    """Equal to float32 rounding: per tensor, relative to its own largest entry, and to the whole
+    model's largest entry for tensors whose true Fisher is zero (BERT's key bias: softmax is
+    blind to it, so both sides hold rounding noise only)."""
+    assert set(got) == set(expected)
+    top = max(float(v.abs().max()) for v in expected.values())
+    for name in expected:
+        scale = max(float(expected[name].abs().max()), 1e-6 * top)
+        torch.testing.assert_close(got[name], expected[name], rtol=rtol, atol=1e-6 * scale, msg=name)
+
+
+@pytest.mark.parametrize("family", ["t5", "t5_v1_1", "gpt2", "llama"])
 @pytest.mark.parametrize("mode", ["exact", "sampled", "empirical"])
-def test_vmap_and_loop_give_the_same_fisher(family, mode):
+def test_hooks_vmap_and_loop_give_the_same_fisher(family, mode):
     model, tok = tiny(family)
     examples, enc = encoded(model, tok)
     labels = [e.label for e in examples]
     loop = diagonal_fisher(model, enc, labels, mode=mode, implementation="loop", seed=5)
-    vec = diagonal_fisher(model, enc, labels, mode=mode, implementation="vmap", seed=5)
     assert set(loop) == {n for n, _ in model.named_parameters()}
     for name in loop:
-        scale = float(loop[name].abs().max())
-        assert scale > 0, name
-        torch.testing.assert_close(vec[name], loop[name], rtol=1e-5, atol=1e-6 * scale)
+        assert float(loop[name].abs().max()) > 0, name
+    for impl in ("vmap", "hooks"):
+        stats = []
+        got = diagonal_fisher(model, enc, labels, mode=mode, implementation=impl, seed=5, stats=stats)
+        assert_same_fisher(got, loop)
+        assert stats[0].implementation == impl and stats[0].num_gradients == (len(enc) if mode != "exact" else sum(len(e.option_ids) for e in enc))
+
+
+@pytest.mark.parametrize("mode", ["exact", "empirical"])
+def test_hooks_fisher_in_small_chunks_equals_one_chunk(monkeypatch, mode):
+    """Chunks never split an example (exact mode's p needs all its options; an example with
+    more options than a chunk holds is a chunk of its own) and are sorted by length; the
+    per-row, batched and Gram forms of Σ w·G² agree."""
+    from hfmerge.fisher import hooks
+
+    model, tok = tiny("t5", seed=7)
+    examples, enc = encoded(model, tok, n=12)
+    labels = [e.label for e in examples]
+    assert max(len(e.option_ids) for e in enc) > 3
+    whole = diagonal_fisher(model, enc, labels, mode=mode, implementation="hooks")
+    monkeypatch.setattr(hooks, "HOOKS_CHUNK", 3)
+    # and the other ways of summing w·G²: per row in tiles of 40 entries, or always as one product
+    monkeypatch.setattr(hooks, "PER_ROW_MIN_ENTRIES", 1 if mode == "exact" else 1 << 30)
+    monkeypatch.setattr(hooks, "TILE_ENTRIES", 40)
+    monkeypatch.setattr(hooks, "GRAM_MAX_TOKENS", 0 if mode == "exact" else 1000)
+    chunks = hooks.example_chunks([(n, k, 1.0) for n, e in enumerate(enc) for k in range(len(e.option_ids))], 3)
+    assert all(len(c) <= 3 or len({n for n, _, _ in c}) == 1 for c in chunks) and len(chunks) > 4
+    assert_same_fisher(diagonal_fisher(model, enc, labels, mode=mode, implementation="hooks"), whole)
+
+
+def test_hooks_cover_every_parameter_of_the_tested_families_and_auto_picks_them():
+    from hfmerge.fisher.diagonal import choose_implementation
+    from hfmerge.fisher.hooks import uncovered_parameters
+
+    for model in [tiny(f)[0] for f in ("t5", "t5_v1_1", "gpt2", "llama")] + [bert_classifier()]:
+        assert uncovered_parameters(model) == []
+        assert choose_implementation(model, "auto", offloaded=False) == "hooks"
+        assert choose_implementation(model, "auto", offloaded=True) == "hooks"
+
+
+def test_hooks_fisher_of_a_bert_classifier_equals_the_loop():
+    model, tok = bert_classifier(seed=1), make_tokenizer(append_eos=False)
+    examples = [Example(e.prompt, ("no", "yes"), j % 2) for j, e in enumerate(random_examples(7, seed=4))]
+    enc = encode_for_model(model, tok, examples)
+    labels = [e.label for e in examples]
+    for mode in ("exact", "sampled", "empirical"):
+        loop = diagonal_fisher(model, enc, labels, mode=mode, implementation="loop", seed=2)
+        hooks = diagonal_fisher(model, enc, labels, mode=mode, implementation="hooks", seed=2)
+        assert float(loop["bert.embeddings.position_embeddings.weight"].abs().sum()) > 0  # batch-1 ids, expanded per row
+        assert_same_fisher(hooks, loop)
+
+
+def test_hooks_fall_back_to_the_loop_for_parameters_they_do_not_cover(caplog):
+    """A module the hooks do not know (a bare parameter) and an RMS norm that is not weight ⊙ n
+    (Gemma-style 1 + weight) are computed one option at a time; the rest by the hooks."""
+    import logging
+
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    from hfmerge.fisher.diagonal import choose_implementation
+    from hfmerge.fisher.hooks import uncovered_parameters
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.scale = torch.nn.Parameter(torch.linspace(0.5, 1.5, inner.out_features))
+
+        def forward(self, x):
+            return self.inner(x) * self.scale
+
+    class OnePlusRMSNorm(T5LayerNorm):
+        def forward(self, x):
+            return (1 + self.weight) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    model, tok = tiny("t5_v1_1", seed=4)
+    model.lm_head = Scaled(model.lm_head)
+    norm = OnePlusRMSNorm(16)
+    norm.weight.data.normal_(0, 0.1)
+    model.decoder.final_layer_norm = norm
+    assert uncovered_parameters(model) == ["lm_head.scale"]
+    assert choose_implementation(model, "auto", offloaded=False) != "hooks"
+    examples, enc = encoded(model, tok, n=5)
+    labels = [e.label for e in examples]
+    loop = diagonal_fisher(model, enc, labels, implementation="loop")
+    with caplog.at_level(logging.INFO, logger="hfmerge.fisher.diagonal"):
+        hooks = diagonal_fisher(model, enc, labels, implementation="hooks")
+    assert "lm_head.scale" in caplog.text and "decoder.final_layer_norm.weight" in caplog.text
+    assert_same_fisher(hooks, loop)
 
 
 def naive_exact_fisher(model, examples, enc):
@@ -87,7 +184,7 @@ def test_exact_fisher_equals_a_naive_per_option_reference():
     model, tok = tiny("t5", seed=1)
     examples, enc = encoded(model, tok, n=6)
     reference = naive_exact_fisher(model, examples, enc)
-    for impl in ("loop", "vmap"):
+    for impl in ("loop", "vmap", "hooks"):
         got = diagonal_fisher(model, enc, [0] * len(enc), implementation=impl)
         for name, ref in reference.items():
             torch.testing.assert_close(got[name], ref, rtol=1e-4, atol=1e-7 * float(ref.abs().max()))
@@ -154,11 +251,12 @@ def test_fisher_with_a_block_offloaded_to_disk_equals_the_in_memory_one(tmp_path
     assert any(p.device.type == "meta" for p in offloaded.parameters())  # really offloaded
     examples, enc = encoded(memory, tok, n=5)
     expected = diagonal_fisher(memory, enc, [0] * 5, implementation="loop")
-    got = diagonal_fisher(offloaded, enc, [0] * 5, implementation="auto")  # auto must pick the loop
-    assert set(got) == set(expected)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-9 * float(expected[name].abs().max()))
-    assert float(got["encoder.block.0.layer.0.SelfAttention.q.weight"].abs().sum()) > 0
+    for impl in ("loop", "hooks"):
+        stats = []
+        got = diagonal_fisher(offloaded, enc, [0] * 5, implementation="auto" if impl == "hooks" else impl, stats=stats)
+        assert stats[0].implementation == impl  # auto picks the hooks for an offloaded model
+        assert_same_fisher(got, expected)
+        assert float(got["encoder.block.0.layer.0.SelfAttention.q.weight"].abs().sum()) > 0
     with pytest.raises(FisherError, match="vmap"):
         diagonal_fisher(offloaded, enc, [0] * 5, implementation="vmap")
 

@@ -12,7 +12,7 @@ weights w_nk given by the mode:
 * ``empirical``: the labelled option, weight 1 (the "empirical Fisher").
 
 Squares are taken **per example and option**, never of a batch sum (that adds cross terms).
-Two implementations give the same result:
+Three implementations give the same result:
 
 * ``loop``: per example one forward pass (the encoder once, the K options as one decoder
   batch) and one backward pass per option with a non-zero weight. Squared gradients are
@@ -23,8 +23,14 @@ Two implementations give the same result:
   ``torch.func.vmap(grad(...))``. Faster for small models (one fused pass over many pairs);
   for large models the per-pair gradient copies cost more memory and time than they save.
 
-``auto`` picks ``vmap`` for in-memory language models under `VMAP_MAX_PARAMETERS`
-parameters, ``loop`` otherwise (see docs/benchmarks.md for the measurements behind it).
+* ``hooks``: a batch of pairs in one forward and one backward pass; layer hooks record each
+  layer's inputs and output gradients, from which every pair's gradient is formed one
+  parameter at a time, squared and added (`hooks`). Parameters the hooks do not cover are
+  computed with the loop over the same pairs.
+
+``auto`` picks ``hooks`` where they cover every parameter of the model, else ``vmap`` for
+in-memory language models under `VMAP_MAX_PARAMETERS` parameters and ``loop`` otherwise (see
+docs/benchmarks.md for the measurements behind it).
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from .loglik import model_kind, option_logliks, pair_batches, pair_loglik
 logger = logging.getLogger(__name__)
 
 MODES = ("exact", "sampled", "empirical")
-IMPLEMENTATIONS = ("auto", "vmap", "loop")
+IMPLEMENTATIONS = ("auto", "hooks", "vmap", "loop")
 # Below this many parameters the vectorised implementation is used by `auto`.
 VMAP_MAX_PARAMETERS = 20_000_000
 # (example, option) pairs per vmap call; bounded further by VMAP_MAX_ELEMENTS.
@@ -61,7 +67,7 @@ class FisherStats:
     Attributes:
         num_examples: Examples used (N).
         num_gradients: Per-(example, option) gradients taken.
-        implementation: ``vmap`` or ``loop``.
+        implementation: ``hooks``, ``vmap`` or ``loop``.
         seconds: Wall time.
     """
 
@@ -89,13 +95,18 @@ def option_weights(logliks: torch.Tensor, mode: str, label: int, rng: random.Ran
 
 
 def choose_implementation(model: Any, implementation: str, offloaded: bool) -> str:
-    """Resolve ``auto``; refuse ``vmap`` where it cannot run."""
+    """Resolve ``auto`` (``hooks`` where they cover every parameter); refuse ``vmap`` where it
+    cannot run."""
     if implementation not in IMPLEMENTATIONS:
         raise FisherError(f"fisher implementation {implementation!r}; expected one of {', '.join(IMPLEMENTATIONS)}")
     vmap_ok = not offloaded and model_kind(model) != "classifier"
     if implementation == "vmap" and not vmap_ok:
-        raise FisherError("fisher implementation 'vmap' needs a language model held in memory (not offloaded, not a classifier); use 'loop'")
+        raise FisherError("fisher implementation 'vmap' needs a language model held in memory (not offloaded, not a classifier); use 'hooks' or 'loop'")
     if implementation == "auto":
+        from .hooks import uncovered_parameters
+
+        if not uncovered_parameters(model):
+            return "hooks"
         size = sum(p.numel() for p in model.parameters())
         return "vmap" if vmap_ok and size <= VMAP_MAX_PARAMETERS else "loop"
     return implementation
@@ -108,12 +119,12 @@ def diagonal_fisher(model: Any, examples: Sequence[EncodedExample], labels: Sequ
 
     Args:
         model: A transformers encoder-decoder LM, decoder-only LM or sequence classifier.
-            Its parameters may be offloaded by an accelerate device map (then only ``loop``
-            runs). Put in ``eval()`` mode for the computation (dropout off), restored after.
+            Its parameters may be offloaded by an accelerate device map (then ``vmap`` does
+            not run). Put in ``eval()`` mode for the computation (dropout off), restored after.
         examples: Tokenised examples (`hfmerge.evaluation.scoring.encode_examples`).
         labels: Per example, the index of the right option (used by ``empirical`` only).
         mode: ``exact``, ``sampled`` or ``empirical``.
-        implementation: ``auto``, ``vmap`` or ``loop``.
+        implementation: ``auto``, ``hooks``, ``vmap`` or ``loop``.
         seed: Seed of the option draws in ``sampled`` mode.
         device: Where inputs go (default: the model's execution device).
         progress: Show a progress bar.
@@ -159,6 +170,8 @@ def diagonal_fisher(model: Any, examples: Sequence[EncodedExample], labels: Sequ
                         logliks[k].backward(retain_graph=j < len(chosen) - 1)
                     bar.update(1)
                 fisher, count = sink.result(), sink.count
+        elif impl == "hooks":
+            fisher, count = _hooks_fisher(model, examples, labels, mode, rng, dev, bar)
         else:
             fisher, count = _vmap_fisher(model, examples, labels, mode, rng, dev, bar)
     finally:
@@ -197,6 +210,44 @@ def weighted_rows(model: Any, examples: list[EncodedExample], labels: Sequence[i
     for n, s in enumerate(score_encoded(model, examples, batch_size=64, device=device)):
         rows += [(n, k, w) for k, w in option_weights(torch.tensor(s.mean_logprobs), mode, labels[n], rng)]
     return rows
+
+
+def _hooks_fisher(model: Any, examples: list[EncodedExample], labels: Sequence[int], mode: str, rng: random.Random,
+                  device: torch.device, bar: Any) -> tuple[dict[str, torch.Tensor], int]:
+    from .hooks import hooks_fisher
+
+    if mode == "exact":  # p comes from the gradient pass's own forward: every option is a row
+        for n, e in enumerate(examples):
+            _label(labels[n], len(e.option_ids), n)
+        pairs = [(n, k, 1.0) for n, e in enumerate(examples) for k in range(len(e.option_ids))]
+    else:
+        pairs = weighted_rows(model, examples, labels, mode, rng, device)
+    fisher, missing, count = hooks_fisher(model, examples, pairs, device, bar, exact=mode == "exact")
+    if missing:
+        if mode == "exact":
+            pairs = weighted_rows(model, examples, labels, mode, rng, device)
+        logger.info("Fisher: %d parameter(s) outside the layer hooks computed one option at a time (%s)", len(missing),
+                    "; ".join(f"{n}: {why}" for n, why in list(missing.items())[:3]))
+        fisher.update(rows_loop(model, examples, pairs, device, set(missing)))
+    return fisher, count
+
+
+def rows_loop(model: Any, examples: list[EncodedExample], pairs: Sequence[tuple[int, int, float]], device: torch.device,
+              only: set[str]) -> dict[str, torch.Tensor]:
+    """Σ_pairs w · (∇ℓ)² of the parameters in `only`, one backward pass per pair (the loop,
+    over given rows)."""
+    from .offload import squared_grad_hooks
+
+    by_example: dict[int, list[tuple[int, float]]] = {}
+    for n, k, w in pairs:
+        by_example.setdefault(n, []).append((k, w))
+    with squared_grad_hooks(model, only) as sink:
+        for n, chosen in by_example.items():
+            logliks = option_logliks(model, examples[n], device)
+            for j, (k, w) in enumerate(chosen):
+                sink.weight = w
+                logliks[k].backward(retain_graph=j < len(chosen) - 1)
+        return sink.result()
 
 
 def _vmap_fisher(model: Any, examples: list[EncodedExample], labels: Sequence[int], mode: str, rng: random.Random,

@@ -43,7 +43,7 @@ class FisherSettings:
         num_examples: N, drawn once from the task's validation split (all if it has fewer).
         mode: ``exact``, ``sampled`` or ``empirical``.
         seed: Seed of the example draw and of ``sampled`` option draws.
-        implementation: ``auto``, ``vmap`` or ``loop`` (same result; speed only).
+        implementation: ``auto``, ``hooks``, ``vmap`` or ``loop`` (same result; speed only).
         kind: ``diagonal`` (per parameter) or ``nodes`` (Fisher Mask Nodes: per head/neuron).
     """
 

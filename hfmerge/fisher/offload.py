@@ -52,18 +52,20 @@ class SquaredGradSink:
 
 
 @contextlib.contextmanager
-def squared_grad_hooks(model: Any) -> Iterator[SquaredGradSink]:
+def squared_grad_hooks(model: Any, only: set[str] | None = None) -> Iterator[SquaredGradSink]:
     """Within the block, each backward pass adds ``sink.weight · grad²`` to `sink`'s buffers.
 
     Parameters are named as ``model.named_parameters()`` names them (tied parameters once).
-    ``requires_grad`` is switched on for every parameter inside the block and restored after.
+    ``requires_grad`` is switched on for every parameter inside the block (for those named in
+    `only`, and off for the others, when given) and restored after.
     """
-    named = list(model.named_parameters())
+    every = list(model.named_parameters())
+    named = [(n, p) for n, p in every if only is None or n in only]
     shapes = {n: p.shape for n, p in named}
     devices = {n: (p.device if p.device.type != "meta" else torch.device("cpu")) for n, p in named}
     sink = SquaredGradSink({id(p): n for n, p in named}, shapes, devices)
     handles: list[Any] = []
-    requires = {n: p.requires_grad for n, p in named}
+    requires = {n: p.requires_grad for n, p in every}
 
     def hook_for(name: str):
         def hook(p: torch.Tensor) -> None:
@@ -71,11 +73,12 @@ def squared_grad_hooks(model: Any) -> Iterator[SquaredGradSink]:
             p.grad = None
         return hook
 
+    for n, p in every:
+        p.requires_grad_(only is None or n in only)
     for n, p in named:
-        p.requires_grad_(True)
         if p.device.type != "meta":
             handles.append(p.register_post_accumulate_grad_hook(hook_for(n)))
-    added_hooks = _hook_offloaded_modules(model, hook_for) if any(p.device.type == "meta" for _, p in named) else []
+    added_hooks = _hook_offloaded_modules(model, hook_for, {n for n, _ in named}) if any(p.device.type == "meta" for _, p in named) else []
     try:
         yield sink
     finally:
@@ -89,7 +92,7 @@ def squared_grad_hooks(model: Any) -> Iterator[SquaredGradSink]:
                 p.requires_grad_(requires[n])
 
 
-def _hook_offloaded_modules(model: Any, hook_for) -> list[Any]:
+def _hook_offloaded_modules(model: Any, hook_for, names: set[str]) -> list[Any]:
     """Append, after accelerate's hook, one that hooks the freshly materialised parameters."""
     from accelerate.hooks import ModelHook, add_hook_to_module
 
@@ -113,7 +116,7 @@ def _hook_offloaded_modules(model: Any, hook_for) -> list[Any]:
     hooked = []
     for prefix, module in model.named_modules():
         local = {ln: first_name[id(p)] for ln, p in module.named_parameters(recurse=False, remove_duplicate=False)
-                 if p.device.type == "meta" and id(p) in first_name}
+                 if p.device.type == "meta" and first_name.get(id(p)) in names}
         if local and hasattr(module, "_hf_hook"):
             add_hook_to_module(module, MaterialisedGradHook(local), append=True)
             hooked.append(module)
