@@ -540,3 +540,15 @@ def test_fisher_through_an_accelerate_device_map_with_disk_offload_equals_the_in
         assert set(a) == set(b)
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6 * float(a[key].abs().max()))
+
+
+def test_every_fisher_implementation_is_a_recipe_choice(experts, tmp_path):
+    from hfmerge.fisher.diagonal import IMPLEMENTATIONS
+    from hfmerge.fisher.engine import settings_from_recipe
+    from hfmerge.recipe import load_recipe
+
+    for implementation in IMPLEMENTATIONS:
+        recipe = write_recipe(tmp_path / f"{implementation}.yaml", "fisher", experts, {"fisher_implementation": implementation})
+        assert settings_from_recipe(load_recipe(recipe)).implementation == implementation
+    with pytest.raises(RecipeError, match="fisher_implementation"):
+        load_recipe(write_recipe(tmp_path / "bad.yaml", "fisher", experts, {"fisher_implementation": "hook"}))

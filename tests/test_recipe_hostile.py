@@ -19,8 +19,9 @@ from hfmerge.yamlio import MAX_YAML_BYTES
 from hfmerge.methods import METHODS
 from hfmerge.recipe import MODEL_KEYS, TOP_LEVEL_KEYS, load_recipe, parse_recipe
 
-# One line: the file, the key path, a short rendering of the value and what is expected.
-MESSAGE_LIMIT = 400
+# One line: the file, the key path, a short rendering of the value and what is expected. The
+# longest expected part is the list of method names after an unknown merge_method.
+MESSAGE_LIMIT = 160 + len(", ".join(METHODS))
 
 
 def alias_bomb(levels: int, width: int = 10) -> str:

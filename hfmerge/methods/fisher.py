@@ -27,8 +27,8 @@ FISHER_DATA_PARAMS = (
           help="expectation over the options (exact), one sampled option, or the label (empirical)"),
     Param("fisher_seed", 0, kind=int, low=0, help="seed of the example draw and of sampled options"),
 )
-FISHER_IMPLEMENTATION = Param("fisher_implementation", "auto", kind=str, choices=("auto", "vmap", "loop"),
-                              help="per-example gradients vectorised (vmap) or one by one (loop); same result")
+FISHER_IMPLEMENTATION = Param("fisher_implementation", "auto", kind=str, choices=("auto", "hooks", "vmap", "loop"),
+                              help="per-example gradients from layer hooks, vectorised (vmap) or one by one (loop); same result")
 
 
 def prepare(context: PrepareContext) -> dict[str, Any]:
