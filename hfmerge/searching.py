@@ -674,6 +674,25 @@ def _database_url(url: str) -> str:
     return url
 
 
+@contextlib.contextmanager
+def _schema_lock(address: str, engine_kwargs: dict[str, Any]) -> Iterator[None]:
+    """On PostgreSQL, hold an advisory lock while Optuna creates its tables: workers started
+    together on an empty database would otherwise collide creating the same types and tables."""
+    if not address.startswith("postgresql"):
+        yield
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(address, **engine_kwargs)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": zlib.crc32(b"hfmerge:optuna-schema")})
+            conn.commit()
+            yield
+    finally:
+        engine.dispose()  # closing the connection releases the lock
+
+
 def _open_storage(settings: SearchSettings, workdir: Path) -> _Storage:
     """The storage (with heartbeat and retry on a database), a printable label (path, or URL
     without its password) and what to lock."""
@@ -691,13 +710,13 @@ def _open_storage(settings: SearchSettings, workdir: Path) -> _Storage:
         from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
     except ImportError:  # Optuna before 4.9
         from optuna.storages import RetryFailedTrialCallback as Retry
+    callback = "heartbeat_stale_trial_callback" if Retry.__name__.startswith("RetryHeartbeat") else "failed_trial_callback"
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _schema_lock(address, engine_kwargs):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             rdb = optuna.storages.RDBStorage(
                 address, engine_kwargs=engine_kwargs, heartbeat_interval=settings.heartbeat_interval,
-                grace_period=settings.grace_period or 4 * settings.heartbeat_interval,
-                **{"heartbeat_stale_trial_callback" if Retry.__name__.startswith("RetryHeartbeat") else "failed_trial_callback": Retry(max_retry=settings.max_retry)},
+                grace_period=settings.grace_period or 4 * settings.heartbeat_interval, **{callback: Retry(max_retry=settings.max_retry)},
             )
     except Exception as exc:  # SQLAlchemy raises many kinds for a bad URL, a missing driver or an unreachable server
         detail = _one_line(exc).replace(url, label).replace(address, label)
