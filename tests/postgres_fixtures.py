@@ -15,6 +15,7 @@ check the real thing, so they are never skipped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import re
@@ -26,12 +27,18 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 BINARIES = ("initdb", "pg_ctl", "postgres")
+VERSIONED = Path("/usr/lib/postgresql")  # Debian's <version>/bin folders, not on PATH
 INSTALL = ("install the PostgreSQL server: `apt-get install postgresql` on Debian or Ubuntu (`.ci/run` does it), "
            "`brew install postgresql` on macOS, or put a folder with initdb, pg_ctl and postgres on PATH")
+
+
+class ServerError(RuntimeError):
+    """The test server cannot be found, made or started; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -53,12 +60,12 @@ def server_binaries() -> Path:
     found = shutil.which("initdb")
     if found:
         folders.append(Path(found).resolve().parent)
-    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(re.sub(r"\D", "", p.parent.name) or 0), reverse=True)
+    debian = sorted(VERSIONED.glob("*/bin"), key=lambda p: int(re.sub(r"\D", "", p.parent.name) or 0), reverse=True)
     folders.extend(debian)
     for folder in folders:
         if all((folder / b).is_file() for b in BINARIES):
             return folder
-    pytest.fail(f"PostgreSQL server binaries ({', '.join(BINARIES)}) not found on PATH nor in /usr/lib/postgresql/*/bin: {INSTALL}")
+    raise ServerError(f"PostgreSQL server binaries ({', '.join(BINARIES)}) not found on PATH nor in /usr/lib/postgresql/*/bin: {INSTALL}")
 
 
 def free_port() -> int:
@@ -75,7 +82,7 @@ def _as_user() -> tuple[list[str], int | None, int | None]:
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        pytest.fail(f"running as root, and initdb refuses root: no user {name!r} to run the test server as; create one "
+        raise ServerError(f"running as root, and initdb refuses root: no user {name!r} to run the test server as; create one "
                     f"(Debian's postgresql package creates 'postgres') or name another in HFMERGE_TEST_PG_USER")
     runuser = shutil.which("runuser")
     prefix = [runuser, "-u", name, "--"] if runuser else ["su", name, "-s", "/bin/sh", "-c"]
@@ -88,9 +95,13 @@ def _run(prefix: list[str], command: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
 
 
-@pytest.fixture(scope="session")
-def postgres():
-    """Start a throw-away PostgreSQL server on 127.0.0.1; yield its `Postgres`; stop and remove it."""
+@contextlib.contextmanager
+def running_server() -> Iterator[Postgres]:
+    """Start a throw-away PostgreSQL server on 127.0.0.1; yield its `Postgres`; stop and remove it.
+
+    Raises:
+        ServerError: No server programs, no user to run them as (as root), or they failed.
+    """
     bindir = server_binaries()
     prefix, uid, gid = _as_user()
     root = Path(tempfile.mkdtemp(prefix="hfmerge-pg-"))
@@ -105,7 +116,7 @@ def postgres():
         init = _run(prefix, [str(bindir / "initdb"), "-D", str(data), "-U", "hfmerge", f"--pwfile={root / 'pw'}", "--auth=scram-sha-256",
                              "-E", "UTF8", "--no-sync", "--no-instructions"])
         if init.returncode != 0:
-            pytest.fail(f"initdb failed (exit {init.returncode}):\n{init.stdout}")
+            raise ServerError(f"initdb failed (exit {init.returncode}):\n{init.stdout}")
         for _ in range(5):  # another process may take the free port before the server binds it
             port = free_port()
             options = f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
@@ -115,9 +126,19 @@ def postgres():
                 break
         if not started:
             log = (root / "server.log").read_text() if (root / "server.log").exists() else ""
-            pytest.fail(f"the PostgreSQL test server did not start:\n{start.stdout}\n{log[-3000:]}")
+            raise ServerError(f"the PostgreSQL test server did not start:\n{start.stdout}\n{log[-3000:]}")
         yield Postgres("127.0.0.1", port, "hfmerge", password)
     finally:
         if started:
             _run(prefix, [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"])
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A running server for the session (see `running_server`); a missing server fails the test."""
+    try:
+        with running_server() as server:
+            yield server
+    except ServerError as exc:
+        pytest.fail(str(exc))

@@ -195,3 +195,12 @@ def test_a_bad_password_or_no_server_is_one_line_before_any_model_is_loaded(expe
     assert len(lines) == 1 and lines[0].startswith("error: cannot open the search storage postgresql://hfmerge:***@127.0.0.1:")
     assert ("password authentication failed" if case == "wrong password" else "refused") in lines[0]
     assert "not-the-password" not in captured.err and postgres.password not in captured.err
+
+
+def test_missing_server_programs_fail_with_how_to_install_them(tmp_path, monkeypatch):
+    import postgres_fixtures
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(postgres_fixtures, "VERSIONED", tmp_path)
+    with pytest.raises(postgres_fixtures.ServerError, match=r"not found on PATH .*apt-get install postgresql"):
+        postgres_fixtures.server_binaries()
