@@ -52,6 +52,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 warnings.filterwarnings("ignore")
 
 SHAPES = {
+    "tiny": {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4, "vocab_size": 512},
     "small": {"d_model": 512, "d_kv": 64, "d_ff": 2048, "num_layers": 6, "num_decoder_layers": 6, "num_heads": 8, "vocab_size": 32128},
     "base": {"d_model": 768, "d_kv": 64, "d_ff": 3072, "num_layers": 12, "num_decoder_layers": 12, "num_heads": 12, "vocab_size": 32128},
 }
@@ -247,7 +248,7 @@ def figures(root: Path, shape: str, device: str, autocast: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="small,base", help="comma-separated shapes for the figures: small, base (default both)")
+    p.add_argument("--shapes", default="small,base", help="comma-separated shapes for the figures: small, base (default both), tiny (to try the script)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="the device checked against the CPU (cpu compares the CPU with itself: only to try the script without a GPU)")
     p.add_argument("--autocast", action="store_true", help="also report a bf16-autocast Fisher's deviation")

@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .errors import OptionError, SearchError
+from .errors import OptionError
 from .fisher.cache import cache_key, lookup, store
 from .fisher.diagonal import diagonal_fisher
 from .fisher.engine import FisherSettings, encode_for_model, fisher_examples, fisher_metadata, settings_from_recipe, to_checkpoint_names
 from .methods.dfmerge import Equation8
 from .options import RunOptions, device_settings, output_settings
-from .searching import SearchResult, SearchSettings, SearchStudy, TrialOutcome, open_search, plot_trajectory
+from .searching import SearchResult, SearchSettings, SearchStudy, TrialOutcome, open_search, plot_trajectory, storage_label
 
 if TYPE_CHECKING:
     from .merging import MergeResult
@@ -252,14 +252,15 @@ def check_shared_search(recipe: Any, options: RunOptions, output: Path) -> Worke
         final merge to build.
 
     Raises:
-        SearchError: The storage cannot be opened; `finalize` with no study, or with one that
-            is not complete yet.
+        SearchError: The storage cannot be opened, or the study was made for other models.
+        OptionError: `finalize` with no study, or with one that is not complete yet.
     """
     settings = search_settings(recipe, options)
     search = open_search(settings, workdir=search_workdir(output), create=False)
     if search is None:
         if options.finalize:
-            raise OptionError(f"there is no search {settings.study_name!r} in {settings.storage or search_workdir(output)}; nothing to finalise",
+            where = storage_label(settings.storage) if settings.storage else search_workdir(output)
+            raise OptionError(f"there is no search {settings.study_name!r} in {where}; nothing to finalise",
                               options=("finalize",))
         return None
     final = search.final()

@@ -693,6 +693,11 @@ def _schema_lock(address: str, engine_kwargs: dict[str, Any]) -> Iterator[None]:
         engine.dispose()  # closing the connection releases the lock
 
 
+def storage_label(url: str) -> str:
+    """A storage URL as messages show it: the password replaced by ``***``."""
+    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", url)
+
+
 def _open_storage(settings: SearchSettings, workdir: Path) -> _Storage:
     """The storage (with heartbeat and retry on a database), a printable label (path, or URL
     without its password) and what to lock."""
@@ -701,7 +706,7 @@ def _open_storage(settings: SearchSettings, workdir: Path) -> _Storage:
         path = Path(url) if url is not None else workdir / JOURNAL_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         return _Storage(JournalStorage(JournalFileBackend(str(path))), str(path), None, path.with_name(path.name + ".hfmerge-lock"))
-    label = re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", url)
+    label = storage_label(url)
     address = _database_url(url)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}  # a connection idle through a long trial may have been dropped
     if address.startswith("postgresql") and "connect_timeout" not in address:
