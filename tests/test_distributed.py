@@ -205,3 +205,14 @@ def test_missing_server_programs_fail_with_how_to_install_them(tmp_path, monkeyp
     monkeypatch.setattr(postgres_fixtures, "VERSIONED", tmp_path)
     with pytest.raises(postgres_fixtures.ServerError, match=r"not found on PATH .*apt-get install postgresql"):
         postgres_fixtures.server_binaries()
+
+
+def test_heartbeat_settings_are_checked(capsys):
+    import hfmerge
+
+    with pytest.raises(hfmerge.OptionError, match=r"^grace_period: 5 s is not longer than the heartbeat interval \(10 s\)"):
+        hfmerge.RunOptions(heartbeat_interval=10, grace_period=5)
+    with pytest.raises(hfmerge.OptionError, match=r"^heartbeat_interval: got 0; expected a positive whole number of seconds"):
+        hfmerge.RunOptions(heartbeat_interval=0)
+    assert main(["r.yaml", "--heartbeat-interval", "5", "--grace-period", "5"]) == 1
+    assert "--grace-period: 5 s is not longer than the heartbeat interval (5 s)" in capsys.readouterr().err
