@@ -389,7 +389,9 @@ def search(recipe: str | Path | Recipe, options: RunOptions | None = None, **ove
         from .dfmerge import search_settings, search_workdir
         from .searching import open_search
 
-        open_search(search_settings(loaded, options), workdir=search_workdir(output), create=False)  # the database reached, before any model
+        probe = open_search(search_settings(loaded, options), workdir=search_workdir(output), create=False)  # the database reached, before any model
+        if probe is not None:
+            probe.close()
     built = build_plan(loaded, low_disk=options.low_disk)
     try:
         return search_coefficients(built, output, options)

@@ -263,15 +263,18 @@ def check_shared_search(recipe: Any, options: RunOptions, output: Path) -> Worke
             raise OptionError(f"there is no search {settings.study_name!r} in {where}; nothing to finalise",
                               options=("finalize",))
         return None
-    final = search.final()
-    if final is not None and (final.get("state") == "done" or (final.get("state") == "building" and not options.finalize)):
-        return WorkerResult(settings.study_name, search.label, _final_message(search, final), final)
-    if options.finalize and not search.complete():
-        complete, running = search.counts()
-        raise OptionError(f"the search {settings.study_name!r} in {search.label} has {complete} of {settings.n_trials} completed trials "
-                          f"({running} running); the final merge is built from a complete search: start workers without this option",
-                          options=("finalize",))
-    return None
+    try:
+        final = search.final()
+        if final is not None and (final.get("state") == "done" or (final.get("state") == "building" and not options.finalize)):
+            return WorkerResult(settings.study_name, search.label, _final_message(search, final), final)
+        if options.finalize and not search.complete():
+            complete, running = search.counts()
+            raise OptionError(f"the search {settings.study_name!r} in {search.label} has {complete} of {settings.n_trials} completed trials "
+                              f"({running} running); the final merge is built from a complete search: start workers without this option",
+                              options=("finalize",))
+        return None
+    finally:
+        search.close()
 
 
 def _objective(plan: Any, options: RunOptions) -> DFMergeObjective:
@@ -380,7 +383,9 @@ def run_dfmerge(plan: Any, output: Path, options: RunOptions, *, evaluate: Calla
                 if final is not None:
                     plan.release()
                     here = sum(t["worker"] == search.worker for t in result.trials)
-                    return WorkerResult(search.settings.study_name, search.label, _final_message(search, final), final, result, here)
+                    done = WorkerResult(search.settings.study_name, search.label, _final_message(search, final), final, result, here)
+                    search.close()
+                    return done
         fisher_paths = objective.fisher_files(lambdas) if use_fisher else None
         del objective
     except BaseException as exc:
@@ -407,6 +412,8 @@ def run_dfmerge(plan: Any, output: Path, options: RunOptions, *, evaluate: Calla
         raise
     if search is not None and shared:
         search.set_final("done", output=str(output), best_trial=result.best_trial, best_value=result.best_value)
+    if search is not None:
+        search.close()
     if result is not None and options.storage is None:
         shutil.rmtree(workdir, ignore_errors=True)  # the study and log now live in the output folder
     merged.search = result

@@ -322,6 +322,11 @@ class SearchStudy:
         self._log_path = Path(workdir) / TRIALS_LOG
         self.heartbeat = opened.rdb is not None
 
+    def close(self) -> None:
+        """Close the database connections this handle holds (a later call reconnects)."""
+        if self._opened.rdb is not None:
+            self._opened.rdb.engine.dispose()
+
     # -- the study's state ----------------------------------------------------------------------
 
     def counts(self) -> tuple[int, int]:
