@@ -24,6 +24,7 @@ from .errors import OptionError, RecipeError, short_repr
 from .options import RunOptions, device_settings, output_settings
 
 if TYPE_CHECKING:
+    from .dfmerge import WorkerResult
     from .evaluation.evaluate_model import EvalReport
     from .evaluation.tasks import TaskData, TaskSpec
     from .fisher.engine import FisherRecord
@@ -237,7 +238,7 @@ def plan(recipe: str | Path | Recipe, options: RunOptions | None = None, **overr
 
 
 def merge(recipe: str | Path | Recipe, options: RunOptions | None = None, *, on_plan: Callable[[dict[str, Any]], None] | None = None,
-          **overrides: Any) -> MergeResult:
+          **overrides: Any) -> MergeResult | WorkerResult:
     """Run a recipe's whole job: plan, Fishers or DF-Merge search, merge, evaluate, push.
 
     Everything that can be refused is refused before any weight is read: the output path
@@ -251,9 +252,15 @@ def merge(recipe: str | Path | Recipe, options: RunOptions | None = None, *, on_
             checked, before any weight is read: a caller can show it while the merge runs.
         **overrides: `RunOptions` fields replacing those of `options`, e.g. ``output="merged"``.
 
+    A ``dfmerge`` search with a shared `storage` makes this call one worker of the study
+    (docs/search.md): it runs trials until the study has ``n_trials`` completed ones; exactly
+    one worker then builds (and pushes) the final merge from the best trial.
+
     Returns:
         The `MergeResult`: the output folder and its files, warnings, the plan summary, the
         validation (and a search's test) evaluation, the search result and the push's commit.
+        A `WorkerResult` instead when another worker of a shared search builds the final
+        merge, or built it already (then nothing is loaded).
 
     Raises:
         RecipeError: The recipe is malformed.
@@ -264,7 +271,7 @@ def merge(recipe: str | Path | Recipe, options: RunOptions | None = None, *, on_
         OutputWriteError: The disk is full, read-only or not writable (nothing is left behind).
         HfMergeError: Any other problem found while planning or merging.
     """
-    from .merging import check_output
+    from .merging import MergeResult, check_output
     from .planning import build_plan
 
     options = _options(options, overrides)
@@ -275,6 +282,13 @@ def merge(recipe: str | Path | Recipe, options: RunOptions | None = None, *, on_
     # Also clears temporary folders that killed runs left on this output.
     if options.device == "cuda":
         device_settings(options)  # no CUDA device here: an error now, whatever the method
+    if _shared_search(loaded, options):
+        from .dfmerge import check_shared_search
+
+        # The database reached (or one clear error) and the study's state read before any model is loaded.
+        late = check_shared_search(loaded, options, output)
+        if late is not None:
+            return late
     check_output(output, options.overwrite, _inputs(loaded, options))
     built = build_plan(loaded, low_disk=options.low_disk)
     threads = None
@@ -289,16 +303,24 @@ def merge(recipe: str | Path | Recipe, options: RunOptions | None = None, *, on_
         built.release()  # run_merge releases it too; a second release does nothing
         if threads is not None:
             torch.set_num_threads(threads)
-    if push_repo:
+    if push_repo and isinstance(result, MergeResult):
         from .publish import push_folder
 
         result.pushed = push_folder(result.output, push_repo, private=options.private, message=f"Merge with hfmerge ({loaded.method.name})")
     return result
 
 
+def _shared_search(recipe: Recipe, options: RunOptions) -> bool:
+    """True for a recipe that searches its coefficients in a shared study (or finalises one)."""
+    searches = recipe.method.search and not all("weight" in m.parameters for m in recipe.models)
+    if options.finalize and not searches:
+        raise OptionError(f"{recipe.source} does not search coefficients; there is no search to finalise", options=("finalize",))
+    return searches and (options.storage is not None or options.finalize)
+
+
 def _merge_planned(built: MergePlan, loaded: Recipe, output: Path, options: RunOptions,
-                   on_plan: Callable[[dict], None] | None, push_repo: str | None = None) -> MergeResult:
-    from .merging import check_free_space, run_merge
+                   on_plan: Callable[[dict], None] | None, push_repo: str | None = None) -> MergeResult | WorkerResult:
+    from .merging import MergeResult, check_free_space, run_merge
 
     check_free_space(output, built.output_bytes)  # before a long search or Fisher computation
     summary = plan_summary(built, options)
@@ -319,6 +341,8 @@ def _merge_planned(built: MergePlan, loaded: Recipe, output: Path, options: RunO
         from .dfmerge import run_dfmerge
 
         result = run_dfmerge(built, output, options, evaluate=evaluate_output, title=title, repo_id=push_repo)
+        if not isinstance(result, MergeResult):
+            return result
     else:
         if _needs_fishers(built):
             from .fisher.engine import ensure_fishers
@@ -367,6 +391,13 @@ def search(recipe: str | Path | Recipe, options: RunOptions | None = None, **ove
     if all("weight" in m.parameters for m in loaded.models):
         raise RecipeError(f"{loaded.source}: every model has its weight (λ) fixed; there is nothing to search")
     output = Path(options.output) if options.output is not None else default_output(loaded)
+    if options.storage is not None:
+        from .dfmerge import search_settings, search_workdir
+        from .searching import open_search
+
+        probe = open_search(search_settings(loaded, options), workdir=search_workdir(output), create=False)  # the database reached, before any model
+        if probe is not None:
+            probe.close()
     built = build_plan(loaded, low_disk=options.low_disk)
     try:
         return search_coefficients(built, output, options)

@@ -95,6 +95,12 @@ def _merge_parser() -> argparse.ArgumentParser:
     search.add_argument("--storage", metavar="URL", help="Optuna storage shared by several workers, e.g. postgresql://user:pw@host/db (default: a journal file beside the output)")
     search.add_argument("--study-name", metavar="NAME", help="the Optuna study's name (workers sharing --storage use the same one)")
     search.add_argument("--n-trials", type=int, metavar="N", help="total trials of the search (overrides the recipe's n_trials)")
+    search.add_argument("--finalize", action="store_true",
+                        help="run no trial: build the final merge of a complete shared study (when the worker that claimed it died)")
+    search.add_argument("--heartbeat-interval", type=int, default=30, metavar="S",
+                        help="seconds between heartbeats of a running trial in a database storage (default 30)")
+    search.add_argument("--grace-period", type=int, metavar="S",
+                        help="seconds without heartbeat before another worker fails a running trial and runs its λ again (default 4 × the interval)")
     _common(p)
     p.add_argument("--no-quiet", dest="quiet", action="store_false", help="undo -q / --quiet (the default)")
     _mergekit_arguments(p)
@@ -323,7 +329,8 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         output=_output(args), overwrite=args.overwrite, max_shard_size=_max_shard_size(args),
         device=_device(args), max_memory=parse_max_memory(args.max_memory), offload_folder=args.offload_folder, low_disk=args.low_disk,
         evaluate=not args.no_eval, batch_size=args.batch_size, progress=not args.quiet, storage=args.storage, study_name=args.study_name,
-        n_trials=args.n_trials, resume=args.resume, push_to_hub=args.push_to_hub, private=args.private,
+        n_trials=args.n_trials, resume=args.resume, finalize=args.finalize, heartbeat_interval=args.heartbeat_interval,
+        grace_period=args.grace_period, push_to_hub=args.push_to_hub, private=args.private,
         copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card, random_seed=args.random_seed, num_threads=args.num_threads,
         hub_ids=_hub_ids(args.base_model_id),
     )
@@ -355,7 +362,15 @@ def run_recipe(args: argparse.Namespace) -> int:
         if args.json:
             write_report_file(args.json, json.dumps(summary, indent=2) + "\n", what="the --json report")
         return 0
+    from .dfmerge import WorkerResult
+
     result = merge(args.recipe, options, on_plan=None if args.quiet else _print_plan)
+    if isinstance(result, WorkerResult):  # a worker of a shared search; another one builds the merge
+        if result.search is not None and not args.quiet:
+            print(f"This worker completed {result.trials_here} of the study's {len(result.search.trials)} trials.")
+        message = result.message
+        print(message[0].upper() + message[1:] + ".")
+        return 0
     summary = result.summary
     if result.search is not None and not args.quiet:
         search = result.search

@@ -26,6 +26,7 @@ import logging
 import shutil
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -37,7 +38,7 @@ from .fisher.diagonal import diagonal_fisher
 from .fisher.engine import FisherSettings, encode_for_model, fisher_examples, fisher_metadata, settings_from_recipe, to_checkpoint_names
 from .methods.dfmerge import Equation8
 from .options import RunOptions, device_settings, output_settings
-from .searching import SearchResult, SearchSettings, TrialOutcome, plot_trajectory, run_search
+from .searching import SearchResult, SearchSettings, SearchStudy, TrialOutcome, open_search, plot_trajectory, storage_label
 
 if TYPE_CHECKING:
     from .merging import MergeResult
@@ -203,7 +204,77 @@ def search_settings(recipe: Any, options: RunOptions) -> SearchSettings:
     return SearchSettings(names=[m.ref.text for m in recipe.models], low=float(p["low"]), high=float(p["high"]), n_trials=n_trials,
                           n_startup_trials=min(int(p["n_startup_trials"]), n_trials), seed=int(p["seed"]),
                           enqueue=[[float(v) for v in pt] for pt in points], patience=int(p["patience"]) or None,
-                          storage=options.storage, study_name=options.study_name or "hfmerge-dfmerge")
+                          storage=options.storage, study_name=options.study_name or "hfmerge-dfmerge",
+                          heartbeat_interval=options.heartbeat_interval, grace_period=options.grace_period)
+
+
+@dataclass
+class WorkerResult:
+    """What a worker of a shared search returns when another worker builds the final merge.
+
+    Attributes:
+        study_name: The study's name.
+        storage: Where it lives (URL with the password hidden).
+        message: One paragraph for the user: the study's state and who builds the merge where.
+        final: The study's ``hfmerge_final`` record (`SearchStudy.claim_final`).
+        search: The study's result when this worker ran the search until the end; None for a
+            worker that found the study already finished.
+        trials_here: Trials this worker completed.
+    """
+
+    study_name: str
+    storage: str
+    message: str
+    final: dict
+    search: SearchResult | None = None
+    trials_here: int = 0
+
+
+def _final_message(search: SearchStudy, final: dict) -> str:
+    complete = search.counts()[0]
+    head = f"the search {search.settings.study_name!r} in {search.label} is complete ({complete} completed trials)"
+    if final.get("state") == "done":
+        return f"{head}; its final merge was built by {final.get('worker')} into {final.get('output')} at {final.get('finished')}; nothing to do"
+    return (f"{head}; its final merge is being built by {final.get('worker')} into {final.get('output')} since {final.get('since')} "
+            "(if that worker died, build it with the `finalize` option, --finalize on the command line)")
+
+
+def check_shared_search(recipe: Any, options: RunOptions, output: Path) -> WorkerResult | None:
+    """Before any model is loaded: open a search's storage and tell whether there is work here.
+
+    Called for a ``dfmerge`` recipe that searches, when `options.storage` is given or
+    `options.finalize` is set. Opening the storage reports an unreachable database or a
+    wrong password as one `SearchError` line.
+
+    Returns:
+        A `WorkerResult` when the study's final merge is built or being built by another
+        worker (nothing to do here); None when this run has work: trials to run, or the
+        final merge to build.
+
+    Raises:
+        SearchError: The storage cannot be opened, or the study was made for other models.
+        OptionError: `finalize` with no study, or with one that is not complete yet.
+    """
+    settings = search_settings(recipe, options)
+    search = open_search(settings, workdir=search_workdir(output), create=False)
+    if search is None:
+        if options.finalize:
+            where = storage_label(settings.storage) if settings.storage else search_workdir(output)
+            raise OptionError(f"there is no search {settings.study_name!r} in {where}; nothing to finalise",
+                              options=("finalize",))
+        return None
+    try:
+        final = search.final()
+        if final is not None and (final.get("state") == "done" or (final.get("state") == "building" and not options.finalize)):
+            return WorkerResult(settings.study_name, search.label, _final_message(search, final), final)
+        if options.finalize and not search.complete():
+            complete, running = search.counts()
+            raise OptionError(f"the search {settings.study_name!r} in {search.label} has {complete} of {settings.n_trials} completed trials "
+                              f"({running} running); the final merge is built from a complete search: start workers without this option",
+                              options=("finalize",))
+        return None
+    finally:
+        search.close()
 
 
 def _objective(plan: Any, options: RunOptions) -> DFMergeObjective:
@@ -222,7 +293,17 @@ def _objective(plan: Any, options: RunOptions) -> DFMergeObjective:
 
 
 def _search(objective: DFMergeObjective, workdir: Path, options: RunOptions) -> SearchResult:
-    result = run_search(objective, search_settings(objective.recipe, options), workdir=workdir, resume=options.resume, progress=options.progress)
+    return _run(_open(objective.recipe, workdir, options), objective, options)
+
+
+def _open(recipe: Any, workdir: Path, options: RunOptions) -> SearchStudy:
+    search = open_search(search_settings(recipe, options), workdir=workdir, resume=options.resume)
+    assert search is not None
+    return search
+
+
+def _run(search: SearchStudy, objective: DFMergeObjective, options: RunOptions) -> SearchResult:
+    result = search.result() if options.finalize else search.run(objective, progress=options.progress)
     logger.info("best of %d trials: trial %s, validation score %.4f, λ = [%s]", len(result.trials), result.best_trial, result.best_value,
                 ", ".join(f"{v:.4f}" for v in result.best_params))
     return result
@@ -251,8 +332,13 @@ def search_coefficients(plan: Any, output: Path, options: RunOptions) -> SearchR
 
 
 def run_dfmerge(plan: Any, output: Path, options: RunOptions, *, evaluate: Callable[[Path], Any] | None = None,
-                title: str | None = None, repo_id: str | None = None) -> MergeResult:
+                title: str | None = None, repo_id: str | None = None) -> MergeResult | WorkerResult:
     """Search λ (unless the recipe fixes them), then merge, evaluate and write the output.
+
+    With a shared study (`options.storage`) this process is one worker: it runs trials until
+    the study has ``n_trials`` completed ones, then claims the final merge; exactly one worker
+    gets the claim and merges, the others return a `WorkerResult`. `options.finalize` runs no
+    trial and takes the claim over (a complete study whose finalising worker died).
 
     Args:
         plan: From `build_plan` for a ``dfmerge`` recipe.
@@ -264,7 +350,8 @@ def run_dfmerge(plan: Any, output: Path, options: RunOptions, *, evaluate: Calla
 
     Returns:
         The `MergeResult`, with the `SearchResult` (None when the recipe fixes every λ) and
-        the test-split report when the tasks have a test split.
+        the test-split report when the tasks have a test split; or a `WorkerResult` when
+        another worker of the shared study builds the final merge.
 
     Raises:
         OptionError: A device map (`max_memory`, `offload_folder`) was asked for.
@@ -279,18 +366,32 @@ def run_dfmerge(plan: Any, output: Path, options: RunOptions, *, evaluate: Calla
     use_fisher = bool(recipe.parameters.get("fisher", True))
     workdir = search_workdir(output)
     fixed = all("weight" in m.parameters for m in recipe.models)
+    shared = options.storage is not None or options.finalize
+    search = None
     try:
         objective = _objective(plan, options)
         result = None
         if fixed:
             lambdas = [float(m.parameters["weight"]) for m in recipe.models]
         else:
-            result = _search(objective, workdir, options)
+            search = _open(recipe, workdir, options)
+            result = _run(search, objective, options)
             lambdas = result.best_params
+            if shared:
+                # Exactly one worker of the study builds the final merge (see SearchStudy.claim_final).
+                final = search.claim_final(str(output), force=options.finalize)
+                if final is not None:
+                    plan.release()
+                    here = sum(t["worker"] == search.worker for t in result.trials)
+                    done = WorkerResult(search.settings.study_name, search.label, _final_message(search, final), final, result, here)
+                    search.close()
+                    return done
         fisher_paths = objective.fisher_files(lambdas) if use_fisher else None
         del objective
-    except BaseException:
+    except BaseException as exc:
         plan.release()
+        if search is not None and shared and search.final() and search.final().get("worker") == search.worker:
+            search.set_final("failed", error=f"{type(exc).__name__}: {exc}")
         raise
     # The final merge is an ordinary recipe with the coefficients fixed: echoed that way, it
     # reproduces this model without searching again. A new plan, sharing the opened checkpoints.
@@ -302,8 +403,17 @@ def run_dfmerge(plan: Any, output: Path, options: RunOptions, *, evaluate: Calla
     def extra(folder: Path, report: Any) -> tuple[list[str], str]:
         return _write_search_outputs(folder, plan, result, lambdas, use_fisher, workdir, tasks_in_order, options, test_reports)
 
-    merged = run_merge(plan, output, overwrite=options.overwrite, progress=options.progress, evaluate=evaluate, extra=extra,
-                       title=title, repo_id=repo_id, **output_settings(options))
+    try:
+        merged = run_merge(plan, output, overwrite=options.overwrite, progress=options.progress, evaluate=evaluate, extra=extra,
+                           title=title, repo_id=repo_id, **output_settings(options))
+    except BaseException as exc:
+        if search is not None and shared:
+            search.set_final("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    if search is not None and shared:
+        search.set_final("done", output=str(output), best_trial=result.best_trial, best_value=result.best_value)
+    if search is not None:
+        search.close()
     if result is not None and options.storage is None:
         shutil.rmtree(workdir, ignore_errors=True)  # the study and log now live in the output folder
     merged.search = result
@@ -323,10 +433,12 @@ def _write_search_outputs(folder: Path, plan: Any, result: Any, lambdas: list[fl
                         "n_startup_trials": int(recipe.parameters["n_startup_trials"])})
         plot_trajectory(result.trials, int(recipe.parameters["n_startup_trials"]), folder / "search.png", [m.ref.text for m in recipe.models])
         files.append("search.png")
-        for name in ("trials.jsonl", "study.journal"):
-            if (workdir / name).is_file():
-                shutil.copyfile(workdir / name, folder / name)
-                files.append(name)
+        # The trial log of every worker, rebuilt from the study (a worker's own log has only its trials).
+        (folder / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.records), encoding="utf-8")
+        files.append("trials.jsonl")
+        if (workdir / "study.journal").is_file():
+            shutil.copyfile(workdir / "study.journal", folder / "study.journal")
+            files.append("study.journal")
         timings = [t.get("timings", {}) for t in result.trials]
         mean = {k: sum(t.get(k, 0.0) for t in timings) / max(len(timings), 1) for k in ("fisher_s", "merge_s", "eval_s")}
         section += (f"\nFound by Bayesian optimisation (Optuna GPSampler, logEI) over {len(result.trials)} completed trials "
@@ -351,4 +463,4 @@ def _write_search_outputs(folder: Path, plan: Any, result: Any, lambdas: list[fl
     return files, section
 
 
-__all__ = ["DFMergeObjective", "run_dfmerge", "search_coefficients", "search_workdir"]
+__all__ = ["DFMergeObjective", "WorkerResult", "check_shared_search", "run_dfmerge", "search_coefficients", "search_workdir"]

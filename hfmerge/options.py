@@ -38,6 +38,12 @@ class RunOptions:
         study_name: The Optuna study's name (workers sharing `storage` use the same one).
         n_trials: Total trials of a search (overrides the recipe's ``n_trials``).
         resume: Continue an interrupted search (completed trials are kept).
+        finalize: Run no trial: build the final merge of a complete shared search from its
+            best trial, taking over the claim of a worker that died while building it.
+        heartbeat_interval: Seconds between the heartbeats of a running trial in a database
+            storage (`storage`).
+        grace_period: Seconds without heartbeat after which another worker fails a running
+            trial and runs its λ again (default: 4 × `heartbeat_interval`).
         push_to_hub: Upload the output to this Hub repo in one commit; True: the recipe's
             ``push_to_hub``; None: no upload.
         private: Create the Hub repo as private.
@@ -68,6 +74,9 @@ class RunOptions:
     study_name: str | None = None
     n_trials: int | None = None
     resume: bool = False
+    finalize: bool = False
+    heartbeat_interval: int = 30
+    grace_period: int | None = None
     push_to_hub: str | bool | None = None
     private: bool = False
     copy_tokenizer: bool = True
@@ -81,6 +90,13 @@ class RunOptions:
             raise OptionError(f"got {self.device!r}; expected auto, cpu or cuda", options=("device",))
         if self.n_trials is not None and self.n_trials < 1:
             raise OptionError(f"got {self.n_trials}; expected a positive number of trials", options=("n_trials",))
+        for name in ("heartbeat_interval", "grace_period"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise OptionError(f"got {value!r}; expected a positive whole number of seconds", options=(name,))
+        if self.grace_period is not None and self.grace_period <= self.heartbeat_interval:
+            raise OptionError(f"{self.grace_period} s is not longer than the heartbeat interval ({self.heartbeat_interval} s)",
+                              options=("grace_period",))
         if self.batch_size < 1:
             raise OptionError(f"got {self.batch_size}; expected a positive number", options=("batch_size",))
         if self.random_seed is not None and (isinstance(self.random_seed, bool) or not isinstance(self.random_seed, int) or self.random_seed < 0):
