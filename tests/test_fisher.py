@@ -39,7 +39,10 @@ def tiny(family: str, seed: int = 0):
     torch.manual_seed(seed)
     cls = {"t5": tf.T5ForConditionalGeneration, "t5_v1_1": tf.T5ForConditionalGeneration, "gpt2": tf.GPT2LMHeadModel,
            "llama": tf.LlamaForCausalLM}[family]
-    return cls(tiny_config(family)).eval(), make_tokenizer(append_eos=family.startswith("t5"))
+    model = cls(tiny_config(family)).eval()
+    if family == "t5_v1_1":  # transformers ties T5's head whatever the config says; flan-T5 stores its own
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight) * 0.05)
+    return model, make_tokenizer(append_eos=family.startswith("t5"))
 
 
 def encoded(model, tokenizer, n: int = 10, seed: int = 3):
@@ -552,3 +555,29 @@ def test_every_fisher_implementation_is_a_recipe_choice(experts, tmp_path):
         assert settings_from_recipe(load_recipe(recipe)).implementation == implementation
     with pytest.raises(RecipeError, match="fisher_implementation"):
         load_recipe(write_recipe(tmp_path / "bad.yaml", "fisher", experts, {"fisher_implementation": "hook"}))
+
+
+def test_a_checkpoint_that_stores_its_lm_head_apart_is_loaded_untied(tmp_path):
+    """transformers 5 ties T5's lm_head to the embedding whatever the config says; a flan-T5
+    checkpoint stores its own head, and the live model must use it, as from_pretrained does."""
+    import transformers
+
+    from hfmerge.checkpoints import open_checkpoint
+    from hfmerge.fisher.models import load_model
+    from hfmerge.refs import parse_model_ref
+
+    folder = build_base(tmp_path / "flan", "t5_v1_1")
+    ckpt = open_checkpoint(parse_model_ref(str(folder)), label="flan")
+    model = load_model(ckpt)
+    reference = transformers.T5ForConditionalGeneration.from_pretrained(folder).eval()
+    assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()
+    torch.testing.assert_close(model.lm_head.weight, ckpt.read("lm_head.weight"))
+    torch.testing.assert_close(model.shared.weight, ckpt.read("shared.weight"))
+    ids, labels = torch.tensor([[5, 6, 7, 1]]), torch.tensor([[8, 9, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, labels=labels).logits, reference(input_ids=ids, labels=labels).logits)
+    # The Fisher then has one entry per stored tensor: the head's is not the embedding's.
+    examples, enc = encoded(model, make_tokenizer(append_eos=True))
+    fisher = diagonal_fisher(model, enc, [e.label for e in examples], implementation="loop")
+    assert "lm_head.weight" in fisher and "shared.weight" in fisher
+    assert not torch.equal(fisher["lm_head.weight"], fisher["shared.weight"])

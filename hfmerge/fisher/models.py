@@ -18,7 +18,7 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["model_class", "build_model", "load_model", "state_names", "checkpoint_name_map", "load_tokenizer"]
+__all__ = ["model_class", "build_model", "load_model", "untie_stored_apart", "state_names", "checkpoint_name_map", "load_tokenizer"]
 
 
 def model_class(config: dict, label: str):
@@ -77,6 +77,39 @@ def checkpoint_name_map(model: Any, stored: set[str] | dict, label: str) -> dict
     return out
 
 
+def untie_stored_apart(model: Any, ckpt: Any, *, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Give its own parameter to every tied alias that the checkpoint stores with other values.
+
+    transformers may tie parameters that a checkpoint keeps apart: in transformers 5, T5 ties
+    ``lm_head.weight`` to ``shared.weight`` whatever ``tie_word_embeddings`` says, and
+    ``from_pretrained`` unties them only when the checkpoint stores both with different values
+    (flan-T5 and every T5 v1.1 checkpoint). Filling such a model from the first stored name
+    would silently score and differentiate with the embedding as the output head. This does
+    what ``from_pretrained`` does: an alias stored with values different from the group's
+    first stored name becomes a parameter of its own (filled by the caller).
+
+    Returns:
+        The state-dict names that were untied.
+    """
+    import torch.nn as nn
+
+    untied = []
+    for aliases in state_names(model).values():
+        stored = [a for a in aliases if a in ckpt.tensors]
+        if len(stored) < 2:
+            continue
+        first = ckpt.read(stored[0])
+        for alias in stored[1:]:
+            if torch.equal(first, ckpt.read(alias)):
+                continue
+            module_name, _, attr = alias.rpartition(".")
+            module = model.get_submodule(module_name)
+            current = getattr(module, attr)
+            setattr(module, attr, nn.Parameter(torch.empty_like(current, dtype=dtype), requires_grad=current.requires_grad))
+            untied.append(alias)
+    return untied
+
+
 def load_model(ckpt: Any, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Build the checkpoint's model and fill it from the checkpoint's tensors.
 
@@ -90,6 +123,7 @@ def load_model(ckpt: Any, *, dtype: torch.dtype = torch.float32, device: str | t
         The model in eval mode.
     """
     model = build_model(ckpt.config, ckpt.label, dtype=dtype)
+    untie_stored_apart(model, ckpt, dtype=dtype)
     names = checkpoint_name_map(model, ckpt.tensors, ckpt.label)
     params = dict(model.named_parameters())
     with torch.no_grad():
