@@ -19,7 +19,7 @@ from hfmerge.methods import METHODS
 from hfmerge.methods.regmean import regmean
 from hfmerge.testing import load_base_state
 from test_evaluation import random_examples
-from test_fisher import encoded, experts, one_torch_thread, tiny, write_recipe  # noqa: F401  (fixtures: experts; one_torch_thread, autouse)
+from test_fisher import bert_classifier, encoded, experts, one_torch_thread, tiny, write_recipe  # noqa: F401  (fixtures: experts; one_torch_thread, autouse)
 
 warnings.filterwarnings("ignore", message=".*batching rule.*")
 
@@ -150,6 +150,8 @@ def hand_grams(model, examples: list[EncodedExample], labels: list[int]) -> dict
                     labels_ = batch.labels
                     start = torch.full_like(labels_[:, :1], model.config.decoder_start_token_id)
                     model(input_ids=batch.input_ids, decoder_input_ids=torch.cat([start, labels_[:, :-1]], 1), use_cache=False)
+                elif kind == "classifier":
+                    model(input_ids=batch.input_ids)
                 else:
                     model(input_ids=batch.input_ids, use_cache=False)
     finally:
@@ -179,6 +181,21 @@ def test_gram_statistics_equal_per_example_sums_without_the_padding(family):
     if family == "t5_v1_1":
         assert {"encoder.block.0.layer.1.DenseReluDense.wi_0.weight", "encoder.block.0.layer.1.DenseReluDense.wi_1.weight"} <= set(got)
     assert got[next(n for n in got if n.endswith("wo.weight") or n.endswith("down_proj.weight"))].shape == (32, 32)
+
+
+def test_gram_statistics_of_a_sequence_classifier_count_pooled_rows_once_per_example():
+    from hfmerge.evaluation.tasks import Example
+    from hfmerge.fisher.engine import encode_for_model
+    from test_evaluation import make_tokenizer
+
+    model = bert_classifier()
+    examples = [Example(e.prompt, ("no", "yes"), n % 2) for n, e in enumerate(random_examples(7, seed=2))]
+    enc = encode_for_model(model, make_tokenizer(append_eos=False), examples)
+    got = gram_statistics(model, enc, [e.label for e in examples], batch_size=3)
+    expected = hand_grams(model, enc, [e.label for e in examples])
+    assert {"bert.pooler.dense.weight", "classifier.weight", "bert.encoder.layer.0.attention.self.query.weight"} <= set(got)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_gram_statistics_tell_the_streams_apart_when_their_lengths_are_equal():
