@@ -322,3 +322,17 @@ def test_badly_scaled_inputs_still_solve_to_float32_accuracy():
     grams = grams_of([torch.randn(40, 8) * scale, torch.randn(40, 8) * scale])
     merged = regmean(None, weights, importances=grams, alpha=1.0)
     torch.testing.assert_close(merged.double(), closed_form(weights, grams, 1.0), rtol=1e-4, atol=1e-4)
+
+
+def test_cache_list_names_gram_entries(tmp_path, monkeypatch, capsys):
+    from hfmerge.cli import main
+    from hfmerge.fisher import cache as fc
+
+    monkeypatch.setenv("HFMERGE_CACHE", str(tmp_path / "cache"))
+    for kind in ("gram", "diagonal"):
+        meta = {"model": f"org/{kind}", "task": "sst2", "lambda": "", "kind": kind}
+        key = fc.cache_key(meta)
+        fc.save_fisher(fc.cached_path(key), {"w": torch.eye(3)}, {**meta, "cache_key": key})
+    assert main(["cache", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "org/gram on sst2 (RegMean Gram matrices)" in out and "org/diagonal on sst2\n" in out
