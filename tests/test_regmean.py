@@ -218,6 +218,9 @@ def test_regmean_recipe_computes_caches_and_merges_by_the_closed_form(experts, t
     from safetensors.torch import load_file
 
     recipe = write_recipe(tmp_path / "regmean.yaml", "regmean", experts, {"regmean_examples": 12, "alpha": 0.8})
+    plan = hfmerge.plan(recipe)  # the dry run computes nothing and says what the merge will compute
+    assert hfmerge.plan_summary(plan)["fishers_to_compute"] == [str(m) for m in experts["models"]]
+    plan.release()
     out = tmp_path / "merged"
     result = hfmerge.merge(recipe, output=out, progress=False)
     assert result.output == out and result.evaluation is not None
