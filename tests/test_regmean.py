@@ -114,6 +114,11 @@ def test_inputs_that_no_model_saw_take_the_average_and_leave_the_rest_alone():
     torch.testing.assert_close(merged[:, keep].double(), sub, rtol=1e-5, atol=1e-5)
 
 
+def test_a_negative_diagonal_is_refused():
+    with pytest.raises(ValueError, match="Gram matrix of model 1 has a negative diagonal"):
+        regmean(None, [torch.ones(2, 2), torch.ones(2, 2)], importances=[torch.eye(2), -torch.eye(2)], alpha=0.9)
+
+
 def test_tensors_without_grams_are_averaged():
     torch.manual_seed(6)
     tensors = [torch.randn(7) for _ in range(3)]

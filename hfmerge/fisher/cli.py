@@ -4,9 +4,9 @@
                    [--copy-to DIR] [--json PATH]
 
 For ``fisher`` and ``fisher_nodes`` recipes (and ``regmean``, whose Gram matrices it computes
-the same way): every model without a ``fisher:`` file gets its Fisher on its task at θ_i, from the cache when the same inputs were seen before. A later
-``hfmerge RECIPE`` then only reads them. Prints one row per model (task, where the Fisher came
-from, seconds, file).
+the same way): every model without a ``fisher:`` file gets its Fisher on its task at θ_i,
+from the cache when the same inputs were seen before. A later ``hfmerge RECIPE`` then only
+reads them. Prints one row per model (task, where the Fisher came from, seconds, file).
 """
 
 from __future__ import annotations

@@ -51,6 +51,9 @@ def regmean_solve(tensors: Sequence[torch.Tensor], grams: Sequence[torch.Tensor]
     those columns take the plain average, and the rest of the solution is unaffected (the
     zero row and column decouple them). The solve is ``torch.linalg.solve`` in float32, on the
     system scaled to a unit diagonal (Jacobi scaling: the same solution, better conditioned).
+
+    Raises:
+        ValueError: A Gram matrix with a negative diagonal entry (no Gram matrix has one).
     """
     import torch
 
@@ -59,7 +62,9 @@ def regmean_solve(tensors: Sequence[torch.Tensor], grams: Sequence[torch.Tensor]
     device = tensors[0].device
     a = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
     b = torch.zeros(in_features, out_features, dtype=torch.float32, device=device)
-    for w, g in zip(tensors, grams):
+    for i, (w, g) in enumerate(zip(tensors, grams)):
+        if bool((torch.diagonal(g) < 0).any()):
+            raise ValueError(f"the Gram matrix of model {i} has a negative diagonal entry; it is not XᵀX of any inputs")
         g = shrink_off_diagonal(g.to(device=device, dtype=torch.float32), alpha)
         a += g
         b += g @ w.to(torch.float32).t()
