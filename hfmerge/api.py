@@ -406,7 +406,8 @@ def search(recipe: str | Path | Recipe, options: RunOptions | None = None, **ove
 
 
 def compute_fishers(recipe: str | Path | Recipe, options: RunOptions | None = None, **overrides: Any) -> list[FisherRecord]:
-    """Compute and cache the Fishers a ``fisher`` or ``fisher_nodes`` recipe needs.
+    """Compute and cache the Fishers a ``fisher`` or ``fisher_nodes`` recipe needs (for a
+    ``regmean`` recipe, the Gram matrices of the linear layers' inputs).
 
     Every model without a ``fisher:`` file gets its Fisher on its task at θ_i, read from the
     cache when the same inputs were seen before; a later `merge` then only reads them.

@@ -183,6 +183,8 @@ class TensorMerger:
 
                 self._node_fishers = [load_file(str(f.path)) for f in plan.fishers]
             return [plan.node_layout.importance(nf, t.name, t.shape) for nf in self._node_fishers]
+        if self.method.importance == "gram" and t.fisher_sources is None:
+            return None  # a tensor without Gram matrices: the method averages it
         return [self._float(f.read(src), f.label, src) for f, src in zip(plan.fishers, t.fisher_sources)]  # type: ignore[arg-type]
 
     def _copy_unmergeable(self, t: TensorPlan) -> torch.Tensor:

@@ -125,7 +125,7 @@ class MergePlan:
         """Peak memory of the streaming merge: the largest tensor position in flight.
 
         Per position: every input as read (a float32 copy too when stored in another dtype),
-        the Fisher tensors likewise, the method's float32 work space (the stacked task vectors
+        the Fisher tensors likewise (RegMean's Gram matrices, in × in, per model), the method's float32 work space (the stacked task vectors
         plus a few single-tensor temporaries: magnitudes, masks, the running sums) and the
         output in float32 and output dtype; plus the process itself.
         """
@@ -139,7 +139,11 @@ class MergePlan:
             stored = DTYPE_SIZES[self.reference.tensors[name].dtype] if name in self.reference.tensors else 4
             per_input = 4 if stored == 4 else stored + 4
             per_entry = (n_inputs + n_imp) * per_input + (m + 8) * 4 + 4 + DTYPE_SIZES[t.out_dtype]
-            worst = max(worst, t.numel * per_entry)
+            gram = 0
+            if method.needs_importance and method.importance == "gram" and len(t.shape) == 2:
+                # the M Gram matrices [in, in] as read and in float32, their sum and the solve's factor
+                gram = (2 * m + 3) * t.shape[1] ** 2 * 4
+            worst = max(worst, t.numel * per_entry + gram)
         return PROCESS_BASELINE_BYTES + worst
 
 
@@ -671,7 +675,8 @@ def _checked_fishers(recipe: Recipe, models: list[Checkpoint], tensors: list[Ten
     """Open one Fisher file per model (header only) and check it against the checkpoints.
 
     A diagonal Fisher must hold every merged tensor (or a tied alias) with its shape; a node
-    Fisher every head and neuron group of the architecture.
+    Fisher every head and neuron group of the architecture; Gram files are checked by
+    `_checked_grams`.
 
     Returns:
         The opened files and the tensors with their names in each file (unchanged for nodes).
@@ -690,6 +695,8 @@ def _checked_fishers(recipe: Recipe, models: list[Checkpoint], tensors: list[Ten
                 if info.shape != (unit.size,):
                     raise FisherFileError(f"{fisher.label}: {unit.key!r} has shape {list(info.shape)}; the architecture has {unit.size} nodes there")
         return fishers, tensors
+    if recipe.method.importance == "gram":
+        return fishers, _checked_grams(fishers, models, tensors, group_of)
     checked = []
     for t in tensors:
         if not t.merge:
@@ -708,3 +715,40 @@ def _checked_fishers(recipe: Recipe, models: list[Checkpoint], tensors: list[Ten
             sources.append(src)
         checked.append(replace(t, fisher_sources=tuple(sources)))
     return fishers, checked
+
+
+def _checked_grams(grams: list[FisherFile], models: list[Checkpoint], tensors: list[TensorPlan],
+                   group_of: dict[str, frozenset[str]]) -> list[TensorPlan]:
+    """Match RegMean's Gram files to the merged 2-D tensors.
+
+    A weight [out, in] with a Gram matrix (under its name or a tied alias) in every file gets
+    their names as `fisher_sources`; one with a Gram matrix in no file keeps None (the method
+    averages it). A Gram matrix must be [in, in] and floating point, and a weight that some
+    files cover and others do not is refused: the models would be merged by different rules.
+
+    Raises:
+        FisherFileError: A Gram matrix of the wrong shape or dtype, or in some files only.
+    """
+    checked = []
+    for t in tensors:
+        if not t.merge or len(t.shape) != 2:
+            checked.append(t)
+            continue
+        group = group_of.get(t.name)
+        sources = [_find(t.name, g.tensors, group) for g in grams]
+        if all(src is None for src in sources):
+            checked.append(t)
+            continue
+        for gram, model_ckpt, src in zip(grams, models, sources):
+            if src is None:
+                has = next(g for g, other in zip(grams, sources) if other is not None)
+                raise FisherFileError(f"{gram.label}: {gram.path.name} has no Gram matrix for {t.name!r} but {has.label} has one; "
+                                      f"compute the Gram matrices of {model_ckpt.label} on the same architecture")
+            info = gram.tensors[src]
+            if info.shape != (t.shape[1], t.shape[1]):
+                raise FisherFileError(f"{gram.label}: Gram matrix {src!r} has shape {list(info.shape)}; weight {t.name!r} of shape "
+                                      f"{list(t.shape)} needs [{t.shape[1]}, {t.shape[1]}] (its input width squared)")
+            if not info.is_float:
+                raise FisherFileError(f"{gram.label}: Gram matrix {src!r} has dtype {info.dtype}; it must be floating point")
+        checked.append(replace(t, fisher_sources=tuple(sources)))  # type: ignore[arg-type]
+    return checked

@@ -399,9 +399,11 @@ def _check_method_data(source: str, name: str, method: MergeMethod, models: list
     if method.needs_importance:
         for m in models:
             if m.fisher is None and m.task is None:
-                what = ("a node Fisher file (as hfmerge.compute_fishers writes)" if method.importance == "nodes"
-                        else "a Fisher file (safetensors with the checkpoint's tensor names)")
-                raise _fail(source, f"{m.key}.fisher", f"missing; merge_method {name!r} needs per-model Fisher information: give {what} "
+                what = {"nodes": "a node Fisher file (as hfmerge.compute_fishers writes)",
+                        "gram": "a Gram file (safetensors: per linear weight name, the [in, in] Gram matrix of its inputs, as hfmerge.compute_fishers writes)",
+                        }.get(method.importance, "a Fisher file (safetensors with the checkpoint's tensor names)")
+                needs = "Gram matrices of its linear layers' inputs" if method.importance == "gram" else "Fisher information"
+                raise _fail(source, f"{m.key}.fisher", f"missing; merge_method {name!r} needs per-model {needs}: give {what} "
                             "or a task for this model under `tasks:` to compute it from")
 
 

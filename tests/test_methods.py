@@ -157,6 +157,8 @@ def test_every_method_is_pure_and_keeps_shape(name):
         models = models[:1]
     before = [m.clone() for m in models]
     kw = {"importances": [torch.ones(3, 4), torch.ones(3, 4)]} if METHODS[name].needs_importance else {}
+    if METHODS[name].importance == "gram":  # one [in, in] Gram matrix per model
+        kw["importances"] = [torch.eye(4), torch.eye(4) * 2]
     kw.update(REQUIRED_PARAMETERS.get(name, {}))
     out = run(name, base, models, **kw)
     assert out.shape == base.shape and out.dtype == torch.float32

@@ -9,7 +9,8 @@ mode, the seed and the hfmerge version.
 The cache keys a file by the SHA-256 of exactly that metadata, so a rerun, a later search or
 another recipe with the same inputs reuses it. Files are written to a temporary name and
 renamed into place; on use a file is checked (header parses, size matches, key matches, every
-value finite and non-negative) and an entry that fails is deleted and recomputed, never used.
+value finite and non-negative, of a Gram matrix the diagonal) and an entry that fails is
+deleted and recomputed, never used.
 
 The cache has a size cap (``HFMERGE_FISHER_CACHE_MAX``, default 50 GB): each use of an entry
 marks it used (its modification time), and storing a new one deletes the least recently used
@@ -120,12 +121,15 @@ def check_fisher_file(path: Path, key: str | None = None, names: set[str] | None
     import torch
     from safetensors import safe_open
 
+    gram = metadata.get("kind") == "gram"  # Gram matrices have negative off-diagonal entries
     try:
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 t = f.get_tensor(name)
-                if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-                    return f"tensor {name!r} holds negative, NaN or Inf values"
+                if not bool(torch.isfinite(t).all()):
+                    return f"tensor {name!r} holds NaN or Inf values"
+                if bool(((torch.diagonal(t) if gram and t.dim() == 2 else t) < 0).any()):
+                    return f"tensor {name!r} holds negative values" + (" on its diagonal" if gram else "")
     except Exception as exc:  # noqa: BLE001 - any read failure means "do not use"
         return f"unreadable ({type(exc).__name__}: {exc})"
     return None
@@ -184,7 +188,7 @@ class CacheEntry:
         model: The model reference it is the Fisher of ("" when the header is unreadable).
         task: The task it was computed on.
         scale: The λ the model was scaled by (DF-Merge), "" for the model as is.
-        kind: ``diagonal`` or ``nodes``.
+        kind: ``diagonal``, ``nodes`` or ``gram`` (RegMean's Gram matrices).
         problem: Why it cannot be used (unreadable header, not a Fisher file), None when sound.
     """
 

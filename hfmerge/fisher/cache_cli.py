@@ -60,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"Fisher cache: {cache_dir()}")
         for e in entries:
             what = f"damaged: {e.problem}" if e.problem else f"{e.model} on {e.task}" + (f" at λ = {float(e.scale):.4g}" if e.scale else "")
+            if not e.problem and e.kind == "gram":
+                what += " (RegMean Gram matrices)"
             print(f"  {human_size(e.size):>9}  {_age(now - e.last_used):>12}  {e.path.name[:16]}  {what}")
         print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {human_size(sum(e.size for e in entries))}")
         return 0

@@ -3,10 +3,10 @@
     hfmerge fisher RECIPE [--device cpu|cuda|auto] [--max-memory DEV=SIZE,...] [--offload-folder DIR]
                    [--copy-to DIR] [--json PATH]
 
-For ``fisher`` and ``fisher_nodes`` recipes: every model without a ``fisher:`` file gets its
-Fisher on its task at θ_i, from the cache when the same inputs were seen before. A later
-``hfmerge RECIPE`` then only reads them. Prints one row per model (task, where the Fisher came
-from, seconds, file).
+For ``fisher`` and ``fisher_nodes`` recipes (and ``regmean``, whose Gram matrices it computes
+the same way): every model without a ``fisher:`` file gets its Fisher on its task at θ_i,
+from the cache when the same inputs were seen before. A later ``hfmerge RECIPE`` then only
+reads them. Prints one row per model (task, where the Fisher came from, seconds, file).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ __all__ = ["add_arguments", "add_device_arguments", "run", "parse_max_memory"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``fisher`` arguments to `parser` (not -v/-q)."""
-    parser.add_argument("recipe", help="a fisher or fisher_nodes recipe with a task per model")
+    parser.add_argument("recipe", help="a fisher, fisher_nodes or regmean recipe with a task per model")
     add_device_arguments(parser)
     parser.add_argument("--copy-to", metavar="DIR", help="also copy the Fisher files into DIR as <model-index>-<name>.fisher.safetensors")
     parser.add_argument("--json", metavar="PATH", help="also write the records as JSON")

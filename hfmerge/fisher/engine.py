@@ -33,6 +33,8 @@ from .loglik import model_kind
 logger = logging.getLogger(__name__)
 
 DEFAULT_NUM_EXAMPLES = 30
+DEFAULT_GRAM_EXAMPLES = 256  # RegMean's examples per task, as FusionBench's configurations
+KINDS = ("diagonal", "nodes", "gram")
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,9 @@ class FisherSettings:
         mode: ``exact``, ``sampled`` or ``empirical``.
         seed: Seed of the example draw and of ``sampled`` option draws.
         implementation: ``auto``, ``hooks``, ``vmap`` or ``loop`` (same result; speed only).
-        kind: ``diagonal`` (per parameter) or ``nodes`` (Fisher Mask Nodes: per head/neuron).
+        kind: ``diagonal`` (per parameter), ``nodes`` (Fisher Mask Nodes: per head/neuron) or
+            ``gram`` (RegMean: the Gram matrix of every linear layer's inputs; `mode` and
+            `implementation` do not apply).
     """
 
     num_examples: int = DEFAULT_NUM_EXAMPLES
@@ -58,8 +62,8 @@ class FisherSettings:
             raise FisherError(f"fisher mode {self.mode!r}; expected one of {', '.join(MODES)}")
         if self.num_examples < 1:
             raise FisherError(f"the Fisher needs at least one example, got num_examples={self.num_examples}")
-        if self.kind not in ("diagonal", "nodes"):
-            raise FisherError(f"fisher kind {self.kind!r}; expected diagonal or nodes")
+        if self.kind not in KINDS:
+            raise FisherError(f"fisher kind {self.kind!r}; expected one of {', '.join(KINDS)}")
 
 
 def fisher_examples(data: TaskData, num_examples: int, seed: int) -> list[Example]:
@@ -110,7 +114,7 @@ def fisher_metadata(ckpt: Any, task: str, examples: Sequence[Example], settings:
     meta = {
         "tokenizer_sha256": tokenizer_identity(tokenizer), "target_delimiter": target_delimiter,
         "model": ckpt.ref.text, "model_identity": model_identity(ckpt), "task": task, "data_sha256": examples_hash(examples),
-        "num_examples": str(len(examples)), "mode": settings.mode, "seed": str(settings.seed), "kind": settings.kind,
+        "num_examples": str(len(examples)), "mode": settings.mode if settings.kind != "gram" else "", "seed": str(settings.seed), "kind": settings.kind,
         "lambda": "" if scale is None else repr(float(scale)),
         "base_identity": "" if base is None else model_identity(base),
         "hfmerge_version": __version__,
@@ -139,10 +143,15 @@ def encode_for_model(model: Any, tokenizer: Any, examples: Sequence[Example], *,
 def compute_fisher(model: Any, tokenizer: Any, examples: Sequence[Example], settings: FisherSettings, *, target_delimiter: str = " ",
                    label: str = "task", progress: bool = False, encoded: list[EncodedExample] | None = None,
                    stats: list[FisherStats] | None = None) -> dict[str, torch.Tensor]:
-    """The Fisher of a live model, keyed by parameter name (diagonal) or node name (nodes)."""
+    """The Fisher of a live model, keyed by parameter name (diagonal), node name (nodes) or
+    linear weight name (gram: the Gram matrices of the layers' inputs)."""
     if encoded is None:
         encoded = encode_for_model(model, tokenizer, examples, target_delimiter=target_delimiter, label=label)
     labels = [e.label for e in examples]
+    if settings.kind == "gram":
+        from .gram import gram_statistics
+
+        return gram_statistics(model, encoded, labels, progress=progress, desc=f"Gram {label}", stats=stats)
     if settings.kind == "nodes":
         from .nodes import node_fisher
 
@@ -194,7 +203,7 @@ def fisher_for_checkpoint(job: FisherJob, tokenizer: Any, settings: FisherSettin
         model = load_model(job.ckpt, device=device)
     fisher = compute_fisher(model, tokenizer, examples, settings, target_delimiter=job.data.spec.target_delimiter, label=job.label,
                             progress=progress, stats=stats)
-    if settings.kind == "diagonal":
+    if settings.kind != "nodes":  # parameter names (diagonal) and weight names (gram) become the checkpoint's
         fisher = to_checkpoint_names(fisher, checkpoint_name_map(model, job.ckpt.tensors, job.ckpt.label))
     del model
     path = store(key, fisher, {**meta, "seconds": f"{time.perf_counter() - start:.3f}"}, cache_root)
@@ -202,11 +211,14 @@ def fisher_for_checkpoint(job: FisherJob, tokenizer: Any, settings: FisherSettin
 
 
 def settings_from_recipe(recipe: Any) -> FisherSettings:
-    """The Fisher settings a recipe's parameters ask for."""
+    """The Fisher settings a recipe's parameters ask for (for Gram statistics: ``regmean_examples``
+    and ``regmean_seed``)."""
     p = recipe.parameters
+    kind = recipe.method.importance if recipe.method.importance in KINDS else "diagonal"
+    if kind == "gram":
+        return FisherSettings(num_examples=int(p.get("regmean_examples", DEFAULT_GRAM_EXAMPLES)), seed=int(p.get("regmean_seed", 0)), kind=kind)
     return FisherSettings(num_examples=int(p.get("fisher_examples", DEFAULT_NUM_EXAMPLES)), mode=str(p.get("fisher_mode", "exact")),
-                          seed=int(p.get("fisher_seed", 0)), implementation=str(p.get("fisher_implementation", "auto")),
-                          kind="nodes" if recipe.method.importance == "nodes" else "diagonal")
+                          seed=int(p.get("fisher_seed", 0)), implementation=str(p.get("fisher_implementation", "auto")), kind=kind)
 
 
 @dataclass

@@ -6,7 +6,7 @@ A merge method is a function of one tensor position::
 
 ``base`` is the pre-trained tensor (float32; ``None`` for methods that ignore it),
 ``tensors`` the M fine-tuned tensors (float32), ``importances`` the per-model importance
-tensors (Fisher) when the method declares it needs them, ``generators`` one seeded
+tensors (Fisher; RegMean's Gram matrices) when the method declares it needs them, ``generators`` one seeded
 ``torch.Generator`` per model for random methods, and ``params`` the method's parameters:
 per-model ones as lists of M floats, global ones as scalars. No I/O, no model objects.
 The tensors arrive on the merge device (the CPU, or the GPU with ``--device cuda``): a new
@@ -16,8 +16,8 @@ generators stay on the CPU (draw there and move the draw, as ``_common.random_dr
 What a method needs beyond one tensor position is declared or hooked here, never as a
 branch on its name elsewhere:
 
-- declared needs: ``needs_base`` (``base_optional``), ``needs_importance`` (with ``importance`` ``diagonal`` or
-  ``nodes`` and ``importance_optional``), ``random`` (seeded generators) and ``search``;
+- declared needs: ``needs_base`` (``base_optional``), ``needs_importance`` (with ``importance`` ``diagonal``,
+  ``nodes`` or ``gram`` and ``importance_optional``), ``random`` (seeded generators) and ``search``;
 - ``validate(recipe, source) -> warnings``: the method's own recipe checks, called once from
   `hfmerge.recipe.parse_recipe` after the generic ones; it raises `RecipeError` naming the key
   path and returns advice for the plan's warnings;
@@ -174,7 +174,7 @@ class MergeMethod:
     paper: str = ""
     summary: str = ""
     fixed: dict[str, Any] = field(default_factory=dict)
-    importance: str = "diagonal"  # "diagonal" (per-entry Fisher) or "nodes" (Fisher Mask Nodes)
+    importance: str = "diagonal"  # "diagonal" (per-entry Fisher), "nodes" (Fisher Mask Nodes) or "gram" (RegMean's Gram matrices)
     search: bool = False  # coefficients found by a search (DF-Merge) before the streaming merge
     importance_optional: bool = False  # the method also runs without importances (F = 1)
     validate: Validate | None = None  # method-specific recipe checks (module docstring)
@@ -246,8 +246,9 @@ def merge_method(name: str, *, per_model: tuple[Param, ...] = (), params: tuple[
             mergekit's ``dare_ties`` = ``dare`` with ``combine: ties``.
         alias_defaults: Per alias, parameters whose default differs from the main name's
             (to keep mergekit's defaults under mergekit's names).
-        importance: ``diagonal`` (a Fisher per entry) or ``nodes`` (per head and neuron,
-            spread to the entries by the engine).
+        importance: ``diagonal`` (a Fisher per entry), ``nodes`` (per head and neuron,
+            spread to the entries by the engine) or ``gram`` (per 2-D weight [out, in], each
+            model's [in, in] Gram matrix of the layer's inputs; None for tensors without one).
         search: The per-model coefficients are searched (DF-Merge) before the merge.
         importance_optional: Importances may be switched off (then all ones).
         validate: ``validate(recipe, source) -> warnings``: the method's own recipe checks,
