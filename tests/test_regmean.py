@@ -178,11 +178,12 @@ def test_gram_statistics_equal_per_example_sums_without_the_padding(family):
     # the batches really were padded: counting the padding would change the statistics
     lengths = {len(e.prompt_ids) for e in enc}
     assert len(lengths) > 1
-    if family.startswith("t5"):  # the LM head is the input embedding (tied): not one linear map, no Gram matrix
+    if family == "t5":  # the LM head is the input embedding (tied): not one linear map, no Gram matrix
         assert model.lm_head.weight is model.shared.weight
         assert "lm_head.weight" not in got and "shared.weight" not in got
-    else:  # Llama's own LM head is a linear layer like any other
-        assert got["lm_head.weight"].shape == (16, 16) and "model.embed_tokens.weight" not in got
+    else:  # flan-T5's and Llama's own LM head is a linear layer like any other
+        assert got["lm_head.weight"].shape == (16, 16)
+        assert "model.embed_tokens.weight" not in got and "shared.weight" not in got
     if family == "t5_v1_1":
         assert {"encoder.block.0.layer.1.DenseReluDense.wi_0.weight", "encoder.block.0.layer.1.DenseReluDense.wi_1.weight"} <= set(got)
     assert got[next(n for n in got if n.endswith("wo.weight") or n.endswith("down_proj.weight"))].shape == (32, 32)
