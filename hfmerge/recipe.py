@@ -21,6 +21,7 @@ from .constants import RECIPE_DTYPES
 from .errors import HfMergeError, RecipeError, short_repr
 from .fileio import parse_size
 from .methods import METHODS, MergeMethod, Param, known_parameter_names
+from .methods.fisher import FISHER_DATA_PARAMS
 from .refs import ModelRef, is_hub_repo_id, parse_model_ref
 from .search_space import Dimension
 from .tokenizer import TokenizerSettings, TokenSetting, TokenSource, resolve_chat_template
@@ -33,6 +34,8 @@ TOP_LEVEL_KEYS = (
 )
 SEARCH_KEYS = ("n_trials", "n_startup_trials", "seed", "patience", "enqueue")
 SEARCH_RANGE_KEYS = ("search", "log", "step")
+# The Fisher computation's settings: fixed for a whole search (the Fishers are computed before it).
+FISHER_SETTINGS = frozenset(p.name for p in FISHER_DATA_PARAMS)
 # Defaults of the `search:` block: the same as dfmerge's (its `parameters`), Optuna's names.
 SEARCH_DEFAULTS = {"n_trials": 60, "n_startup_trials": 10, "seed": 0, "patience": 0}
 MODEL_KEYS = ("model", "parameters", "fisher")
@@ -875,6 +878,10 @@ def _search_spec(source: str, value: Any, recipe: Recipe) -> SearchSpec | None:
             raise _fail(source, "search", "no parameter is searched; give a numeric parameter a range, e.g. density: {search: [0.1, 0.9]}, "
                         "or remove the search block")
         return None
+    fixed_once = [r for r in space if r.name in FISHER_SETTINGS]
+    if fixed_once:
+        raise _fail(source, fixed_once[0].path, f"the Fishers of merge_method {name!r} are computed once, before the search, so their "
+                    "settings cannot be searched; give a number")
     if not recipe.tasks:
         raise _fail(source, "tasks", f"missing; {space[0].path} is searched, and a search scores each candidate on validation data: "
                     "list the validation tasks under tasks:")

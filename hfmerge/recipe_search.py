@@ -107,18 +107,24 @@ class ParameterObjective:
         return candidate
 
     def __call__(self, values: list[float]) -> TrialOutcome:
+        from transformers.utils import logging as transformers_logging
+
         from .evaluation.evaluate_model import evaluate_model
 
         folder = self.scratch / f"candidate-{os.getpid()}"  # one per worker sharing this search folder
         shutil.rmtree(folder, ignore_errors=True)
+        bars = transformers_logging.is_progress_bar_enabled()
         try:
             start = time.perf_counter()
             self.write(values, folder)
             merge_s = time.perf_counter() - start
+            transformers_logging.disable_progress_bar()  # one loading bar per trial would bury the search's own
             report = evaluate_model(folder, self.tasks, "validation", batch_size=self.batch_size, device=self.eval_device, progress=False,
                                     model_name="candidate")
             eval_s = time.perf_counter() - start - merge_s
         finally:
+            if bars:
+                transformers_logging.enable_progress_bar()
             shutil.rmtree(folder, ignore_errors=True)
         return TrialOutcome(report.search_score, report.scores, {"merge_s": merge_s, "eval_s": eval_s})
 

@@ -113,8 +113,12 @@ def test_a_shared_per_model_range_is_one_parameter_and_integers_get_an_int_distr
      r"search\.enqueue\[0\]\.weight: missing; an enqueued point gives every searched parameter a value"),
     ("dfmerge", {"fisher": False, "low": {"search": [0, 1]}}, {}, r"parameters\.low: merge_method 'dfmerge' searches its coefficients λ itself"),
     ("dfmerge", {"fisher": False}, {"search": {"n_trials": 4}}, r"search: merge_method 'dfmerge' takes its search settings under parameters"),
+    ("fisher", {"fisher_examples": {"search": [4, 8]}}, {"models": "one"},
+     r"parameters\.fisher_examples: the Fishers of merge_method 'fisher' are computed once, before the search"),
 ])
 def test_bad_ranges_and_search_settings_name_the_key(llama, method, parameters, extra, message):
+    if extra.get("models") == "one":
+        extra = {**extra, "models": [{"model": str(llama["models"][0])}]}
     data = recipe_dict(llama, method, parameters, **extra)
     data = {k: v for k, v in data.items() if v is not None}
     with pytest.raises(RecipeError, match=message):
@@ -128,6 +132,17 @@ def test_a_gradient_point_may_be_searched(llama):
     fixed = with_search_values(recipe, {"t[1]": 0.6})
     assert fixed.tensor_param("t", "model.layers.1.mlp.up_proj.weight", 0.5) == pytest.approx(0.6)
     assert fixed.raw["parameters"]["t"] == [0.0, 0.6, 1.0]
+
+
+def test_a_slice_parameter_may_be_searched(llama):
+    sources = [{"model": str(llama["base"]), "layer_range": [0, 2]}, {"model": str(llama["models"][0]), "layer_range": [0, 2]}]
+    data = recipe_dict(llama, "slerp", {}, slices=[{"sources": sources, "parameters": {"t": {"search": [0.2, 0.8]}}}])
+    del data["models"]
+    recipe = parse_recipe(data)
+    assert [(r.name, r.path) for r in recipe.search_space] == [("slices[0].t", "slices[0].parameters.t")]
+    fixed = with_search_values(recipe, {"slices[0].t": 0.3})
+    assert fixed.tensor_param("t", "model.layers.0.mlp.up_proj.weight", 0.0, fixed.slices[0]) == pytest.approx(0.3)
+    assert fixed.raw["slices"][0]["parameters"]["t"] == 0.3
 
 
 # -- end to end ------------------------------------------------------------------------------------
@@ -205,6 +220,10 @@ def test_resume_keeps_the_completed_trials(llama, tmp_path):
     assert len(first.trials) == 2 and not out.exists()
     with pytest.raises(SearchError, match="a previous search .* exists"):
         hfmerge.merge(path, output=out, n_trials=4, progress=False)
+    data = yaml.safe_load(path.read_text())
+    data["parameters"]["lambda"]["search"] = [0.2, 3.0]
+    with pytest.raises(SearchError, match=r"made for the search space lambda in \[0\.2, 2\.0\]; this recipe searches lambda in \[0\.2, 3\.0\]"):
+        hfmerge.merge(write(tmp_path / "wider.yaml", data), output=out, n_trials=4, resume=True, progress=False)
     result = hfmerge.merge(path, output=out, n_trials=4, resume=True, progress=False)
     assert len(result.search.trials) == 4
     assert [(t["number"], t["params"]) for t in result.search.trials[:2]] == [(t["number"], t["params"]) for t in first.trials]
