@@ -4,6 +4,7 @@ searched with the DF-Merge engine, merged from the best trial."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,8 @@ def test_a_searched_global_parameter_merges_the_best_trial_exactly(llama, tmp_pa
     assert len(search.trials) == 3 and search.named and search.keys == [name]
     best = search.best[name]
     assert best == max(search.trials, key=lambda t: t["score"])["params"][0]
+    # The output is the best trial's candidate: its evaluation reproduces that trial's score.
+    assert result.evaluation.search_score == pytest.approx(search.best_value, abs=1e-12)
     # The echoed recipe is an ordinary recipe with the best value; merged again, it gives the same bits.
     echoed = yaml.safe_load((out / "hfmerge_recipe.yaml").read_text())
     assert echoed["parameters"][name] == best and "search" not in echoed
@@ -212,7 +215,7 @@ def test_searched_weights_per_model_in_a_shared_study(llama, tmp_path):
     assert isinstance(late, hfmerge.dfmerge.WorkerResult) and "nothing to do" in late.message and not (tmp_path / "other").exists()
 
 
-def test_resume_keeps_the_completed_trials(llama, tmp_path):
+def test_resume_keeps_the_completed_trials(llama, tmp_path, capsys):  # and the command line runs it
     path = write(tmp_path / "r.yaml", recipe_dict(llama, "task_arithmetic", {"lambda": {"search": [0.2, 2.0]}},
                                                   search={"n_trials": 2, "n_startup_trials": 2, "seed": 4}))
     out = tmp_path / "out"
@@ -224,9 +227,12 @@ def test_resume_keeps_the_completed_trials(llama, tmp_path):
     data["parameters"]["lambda"]["search"] = [0.2, 3.0]
     with pytest.raises(SearchError, match=r"made for the search space lambda in \[0\.2, 2\.0\]; this recipe searches lambda in \[0\.2, 3\.0\]"):
         hfmerge.merge(write(tmp_path / "wider.yaml", data), output=out, n_trials=4, resume=True, progress=False)
-    result = hfmerge.merge(path, output=out, n_trials=4, resume=True, progress=False)
-    assert len(result.search.trials) == 4
-    assert [(t["number"], t["params"]) for t in result.search.trials[:2]] == [(t["number"], t["params"]) for t in first.trials]
+    capsys.readouterr()
+    assert main([str(path), "-o", str(out), "--n-trials", "4", "--resume"]) == 0
+    assert re.search(r"Best of 4 trials: trial \d, validation score [\d.]+, lambda = [\d.]+", capsys.readouterr().out)
+    trials = json.loads((out / "hfmerge_search.json").read_text())["trials"]
+    assert len(trials) == 4
+    assert [(t["number"], t["params"]) for t in trials[:2]] == [(t["number"], t["params"]) for t in first.trials]
 
 
 def test_the_dry_run_shows_the_search_space_and_trials(llama, tmp_path, capsys):
