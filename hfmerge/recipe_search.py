@@ -8,11 +8,12 @@ storage, resume, shared workers, trial log, early stopping):
 
 1. a trial's values are written into the recipe (`with_search_values`): an ordinary recipe,
    and a plan that shares the opened checkpoints;
-2. the ordinary streaming merge writes that candidate into a scratch folder in the search
-   folder, one tensor position at a time, exactly as the final merge will (same arithmetic,
-   same seeds for methods with random draws);
+2. the candidate is merged one tensor position at a time, exactly as the final merge will be
+   (same arithmetic, same seeds for methods with random draws): the first trial writes it into
+   a scratch folder and loads it as the output is loaded for evaluation, later trials merge
+   straight into that loaded model (`ParameterObjective`);
 3. the candidate is scored on the recipe's validation tasks (the mean of their metrics,
-   `EvalReport.search_score`) and removed.
+   `EvalReport.search_score`).
 
 The best trial's values then make the final plan, merged into the output folder like any
 recipe; the card, the trial log, the study and the plot of the search go with it.
@@ -75,7 +76,15 @@ def plan_with_values(plan: MergePlan, values: dict[str, float]) -> MergePlan:
 
 
 class ParameterObjective:
-    """The search objective: values → the candidate merged into a scratch folder → validation score.
+    """The search objective: values → the candidate merged → validation score.
+
+    The first trial writes its candidate into a scratch folder with the streaming merge and
+    loads it for evaluation as the output will be loaded (`load_model_for_eval`). That model is
+    then kept as the working model: each later trial merges its tensors one position at a time
+    straight into it (the same arithmetic, cast to the output dtype and then to the model's,
+    as loading the written file would), so a trial costs no write and no load. An
+    architecture whose loaded parameters do not all carry the checkpoint's tensor names keeps
+    the folder for every trial.
 
     Args:
         plan: The merge plan of the searched recipe (checkpoints opened; Fishers attached when
@@ -93,18 +102,63 @@ class ParameterObjective:
         self.merge_device = merge_device(options)
         self.eval_device = device_settings(options)["device"]
         self.batch_size = options.batch_size
+        self.model: Any = None  # the working model, once a candidate was loaded and its tensors mapped
+        self.tokenizer: Any = None
+        self._targets: dict[str, list[Any]] = {}  # output tensor name -> the model's tensors it fills
+
+    def _merger(self, values: list[float]) -> tuple[MergePlan, Any]:
+        from .merging import TensorMerger
+
+        candidate = plan_with_values(self.plan, dict(zip(self.keys, values)))
+        merger = TensorMerger(candidate, self.merge_device)
+        merger.prepare(False)
+        return candidate, merger
 
     def write(self, values: list[float], folder: Path) -> MergePlan:
         """Merge the candidate for `values` into `folder` (weights, config, tokenizer); its plan."""
-        from .merging import TensorMerger, _copy_side_files, _write_weights
+        from .merging import _copy_side_files, _write_weights
 
-        candidate = plan_with_values(self.plan, dict(zip(self.keys, values)))
+        candidate, merger = self._merger(values)
         folder.mkdir(parents=True, exist_ok=True)
-        merger = TensorMerger(candidate, self.merge_device)
-        merger.prepare(False)
         _write_weights(candidate, merger, folder, False)
         _copy_side_files(candidate, folder)
         return candidate
+
+    def merge_into_model(self, values: list[float]) -> None:
+        """Working model ← the candidate for `values`, one tensor position at a time."""
+        import torch
+
+        candidate, merger = self._merger(values)
+        with torch.no_grad():
+            for t in candidate.tensors:
+                targets = self._targets.get(t.name)
+                if targets:
+                    merged = merger.merge(t)
+                    for target in targets:
+                        target.copy_(merged.to(device=target.device, dtype=target.dtype))
+
+    def _load(self, folder: Path) -> tuple[Any, Any]:
+        """Load the candidate in `folder`; keep it as the working model when each of its
+        parameters is stored under one of its own names."""
+        from .errors import CheckpointError
+        from .evaluation.evaluate_model import load_model_for_eval
+        from .fisher.models import checkpoint_name_map
+
+        model, tokenizer = load_model_for_eval(folder, device=self.eval_device)
+        written = {t.name for t in self.plan.tensors}
+        try:
+            names = checkpoint_name_map(model, written, "candidate")
+        except CheckpointError:  # loaded under other names (a conversion on load): this trial only
+            return model, tokenizer
+        params = dict(model.named_parameters())
+        targets: dict[str, list[Any]] = {}
+        for name, stored in names.items():
+            targets.setdefault(stored[0], []).append(params[name])  # tied copies are merged alike: one fills the parameter
+        for name, buf in model.named_buffers():
+            if name in written:
+                targets.setdefault(name, []).append(buf)
+        self.model, self.tokenizer, self._targets = model, tokenizer, targets
+        return model, tokenizer
 
     def __call__(self, values: list[float]) -> TrialOutcome:
         from transformers.utils import logging as transformers_logging
@@ -116,10 +170,15 @@ class ParameterObjective:
         bars = transformers_logging.is_progress_bar_enabled()
         try:
             start = time.perf_counter()
-            self.write(values, folder)
-            merge_s = time.perf_counter() - start
-            transformers_logging.disable_progress_bar()  # one loading bar per trial would bury the search's own
-            report = evaluate_model(folder, self.tasks, "validation", batch_size=self.batch_size, device=self.eval_device, progress=False,
+            if self.model is not None:
+                self.merge_into_model(values)
+                model, tokenizer = self.model, self.tokenizer
+            else:
+                self.write(values, folder)
+                transformers_logging.disable_progress_bar()  # one loading bar per trial would bury the search's own
+                model, tokenizer = self._load(folder)
+            merge_s = time.perf_counter() - start  # the first trial's load included
+            report = evaluate_model(model, self.tasks, "validation", tokenizer=tokenizer, batch_size=self.batch_size, progress=False,
                                     model_name="candidate")
             eval_s = time.perf_counter() - start - merge_s
         finally:

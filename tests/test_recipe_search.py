@@ -23,9 +23,18 @@ from hfmerge.testing import build_base, build_finetuned, keyword_rows, word_toke
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    """A tiny llama base with a word tokenizer, two noisy variants and a yes/no validation task."""
-    root = tmp_path_factory.mktemp("search-llama")
-    base = build_base(root / "base", "llama", seed=5)
+    return tiny_family(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="module")
+def t5(tmp_path_factory):
+    return tiny_family(tmp_path_factory, "t5")
+
+
+def tiny_family(tmp_path_factory, family: str) -> dict:
+    """A tiny base with a word tokenizer, two noisy variants and a yes/no validation task."""
+    root = tmp_path_factory.mktemp(f"search-{family}")
+    base = build_base(root / "base", family, seed=5)
     word_tokenizer(64).save_pretrained(base)
     models = [build_finetuned(base, root / f"ft{i}", seed=i, scale=0.05) for i in range(2)]
     rows = keyword_rows(16, keyword="w9", seed=1)
@@ -250,3 +259,26 @@ def test_the_dry_run_shows_the_search_space_and_trials(llama, tmp_path, capsys):
     assert "search:      2 parameter(s), 9 trials (4 random start), seed 2" in printed
     assert "density: [0.2, 0.8] (step 0.1, float)  <- parameters.density" in printed
     assert "models[0].weight: [0.1, 1.0] (log, float)  <- models[0].parameters.weight" in printed
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])  # t5: tied embeddings stored under several names
+def test_later_trials_merge_into_the_loaded_candidate_exactly_as_a_written_one_loads(family, request, tmp_path):
+    from hfmerge.evaluation.evaluate_model import load_model_for_eval, prepare_tasks
+    from hfmerge.recipe_search import ParameterObjective
+
+    models = request.getfixturevalue(family)
+    path = write(tmp_path / "r.yaml", recipe_dict(models, "dare_ties", {"density": {"search": [0.2, 0.9]}, "weight": {"search": [0.5, 1.5]}}))
+    plan = hfmerge.plan(path)
+    objective = ParameterObjective(plan, prepare_tasks(plan.recipe.tasks), tmp_path / "scratch", RunOptions(device="cpu"))
+    first = objective([0.5, 1.0])  # written, loaded, kept
+    assert objective.model is not None and not any((tmp_path / "scratch").iterdir())
+    objective([0.8, 0.7])
+    again = objective([0.5, 1.0])  # merged into the kept model
+    assert (again.score, again.task_scores) == (first.score, first.task_scores)
+    objective.write([0.8, 0.7], tmp_path / "written")
+    objective.merge_into_model([0.8, 0.7])
+    loaded, _ = load_model_for_eval(tmp_path / "written", device="cpu")
+    expected, got = loaded.state_dict(), objective.model.state_dict()
+    assert set(expected) == set(got)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
