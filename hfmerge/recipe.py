@@ -386,11 +386,17 @@ def _search_range(source: str, path: str, spec: Param, value: dict) -> SearchRan
             raise _unknown_key(source, f"{path}.", k, SEARCH_RANGE_KEYS)
     if spec.kind not in (int, float):
         raise _fail(source, f"{path}.search", f"{spec.name!r} is {spec.expected()}; only a number can be searched")
-    bounds = value["search"]
     integer = spec.kind is int
+
+    def exponent(v: Any) -> Any:  # YAML 1.1's 1e-5 is a string; a float parameter takes it as the number
+        return float(v) if not integer and isinstance(v, str) and _EXPONENT_NUMBER.fullmatch(v) else v
 
     def number(v: Any) -> bool:
         return _is_number(v) and (not integer or isinstance(v, int))
+
+    bounds = value["search"]
+    if isinstance(bounds, list):
+        bounds = [exponent(v) for v in bounds]
 
     if not isinstance(bounds, list) or len(bounds) != 2 or not all(number(v) for v in bounds):
         what = "integers" if integer else "numbers"
@@ -405,7 +411,7 @@ def _search_range(source: str, path: str, spec: Param, value: dict) -> SearchRan
     log = _bool(source, f"{path}.log", value.get("log", False))
     if log and low <= 0:
         raise _fail(source, f"{path}.log", f"a log scale needs low > 0, got low = {low}")
-    step = value.get("step")
+    step = exponent(value.get("step"))
     if step is not None:
         if not number(step) or step <= 0:
             raise _fail(source, f"{path}.step", f"got {short_repr(step)}; expected a positive {'integer' if integer else 'number'}")

@@ -69,6 +69,9 @@ def test_ranges_anywhere_get_stable_names_and_fixing_them_gives_an_ordinary_reci
     assert space["density"].log and space["models[0].density[1]"].path == "models[0].parameters.density[1]"
     assert (recipe.search.n_trials, recipe.search.n_startup_trials, recipe.search.seed, recipe.search.patience) == (5, 2, 3, 2)
     assert recipe_syntax(recipe.parameters["lambda"]) == {"search": [0.5, 1.5], "step": 0.25}
+    # YAML 1.1 reads 1e-5 as a string; a range of a float parameter takes it as the number, as a value does.
+    small = parse_recipe(recipe_dict(llama, "ties", yaml.safe_load("lambda: {search: [1e-5, 1e-1], log: true}")))
+    assert (small.search_space[0].low, small.search_space[0].high) == (1e-5, 0.1)
 
     values = {"lambda": 1.25, "density": 0.3, "models[0].weight": 0.7, "models[0].density[1]": 0.4, "models[1].weight[0].value": 1.5}
     fixed = with_search_values(recipe, values)
