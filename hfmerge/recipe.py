@@ -127,7 +127,7 @@ def recipe_syntax(value: ParamValue) -> Any:
     """A parameter value as a recipe writes it: a gradient as its list, a filter list as its
     ``{filter, value}`` entries, anything else unchanged."""
     if isinstance(value, Gradient):
-        return list(value.values)
+        return [recipe_syntax(v) for v in value.values]
     if isinstance(value, FilteredValue):
         return [{**({"filter": flt} if flt is not None else {}), "value": recipe_syntax(v)} for flt, v in value.entries]
     if isinstance(value, SearchRange):

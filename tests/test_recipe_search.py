@@ -69,6 +69,8 @@ def test_ranges_anywhere_get_stable_names_and_fixing_them_gives_an_ordinary_reci
     assert space["density"].log and space["models[0].density[1]"].path == "models[0].parameters.density[1]"
     assert (recipe.search.n_trials, recipe.search.n_startup_trials, recipe.search.seed, recipe.search.patience) == (5, 2, 3, 2)
     assert recipe_syntax(recipe.parameters["lambda"]) == {"search": [0.5, 1.5], "step": 0.25}
+    assert recipe_syntax(recipe.models[0].parameters["density"]) == [0.2, {"search": [0.1, 0.9]}]
+    assert recipe_syntax(recipe.models[1].parameters["weight"]) == [{"filter": "mlp", "value": {"search": [0.5, 2.0]}}, {"value": 1.0}]
     # YAML 1.1 reads 1e-5 as a string; a range of a float parameter takes it as the number, as a value does.
     small = parse_recipe(recipe_dict(llama, "ties", yaml.safe_load("lambda: {search: [1e-5, 1e-1], log: true}")))
     assert (small.search_space[0].low, small.search_space[0].high) == (1e-5, 0.1)
