@@ -1,4 +1,7 @@
-"""DF-Merge coefficient search: Bayesian optimisation of M merging coefficients with Optuna.
+"""The coefficient search: Bayesian optimisation of merging coefficients with Optuna.
+
+DF-Merge's M coefficients λ_i by default; any named parameters with their own ranges (float
+or integer, log scale, step: `search_space.Dimension`) for a recipe's ``{search: ...}`` ranges.
 
 The driver knows nothing about models. It maximises a black-box objective
 ``f(λ_0, ..., λ_{M-1}) -> TrialOutcome`` (in DF-Merge: build the Fisher-weighted merge for λ
@@ -61,7 +64,7 @@ JOURNAL_FILE = "study.journal"
 TRIALS_LOG = "trials.jsonl"
 STUDY_ATTR = "hfmerge_search"  # study user attr: the search space, checked on resume
 FINAL_ATTR = "hfmerge_final"  # study user attr: who builds / built the final merge (see `claim_final`)
-MODELS_ATTR = "lambda_models"  # study and trial user attr: parameter name -> the model it scales (what it is)
+MODELS_ATTR = "lambda_models"  # study and trial user attr: parameter name -> its label (DF-Merge: the model its λ scales)
 # The user attributes a trial record carries over from the study, in this order.
 RECORD_ATTRS = ("worker", "sample_s", "trial_s", "task_scores", "timings", "error")
 
