@@ -74,7 +74,14 @@ def _with_hub_ids(recipe: Recipe, hub_ids: dict[str, str]) -> Recipe:
 
 def _with_seed(recipe: Recipe, seed: int) -> Recipe:
     """`recipe` with ``parameters.seed`` replaced by `seed` (also in the echoed YAML, so the
-    output's recipe reproduces it), or with a warning when the method draws nothing at random."""
+    output's recipe reproduces it), and the ``search:`` block's seed when the recipe searches
+    parameters; with a warning when neither the method nor a search draws at random."""
+    if recipe.search is not None:
+        # The seed of a recipe's search (its `search:` block), and of the method's draws below.
+        raw = {**recipe.raw, "search": {**(recipe.raw.get("search") or {}), "seed": seed}}
+        recipe = replace(recipe, search=replace(recipe.search, seed=seed), raw=raw)
+        if recipe.method.param("seed") is None:
+            return recipe
     if recipe.method.param("seed") is None:
         note = f"random_seed {seed}: merge_method {recipe.method.name!r} has no seed (it draws no random numbers); the seed has no effect"
         return replace(recipe, warnings=[*recipe.warnings, note])
@@ -129,6 +136,15 @@ def plan_summary(plan: MergePlan, options: RunOptions | None = None) -> dict[str
     }
     if options is not None and options.n_trials is not None and "n_trials" in summary["parameters"]:
         summary["parameters"]["n_trials"] = options.n_trials
+    spec = recipe.search
+    if spec is not None:
+        # The search space and budget, as the run will use them.
+        n_trials = spec.n_trials if options is None or options.n_trials is None else options.n_trials
+        summary["search"] = {
+            "n_trials": n_trials, "n_startup_trials": min(spec.n_startup_trials, n_trials), "seed": spec.seed, "patience": spec.patience,
+            "space": [{**r.describe(), "path": r.path} for r in spec.space],
+            "enqueue": [dict(p) for p in spec.enqueue],
+        }
     if plan.vocabulary is not None:
         # The output vocabulary the embeddings and heads are re-indexed to.
         summary["vocabulary"] = {"tokens": plan.vocabulary.tokens, "rows": plan.vocabulary.rows,
@@ -312,7 +328,7 @@ def merge(recipe: str | Path | Recipe, options: RunOptions | None = None, *, on_
 
 def _shared_search(recipe: Recipe, options: RunOptions) -> bool:
     """True for a recipe that searches its coefficients in a shared study (or finalises one)."""
-    searches = recipe.method.search and not all("weight" in m.parameters for m in recipe.models)
+    searches = (recipe.method.search and not all("weight" in m.parameters for m in recipe.models)) or recipe.search is not None
     if options.finalize and not searches:
         raise OptionError(f"{recipe.source} does not search coefficients; there is no search to finalise", options=("finalize",))
     return searches and (options.storage is not None or options.finalize)
@@ -344,39 +360,55 @@ def _merge_planned(built: MergePlan, loaded: Recipe, output: Path, options: RunO
         if not isinstance(result, MergeResult):
             return result
     else:
-        if _needs_fishers(built):
-            from .fisher.engine import ensure_fishers
-            from .planning import with_fishers
+        built = _with_needed_fishers(built, options)
+        if loaded.search is not None:
+            from .recipe_search import run_parameter_search
 
-            records = ensure_fishers(built, progress=options.progress, **device_settings(options))
-            for r in records:
-                logger.info("Fisher of %s: %s (%s)", r.model, r.path, r.source)
-            built = with_fishers(built, [r.path for r in records])  # shares the checkpoints `merge` releases
-        result = run_merge(built, output, overwrite=options.overwrite, progress=options.progress, evaluate=evaluate_output,
-                           title=title, repo_id=push_repo, **output_settings(options))
+            result = run_parameter_search(built, output, options, evaluate=evaluate_output, title=title, repo_id=push_repo)
+            if not isinstance(result, MergeResult):
+                return result
+        else:
+            result = run_merge(built, output, overwrite=options.overwrite, progress=options.progress, evaluate=evaluate_output,
+                               title=title, repo_id=push_repo, **output_settings(options))
     result.summary = summary
     return result
 
 
+def _with_needed_fishers(built: MergePlan, options: RunOptions) -> MergePlan:
+    """`built` with the Fishers its method needs, computed or read from the cache (itself when
+    it needs none). They do not depend on searched parameters: computed once, before a search."""
+    if not _needs_fishers(built):
+        return built
+    from .fisher.engine import ensure_fishers
+    from .planning import with_fishers
+
+    records = ensure_fishers(built, progress=options.progress, **device_settings(options))
+    for r in records:
+        logger.info("Fisher of %s: %s (%s)", r.model, r.path, r.source)
+    return with_fishers(built, [r.path for r in records])  # shares the checkpoints `merge` releases
+
+
 def search(recipe: str | Path | Recipe, options: RunOptions | None = None, **overrides: Any) -> SearchResult:
-    """Run a ``dfmerge`` recipe's coefficient search only, without merging.
+    """Run a recipe's search only, without merging: a ``dfmerge`` recipe's coefficients, or
+    the parameters any other recipe gives as ``{search: [low, high]}``.
 
     The study and its trial log stay beside `options.output` (or in `options.storage`): a
     later `merge` to the same output with ``resume=True`` continues from them instead of
     searching again.
 
     Args:
-        recipe: A ``dfmerge`` recipe file or a parsed `Recipe`.
+        recipe: A ``dfmerge`` recipe, or one with searched ranges: a file or a parsed `Recipe`.
         options: Run options (`output`, `storage`, `study_name`, `n_trials`, `resume`,
             `device`, `batch_size`, `low_disk`, `progress` are used).
         **overrides: `RunOptions` fields replacing those of `options`.
 
     Returns:
-        The `SearchResult`: the best λ (`best_params`), its validation score (`best_value`),
-        its trial number and every completed trial.
+        The `SearchResult`: the best values (`best_params`, and by name `best`), its
+        validation score (`best_value`), its trial number and every completed trial.
 
     Raises:
-        RecipeError: The method has no coefficient search, or every model's λ is fixed.
+        RecipeError: The recipe searches nothing (no ``{search: ...}`` range; for ``dfmerge``,
+            every model's λ fixed).
         OptionError: A device map was asked for, or the device is not available.
         SearchError: A previous study is in the way (continue it with ``resume=True``), or
             the storage cannot be opened.
@@ -386,20 +418,23 @@ def search(recipe: str | Path | Recipe, options: RunOptions | None = None, **ove
 
     options = _options(options, overrides)
     loaded = _load(recipe, options)
-    if not loaded.method.search:
-        raise RecipeError(f"{loaded.source}: merge_method {loaded.method.name!r} has no coefficient search; merge the recipe instead")
-    if all("weight" in m.parameters for m in loaded.models):
+    if not loaded.method.search and loaded.search is None:
+        raise RecipeError(f"{loaded.source}: nothing is searched: merge_method {loaded.method.name!r} has no coefficient search and no "
+                          "parameter is given a range such as {search: [0.1, 0.9]}; merge the recipe instead")
+    if loaded.method.search and all("weight" in m.parameters for m in loaded.models):
         raise RecipeError(f"{loaded.source}: every model has its weight (λ) fixed; there is nothing to search")
     output = Path(options.output) if options.output is not None else default_output(loaded)
     if options.storage is not None:
-        from .dfmerge import search_settings, search_workdir
-        from .searching import open_search
+        from .dfmerge import check_shared_search
 
-        probe = open_search(search_settings(loaded, options), workdir=search_workdir(output), create=False)  # the database reached, before any model
-        if probe is not None:
-            probe.close()
+        check_shared_search(loaded, replace(options, finalize=False), output)  # the database reached, before any model
     built = build_plan(loaded, low_disk=options.low_disk)
     try:
+        if loaded.search is not None:
+            from .recipe_search import search_parameters
+
+            built = _with_needed_fishers(built, options)
+            return search_parameters(built, output, options)
         return search_coefficients(built, output, options)
     finally:
         built.release()

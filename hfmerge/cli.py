@@ -90,7 +90,7 @@ def _merge_parser() -> argparse.ArgumentParser:
     add_device_arguments(p, device_help="where Fisher models and a search's working model run (default auto: cuda if available, "
                                          "else cpu); cuda also runs the merge arithmetic on the GPU")
     p.set_defaults(device=None)  # None: not given, so that --cuda / --no-cuda can decide (else auto)
-    search = p.add_argument_group("coefficient search (merge_method: dfmerge)")
+    search = p.add_argument_group("search (merge_method: dfmerge, or parameters given as {search: [low, high]})")
     search.add_argument("--resume", action="store_true", help="continue an interrupted search (completed trials are kept)")
     search.add_argument("--storage", metavar="URL", help="Optuna storage shared by several workers, e.g. postgresql://user:pw@host/db (default: a journal file beside the output)")
     search.add_argument("--study-name", metavar="NAME", help="the Optuna study's name (workers sharing --storage use the same one)")
@@ -185,6 +185,13 @@ def _print_plan(s: dict) -> None:
     print(f"  parameters:  {_count(s['parameters_count'])}")
     print(f"  output:      {human_size(s['output_bytes'])} in {s['output_shards']} shard(s)")
     print(f"  peak memory: about {human_size(s['estimated_peak_memory_bytes'])} (estimated)")
+    if s.get("search"):
+        search = s["search"]
+        print(f"  search:      {len(search['space'])} parameter(s), {search['n_trials']} trials ({search['n_startup_trials']} random start), "
+              f"seed {search['seed']}" + (f", patience {search['patience']}" if search["patience"] else ""))
+        for d in search["space"]:
+            scale = ", ".join(x for x in ("log" if d["log"] else "", f"step {d['step']}" if d["step"] is not None else "", d["type"]) if x)
+            print(f"    {d['name']}: [{d['low']}, {d['high']}] ({scale})  <- {d['path']}")
     if s.get("fishers_to_compute"):
         print(f"  fishers:     computed (or read from the cache) for {len(s['fishers_to_compute'])} model(s) on their tasks")
     if s["warnings"]:
@@ -374,8 +381,7 @@ def run_recipe(args: argparse.Namespace) -> int:
     summary = result.summary
     if result.search is not None and not args.quiet:
         search = result.search
-        shown = ", ".join(f"{v:.4f}" for v in search.best_params)
-        print(f"Best of {len(search.trials)} trials: trial {search.best_trial}, validation score {search.best_value:.4f}, λ = [{shown}]")
+        print(f"Best of {len(search.trials)} trials: trial {search.best_trial}, validation score {search.best_value:.4f}, {search.best_text()}")
     if result.evaluation is not None:
         print(result.evaluation.to_table())
     if result.test_evaluation is not None and not args.quiet:

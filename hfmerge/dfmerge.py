@@ -242,7 +242,8 @@ def _final_message(search: SearchStudy, final: dict) -> str:
 def check_shared_search(recipe: Any, options: RunOptions, output: Path) -> WorkerResult | None:
     """Before any model is loaded: open a search's storage and tell whether there is work here.
 
-    Called for a ``dfmerge`` recipe that searches, when `options.storage` is given or
+    Called for a recipe that searches (a ``dfmerge`` recipe, or any recipe with
+    ``{search: ...}`` ranges), when `options.storage` is given or
     `options.finalize` is set. Opening the storage reports an unreachable database or a
     wrong password as one `SearchError` line.
 
@@ -255,7 +256,12 @@ def check_shared_search(recipe: Any, options: RunOptions, output: Path) -> Worke
         SearchError: The storage cannot be opened, or the study was made for other models.
         OptionError: `finalize` with no study, or with one that is not complete yet.
     """
-    settings = search_settings(recipe, options)
+    if recipe.method.search:
+        settings = search_settings(recipe, options)
+    else:
+        from .recipe_search import search_settings as parameter_settings
+
+        settings = parameter_settings(recipe, options)
     search = open_search(settings, workdir=search_workdir(output), create=False)
     if search is None:
         if options.finalize:
@@ -293,19 +299,21 @@ def _objective(plan: Any, options: RunOptions) -> DFMergeObjective:
 
 
 def _search(objective: DFMergeObjective, workdir: Path, options: RunOptions) -> SearchResult:
-    return _run(_open(objective.recipe, workdir, options), objective, options)
+    return run_study(open_study(search_settings(objective.recipe, options), workdir, options), objective, options)
 
 
-def _open(recipe: Any, workdir: Path, options: RunOptions) -> SearchStudy:
-    search = open_search(search_settings(recipe, options), workdir=workdir, resume=options.resume)
+def open_study(settings: SearchSettings, workdir: Path, options: RunOptions) -> SearchStudy:
+    """Open (or create, or with `options.resume` continue) a search's study."""
+    search = open_search(settings, workdir=workdir, resume=options.resume)
     assert search is not None
     return search
 
 
-def _run(search: SearchStudy, objective: DFMergeObjective, options: RunOptions) -> SearchResult:
+def run_study(search: SearchStudy, objective: Callable[[list[float]], TrialOutcome], options: RunOptions) -> SearchResult:
+    """Run the study's trials (none with `options.finalize`: its result as it stands) and log the best."""
     result = search.result() if options.finalize else search.run(objective, progress=options.progress)
-    logger.info("best of %d trials: trial %s, validation score %.4f, λ = [%s]", len(result.trials), result.best_trial, result.best_value,
-                ", ".join(f"{v:.4f}" for v in result.best_params))
+    logger.info("best of %d trials: trial %s, validation score %.4f, %s", len(result.trials), result.best_trial, result.best_value,
+                result.best_text())
     return result
 
 
@@ -357,7 +365,6 @@ def run_dfmerge(plan: Any, output: Path, options: RunOptions, *, evaluate: Calla
         OptionError: A device map (`max_memory`, `offload_folder`) was asked for.
         SearchError: The search cannot start or continue.
     """
-    from .merging import run_merge
     from .planning import with_coefficients
 
     recipe = plan.recipe
@@ -374,51 +381,119 @@ def run_dfmerge(plan: Any, output: Path, options: RunOptions, *, evaluate: Calla
         if fixed:
             lambdas = [float(m.parameters["weight"]) for m in recipe.models]
         else:
-            search = _open(recipe, workdir, options)
-            result = _run(search, objective, options)
+            search = open_study(search_settings(recipe, options), workdir, options)
+            result = run_study(search, objective, options)
             lambdas = result.best_params
             if shared:
-                # Exactly one worker of the study builds the final merge (see SearchStudy.claim_final).
-                final = search.claim_final(str(output), force=options.finalize)
-                if final is not None:
-                    plan.release()
-                    here = sum(t["worker"] == search.worker for t in result.trials)
-                    done = WorkerResult(search.settings.study_name, search.label, _final_message(search, final), final, result, here)
-                    search.close()
-                    return done
+                left = claim_or_leave(search, result, output, options, plan)
+                if left is not None:
+                    return left
         fisher_paths = objective.fisher_files(lambdas) if use_fisher else None
         del objective
     except BaseException as exc:
         plan.release()
-        if search is not None and shared and search.final() and search.final().get("worker") == search.worker:
-            search.set_final("failed", error=f"{type(exc).__name__}: {exc}")
+        release_claim(search, exc, shared=shared)
         raise
     # The final merge is an ordinary recipe with the coefficients fixed: echoed that way, it
     # reproduces this model without searching again. A new plan, sharing the opened checkpoints.
     plan = with_coefficients(plan, lambdas, fisher_paths,
                              [f"Fisher of {m.key} at λ = {lam:.4f}" for m, lam in zip(recipe.models, lambdas)])
 
-    test_reports: list[Any] = []
-
-    def extra(folder: Path, report: Any) -> tuple[list[str], str]:
+    def extra(folder: Path, test_reports: list[Any]) -> tuple[list[str], str]:
         return _write_search_outputs(folder, plan, result, lambdas, use_fisher, workdir, tasks_in_order, options, test_reports)
 
+    return merge_final(plan, output, options, search, result, extra, evaluate=evaluate, title=title, repo_id=repo_id)
+
+
+def merge_final(plan: Any, output: Path, options: RunOptions, search: SearchStudy | None, result: SearchResult | None,
+                extra: Callable[[Path, list[Any]], tuple[list[str], str]], *, evaluate: Callable[[Path], Any] | None,
+                title: str | None, repo_id: str | None) -> MergeResult:
+    """The final merge of a search (the plan with the best values) into `output`, with the
+    search's record: `extra(folder, test_reports)` writes its files and card section (and may
+    append a test-split report). A shared study learns that the merge is done, or failed.
+
+    Returns:
+        The `MergeResult`, with the `SearchResult` and the test report (if any).
+    """
+    from .merging import run_merge
+
+    test_reports: list[Any] = []
+    shared = options.storage is not None or options.finalize
     try:
-        merged = run_merge(plan, output, overwrite=options.overwrite, progress=options.progress, evaluate=evaluate, extra=extra,
-                           title=title, repo_id=repo_id, **output_settings(options))
+        merged = run_merge(plan, output, overwrite=options.overwrite, progress=options.progress, evaluate=evaluate,
+                           extra=lambda folder, report: extra(folder, test_reports), title=title, repo_id=repo_id, **output_settings(options))
     except BaseException as exc:
-        if search is not None and shared:
-            search.set_final("failed", error=f"{type(exc).__name__}: {exc}")
+        release_claim(search, exc, shared=shared)
         raise
-    if search is not None and shared:
-        search.set_final("done", output=str(output), best_trial=result.best_trial, best_value=result.best_value)
-    if search is not None:
-        search.close()
-    if result is not None and options.storage is None:
-        shutil.rmtree(workdir, ignore_errors=True)  # the study and log now live in the output folder
+    if search is not None and result is not None:
+        close_search(search, result, output, Path(search_workdir(output)), options)
     merged.search = result
     merged.test_evaluation = test_reports[0] if test_reports else None
     return merged
+
+
+def claim_or_leave(search: SearchStudy, result: SearchResult, output: Path, options: RunOptions, plan: Any) -> WorkerResult | None:
+    """A worker of a shared study after its trials: claim the final merge (None: this worker
+    builds it), or release the plan and say who builds it (`SearchStudy.claim_final`)."""
+    final = search.claim_final(str(output), force=options.finalize)
+    if final is None:
+        return None
+    plan.release()
+    here = sum(t["worker"] == search.worker for t in result.trials)
+    done = WorkerResult(search.settings.study_name, search.label, _final_message(search, final), final, result, here)
+    search.close()
+    return done
+
+
+def release_claim(search: SearchStudy | None, exc: BaseException, *, shared: bool) -> None:
+    """After a failure: in a shared study whose final merge this worker claimed, record the
+    claim as failed, so that another worker (or a rerun) may build it."""
+    if search is not None and shared and search.final() and search.final().get("worker") == search.worker:
+        search.set_final("failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def close_search(search: SearchStudy, result: SearchResult, output: Path, workdir: Path, options: RunOptions) -> None:
+    """After the final merge is written: record it in a shared study, close the storage, and
+    remove the local search folder (its study and log now live in the output folder)."""
+    if options.storage is not None or options.finalize:
+        search.set_final("done", output=str(output), best_trial=result.best_trial, best_value=result.best_value)
+    search.close()
+    if options.storage is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_section(folder: Path, tasks: list, options: RunOptions, test_reports: list[Any], summary: dict[str, Any]) -> tuple[list[str], str]:
+    """Score a searched merge on the tasks' test splits (those that have one): the file, the
+    card section, and ``summary["test"]``; nothing when no task has a test split."""
+    if not (any(t.test_split for t in tasks) and options.evaluate):
+        return [], ""
+    from .evaluation.evaluate_model import evaluate_model
+
+    with_test = [t for t in tasks if t.test_split]
+    report = evaluate_model(folder, with_test, "test", batch_size=options.batch_size, progress=options.progress, model_name=folder.name)
+    (folder / "eval_results_test.json").write_text(report.to_json())
+    summary["test"] = report.to_dict()
+    test_reports.append(report)
+    return ["eval_results_test.json"], f"\n## Test\n\n```\n{report.to_table()}\n```\n"
+
+
+def write_search_record(folder: Path, result: SearchResult, workdir: Path, n_startup_trials: int, names: list[str], *,
+                        symbol: str | None = "λ") -> tuple[list[str], dict[str, float]]:
+    """Write a search's record into the output folder: the plot, the trial log of every worker
+    (rebuilt from the study: a worker's own log has only its trials) and the local study journal.
+
+    Returns:
+        The files written, and the mean seconds per trial of each stage (``fisher_s``,
+        ``merge_s``, ``eval_s``; 0 for a stage the objective does not time).
+    """
+    files = ["search.png", "trials.jsonl"]
+    plot_trajectory(result.trials, n_startup_trials, folder / "search.png", names, symbol=symbol)
+    (folder / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.records), encoding="utf-8")
+    if (workdir / "study.journal").is_file():
+        shutil.copyfile(workdir / "study.journal", folder / "study.journal")
+        files.append("study.journal")
+    timings = [t.get("timings", {}) for t in result.trials]
+    return files, {k: sum(t.get(k, 0.0) for t in timings) / max(len(timings), 1) for k in ("fisher_s", "merge_s", "eval_s")}
 
 
 def _write_search_outputs(folder: Path, plan: Any, result: Any, lambdas: list[float], use_fisher: bool, workdir: Path, tasks: list,
@@ -431,16 +506,7 @@ def _write_search_outputs(folder: Path, plan: Any, result: Any, lambdas: list[fl
         summary.update({"best_trial": result.best_trial, "best_validation_score": result.best_value, "trials": result.trials,
                         "study_name": result.study_name, "storage": result.storage, "stopped_early": result.stopped_early,
                         "n_startup_trials": int(recipe.parameters["n_startup_trials"])})
-        plot_trajectory(result.trials, int(recipe.parameters["n_startup_trials"]), folder / "search.png", [m.ref.text for m in recipe.models])
-        files.append("search.png")
-        # The trial log of every worker, rebuilt from the study (a worker's own log has only its trials).
-        (folder / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.records), encoding="utf-8")
-        files.append("trials.jsonl")
-        if (workdir / "study.journal").is_file():
-            shutil.copyfile(workdir / "study.journal", folder / "study.journal")
-            files.append("study.journal")
-        timings = [t.get("timings", {}) for t in result.trials]
-        mean = {k: sum(t.get(k, 0.0) for t in timings) / max(len(timings), 1) for k in ("fisher_s", "merge_s", "eval_s")}
+        files, mean = write_search_record(folder, result, workdir, int(recipe.parameters["n_startup_trials"]), [m.ref.text for m in recipe.models])
         section += (f"\nFound by Bayesian optimisation (Optuna GPSampler, logEI) over {len(result.trials)} completed trials "
                     f"({recipe.parameters['n_startup_trials']} random start), λ in [{recipe.parameters['low']}, {recipe.parameters['high']}], "
                     f"seed {recipe.parameters['seed']}{', Fisher-weighted' if use_fisher else ', without Fisher (General Task Arithmetic)'}. "
@@ -448,16 +514,9 @@ def _write_search_outputs(folder: Path, plan: Any, result: Any, lambdas: list[fl
                     f"Fisher {mean['fisher_s']:.2f}, merge {mean['merge_s']:.2f}, evaluation {mean['eval_s']:.2f}. "
                     "The trial log is `trials.jsonl`" + (", the Optuna study `study.journal`" if "study.journal" in files else "") + ".\n\n"
                     "![Search trajectory: best score so far and the coefficients by trial; the random start is shaded](search.png)\n")
-    if any(t.test_split for t in tasks) and options.evaluate:
-        from .evaluation.evaluate_model import evaluate_model
-
-        with_test = [t for t in tasks if t.test_split]
-        report = evaluate_model(folder, with_test, "test", batch_size=options.batch_size, progress=options.progress, model_name=folder.name)
-        (folder / "eval_results_test.json").write_text(report.to_json())
-        files.append("eval_results_test.json")
-        summary["test"] = report.to_dict()
-        section += f"\n## Test\n\n```\n{report.to_table()}\n```\n"
-        test_reports.append(report)
+    more, test_text = test_section(folder, tasks, options, test_reports, summary)
+    files += more
+    section += test_text
     (folder / "dfmerge_search.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     files.append("dfmerge_search.json")
     return files, section

@@ -33,8 +33,8 @@ class RunOptions:
         evaluate: Evaluate the output on the recipe's tasks (when it has any).
         batch_size: Evaluation batch size.
         progress: Show progress bars.
-        storage: A DF-Merge search's Optuna storage (URL or journal path; default: a journal
-            beside the output).
+        storage: A search's Optuna storage (URL or journal path; default: a journal beside the
+            output): DF-Merge's, or that of a recipe with ``{search: ...}`` ranges.
         study_name: The Optuna study's name (workers sharing `storage` use the same one).
         n_trials: Total trials of a search (overrides the recipe's ``n_trials``).
         resume: Continue an interrupted search (completed trials are kept).
@@ -43,7 +43,7 @@ class RunOptions:
         heartbeat_interval: Seconds between the heartbeats of a running trial in a database
             storage (`storage`).
         grace_period: Seconds without heartbeat after which another worker fails a running
-            trial and runs its λ again (default: 4 × `heartbeat_interval`).
+            trial and runs its values again (default: 4 × `heartbeat_interval`).
         push_to_hub: Upload the output to this Hub repo in one commit; True: the recipe's
             ``push_to_hub``; None: no upload.
         private: Create the Hub repo as private.
@@ -52,7 +52,8 @@ class RunOptions:
         write_model_card: Write ``README.md`` (the model card). False leaves it out (and
             cannot be combined with `push_to_hub`: a pushed model needs its card).
         random_seed: The seed of a method's random draws: replaces the recipe's
-            ``parameters.seed`` for methods that have one (DARE's masks, a search's sampler).
+            ``parameters.seed`` for methods that have one (DARE's masks, a search's sampler),
+            and the ``search:`` block's seed of a recipe that searches parameters.
         num_threads: Threads torch uses for the merge arithmetic on the CPU while `merge`
             runs (default: torch's own setting).
         hub_ids: The Hub ids of local inputs, ``{folder: "org/name"}``, for the model card's

@@ -98,6 +98,12 @@ class MergePlan:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
     @property
+    def search_space(self) -> tuple:
+        """The recipe's searched parameters (`recipe.SearchRange`), resolved when the recipe was
+        validated; each trial of the search derives a plan with them fixed."""
+        return self.recipe.search_space
+
+    @property
     def reference(self) -> Checkpoint:
         return self.base if self.base is not None else self.models[0]
 

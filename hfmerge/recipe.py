@@ -10,6 +10,7 @@ read.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from dataclasses import dataclass, field, replace
@@ -20,15 +21,23 @@ from .constants import RECIPE_DTYPES
 from .errors import HfMergeError, RecipeError, short_repr
 from .fileio import parse_size
 from .methods import METHODS, MergeMethod, Param, known_parameter_names
+from .methods.fisher import FISHER_DATA_PARAMS
 from .refs import ModelRef, is_hub_repo_id, parse_model_ref
+from .search_space import Dimension
 from .tokenizer import TokenizerSettings, TokenSetting, TokenSource, resolve_chat_template
 from .yamlio import load_yaml_file
 
 TOP_LEVEL_KEYS = (
     "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source", "config_source",
     "max_shard_size", "allow_pickle", "allow_external_symlinks", "allow_nonfinite", "push_to_hub", "tasks", "tokenizer",
-    "chat_template", "hub_ids",
+    "chat_template", "hub_ids", "search",
 )
+SEARCH_KEYS = ("n_trials", "n_startup_trials", "seed", "patience", "enqueue")
+SEARCH_RANGE_KEYS = ("search", "log", "step")
+# The Fisher computation's settings: fixed for a whole search (the Fishers are computed before it).
+FISHER_SETTINGS = frozenset(p.name for p in FISHER_DATA_PARAMS)
+# Defaults of the `search:` block: the same as dfmerge's (its `parameters`), Optuna's names.
+SEARCH_DEFAULTS = {"n_trials": 60, "n_startup_trials": 10, "seed": 0, "patience": 0}
 MODEL_KEYS = ("model", "parameters", "fisher")
 SLICE_KEYS = ("sources", "parameters", "base_model", "residual_weight")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
@@ -86,16 +95,44 @@ def resolve_setting(value: Any, tensor_name: str, t: float) -> float | None:
     return value
 
 
-ParamValue = Any  # a scalar, a Gradient or a FilteredValue for per-model parameters
+@dataclass(frozen=True)
+class SearchRange(Dimension):
+    """``{search: [low, high]}`` in place of a number: the value is left to the recipe's search.
+
+    A `Dimension` of the study (range, log scale, step, integer) whose `name` is the key path
+    without ``parameters`` (``density``, ``models[1].weight``, ``t[2]``), stable across runs;
+    `path` is the full key path, for messages.
+    """
+
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """What a recipe searches: every `SearchRange` (in recipe order) and the ``search:`` block's
+    settings (Optuna's names, dfmerge's defaults)."""
+
+    space: tuple[SearchRange, ...]
+    n_trials: int = SEARCH_DEFAULTS["n_trials"]
+    n_startup_trials: int = SEARCH_DEFAULTS["n_startup_trials"]
+    seed: int = SEARCH_DEFAULTS["seed"]
+    patience: int = SEARCH_DEFAULTS["patience"]
+    enqueue: tuple[dict[str, float], ...] = ()
+
+
+ParamValue = Any  # a scalar, a Gradient, a FilteredValue or a SearchRange (until the search fixes it)
 
 
 def recipe_syntax(value: ParamValue) -> Any:
     """A parameter value as a recipe writes it: a gradient as its list, a filter list as its
     ``{filter, value}`` entries, anything else unchanged."""
     if isinstance(value, Gradient):
-        return list(value.values)
+        return [recipe_syntax(v) for v in value.values]
     if isinstance(value, FilteredValue):
         return [{**({"filter": flt} if flt is not None else {}), "value": recipe_syntax(v)} for flt, v in value.entries]
+    if isinstance(value, SearchRange):
+        return {"search": [value.low, value.high], **({"log": True} if value.log else {}),
+                **({"step": value.step} if value.step is not None else {})}
     return value
 
 
@@ -172,6 +209,14 @@ class Recipe:
     # The Hub ids of local inputs (`hub_ids`): resolved folder (`ref_identity`) -> org/name, for
     # the model card's base_model metadata and inputs table; nothing else reads them.
     hub_ids: dict[str, str] = field(default_factory=dict)
+    # The parameters given as `{search: [low, high]}` and the `search:` block's settings; None
+    # when every value is fixed (and always for dfmerge, which searches its λ its own way).
+    search: SearchSpec | None = None
+
+    @property
+    def search_space(self) -> tuple[SearchRange, ...]:
+        """The searched parameters, in recipe order (empty when nothing is searched)."""
+        return self.search.space if self.search is not None else ()
 
     @property
     def source(self) -> str:
@@ -212,6 +257,93 @@ class Recipe:
         return float(spec.default)
 
 
+def _ranges(value: ParamValue) -> list[SearchRange]:
+    """The searched ranges inside one parameter value (a gradient's points, a filter list's values)."""
+    if isinstance(value, SearchRange):
+        return [value]
+    if isinstance(value, Gradient):
+        return [r for v in value.values for r in _ranges(v)]
+    if isinstance(value, FilteredValue):
+        return [r for _, v in value.entries for r in _ranges(v)]
+    return []
+
+
+def _filled(value: ParamValue, values: dict[str, float]) -> ParamValue:
+    """`value` with each searched range replaced by its value in `values` (by name)."""
+    if isinstance(value, SearchRange):
+        return values[value.name]
+    if isinstance(value, Gradient):
+        return Gradient(tuple(_filled(v, values) for v in value.values))
+    if isinstance(value, FilteredValue):
+        return FilteredValue(tuple((flt, _filled(v, values)) for flt, v in value.entries))
+    return value
+
+
+def _settings_of(recipe: Recipe) -> list[dict[str, ParamValue]]:
+    """Every mapping of parameter values a recipe holds, in recipe order."""
+    found = [recipe.parameters, recipe.model_defaults, *(m.parameters for m in recipe.models)]
+    for sl in recipe.slices:
+        found.append(sl.parameters)
+        found += [d for m in sl.sources for d in (m.slice_parameters, m.parameters)]
+    return found
+
+
+def recipe_search_ranges(recipe: Recipe) -> tuple[SearchRange, ...]:
+    """Every ``{search: ...}`` range of a recipe, each once, in the order the recipe writes them."""
+    ranges: dict[str, SearchRange] = {}
+    for settings in _settings_of(recipe):
+        for value in settings.values():
+            for r in _ranges(value):
+                ranges.setdefault(r.name, r)
+    written = list(recipe.raw.get("parameters") or {}) if isinstance(recipe.raw.get("parameters"), dict) else []
+
+    def position(r: SearchRange) -> int:
+        # The global parameters and the per-model defaults given with them are held apart: order them as written.
+        key = r.path.split(".")[1].split("[")[0] if r.path.startswith("parameters.") else None
+        return written.index(key) if key in written else len(written)
+
+    return tuple(sorted(ranges.values(), key=position))
+
+
+def _raw_set(node: Any, tokens: list[str | int], value: Any) -> None:
+    head, rest = tokens[0], tokens[1:]
+    if isinstance(head, int) and isinstance(node, dict):  # a lone {filter, value} entry written without its list
+        _raw_set(node, rest, value)
+    elif not rest:
+        node[head] = value
+    else:
+        _raw_set(node[head], rest, value)
+
+
+def with_search_values(recipe: Recipe, values: dict[str, float]) -> Recipe:
+    """The ordinary recipe a search candidate is: every searched range fixed to its value.
+
+    Also in the echoed YAML (`raw`, without its ``search:`` block), so that the recipe written
+    beside a merge reproduces it without searching.
+
+    Args:
+        recipe: A recipe with a search space (`Recipe.search`).
+        values: One value per searched parameter, by name (`SearchRange.name`).
+
+    Returns:
+        The recipe with no search left.
+    """
+    space = recipe.search_space
+    values = {r.name: (int(values[r.name]) if r.integer else float(values[r.name])) for r in space}
+
+    def fill(settings: dict[str, ParamValue]) -> dict[str, ParamValue]:
+        return {k: _filled(v, values) for k, v in settings.items()}
+
+    raw = copy.deepcopy(recipe.raw)
+    raw.pop("search", None)
+    for r in space:
+        _raw_set(raw, [int(t[1:-1]) if t.startswith("[") else t for t in re.findall(r"\[\d+\]|[^.\[\]]+", r.path)], values[r.name])
+    slices = tuple(replace(sl, parameters=fill(sl.parameters), sources=tuple(
+        replace(m, parameters=fill(m.parameters), slice_parameters=fill(m.slice_parameters)) for m in sl.sources)) for sl in recipe.slices)
+    return replace(recipe, parameters=fill(recipe.parameters), model_defaults=fill(recipe.model_defaults),
+                   models=[replace(m, parameters=fill(m.parameters)) for m in recipe.models], slices=slices, raw=raw, search=None)
+
+
 def _fail(source: str, path: str, message: str) -> RecipeError:
     return RecipeError(f"{source}: {path}: {message}")
 
@@ -237,7 +369,62 @@ def _did_you_mean(key: Any, allowed: tuple[str, ...]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _is_search_range(value: Any) -> bool:
+    return isinstance(value, dict) and "search" in value
+
+
+def search_name(path: str) -> str:
+    """A searched parameter's name in the study: its key path without ``parameters``."""
+    return re.sub(r"(^|\.)parameters\.", r"\1", path)
+
+
+def _search_range(source: str, path: str, spec: Param, value: dict) -> SearchRange:
+    """``{search: [low, high], log: bool, step: number}`` for a numeric parameter, checked
+    against the parameter's own bounds."""
+    for k in value:
+        if k not in SEARCH_RANGE_KEYS:
+            raise _unknown_key(source, f"{path}.", k, SEARCH_RANGE_KEYS)
+    if spec.kind not in (int, float):
+        raise _fail(source, f"{path}.search", f"{spec.name!r} is {spec.expected()}; only a number can be searched")
+    integer = spec.kind is int
+
+    def exponent(v: Any) -> Any:  # YAML 1.1's 1e-5 is a string; a float parameter takes it as the number
+        return float(v) if not integer and isinstance(v, str) and _EXPONENT_NUMBER.fullmatch(v) else v
+
+    def number(v: Any) -> bool:
+        return _is_number(v) and (not integer or isinstance(v, int))
+
+    bounds = value["search"]
+    if isinstance(bounds, list):
+        bounds = [exponent(v) for v in bounds]
+
+    if not isinstance(bounds, list) or len(bounds) != 2 or not all(number(v) for v in bounds):
+        what = "integers" if integer else "numbers"
+        raise _fail(source, f"{path}.search", f"got {short_repr(bounds)}; expected [low, high], two {what}")
+    low, high = bounds
+    for i, v in enumerate(bounds):
+        problem = spec.check(float(v) if spec.kind is float else v)
+        if problem is not None:
+            raise _fail(source, f"{path}.search[{i}]", f"got {short_repr(v)}; {spec.name!r} must be {problem}")
+    if not low < high:
+        raise _fail(source, f"{path}.search", f"the range [{low}, {high}] is empty; give [low, high] with low < high")
+    log = _bool(source, f"{path}.log", value.get("log", False))
+    if log and low <= 0:
+        raise _fail(source, f"{path}.log", f"a log scale needs low > 0, got low = {low}")
+    step = exponent(value.get("step"))
+    if step is not None:
+        if not number(step) or step <= 0:
+            raise _fail(source, f"{path}.step", f"got {short_repr(step)}; expected a positive {'integer' if integer else 'number'}")
+        if log:
+            raise _fail(source, f"{path}.step", "a step cannot be combined with log: true (Optuna samples either on a grid or on a log scale)")
+        step = int(step) if integer else float(step)
+    cast = int if integer else float
+    return SearchRange(search_name(path), cast(low), cast(high), log, step, integer, path=path)
+
+
 def _check_param(source: str, path: str, spec: Param, value: Any) -> Any:
+    if _is_search_range(value):
+        return _search_range(source, path, spec, value)
     if spec.kind is float and isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value):
         value = float(value)
     problem = spec.check(value)
@@ -252,8 +439,8 @@ def _is_number(v: Any) -> bool:
 
 def _setting_value(source: str, path: str, spec: Param, value: Any) -> "float | Gradient":
     if isinstance(value, list):
-        def number(v: Any) -> bool:  # exponent strings (YAML 1.1's 1e-5) too, as for a single value
-            return _is_number(v) or (spec.kind is float and isinstance(v, str) and bool(_EXPONENT_NUMBER.fullmatch(v)))
+        def number(v: Any) -> bool:  # exponent strings (YAML 1.1's 1e-5) too, as for a single value; a point may be searched
+            return _is_number(v) or _is_search_range(v) or (spec.kind is float and isinstance(v, str) and bool(_EXPONENT_NUMBER.fullmatch(v)))
 
         if len(value) < 1 or not all(number(v) for v in value):
             raise _fail(source, path, f"got {short_repr(value)}; expected a number or a gradient (a list of numbers)")
@@ -262,7 +449,10 @@ def _setting_value(source: str, path: str, spec: Param, value: Any) -> "float | 
 
 
 def _model_param_value(source: str, path: str, spec: Param, value: Any) -> ParamValue:
-    """A per-model setting: a number, a gradient, or a filter list (one or more {filter, value})."""
+    """A per-model setting: a number, a gradient, or a filter list (one or more {filter, value});
+    any number may be a searched range ``{search: [low, high]}``."""
+    if _is_search_range(value):
+        return _search_range(source, path, spec, value)
     if isinstance(value, dict):
         value = [value]
     if isinstance(value, list) and value and all(isinstance(e, dict) for e in value):
@@ -679,6 +869,67 @@ def _tokenizer_block(source: str, value: Any, base_dir: Path | None, inputs: set
     return TokenizerSettings(src, tuple(tokens), pad, always=True, key="tokenizer")
 
 
+def _search_spec(source: str, value: Any, recipe: Recipe) -> SearchSpec | None:
+    """The recipe's search: its ``{search: ...}`` ranges and the ``search:`` block, checked."""
+    space = recipe_search_ranges(recipe)
+    name = recipe.method.name
+    if recipe.method.search:
+        if space:
+            raise _fail(source, space[0].path, f"merge_method {name!r} searches its coefficients λ itself (parameters low, high, n_trials, ...); "
+                        "a {search: [low, high]} range is for the other methods")
+        if value is not None:
+            raise _fail(source, "search", f"merge_method {name!r} takes its search settings under parameters (n_trials, n_startup_trials, "
+                        "seed, patience, enqueue)")
+        return None
+    if not space:
+        if value is not None:
+            raise _fail(source, "search", "no parameter is searched; give a numeric parameter a range, e.g. density: {search: [0.1, 0.9]}, "
+                        "or remove the search block")
+        return None
+    fixed_once = [r for r in space if r.name in FISHER_SETTINGS]
+    if fixed_once:
+        raise _fail(source, fixed_once[0].path, f"the Fishers of merge_method {name!r} are computed once, before the search, so their "
+                    "settings cannot be searched; give a number")
+    if not recipe.tasks:
+        raise _fail(source, "tasks", f"missing; {space[0].path} is searched, and a search scores each candidate on validation data: "
+                    "list the validation tasks under tasks:")
+    block = {} if value is None else value
+    _check_entry(source, "search", block, SEARCH_KEYS, f"a mapping with {', '.join(SEARCH_KEYS)}")
+    settings = dict(SEARCH_DEFAULTS)
+    for key in SEARCH_DEFAULTS:
+        if key in block:
+            v = block[key]
+            least = 1 if key == "n_trials" else 0
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                raise _fail(source, f"search.{key}", f"got {short_repr(v)}; expected an integer >= {least}")
+            settings[key] = v
+    if settings["n_startup_trials"] > settings["n_trials"]:
+        if "n_startup_trials" in block:
+            raise _fail(source, "search.n_startup_trials", f"{settings['n_startup_trials']} random start trials exceed n_trials = {settings['n_trials']}")
+        settings["n_startup_trials"] = settings["n_trials"]
+    points = block.get("enqueue") or []
+    if not isinstance(points, list):
+        points = [points]
+    by_name = {r.name: r for r in space}
+    enqueue = []
+    for i, point in enumerate(points):
+        where = f"search.enqueue[{i}]"
+        if not isinstance(point, dict):
+            raise _fail(source, where, f"got {short_repr(point)}; expected a mapping of every searched parameter to a value, "
+                        f"e.g. {{{', '.join(f'{n}: ...' for n in by_name)}}}")
+        for k in point:
+            if k not in by_name:
+                raise _unknown_key(source, f"{where}.", k, tuple(by_name))
+        for n, r in by_name.items():
+            if n not in point:
+                raise _fail(source, f"{where}.{n}", "missing; an enqueued point gives every searched parameter a value")
+            v = point[n]
+            if not _is_number(v) or (r.integer and not isinstance(v, int)) or not r.low <= v <= r.high:
+                raise _fail(source, f"{where}.{n}", f"got {short_repr(v)}; expected {'an integer' if r.integer else 'a number'} in [{r.low}, {r.high}] ({r.path})")
+        enqueue.append({n: point[n] for n in by_name})
+    return SearchSpec(space, enqueue=tuple(enqueue), **settings)
+
+
 def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
     """Validate a recipe given as parsed YAML.
 
@@ -809,11 +1060,18 @@ def parse_recipe(data: Any, *, source: str = "recipe", base_dir: Path | None = N
         # card) says the whole run without the files it included.
         raw={**data, "tasks": [t.raw for t in tasks]} if tasks else data,
     )
+    recipe = replace(recipe, search=_search_spec(source, data.get("search"), recipe))
     notes = []
     if ignored:
         notes.append(f"merge_method {name!r} does not use {', '.join(ignored)}; they are ignored, as mergekit ignores them")
     # The method's advice needs the whole recipe to judge, so it completes a second, final copy.
-    return replace(recipe, warnings=notes + method.check_recipe(recipe, source))
+    # A searched recipe is judged at both ends of its ranges: every candidate lies between.
+    if recipe.search is None:
+        advice = method.check_recipe(recipe, source)
+    else:
+        ends = [with_search_values(recipe, {r.name: getattr(r, end) for r in recipe.search_space}) for end in ("low", "high")]
+        advice = list(dict.fromkeys(w for end in ends for w in method.check_recipe(end, source)))
+    return replace(recipe, warnings=notes + advice)
 
 
 def load_recipe(path: str | Path) -> Recipe:

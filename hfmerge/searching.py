@@ -1,4 +1,7 @@
-"""DF-Merge coefficient search: Bayesian optimisation of M merging coefficients with Optuna.
+"""The coefficient search: Bayesian optimisation of merging coefficients with Optuna.
+
+DF-Merge's M coefficients λ_i by default; any named parameters with their own ranges (float
+or integer, log scale, step: `search_space.Dimension`) for a recipe's ``{search: ...}`` ranges.
 
 The driver knows nothing about models. It maximises a black-box objective
 ``f(λ_0, ..., λ_{M-1}) -> TrialOutcome`` (in DF-Merge: build the Fisher-weighted merge for λ
@@ -47,13 +50,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import optuna
-from optuna.distributions import FloatDistribution
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from .errors import SearchError
+from .search_space import Dimension
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ JOURNAL_FILE = "study.journal"
 TRIALS_LOG = "trials.jsonl"
 STUDY_ATTR = "hfmerge_search"  # study user attr: the search space, checked on resume
 FINAL_ATTR = "hfmerge_final"  # study user attr: who builds / built the final merge (see `claim_final`)
-MODELS_ATTR = "lambda_models"  # study and trial user attr: parameter name -> the model it scales
+MODELS_ATTR = "lambda_models"  # study and trial user attr: parameter name -> its label (DF-Merge: the model its λ scales)
 # The user attributes a trial record carries over from the study, in this order.
 RECORD_ATTRS = ("worker", "sample_s", "trial_s", "task_scores", "timings", "error")
 
@@ -115,6 +118,10 @@ class SearchSettings:
             `heartbeat_interval`.
         max_retry: How many times one λ is run again after its workers died (a λ that kills
             every worker that tries it is not retried forever).
+        dimensions: The searched parameters, one per name, each with its own range and
+            distribution; empty (the default): DF-Merge's coefficients ``lambda_i``, all in
+            [`low`, `high`].
+        title: The progress bar's label.
 
     Raises:
         SearchError: A setting is out of range or an enqueued point does not fit.
@@ -133,16 +140,24 @@ class SearchSettings:
     heartbeat_interval: int = 30
     grace_period: int | None = None
     max_retry: int = 2
+    dimensions: list[Dimension] = field(default_factory=list)
+    title: str = "DF-Merge search"
 
     def __post_init__(self) -> None:
         where = "search settings (recipe `parameters`)"
+        self.named = bool(self.dimensions)  # parameters with their own names and ranges, not DF-Merge's λ
+        if not self.dimensions:
+            self.dimensions = [Dimension(param_name(i), self.low, self.high) for i in range(len(self.names))]
+        elif len(self.dimensions) != len(self.names):
+            raise SearchError(f"search settings: {len(self.dimensions)} dimensions for {len(self.names)} names; give one name per dimension")
         if self.heartbeat_interval < 1 or (self.grace_period is not None and self.grace_period <= self.heartbeat_interval):
             raise SearchError(f"search settings: heartbeat_interval={self.heartbeat_interval}, grace_period={self.grace_period}; expected a "
                               "positive whole number of seconds and a grace period longer than it")
         if not self.names:
             raise SearchError(f"{where}: no coefficient to search; the recipe needs at least one model")
-        if not self.low < self.high:
-            raise SearchError(f"{where}: low={self.low} is not below high={self.high}; give bounds with low < high")
+        for d in self.dimensions:
+            if not d.low < d.high:
+                raise SearchError(f"{where}: {d.name}: low={d.low} is not below high={d.high}; give bounds with low < high")
         if self.n_trials < 1:
             raise SearchError(f"{where}: n_trials={self.n_trials}; expected a positive number of trials")
         if self.n_startup_trials < 0:
@@ -152,9 +167,25 @@ class SearchSettings:
         for i, point in enumerate(self.enqueue):
             if len(point) != len(self.names):
                 raise SearchError(f"{where}: enqueue[{i}] has {len(point)} values; expected one per model ({len(self.names)})")
-            for j, v in enumerate(point):
-                if not self.low <= v <= self.high:
-                    raise SearchError(f"{where}: enqueue[{i}][{j}] = {v} is outside [{self.low}, {self.high}]; move it inside the bounds or widen them")
+            for j, (v, d) in enumerate(zip(point, self.dimensions)):
+                if not d.low <= v <= d.high:
+                    raise SearchError(f"{where}: enqueue[{i}][{j}] = {v} is outside [{d.low}, {d.high}]; move it inside the bounds or widen them")
+
+    @property
+    def keys(self) -> list[str]:
+        """The parameters' names in the study, in order."""
+        return [d.name for d in self.dimensions]
+
+    def space(self) -> dict[str, Any]:
+        """The search space as the study records it (``hfmerge_search``), compared when a run
+        continues the study."""
+        if not self.named:
+            return {"names": list(self.names), "low": self.low, "high": self.high}
+        return {"names": list(self.names), "params": [d.describe() for d in self.dimensions]}
+
+    def described(self) -> dict[str, str]:
+        """What each parameter of the study is (the ``lambda_models`` attribute)."""
+        return {key: name for key, name in zip(self.keys, self.names)}
 
 
 @dataclass
@@ -173,6 +204,8 @@ class SearchResult:
         stopped_early: True when `patience` ended the search before `n_trials`.
         records: The trial log rebuilt from the study (`trial_record`): every finished trial
             of every worker, COMPLETE and FAIL, by number.
+        keys: The parameters' names in the study, in the order of `best_params`.
+        named: True for a search of named recipe parameters, False for DF-Merge's λ.
     """
 
     best_params: list[float]
@@ -183,6 +216,19 @@ class SearchResult:
     study_name: str
     stopped_early: bool = False
     records: list[dict] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    named: bool = False
+
+    @property
+    def best(self) -> dict[str, float]:
+        """The best trial's values by parameter name."""
+        return dict(zip(self.keys, self.best_params))
+
+    def best_text(self) -> str:
+        """The best values in one line: ``density = 0.42, ...``, or ``λ = [...]`` for DF-Merge."""
+        if self.named:
+            return ", ".join(f"{k} = {v:.4g}" for k, v in self.best.items())
+        return "λ = [" + ", ".join(f"{v:.4f}" for v in self.best_params) + "]"
 
 
 Objective = Callable[[list[float]], TrialOutcome]
@@ -273,7 +319,7 @@ def open_search(settings: SearchSettings, *, workdir: Path, resume: bool = False
         # known point twice, whatever state its earlier copy is in.
         with search.lock():
             for point in settings.enqueue:
-                study.enqueue_trial({param_name(i): float(v) for i, v in enumerate(point)}, skip_if_exists=True)
+                study.enqueue_trial({d.name: (int(v) if d.integer else float(v)) for d, v in zip(settings.dimensions, point)}, skip_if_exists=True)
     return search
 
 
@@ -352,8 +398,13 @@ class SearchStudy:
 
     def check_space(self) -> None:
         """Refuse a study made for other coefficients or bounds."""
-        space = {"names": list(self.settings.names), "low": self.settings.low, "high": self.settings.high}
+        space = self.settings.space()
         stored = self.study.user_attrs.get(STUDY_ATTR)
+        if stored is not None and stored != space and ("params" in stored or "params" in space):
+            raise SearchError(
+                f"the search {self.settings.study_name!r} in {self.label} was made for the search space {_space_text(stored)}; "
+                f"this recipe searches {_space_text(space)}. Start a new search (another study name, or remove the old study) instead of resuming"
+            )
         if stored is not None and stored != space:
             raise SearchError(
                 f"the search {self.settings.study_name!r} in {self.label} was made for coefficients {stored['names']} in "
@@ -448,12 +499,12 @@ class SearchStudy:
     def _optimize(self, objective: Objective, progress: bool) -> bool:
         """The ask/evaluate/tell loop; returns True when patience stopped it."""
         settings = self.settings
-        distributions = {param_name(i): FloatDistribution(settings.low, settings.high) for i in range(len(settings.names))}
+        distributions = {d.name: d.distribution() for d in settings.dimensions}
         n_failed = 0
         # Polling for the last trials of other workers: often enough to pick up a retry soon
         # after the grace period, rarely enough to cost the database nothing.
         poll_s = min(float(settings.heartbeat_interval), 5.0)
-        bar = tqdm(total=settings.n_trials, desc="DF-Merge search", unit="trial", disable=not progress)
+        bar = tqdm(total=settings.n_trials, desc=settings.title, unit="trial", disable=not progress)
         try:
             while True:
                 if self.heartbeat:
@@ -498,11 +549,10 @@ class SearchStudy:
 
     def _run_trial(self, trial: optuna.Trial, objective: Objective, start: float, sample_s: float) -> bool:
         """Evaluate one asked trial and tell the result. Returns False when the trial failed."""
-        names = self.settings.names
-        lambdas = [float(trial.params[param_name(i)]) for i in range(len(names))]
+        lambdas = [trial.params[d.name] if d.integer else float(trial.params[d.name]) for d in self.settings.dimensions]
         # Who runs it, visible while it runs (a retried trial came with its dead worker's name).
         trial.set_user_attr("worker", self.worker)
-        trial.set_user_attr(MODELS_ATTR, {param_name(i): name for i, name in enumerate(names)})
+        trial.set_user_attr(MODELS_ATTR, self.settings.described())
         attrs: dict[str, Any] = {"sample_s": round(sample_s, 4)}
         try:
             outcome = objective(lambdas)
@@ -543,7 +593,7 @@ class SearchStudy:
         return self.settings.grace_period or 4 * self.settings.heartbeat_interval
 
     def _append(self, trial_id: int) -> None:
-        _append_log(self._log_path, trial_record(self.study._storage.get_trial(trial_id), self.settings.names))
+        _append_log(self._log_path, trial_record(self.study._storage.get_trial(trial_id), self.settings.names, self.settings.keys))
 
     def fail_left_running(self) -> None:
         """Mark FAIL the trials an interrupted run left RUNNING; Optuna would treat them as pending forever."""
@@ -558,7 +608,7 @@ class SearchStudy:
     def records(self) -> list[dict[str, Any]]:
         """The trial log rebuilt from the study: every finished trial of every worker, by number."""
         finished = (TrialState.COMPLETE, TrialState.FAIL)
-        return [trial_record(t, self.settings.names) for t in sorted(self.study.get_trials(deepcopy=False, states=finished), key=lambda t: t.number)]
+        return [trial_record(t, self.settings.names, self.settings.keys) for t in sorted(self.study.get_trials(deepcopy=False, states=finished), key=lambda t: t.number)]
 
     def result(self, stopped_early: bool | None = None) -> SearchResult:
         """The study's result now (see `SearchResult`).
@@ -570,7 +620,7 @@ class SearchStudy:
         trials = [
             {
                 "number": t.number,
-                "params": [t.params[param_name(i)] for i in range(len(settings.names))],
+                "params": [t.params[key] for key in settings.keys],
                 "score": t.value,
                 "task_scores": t.user_attrs.get("task_scores", {}),
                 "timings": t.user_attrs.get("timings", {}),
@@ -588,6 +638,7 @@ class SearchStudy:
         return SearchResult(
             best_params=list(best["params"]), best_value=best["score"], best_trial=best["number"], trials=trials, storage=self.label,
             study_name=settings.study_name, stopped_early=self.stopped_early() if stopped_early is None else stopped_early, records=self.records(),
+            keys=settings.keys, named=settings.named,
         )
 
 
@@ -624,16 +675,18 @@ class _Heartbeat:
             self._thread.join()
 
 
-def trial_record(trial: FrozenTrial, names: list[str]) -> dict[str, Any]:
+def trial_record(trial: FrozenTrial, names: list[str], keys: list[str] | None = None) -> dict[str, Any]:
     """One line of the trial log, from the study's trial: what a worker appends to its
     ``trials.jsonl`` and what the output's ``trials.jsonl`` is rebuilt from.
 
-    Keys: ``number``, ``params`` (λ in the order of `names`), ``names``, the trial's user
+    Keys: ``number``, ``params`` (the values of the study's parameters `keys`, by default DF-Merge's
+    ``lambda_i``, in the order of `names`), ``names``, the trial's user
     attributes ``worker``, ``sample_s``, ``trial_s``, ``task_scores``, ``timings``, ``error``
     (when set), ``retry_of`` (the first trial of the same λ whose worker died), ``score``
     (COMPLETE trials) and ``state``.
     """
-    record: dict[str, Any] = {"number": trial.number, "params": [trial.params.get(param_name(i)) for i in range(len(names))], "names": list(names)}
+    keys = keys if keys is not None else [param_name(i) for i in range(len(names))]
+    record: dict[str, Any] = {"number": trial.number, "params": [trial.params.get(k) for k in keys], "names": list(names)}
     for key in RECORD_ATTRS:
         if key in trial.user_attrs:
             record[key] = trial.user_attrs[key]
@@ -744,7 +797,7 @@ def _open_storage(settings: SearchSettings, workdir: Path) -> _Storage:
 
 def _open_study(settings: SearchSettings, opened: _Storage, workdir: Path, *, may_continue: bool, reseed_salt: str) -> optuna.Study:
     """Create the study, or load the existing one when allowed."""
-    space = {"names": list(settings.names), "low": settings.low, "high": settings.high}
+    space = settings.space()
     try:
         # Creating is the existence test that is atomic across workers starting together.
         study = optuna.create_study(storage=opened.storage, study_name=settings.study_name, direction="maximize", sampler=_sampler(settings, settings.seed))
@@ -752,7 +805,7 @@ def _open_study(settings: SearchSettings, opened: _Storage, workdir: Path, *, ma
         pass
     else:
         study.set_user_attr(STUDY_ATTR, space)
-        study.set_user_attr(MODELS_ATTR, {param_name(i): name for i, name in enumerate(settings.names)})
+        study.set_user_attr(MODELS_ATTR, settings.described())
         return study
     if not may_continue:
         where = f"remove {workdir} to start a new one" if settings.storage is None else "pick another study name to start a new one"
@@ -773,6 +826,13 @@ def _open_study(settings: SearchSettings, opened: _Storage, workdir: Path, *, ma
 def _sampler(settings: SearchSettings, seed: int) -> optuna.samplers.BaseSampler:
     # logEI (qLogEI while other workers' trials are RUNNING); the random start uses the same seed.
     return optuna.samplers.GPSampler(seed=seed, n_startup_trials=settings.n_startup_trials)
+
+
+def _space_text(space: dict[str, Any]) -> str:
+    """A stored search space in one line."""
+    if "params" not in space:
+        return f"coefficients {space['names']} in [{space['low']}, {space['high']}]"
+    return ", ".join(f"{p['name']} in [{p['low']}, {p['high']}]" + (" (log)" if p.get("log") else "") for p in space["params"])
 
 
 def _finite_or_none(v: Any) -> Any:
@@ -799,7 +859,7 @@ def read_trial_log(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_trajectory(trials: list[dict], n_startup_trials: int, path: Path, names: list[str]) -> Path:
+def plot_trajectory(trials: list[dict], n_startup_trials: int, path: Path, names: list[str], *, symbol: str | None = "λ") -> Path:
     """Draw the search like Figure 4 of the DF-Merge paper and save it as a PNG.
 
     Top: every trial's score (dots) and the best score so far (line). Bottom: each coefficient
@@ -810,6 +870,8 @@ def plot_trajectory(trials: list[dict], n_startup_trials: int, path: Path, names
         n_startup_trials: The search's random start length.
         path: Output file (``.png``); its folder is created if missing.
         names: One label per coefficient, for the legend.
+        symbol: The coefficients' symbol (legend ``λ0: name``); None for named parameters
+            (legend ``name``, axis "searched value").
 
     Returns:
         `path`.
@@ -844,10 +906,10 @@ def plot_trajectory(trials: list[dict], n_startup_trials: int, path: Path, names
     top.set_ylabel("validation score")
     top.legend(loc="lower right", fontsize="small")
     for i, name in enumerate(names):
-        bottom.plot(x, [r["params"][i] for r in trials], "o-", ms=3, lw=1, label=f"λ{i}: {name}")
+        bottom.plot(x, [r["params"][i] for r in trials], "o-", ms=3, lw=1, label=f"{symbol}{i}: {name}" if symbol else name)
     bottom.set_xlabel("trial")
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
-    bottom.set_ylabel("coefficient λ")
+    bottom.set_ylabel(f"coefficient {symbol}" if symbol else "searched value")
     bottom.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
