@@ -299,7 +299,7 @@ def merge(recipe: str | Path | Recipe, options: RunOptions | None = None, *, on_
     if options.device == "cuda":
         device_settings(options)  # no CUDA device here: an error now, whatever the method
     if _shared_search(loaded, options):
-        from .dfmerge import check_shared_search
+        from .recipe_search import check_shared_search
 
         # The database reached (or one clear error) and the study's state read before any model is loaded.
         late = check_shared_search(loaded, options, output)
@@ -425,7 +425,7 @@ def search(recipe: str | Path | Recipe, options: RunOptions | None = None, **ove
         raise RecipeError(f"{loaded.source}: every model has its weight (λ) fixed; there is nothing to search")
     output = Path(options.output) if options.output is not None else default_output(loaded)
     if options.storage is not None:
-        from .dfmerge import check_shared_search
+        from .recipe_search import check_shared_search
 
         check_shared_search(loaded, replace(options, finalize=False), output)  # the database reached, before any model
     built = build_plan(loaded, low_disk=options.low_disk)

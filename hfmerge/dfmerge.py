@@ -230,57 +230,13 @@ class WorkerResult:
     trials_here: int = 0
 
 
-def _final_message(search: SearchStudy, final: dict) -> str:
+def final_message(search: SearchStudy, final: dict) -> str:
     complete = search.counts()[0]
     head = f"the search {search.settings.study_name!r} in {search.label} is complete ({complete} completed trials)"
     if final.get("state") == "done":
         return f"{head}; its final merge was built by {final.get('worker')} into {final.get('output')} at {final.get('finished')}; nothing to do"
     return (f"{head}; its final merge is being built by {final.get('worker')} into {final.get('output')} since {final.get('since')} "
             "(if that worker died, build it with the `finalize` option, --finalize on the command line)")
-
-
-def check_shared_search(recipe: Any, options: RunOptions, output: Path) -> WorkerResult | None:
-    """Before any model is loaded: open a search's storage and tell whether there is work here.
-
-    Called for a recipe that searches (a ``dfmerge`` recipe, or any recipe with
-    ``{search: ...}`` ranges), when `options.storage` is given or
-    `options.finalize` is set. Opening the storage reports an unreachable database or a
-    wrong password as one `SearchError` line.
-
-    Returns:
-        A `WorkerResult` when the study's final merge is built or being built by another
-        worker (nothing to do here); None when this run has work: trials to run, or the
-        final merge to build.
-
-    Raises:
-        SearchError: The storage cannot be opened, or the study was made for other models.
-        OptionError: `finalize` with no study, or with one that is not complete yet.
-    """
-    if recipe.method.search:
-        settings = search_settings(recipe, options)
-    else:
-        from .recipe_search import search_settings as parameter_settings
-
-        settings = parameter_settings(recipe, options)
-    search = open_search(settings, workdir=search_workdir(output), create=False)
-    if search is None:
-        if options.finalize:
-            where = storage_label(settings.storage) if settings.storage else search_workdir(output)
-            raise OptionError(f"there is no search {settings.study_name!r} in {where}; nothing to finalise",
-                              options=("finalize",))
-        return None
-    try:
-        final = search.final()
-        if final is not None and (final.get("state") == "done" or (final.get("state") == "building" and not options.finalize)):
-            return WorkerResult(settings.study_name, search.label, _final_message(search, final), final)
-        if options.finalize and not search.complete():
-            complete, running = search.counts()
-            raise OptionError(f"the search {settings.study_name!r} in {search.label} has {complete} of {settings.n_trials} completed trials "
-                              f"({running} running); the final merge is built from a complete search: start workers without this option",
-                              options=("finalize",))
-        return None
-    finally:
-        search.close()
 
 
 def _objective(plan: Any, options: RunOptions) -> DFMergeObjective:
@@ -440,7 +396,7 @@ def claim_or_leave(search: SearchStudy, result: SearchResult, output: Path, opti
         return None
     plan.release()
     here = sum(t["worker"] == search.worker for t in result.trials)
-    done = WorkerResult(search.settings.study_name, search.label, _final_message(search, final), final, result, here)
+    done = WorkerResult(search.settings.study_name, search.label, final_message(search, final), final, result, here)
     search.close()
     return done
 
@@ -522,4 +478,4 @@ def _write_search_outputs(folder: Path, plan: Any, result: Any, lambdas: list[fl
     return files, section
 
 
-__all__ = ["DFMergeObjective", "WorkerResult", "check_shared_search", "run_dfmerge", "search_coefficients", "search_workdir"]
+__all__ = ["DFMergeObjective", "WorkerResult", "run_dfmerge", "search_coefficients", "search_workdir"]

@@ -637,11 +637,11 @@ def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progres
         merger = TensorMerger(plan, device)
         try:
             merger.prepare(progress)
-            files = _write_weights(plan, merger, tmp, progress, shown=output)
+            files = write_weights(plan, merger, tmp, progress, shown=output)
             # As in mergekit, a tokenizer the recipe names (tokenizer_source, a tokenizer block) is
             # part of the merge and written whatever copy_tokenizer says.
             named = plan.recipe.tokenizer_source is not None or plan.recipe.tokenizer is not None
-            files += _copy_side_files(plan, tmp, copy_tokenizer=copy_tokenizer or named)
+            files += copy_side_files(plan, tmp, copy_tokenizer=copy_tokenizer or named)
             report = evaluate(tmp) if evaluate is not None else None
             if report is not None:
                 (tmp / "eval_results.json").write_text(report.to_json())
@@ -668,7 +668,7 @@ def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progres
     return MergeResult(output, sorted(files), plan.warnings + merger.warnings, report)
 
 
-def _write_weights(plan: MergePlan, merger: TensorMerger, folder: Path, progress: bool, shown: Path | None = None) -> list[str]:
+def write_weights(plan: MergePlan, merger: TensorMerger, folder: Path, progress: bool, shown: Path | None = None) -> list[str]:
     # A reference that stores tied copies under several names (e.g. `shared` and
     # `encoder.embed_tokens`) gets each copy merged from identical inputs with the same seed
     # (TensorPlan.alias_key), so the copies stay identical.
@@ -683,7 +683,7 @@ def _write_weights(plan: MergePlan, merger: TensorMerger, folder: Path, progress
     return writer.file_names + (["model.safetensors.index.json"] if len(writer.shards) > 1 else [])
 
 
-def _copy_side_files(plan: MergePlan, folder: Path, *, copy_tokenizer: bool = True) -> list[str]:
+def copy_side_files(plan: MergePlan, folder: Path, *, copy_tokenizer: bool = True) -> list[str]:
     copied = []
     config_folder = plan.config_source.folder
     for name in CONFIG_FILES:

@@ -31,11 +31,14 @@ from typing import TYPE_CHECKING, Any, Callable
 import yaml
 
 from .dfmerge import (
-    WorkerResult, claim_or_leave, merge_final, open_study, release_claim, run_study, search_workdir, test_section, write_search_record,
+    WorkerResult, claim_or_leave, final_message, merge_final, open_study, release_claim, run_study, search_workdir, test_section,
+    write_search_record,
 )
+from .dfmerge import search_settings as dfmerge_settings
 from .options import RunOptions, device_settings, merge_device
 from .recipe import Recipe, with_search_values
-from .searching import SearchResult, SearchSettings, TrialOutcome
+from .errors import OptionError
+from .searching import SearchResult, SearchSettings, TrialOutcome, open_search, storage_label
 
 if TYPE_CHECKING:
     from .merging import MergeResult
@@ -116,12 +119,12 @@ class ParameterObjective:
 
     def write(self, values: list[float], folder: Path) -> MergePlan:
         """Merge the candidate for `values` into `folder` (weights, config, tokenizer); its plan."""
-        from .merging import _copy_side_files, _write_weights
+        from .merging import copy_side_files, write_weights
 
         candidate, merger = self._merger(values)
         folder.mkdir(parents=True, exist_ok=True)
-        _write_weights(candidate, merger, folder, False)
-        _copy_side_files(candidate, folder)
+        write_weights(candidate, merger, folder, False)
+        copy_side_files(candidate, folder)
         return candidate
 
     def merge_into_model(self, values: list[float]) -> None:
@@ -186,6 +189,45 @@ class ParameterObjective:
                 transformers_logging.enable_progress_bar()
             shutil.rmtree(folder, ignore_errors=True)
         return TrialOutcome(report.search_score, report.scores, {"merge_s": merge_s, "eval_s": eval_s})
+
+
+def check_shared_search(recipe: Any, options: RunOptions, output: Path) -> WorkerResult | None:
+    """Before any model is loaded: open a search's storage and tell whether there is work here.
+
+    Called for a recipe that searches (a ``dfmerge`` recipe, or any recipe with
+    ``{search: ...}`` ranges), when `options.storage` is given or
+    `options.finalize` is set. Opening the storage reports an unreachable database or a
+    wrong password as one `SearchError` line.
+
+    Returns:
+        A `WorkerResult` when the study's final merge is built or being built by another
+        worker (nothing to do here); None when this run has work: trials to run, or the
+        final merge to build.
+
+    Raises:
+        SearchError: The storage cannot be opened, or the study was made for other models.
+        OptionError: `finalize` with no study, or with one that is not complete yet.
+    """
+    settings = dfmerge_settings(recipe, options) if recipe.method.search else search_settings(recipe, options)
+    search = open_search(settings, workdir=search_workdir(output), create=False)
+    if search is None:
+        if options.finalize:
+            where = storage_label(settings.storage) if settings.storage else search_workdir(output)
+            raise OptionError(f"there is no search {settings.study_name!r} in {where}; nothing to finalise",
+                              options=("finalize",))
+        return None
+    try:
+        final = search.final()
+        if final is not None and (final.get("state") == "done" or (final.get("state") == "building" and not options.finalize)):
+            return WorkerResult(settings.study_name, search.label, final_message(search, final), final)
+        if options.finalize and not search.complete():
+            complete, running = search.counts()
+            raise OptionError(f"the search {settings.study_name!r} in {search.label} has {complete} of {settings.n_trials} completed trials "
+                              f"({running} running); the final merge is built from a complete search: start workers without this option",
+                              options=("finalize",))
+        return None
+    finally:
+        search.close()
 
 
 def _objective(plan: MergePlan, workdir: Path, options: RunOptions) -> ParameterObjective:
@@ -301,4 +343,4 @@ def _write_search_outputs(folder: Path, searched: Recipe, result: SearchResult, 
     return files, section
 
 
-__all__ = ["ParameterObjective", "plan_with_values", "run_parameter_search", "search_parameters", "search_settings"]
+__all__ = ["ParameterObjective", "check_shared_search", "plan_with_values", "run_parameter_search", "search_parameters", "search_settings"]
