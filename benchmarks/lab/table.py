@@ -365,8 +365,12 @@ def run_new_row(lab: Lab, key: str, settings: LabSettings, quick: bool) -> tuple
         # unless the settings say otherwise), not RegMean's own default of 256.
         examples = settings.fisher_examples or METHODS["fisher"].param("fisher_examples").default
         grid = [({"alpha": a, "regmean_examples": examples}, None) for a in (QUICK_REGMEAN_ALPHAS if quick else REGMEAN_ALPHAS)]
-        return run_grid(lab, key, "regmean", grid,
-                        lambda s: f"α={s['alpha']}, Gram matrices on {s['regmean_examples']} validation inputs per task", tasks=True)
+        try:
+            return run_grid(lab, key, "regmean", grid,
+                            lambda s: f"α={s['alpha']}, Gram matrices on {s['regmean_examples']} validation inputs per task", tasks=True)
+        except Exception as exc:  # noqa: BLE001 - e.g. a singular system at α = 1: a failed row, the table goes on
+            log(f"{LABELS[key]}: failed: {exc}")
+            return Row(key, LABELS[key], status=f"failed: {exc}", uses_validation=True), []
     if key in SVD_ROWS:
         grid = [({"alpha": a}, None) for a in (QUICK_TA_GRID if quick else TA_GRID)]
         extra = ", common_space_fraction 0.8 (default)" if key == "iso_cts" else ""
