@@ -24,10 +24,10 @@ Merges and scores are cached under the lab's folder, keyed by the recipe and a h
 hfmerge's source, so a second run only redoes what changed.
 
 Newer rows (`NEW_ROWS`): RegMean (α grid, Gram matrices on the Fisher rows' number of
-validation inputs), TSV-Merge, Iso-C and Iso-CTS (α on task arithmetic's λ grid), and two
-recipes whose parameters the generic engine searches (``{search: [low, high]}`` and a
-``search:`` block with DF-Merge's budget and ``--search-seed``): TIES with λ and density, task
-arithmetic with one weight per model. ``python -m benchmarks.lab seeds`` summarises runs with
+validation inputs), TSV-Merge, Iso-C and Iso-CTS (α on task arithmetic's λ grid continued to
+2, and to 8 for the Iso methods), and two recipes whose parameters the generic engine searches
+(``{search: [low, high]}`` and a ``search:`` block with DF-Merge's budget and
+``--search-seed``): TIES with λ and density, task arithmetic with one weight per model. ``python -m benchmarks.lab seeds`` summarises runs with
 several search seeds.
 """
 
@@ -85,6 +85,12 @@ USES_VALIDATION = {"average": False, "zero_shot": None, "experts": None, "multit
 REGMEAN_ALPHAS = [0.1, 0.5, 0.9, 1.0]                           # FusionBench's configurations use 0.1-0.95
 QUICK_REGMEAN_ALPHAS = [0.5, 1.0]
 SVD_ROWS = ("tsv_merge", "iso_c", "iso_cts")
+# Task arithmetic's λ grid, continued to 2: α scales the whole merged update, and on the full lab
+# TSV's and Iso-C's validation scores still rose at α = 1 (their reference default).
+SVD_ALPHAS = [*TA_GRID, 1.2, 1.4, 1.6, 1.8, 2.0]
+# Iso-C and Iso-CTS flatten the spectrum to its mean singular value, which shrinks the update's
+# top directions: their validation scores were still rising at α = 2, so their grid goes further.
+ISO_ALPHAS = [*SVD_ALPHAS, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0]
 SEARCH_ROWS = ("ta_weights_search", "ties_search")
 TIES_SEARCH_SPACE = {"lambda": [0.0, 2.0], "density": [0.1, 1.0]}   # holds the grid row's λ range and density
 TA_WEIGHT_RANGE = [0.0, 1.0]                                         # DF-Merge's λ_i range
@@ -372,7 +378,7 @@ def run_new_row(lab: Lab, key: str, settings: LabSettings, quick: bool) -> tuple
             log(f"{LABELS[key]}: failed: {exc}")
             return Row(key, LABELS[key], status=f"failed: {exc}", uses_validation=True), []
     if key in SVD_ROWS:
-        grid = [({"alpha": a}, None) for a in (QUICK_TA_GRID if quick else TA_GRID)]
+        grid = [({"alpha": a}, None) for a in (QUICK_TA_GRID if quick else ISO_ALPHAS if key.startswith("iso") else SVD_ALPHAS)]
         extra = ", common_space_fraction 0.8 (default)" if key == "iso_cts" else ""
         return run_grid(lab, key, key, grid, lambda s: f"α={s['alpha']}{extra}")
     if key in SEARCH_ROWS:
