@@ -23,6 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "benchmarks" / "lab" / "data"
 TASKS = ("topic", "sentiment", "relation", "usage", "category")
+NEW_ROWS = ("regmean", "tsv_merge", "iso_c", "iso_cts", "ta_weights_search", "ties_search")
 
 
 def _run(args: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -38,8 +39,8 @@ def quick_lab(tmp_path_factory):
     env = {**os.environ, "HFMERGE_LAB_WORK": str(work), "HF_HUB_OFFLINE": "1"}
     results = tmp_path_factory.mktemp("lab-results")
     # `table` alone is enough (it builds what is missing), so the build runs once, inside it.
-    table = _run(["table", "--quick", "--results", str(results), "--search-seed", "3",
-                  "--methods", "zero_shot,experts,multitask,average,task_arithmetic,fisher,dfmerge"], env)
+    table = _run(["table", "--quick", "--results", str(results), "--search-seed", "3", "--search-trials", "3",
+                  "--methods", "zero_shot,experts,multitask,average,task_arithmetic,fisher,dfmerge," + ",".join(NEW_ROWS)], env)
     again = _run(["build", "--quick"], env)
     return {"work": work, "again": again, "results": results, "table": table}
 
@@ -117,6 +118,60 @@ def test_table_rows_and_accuracies(quick_lab):
     table = (results / "table.md").read_text()
     assert "| Task Arithmetic |" in table and "## Ablation" in table
     assert "Zero-shot" in quick_lab["table"].stdout
+
+
+def test_new_method_rows_choose_on_validation_and_searches_follow_seed_and_budget(quick_lab):
+    """RegMean, the singular-value merges and the two searched recipes are ordinary rows:
+    scored on every task, chosen on validation, with a wall time; the searched rows take the
+    search seed and the --search-trials budget, and report their best validation score."""
+    report = json.loads((quick_lab["results"] / "results.json").read_text())
+    rows = {r["key"]: r for r in report["rows"]}
+    for key in NEW_ROWS:
+        row = rows[key]
+        assert row["status"] == "ok", f"{key}: {row['status']}"
+        assert row["uses_validation"] is True and set(row["scores"]) == set(TASKS), key
+        assert 0.0 <= row["validation_average"] <= 1.0 and row["seconds"] > 0, key
+    # Grid rows: the best of their quick grid (regmean's α grid, task arithmetic's for the SVD merges).
+    assert "(best of 2 on validation)" in rows["regmean"]["setting"] and "4 validation inputs per task" in rows["regmean"]["setting"]
+    for key in ("tsv_merge", "iso_c", "iso_cts"):
+        assert rows[key]["setting"].endswith("(best of 3 on validation)"), rows[key]["setting"]
+    assert "3 trials (3 random), seed=3" in rows["ties_search"]["setting"], rows["ties_search"]["setting"]
+    assert "lambda = " in rows["ties_search"]["setting"] and "density = " in rows["ties_search"]["setting"]
+    weights = rows["ta_weights_search"]["setting"].split("weights = ")[1].split(", ")
+    assert len(weights) == len(TASKS) and all(0.0 <= float(w) <= 1.0 for w in weights)
+    assert report["settings"]["search_trials"] == 3
+    table = (quick_lab["results"] / "table.md").read_text()
+    for label in ("| RegMean | ✓ |", "| TSV-Merge | ✓ |", "| Iso-C | ✓ |", "| Iso-CTS | ✓ |", "| TIES, λ and density searched (GP) | ✓ |"):
+        assert label in table, label
+
+
+def test_seeds_summary_is_mean_and_sample_sd_over_runs(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks.lab import seeds
+
+    def row(key, test, valid, secs, status="ok"):
+        return {"key": key, "label": key.upper(), "status": status, "average": test, "validation_average": valid, "seconds": secs}
+
+    folders = []
+    for seed, (a, b) in enumerate([(0.4908, 0.50), (0.4658, 0.52), (0.4527, 0.51)]):
+        folder = tmp_path / f"seed{seed}"
+        folder.mkdir()
+        rows = [row("dfmerge", a, 0.49, 400.0 + seed), row("grid", b, None, 10.0),
+                row("broken", None, None, None, status="failed: x" if seed == 1 else "ok")]
+        (folder / "results.json").write_text(json.dumps({"settings": {"search_seed": seed}, "rows": rows}))
+        folders.append(folder)
+    summary = {e["key"]: e for e in seeds.summarise(seeds.load_runs(folders))}
+    assert set(summary) == {"dfmerge", "grid"}  # a row missing (or failed) in one run is left out
+    d = summary["dfmerge"]
+    assert d["seeds"] == [0, 1, 2] and d["test_mean"] == pytest.approx(0.46977, abs=1e-5)
+    assert d["test_sd"] == pytest.approx(0.019355, abs=1e-5)  # sample sd (n - 1), as the docs' seed tables
+    assert d["validation_sd"] == pytest.approx(0.0) and d["seconds_mean"] == pytest.approx(401.0)
+    assert summary["grid"]["validation_mean"] is None and summary["grid"]["test_sd"] == pytest.approx(0.01)
+    text = seeds.seeds_table(list(summary.values()))
+    assert "| DFMERGE | 49.08 | 46.58 | 45.27 | 46.98 ± 1.94 |" in text
+    out = tmp_path / "s.json"
+    assert seeds.main([*map(str, folders), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())[0]["key"] == "dfmerge"
 
 
 def test_probe_reports_context_use_linearity_and_interference(quick_lab, tmp_path):

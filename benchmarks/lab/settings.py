@@ -96,6 +96,8 @@ class LabSettings:
     fractions: tuple[float, ...] = (0.05, 0.1, 0.3, 0.5, 1.0)
     # Figure 5 for DF-Merge: one new search per fraction below 1 (the grid methods re-select for free).
     dfmerge_fractions: tuple[float, ...] = (0.05, 0.3, 1.0)
+    # Completed trials of the searched recipes (table.SEARCH_ROWS); None: dfmerge_trials.
+    search_trials: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

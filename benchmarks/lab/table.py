@@ -28,10 +28,18 @@ folder for ``--quick``): ``table.md`` (both tables), ``results.json`` (every fig
 
 Merges and scores are cached under the lab's folder, keyed by the recipe and a hash of
 hfmerge's source, so a second run only redoes what changed.
+
+Newer rows (`NEW_ROWS`): RegMean (α grid, Gram matrices on the Fisher rows' number of
+validation inputs), TSV-Merge, Iso-C and Iso-CTS (α on task arithmetic's λ grid continued to
+2, and to 8 for the Iso methods), and two recipes whose parameters the generic engine searches
+(``{search: [low, high]}`` and a ``search:`` block with DF-Merge's budget and
+``--search-seed``): TIES with λ and density, task arithmetic with one weight per model. ``python -m benchmarks.lab seeds`` summarises runs with
+several search seeds.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -81,6 +89,31 @@ LABELS = {
     "dfmerge_capped": "DF-Merge, capped Fisher weights",
 }
 USES_VALIDATION = {"average": False, "zero_shot": None, "experts": None, "multitask": None}
+
+# Newer methods and searched parameters, kept in their own block (run by `run_new_row`):
+# RegMean (data-aware: Gram matrices of the linear layers' inputs on each task's validation
+# examples; α on a small grid), the singular-value merges (α on task arithmetic's λ grid), and
+# two recipes searched by the generic engine (`{search: [low, high]}` plus a `search:` block)
+# with the DF-Merge rows' budget and seed: TIES with λ and density searched, and task
+# arithmetic with one searched weight per model (the space of DF-Merge w/o Fisher).
+REGMEAN_ALPHAS = [0.1, 0.5, 0.9, 1.0]                           # FusionBench's configurations use 0.1-0.95
+QUICK_REGMEAN_ALPHAS = [0.5, 1.0]
+SVD_ROWS = ("tsv_merge", "iso_c", "iso_cts")
+# Task arithmetic's λ grid, continued to 2: α scales the whole merged update, and on the full lab
+# TSV's and Iso-C's validation scores still rose at α = 1 (their reference default).
+SVD_ALPHAS = [*TA_GRID, 1.2, 1.4, 1.6, 1.8, 2.0]
+# Iso-C and Iso-CTS flatten the spectrum to its mean singular value, which shrinks the update's
+# top directions: their validation scores were still rising at α = 2, so their grid goes further.
+ISO_ALPHAS = [*SVD_ALPHAS, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0]
+SEARCH_ROWS = ("ta_weights_search", "ties_search")
+TIES_SEARCH_SPACE = {"lambda": [0.0, 2.0], "density": [0.1, 1.0]}   # holds the grid row's λ range and density
+TA_WEIGHT_RANGE = [0.0, 1.0]                                         # DF-Merge's λ_i range
+NEW_ROWS = ("regmean", *SVD_ROWS, *SEARCH_ROWS)
+METHOD_ROWS = (*METHOD_ROWS, *NEW_ROWS)
+LABELS.update({
+    "regmean": "RegMean", "tsv_merge": "TSV-Merge", "iso_c": "Iso-C", "iso_cts": "Iso-CTS",
+    "ta_weights_search": "Task Arithmetic, weights searched (GP)", "ties_search": "TIES, λ and density searched (GP)",
+})
 
 
 @dataclass
@@ -152,7 +185,7 @@ class Lab:
         for task in TASKS:
             entry: dict[str, Any] = {"model": str(self.paths[f"expert:{task}"])}
             if model_parameters:
-                entry["parameters"] = dict(model_parameters)
+                entry["parameters"] = copy.deepcopy(model_parameters)
             models.append(entry)
         data: dict[str, Any] = {"merge_method": method, "base_model": str(self.paths["base"]), "models": models, "dtype": "float32"}
         if parameters:
@@ -277,15 +310,20 @@ class GridPoint:
     validation: dict[str, list[int]]
 
 
-def run_grid(lab: Lab, key: str, method: str, grid: list[tuple[dict, dict | None]], describe) -> tuple[Row, list[GridPoint]]:
-    """Merge and score every grid point on validation; the best one on test."""
+def run_grid(lab: Lab, key: str, method: str, grid: list[tuple[dict, dict | None]], describe, *,
+             tasks: bool = False) -> tuple[Row, list[GridPoint]]:
+    """Merge and score every grid point on validation; the best one on test.
+
+    `tasks`: the merge recipes carry the `tasks:` section (a method that computes statistics
+    on the tasks' validation examples, such as RegMean, needs it).
+    """
     probe = lab.recipe(method, *grid[0], tasks=True)
     why = method_available(method, probe, lab.run_dir(probe))
     if why:
         return Row(key, LABELS[key], status=why, uses_validation=True), []
     points = []
     for params, model_params in grid:
-        recipe = lab.recipe(method, params, model_params, tasks=False)
+        recipe = lab.recipe(method, params, model_params, tasks=tasks)
         folder, merge_s, _ = lab.merge(recipe)
         validation = lab.score(folder, "validation")
         # merge + validation scoring, as measured when they ran (also when read from the cache)
@@ -344,6 +382,77 @@ def best_validation(run: Path) -> float | None:
     """The search's best validation score (the mean of the tasks' accuracies), if it searched."""
     best = _best_trial(run)
     return None if best is None else float(best["score"])
+
+
+# --------------------------------------------------------------------------- newer methods, searched rows
+
+def run_new_row(lab: Lab, key: str, settings: LabSettings, quick: bool) -> tuple[Row, list[GridPoint]]:
+    """RegMean and the singular-value merges on validation grids; the searched recipes."""
+    if key == "regmean":
+        from hfmerge.methods import METHODS
+
+        # As many validation inputs per task as the Fisher rows use (hfmerge's Fisher default
+        # unless the settings say otherwise), not RegMean's own default of 256.
+        examples = settings.fisher_examples or METHODS["fisher"].param("fisher_examples").default
+        grid = [({"alpha": a, "regmean_examples": examples}, None) for a in (QUICK_REGMEAN_ALPHAS if quick else REGMEAN_ALPHAS)]
+        try:
+            return run_grid(lab, key, "regmean", grid,
+                            lambda s: f"α={s['alpha']}, Gram matrices on {s['regmean_examples']} validation inputs per task", tasks=True)
+        except Exception as exc:  # noqa: BLE001 - e.g. a singular system at α = 1: a failed row, the table goes on
+            log(f"{LABELS[key]}: failed: {exc}")
+            return Row(key, LABELS[key], status=f"failed: {exc}", uses_validation=True), []
+    if key in SVD_ROWS:
+        grid = [({"alpha": a}, None) for a in (QUICK_TA_GRID if quick else ISO_ALPHAS if key.startswith("iso") else SVD_ALPHAS)]
+        extra = ", common_space_fraction 0.8 (default)" if key == "iso_cts" else ""
+        return run_grid(lab, key, key, grid, lambda s: f"α={s['alpha']}{extra}")
+    if key in SEARCH_ROWS:
+        return run_searched(lab, key, settings), []
+    raise ValueError(f"unknown method row {key!r}; expected one of {NEW_ROWS}")
+
+
+def searched_recipe(lab: Lab, key: str, settings: LabSettings) -> dict:
+    """The recipe of a searched row: ranges in place of values and a `search:` block."""
+    trials = settings.search_trials or settings.dfmerge_trials
+    search = {"n_trials": trials, "n_startup_trials": min(settings.dfmerge_startup, trials), "seed": settings.search_seed}
+    if key == "ta_weights_search":
+        recipe = lab.recipe("task_arithmetic", {"lambda": 1.0}, {"weight": {"search": list(TA_WEIGHT_RANGE)}})
+    elif key == "ties_search":
+        recipe = lab.recipe("ties", {name: {"search": list(r)} for name, r in TIES_SEARCH_SPACE.items()})
+    else:
+        raise ValueError(f"unknown searched row {key!r}; expected one of {SEARCH_ROWS}")
+    recipe["search"] = search
+    return recipe
+
+
+def run_searched(lab: Lab, key: str, settings: LabSettings) -> Row:
+    """One searched recipe: the search's best candidate on test, its best validation score, its time."""
+    recipe = searched_recipe(lab, key, settings)
+    why = method_available(recipe["merge_method"], recipe, lab.run_dir(recipe))
+    if why:
+        log(f"{LABELS[key]}: {why}")
+        return Row(key, LABELS[key], status=why, uses_validation=True)
+    try:
+        folder, seconds, _ = lab.merge(recipe)
+    except Exception as exc:  # noqa: BLE001 - report the failure as a row, keep the table going
+        log(f"{LABELS[key]}: failed: {exc}")
+        return Row(key, LABELS[key], status=f"failed: {exc}", uses_validation=True)
+    from hfmerge.recipe_search import SUMMARY_FILE
+
+    summary = json.loads((folder / SUMMARY_FILE).read_text())
+    test = accuracy(lab.score(folder, "test"))
+    search = recipe["search"]
+    best = summary["best"]
+    weights = [f"models[{i}].weight" for i in range(len(TASKS))]
+    if list(best) == weights:  # one weight per model: in the models' (tasks') order, as DF-Merge's λ
+        chosen = "weights = " + ", ".join(f"{best[n]:.2f}" for n in weights)
+    else:
+        chosen = ", ".join(f"{name} = {value:.2f}" for name, value in best.items())
+    setting = (f"{recipe['merge_method']}, {len(summary['trials'])} trials ({search['n_startup_trials']} random), "
+               f"seed={search['seed']}; {chosen}")
+    row = Row(key, LABELS[key], scores=test, validation_average=summary["best_validation_score"], seconds=seconds,
+              setting=setting, uses_validation=True)
+    log(f"{LABELS[key]}: {row.average:.4f}  [{row.setting}]  {seconds:.0f} s")
+    return row
 
 
 # --------------------------------------------------------------------------- figures
@@ -491,6 +600,7 @@ def checks(rows: dict[str, Row]) -> list[str]:
     merged = {k: avg(k) for k in ("average", "fisher", "task_arithmetic", "dare", "ties", "fisher_nodes", "dfmerge", "dfmerge_no_fisher",
                                   *VARIANT_ROWS)}
     merged = {k: v for k, v in merged.items() if v is not None}
+    merged.update({k: v for k in NEW_ROWS if (v := avg(k)) is not None})
     if merged:
         best = max(merged, key=merged.get)
         out.append(f"best merge: {LABELS[best]} at {100 * merged[best]:.2f}")
@@ -527,6 +637,12 @@ def run_table(settings: LabSettings, methods: tuple[str, ...] = METHOD_ROWS, res
 
     for key in methods:
         if key in ("zero_shot", "experts", "multitask"):
+            continue
+        if key in NEW_ROWS:
+            log(f"--- {LABELS[key]}")
+            rows[key], points = run_new_row(lab, key, settings, quick)
+            if points:
+                grids[key] = points
             continue
         log(f"--- {LABELS[key]}")
         if key == "average":
@@ -628,6 +744,9 @@ def main(argv: list[str] | None = None) -> int:
                         "the Fisher-weighted searches; the models stay the same, so a few seeds measure how much a search "
                         "depends on its random start and its Fisher inputs")
     p.add_argument("--progress", action="store_true", help="show evaluation progress bars")
+    p.add_argument("--search-trials", type=int, metavar="N",
+                   help=f"completed trials of the searched recipes ({','.join(SEARCH_ROWS)}; default: DF-Merge's budget, "
+                        "60); the DF-Merge rows keep theirs")
     args = p.parse_args(argv)
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else METHOD_ROWS
     unknown = [m for m in methods if m not in METHOD_ROWS + VARIANT_ROWS]
@@ -638,6 +757,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = dataclasses.replace(settings, dfmerge_fractions=tuple(float(f) for f in args.dfmerge_fractions.split(",")))
     if args.search_seed is not None:
         settings = dataclasses.replace(settings, search_seed=args.search_seed)
+    if args.search_trials is not None:
+        settings = dataclasses.replace(settings, search_trials=args.search_trials)
     run_table(settings, methods, args.results, figures=not args.no_figures, progress=args.progress)
     return 0
 
