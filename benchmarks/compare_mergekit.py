@@ -337,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="runs of each tool per recipe, each in a fresh process; the table shows the shortest "
                    "wall time and the largest peak RSS (default 1)")
     p.add_argument("--keep-outputs", action="store_true", help="keep both merged models under benchmarks/_work/compare")
-    p.add_argument("--json-out", metavar="PATH", help="also write the comparison as JSON")
+    p.add_argument("--json-out", metavar="PATH", help="also write the comparison as JSON (rewritten after every recipe, so a cut-short run keeps what it measured)")
+    p.add_argument("--skip-compare", action="store_true", help="time the merges only: do not read the two outputs back and compare them")
     args = p.parse_args(argv)
 
     hf = Hfmerge(args.hfmerge_python, args.hfmerge_src.resolve() if args.hfmerge_src else None)
@@ -374,14 +375,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {hf_runs[-1].short()}; I/O floor ...", flush=True)
             limits.append(run_limit(recipe_inputs(recipe), hf_out, runs / f"{label}-io-limit"))
             print(f"  read {limits[-1]['read_s']:.2f} s + write {limits[-1]['write_s']:.2f} s = {limits[-1]['limit_s']:.2f} s", flush=True)
-        print("  comparing ...", flush=True)
+        if not args.skip_compare:
+            print("  comparing ...", flush=True)
         c = Comparison(label, recipe,
                        min(m.wall_s for m in hf_runs), min(m.cpu_s for m in hf_runs), max(m.peak_mib for m in hf_runs),
                        min(m.wall_s for m in mk_runs), min(m.cpu_s for m in mk_runs), max(m.peak_mib for m in mk_runs),
                        max(m.anon_mib for m in hf_runs), max(m.anon_mib for m in mk_runs), max(m.file_mib for m in mk_runs),
                        hf_runs=[asdict(m) for m in hf_runs], mk_runs=[asdict(m) for m in mk_runs],
                        limit_s=min(x["limit_s"] for x in limits), limit_runs=limits, hf_startup=hf_start, mk_startup=mk_start)
-        results.append(compare(label, hf_out, mk_out, fam.base, fam.experts, recipe, c))
+        results.append(c if args.skip_compare else compare(label, hf_out, mk_out, fam.base, fam.experts, recipe, c))
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps([asdict(r) for r in results], indent=2, default=str) + "\n")
         if not args.keep_outputs:
             shutil.rmtree(hf_out, ignore_errors=True)
             shutil.rmtree(mk_out, ignore_errors=True)
@@ -391,7 +395,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{fam.params / 1e6:.1f}M params ({fam.bytes_per_model / 1e6:.0f} MB float32) per model, base + {experts} experts")
     rows, trows = [], []
     for c in results:
-        if c.method in RANDOM:
+        if args.skip_compare:
+            verdict = "not compared (--skip-compare)"
+        elif c.method in RANDOM:
             verdict = "random masks: see statistics"
         elif c.entries_differing == 0:
             verdict = "equal to float32 rounding"
@@ -419,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{c.hf_peak_mib:.0f}", f"{c.mk_peak_mib:.0f}", _ratio(c.hf_peak_mib, c.mk_peak_mib), f"{hs:.1f}", f"{ms:.1f}"])
     print_table(["method", "floor s", "hfmerge wall s", "mergekit wall s", "hf / floor", "mk / floor", "hf own work / floor", "mk own work / floor",
                  "hf / mk wall", "hf peak MiB", "mk peak MiB", "hf / mk peak", "hf start-up s", "mk start-up s"], lrows)
-    dare = [c for c in results if c.method in RANDOM]
+    dare = [c for c in results if c.method in RANDOM and not args.skip_compare]
     if dare:
         print()
         srows = []
