@@ -27,9 +27,18 @@ peak RSS from ``os.wait4``), then reads both outputs tensor by tensor with safet
   ``della_linear`` each tool's relative distance to the expectation (task arithmetic with the
   same weights and λ).
 
-The inputs (base + 3 experts, ~230 MB each by default, ~29 MB with ``--size small``) are cached
-under benchmarks/_work/. Methods that take one or two models (slerp, nearswap, arcee_fusion,
-passthrough; nuslerp) use the first experts.
+The inputs (base + 3 experts, ~230 MB each by default, ~29 MB with ``--size small``; base + 4
+experts of ~1 GB each with ``--size flan-t5-base``) are cached under benchmarks/_work/. Methods
+that take one or two models (slerp, nearswap, arcee_fusion, passthrough; nuslerp) use the first
+experts.
+
+Beside every merge the script measures the I/O floor of that recipe (``io_limit.py``, in a
+fresh process after the two merges: the time to read the recipe's input checkpoints and to
+write files of the size of hfmerge's output, with the page cache warm) and, once per recipe,
+each tool's start-up (a bare interpreter, and one importing what its merge command imports).
+The timing table gives each tool's wall time as a multiple of that floor, also with the
+tool's start-up taken off, and hfmerge's time as a share of mergekit's; every figure of a
+row comes from the same stretch of the run, so the load of a shared machine falls on both.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ import yaml
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from io_limit import run_limit, startup  # noqa: E402
 from merge_memory import WORK, Hfmerge, Measure, T5Dims, build_family, print_table, run_measured  # noqa: E402
 
 WEIGHTS = (1.0, 0.6, 0.3, 0.8, 0.5)
@@ -107,7 +117,9 @@ DOCUMENTED = {
 SIZES = {  # --size presets (d_model, d_ff, layers per stack, heads, vocab)
     "default": (512, 1024, 4, 8, 32128),  # 58.1M parameters, 232 MB per checkpoint
     "small": (256, 512, 2, 4, 8000),  # 7.2M parameters, 29 MB per checkpoint
+    "flan-t5-base": (768, 2048, 12, 12, 32128),  # 247.6M parameters, 990 MB per checkpoint (base + 4 experts by default)
 }
+DEFAULT_EXPERTS = {"flan-t5-base": 4}  # else 3
 
 
 def write_recipe(path: Path, label: str, base: Path, experts: list[Path]) -> dict:
@@ -161,6 +173,10 @@ class Comparison:
     hf_anon_mib: float = 0.0  # largest sampled RssAnon (allocated memory, without mapped files)
     mk_anon_mib: float = 0.0
     mk_file_mib: float = 0.0  # largest sampled RssFile (mergekit memory-maps its inputs)
+    limit_s: float = 0.0  # shortest I/O floor of the runs (io_limit.py): read the inputs, write the output's size
+    limit_runs: list = field(default_factory=list)
+    hf_startup: dict = field(default_factory=dict)  # interpreter_s, imports_s (fresh processes)
+    mk_startup: dict = field(default_factory=dict)
     hf_runs: list = field(default_factory=list)
     mk_runs: list = field(default_factory=list)
     tensors_compared: int = 0
@@ -283,6 +299,16 @@ def mergekit_cmd(python: str) -> list[str]:
     return [str(script)] if script.is_file() else [python, "-m", "mergekit.scripts.run_yaml"]
 
 
+def recipe_inputs(recipe: dict) -> list[Path]:
+    """The checkpoint folders a recipe reads: its base model (when set) and its models."""
+    folders = [Path(recipe["base_model"])] if recipe.get("base_model") else []
+    return folders + [Path(m["model"]) for m in recipe["models"] if Path(m["model"]) not in folders]
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b > 0 else "-"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Run the same YAML recipes with mergekit and hfmerge on flan-T5-style checkpoints and compare the outputs.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -293,14 +319,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="recipes to run (default: all; dare_ties_normalize is dare_ties with normalize: true set explicitly, nuslerp_base "
                    "nuslerp of task vectors, model_stock_filter_wise model_stock with filter_wise: true)")
     p.add_argument("--size", choices=list(SIZES), default="default",
-                   help="input size preset: default (d_model 512, d_ff 1024, 4+4 layers, 8 heads, vocab 32128: 232 MB per checkpoint) or "
-                   "small (d_model 256, d_ff 512, 2+2 layers, 4 heads, vocab 8000: 29 MB); the options below override single sizes")
+                   help="input size preset: default (d_model 512, d_ff 1024, 4+4 layers, 8 heads, vocab 32128: 232 MB per checkpoint), "
+                   "small (d_model 256, d_ff 512, 2+2 layers, 4 heads, vocab 8000: 29 MB) or flan-t5-base (d_model 768, d_ff 2048, "
+                   "12+12 layers, 12 heads, vocab 32128: 990 MB, base + 4 experts); the options below override single sizes")
     p.add_argument("--layers", type=int, help="blocks per stack (default 4)")
     p.add_argument("--d-model", type=int)
     p.add_argument("--d-ff", type=int)
     p.add_argument("--heads", type=int)
     p.add_argument("--vocab", type=int)
-    p.add_argument("--experts", type=int, default=3)
+    p.add_argument("--experts", type=int, help="fine-tuned models besides the base (default 4 with --size flan-t5-base, else 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random checkpoints (the merges use seed 0)")
     p.add_argument("--delta-scale", type=float, default=0.02,
                    help="experts' task vectors: Gaussian noise of this standard deviation times the tensor's initial scale times "
@@ -310,14 +337,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="runs of each tool per recipe, each in a fresh process; the table shows the shortest "
                    "wall time and the largest peak RSS (default 1)")
     p.add_argument("--keep-outputs", action="store_true", help="keep both merged models under benchmarks/_work/compare")
-    p.add_argument("--json-out", metavar="PATH", help="also write the comparison as JSON")
+    p.add_argument("--json-out", metavar="PATH", help="also write the comparison as JSON (rewritten after every recipe, so a cut-short run keeps what it measured)")
+    p.add_argument("--skip-compare", action="store_true", help="time the merges only: do not read the two outputs back and compare them")
     args = p.parse_args(argv)
 
     hf = Hfmerge(args.hfmerge_python, args.hfmerge_src.resolve() if args.hfmerge_src else None)
     print(f"hfmerge {hf.describe()}")
     preset = dict(zip(("d_model", "d_ff", "layers", "heads", "vocab"), SIZES[args.size]))
     dims = T5Dims(**{k: getattr(args, k) if getattr(args, k) is not None else v for k, v in preset.items()})
-    fam = build_family(dims, args.experts, seed=args.seed, delta_scale=args.delta_scale)
+    experts = args.experts if args.experts is not None else DEFAULT_EXPERTS.get(args.size, 3)
+    fam = build_family(dims, experts, seed=args.seed, delta_scale=args.delta_scale)
     runs = WORK / "compare"
     runs.mkdir(parents=True, exist_ok=True)
     results: list[Comparison] = []
@@ -329,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(d, ignore_errors=True)
         mk_runs: list[Measure] = []
         hf_runs: list[Measure] = []
+        limits: list[dict] = []
+        print(f"{label}: start-up ...", flush=True)
+        mk_start = startup(args.mergekit_python, "mergekit", cwd=runs)
+        hf_start = startup(args.hfmerge_python, "hfmerge", env=hf.env, cwd=WORK)
+        print(f"  mergekit {mk_start['imports_s']:.1f} s (interpreter {mk_start['interpreter_s']:.2f} s), "
+              f"hfmerge {hf_start['imports_s']:.1f} s (interpreter {hf_start['interpreter_s']:.2f} s)", flush=True)
         for i in range(args.repeat):
             for d in (hf_out, mk_out):
                 shutil.rmtree(d, ignore_errors=True)
@@ -337,24 +372,32 @@ def main(argv: list[str] | None = None) -> int:
                                         log_path=runs / f"{label}-mergekit.log", cwd=runs))
             print(f"  {mk_runs[-1].short()}; hfmerge ...", flush=True)
             hf_runs.append(hf.run([str(recipe_path), "--output", str(hf_out), "-q"], log_path=runs / f"{label}-hfmerge.log"))
-            print(f"  {hf_runs[-1].short()}", flush=True)
-        print("  comparing ...", flush=True)
+            print(f"  {hf_runs[-1].short()}; I/O floor ...", flush=True)
+            limits.append(run_limit(recipe_inputs(recipe), hf_out, runs / f"{label}-io-limit"))
+            print(f"  read {limits[-1]['read_s']:.2f} s + write {limits[-1]['write_s']:.2f} s = {limits[-1]['limit_s']:.2f} s", flush=True)
+        if not args.skip_compare:
+            print("  comparing ...", flush=True)
         c = Comparison(label, recipe,
                        min(m.wall_s for m in hf_runs), min(m.cpu_s for m in hf_runs), max(m.peak_mib for m in hf_runs),
                        min(m.wall_s for m in mk_runs), min(m.cpu_s for m in mk_runs), max(m.peak_mib for m in mk_runs),
                        max(m.anon_mib for m in hf_runs), max(m.anon_mib for m in mk_runs), max(m.file_mib for m in mk_runs),
-                       [asdict(m) for m in hf_runs], [asdict(m) for m in mk_runs])
-        results.append(compare(label, hf_out, mk_out, fam.base, fam.experts, recipe, c))
+                       hf_runs=[asdict(m) for m in hf_runs], mk_runs=[asdict(m) for m in mk_runs],
+                       limit_s=min(x["limit_s"] for x in limits), limit_runs=limits, hf_startup=hf_start, mk_startup=mk_start)
+        results.append(c if args.skip_compare else compare(label, hf_out, mk_out, fam.base, fam.experts, recipe, c))
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps([asdict(r) for r in results], indent=2, default=str) + "\n")
         if not args.keep_outputs:
             shutil.rmtree(hf_out, ignore_errors=True)
             shutil.rmtree(mk_out, ignore_errors=True)
 
     print()
     print(f"Inputs: flan-T5 layout, d_model {dims.d_model}, d_ff {dims.d_ff}, {dims.layers}+{dims.layers} layers, vocab {dims.vocab}, "
-          f"{fam.params / 1e6:.1f}M params ({fam.bytes_per_model / 1e6:.0f} MB float32) per model, base + {args.experts} experts")
+          f"{fam.params / 1e6:.1f}M params ({fam.bytes_per_model / 1e6:.0f} MB float32) per model, base + {experts} experts")
     rows, trows = [], []
     for c in results:
-        if c.method in RANDOM:
+        if args.skip_compare:
+            verdict = "not compared (--skip-compare)"
+        elif c.method in RANDOM:
             verdict = "random masks: see statistics"
         elif c.entries_differing == 0:
             verdict = "equal to float32 rounding"
@@ -371,7 +414,18 @@ def main(argv: list[str] | None = None) -> int:
     print_table(["method", "max |diff|", "max rel diff", "outputs"], rows)
     print()
     print_table(["method", "hfmerge wall s", "CPU s", "peak RSS MiB", "anon MiB", "mergekit wall s", "CPU s", "peak RSS MiB", "anon MiB", "file MiB"], trows)
-    dare = [c for c in results if c.method in RANDOM]
+    print()
+    print("Against the I/O floor (read the recipe's inputs, write the output's size; warm page cache) and each other; "
+          "'own work': wall time less the tool's start-up (interpreter + imports, measured beside it)")
+    lrows = []
+    for c in results:
+        hs, ms = c.hf_startup.get("imports_s", 0.0), c.mk_startup.get("imports_s", 0.0)
+        lrows.append([c.method, f"{c.limit_s:.2f}", f"{c.hf_wall_s:.1f}", f"{c.mk_wall_s:.1f}", _ratio(c.hf_wall_s, c.limit_s), _ratio(c.mk_wall_s, c.limit_s),
+                      _ratio(c.hf_wall_s - hs, c.limit_s), _ratio(c.mk_wall_s - ms, c.limit_s), _ratio(c.hf_wall_s, c.mk_wall_s),
+                      f"{c.hf_peak_mib:.0f}", f"{c.mk_peak_mib:.0f}", _ratio(c.hf_peak_mib, c.mk_peak_mib), f"{hs:.1f}", f"{ms:.1f}"])
+    print_table(["method", "floor s", "hfmerge wall s", "mergekit wall s", "hf / floor", "mk / floor", "hf own work / floor", "mk own work / floor",
+                 "hf / mk wall", "hf peak MiB", "mk peak MiB", "hf / mk peak", "hf start-up s", "mk start-up s"], lrows)
+    dare = [c for c in results if c.method in RANDOM and not args.skip_compare]
     if dare:
         print()
         srows = []

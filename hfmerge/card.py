@@ -140,7 +140,8 @@ def _usage(auto_class: str, pipeline: str | None, repo: str) -> str:
     return "\n".join(lines + ["```"])
 
 
-def build_card(plan: MergePlan, folder: Path, title: str, evaluation=None, extra_sections: str = "", repo_id: str | None = None):
+def build_card(plan: MergePlan, folder: Path, title: str, evaluation=None, extra_sections: str = "", repo_id: str | None = None,
+               known_hashes: dict[str, str] | None = None):
     """Build the ModelCard for the merged model written in `folder` (hashes every file there but README.md).
 
     Hub repos go into the `base_model` metadata, with the ids the recipe's ``hub_ids`` gives
@@ -149,7 +150,9 @@ def build_card(plan: MergePlan, folder: Path, title: str, evaluation=None, extra
     folder with its id. `evaluation` (an `EvalReport` of the output) adds
     `model-index` results and an evaluation section; `extra_sections` (markdown, e.g. the
     coefficient search) follows it. `repo_id` (where the model is pushed) goes into the usage
-    snippet; without it the snippet loads the folder by its `title`.
+    snippet; without it the snippet loads the folder by its `title`. `known_hashes` maps file
+    names (relative to `folder`) to SHA-256 digests already computed while writing them; those
+    files are not read again.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -198,7 +201,9 @@ def build_card(plan: MergePlan, folder: Path, title: str, evaluation=None, extra
         role = ("LoRA adapter on its model" if _explicit(ckpt) else "LoRA adapter") if getattr(ckpt, "format", "") == "lora" else "fine-tuned"
         rows.append(f"| {_input_name(ckpt, recipe)} | `{_commit(ckpt)}` | {role} ({spec.key}) | {coeffs} |")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md")
-    hashes = "\n".join(f"| `{p.relative_to(folder).as_posix()}` | `{sha256_file(p)}` |" for p in files)
+    known = known_hashes or {}
+    hashes = "\n".join(f"| `{p.relative_to(folder).as_posix()}` | `{known.get(p.relative_to(folder).as_posix()) or sha256_file(p)}` |"
+                       for p in files)
     params = ", ".join(f"`{k}` = {recipe_syntax(v)}" for k, v in recipe.parameters.items()) or "none"
     versions = ", ".join(f"{k} {v}" for k, v in _versions().items())
     body = f"""

@@ -11,7 +11,9 @@ For a candidate λ (one trial):
 The task vectors τ_i are read once from the checkpoints and kept; nothing else is copied per
 trial. Memory: the base and the working model, M task vectors, the two sums, and one Fisher
 computation (its squared-gradient buffers): about (M + 6) × the model's float32 size (see
-docs/search.md).
+docs/search.md). With ``fisher_weighting: capped`` no Fisher is computed for a model with
+λ_i = 0, and the Fishers of the others are held until the trial's merge (M more model sizes
+at most), since each weight needs the sum of all of them.
 
 The best λ then goes through the ordinary streaming merge (`hfmerge.methods.dfmerge`, the same
 arithmetic) with the Fishers at the best λ, saved as Fisher files in the cache; the output is
@@ -36,7 +38,7 @@ from .errors import OptionError
 from .fisher.cache import cache_key, lookup, store
 from .fisher.diagonal import diagonal_fisher
 from .fisher.engine import FisherSettings, encode_for_model, fisher_examples, fisher_metadata, settings_from_recipe, to_checkpoint_names
-from .methods.dfmerge import Equation8
+from .methods.dfmerge import fisher_accumulator, needs_fisher
 from .options import RunOptions, device_settings, output_settings
 from .searching import SearchResult, SearchSettings, SearchStudy, TrialOutcome, open_search, plot_trajectory, storage_label
 
@@ -71,6 +73,8 @@ class DFMergeObjective:
         self.recipe = plan.recipe
         self.settings: FisherSettings = settings_from_recipe(self.recipe)
         self.use_fisher = use_fisher
+        self.weighting = str(self.recipe.parameters.get("fisher_weighting", "paper"))
+        self.temperature = float(self.recipe.parameters.get("fisher_temperature", 1.0))
         self.tasks = tasks
         self.tokenizer = tokenizer
         self.progress = progress
@@ -133,13 +137,13 @@ class DFMergeObjective:
 
     @torch.no_grad()
     def build(self, lambdas: list[float], timings: dict[str, float] | None = None) -> None:
-        """Working model ← the DF-Merge candidate for `lambdas` (equation 8)."""
+        """Working model ← the DF-Merge candidate for `lambdas` (equation 8, or the recipe's weighting)."""
         begin = time.perf_counter()
-        sums = {name: Equation8() for name in self.params}
+        sums = {name: fisher_accumulator(self.weighting, self.temperature) for name in self.params}
         fisher_s = 0.0
         for i, lam in enumerate(lambdas):
             fisher = None
-            if self.use_fisher:
+            if self.use_fisher and needs_fisher(self.weighting, lam):
                 start = time.perf_counter()
                 with torch.enable_grad():
                     fisher = self.fisher_at(i, lam)
@@ -456,7 +460,10 @@ def _write_search_outputs(folder: Path, plan: Any, result: Any, lambdas: list[fl
                           options: RunOptions, test_reports: list[Any]) -> tuple[list[str], str]:
     recipe = plan.recipe
     files: list[str] = []
-    summary: dict[str, Any] = {"method": "dfmerge", "fisher": use_fisher, "lambdas": {m.ref.text: lam for m, lam in zip(recipe.models, lambdas)}}
+    weighting = f"{recipe.parameters.get('fisher_weighting', 'paper')}, α = {recipe.parameters.get('fisher_temperature', 1.0)}"
+    summary: dict[str, Any] = {"method": "dfmerge", "fisher": use_fisher, "fisher_weighting": recipe.parameters.get("fisher_weighting", "paper"),
+                               "fisher_temperature": recipe.parameters.get("fisher_temperature", 1.0),
+                               "lambdas": {m.ref.text: lam for m, lam in zip(recipe.models, lambdas)}}
     section = "\n## Coefficients\n\n| model | λ |\n|---|---|\n" + "".join(f"| {m.ref.text} | {lam:.4f} |\n" for m, lam in zip(recipe.models, lambdas))
     if result is not None:
         summary.update({"best_trial": result.best_trial, "best_validation_score": result.best_value, "trials": result.trials,
@@ -465,7 +472,7 @@ def _write_search_outputs(folder: Path, plan: Any, result: Any, lambdas: list[fl
         files, mean = write_search_record(folder, result, workdir, int(recipe.parameters["n_startup_trials"]), [m.ref.text for m in recipe.models])
         section += (f"\nFound by Bayesian optimisation (Optuna GPSampler, logEI) over {len(result.trials)} completed trials "
                     f"({recipe.parameters['n_startup_trials']} random start), λ in [{recipe.parameters['low']}, {recipe.parameters['high']}], "
-                    f"seed {recipe.parameters['seed']}{', Fisher-weighted' if use_fisher else ', without Fisher (General Task Arithmetic)'}. "
+                    f"seed {recipe.parameters['seed']}{f', Fisher-weighted ({weighting})' if use_fisher else ', without Fisher (General Task Arithmetic)'}. "
                     f"Best validation score {result.best_value:.4f} at trial {result.best_trial}. Mean seconds per trial: "
                     f"Fisher {mean['fisher_s']:.2f}, merge {mean['merge_s']:.2f}, evaluation {mean['eval_s']:.2f}. "
                     "The trial log is `trials.jsonl`" + (", the Optuna study `study.journal`" if "study.journal" in files else "") + ".\n\n"

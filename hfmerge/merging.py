@@ -100,6 +100,19 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of a float32 tensor is finite.
+
+    The sum is one pass without a temporary: NaN or ±Inf anywhere makes it non-finite. Only
+    then (or when finite entries overflow the float32 sum) is the exact, slower test run.
+    """
+    import torch
+
+    if t.numel() == 0 or bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 class TensorMerger:
     """Turns one planned tensor position into its merged tensor (reads, checks, calls the method).
 
@@ -119,12 +132,13 @@ class TensorMerger:
         self.warnings: list[str] = []
         self.prepared: dict[str, Any] = {}  # the method's pre-pass results, passed to every call
         self._node_fishers: list[dict[str, torch.Tensor]] | None = None
+        self._preloaded: tuple[TensorPlan, Any] | None = None
 
     def _float(self, tensor: torch.Tensor, label: str, name: str) -> torch.Tensor:
         import torch
 
         t = tensor.to(torch.float32)
-        if not bool(torch.isfinite(t).all()):
+        if not _all_finite(t):
             msg = f"{label}: tensor {name!r} contains NaN or Inf values"
             if not self.recipe.allow_nonfinite:
                 raise NonFiniteTensorError(msg + "; the checkpoint is damaged. Set `allow_nonfinite: true` in the recipe to merge it anyway")
@@ -150,13 +164,27 @@ class TensorMerger:
             params[p.name] = [recipe.model_param(m, p.name, t.name, t.depth) for m in specs]
         return params
 
+    def load(self, t: TensorPlan) -> Any:
+        """Everything `merge` reads from the checkpoints for `t`: the checked inputs of a merged
+        position, the value of a copied one. `run_merge` calls it for the next position on a
+        reader thread while the current one merges (reads stay in plan order, on one thread)."""
+        return self.read_inputs(t) if t.merge else self._copy_unmergeable(t)
+
+    def preload(self, t: TensorPlan, loaded: Any) -> None:
+        """Hand the next `merge(t)` what `load(t)` returned, read ahead of it."""
+        self._preloaded = (t, loaded)
+
     def merge(self, t: TensorPlan) -> torch.Tensor:
+        """The merged tensor of `t`, from what `preload` handed over for it, else read now."""
         import torch
 
         out_dtype = torch_dtypes()[t.out_dtype]
+        ahead, self._preloaded = self._preloaded, None
+        loaded = ahead[1] if ahead is not None and ahead[0] is t else self.load(t)
+        del ahead
         if not t.merge:
-            return self._copy_unmergeable(t)
-        base, tensors = self.read_inputs(t)
+            return loaded
+        base, tensors = loaded
         kwargs = self.params_for(t)
         if self.method.needs_importance:
             kwargs["importances"] = self.importances(t)
@@ -637,7 +665,7 @@ def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progres
         merger = TensorMerger(plan, device)
         try:
             merger.prepare(progress)
-            files = write_weights(plan, merger, tmp, progress, shown=output)
+            files, hashes = write_weights(plan, merger, tmp, progress, shown=output)
             # As in mergekit, a tokenizer the recipe names (tokenizer_source, a tokenizer block) is
             # part of the merge and written whatever copy_tokenizer says.
             named = plan.recipe.tokenizer_source is not None or plan.recipe.tokenizer is not None
@@ -653,7 +681,7 @@ def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progres
             if model_card:
                 from .card import build_card
 
-                build_card(plan, tmp, title or output.name, report, section, repo_id=repo_id).save(tmp / "README.md")
+                build_card(plan, tmp, title or output.name, report, section, repo_id=repo_id, known_hashes=hashes).save(tmp / "README.md")
                 files.append("README.md")
             _finalize(output, tmp, overwrite)
         except BaseException as exc:
@@ -668,19 +696,41 @@ def run_merge(plan: MergePlan, output: Path, *, overwrite: bool = False, progres
     return MergeResult(output, sorted(files), plan.warnings + merger.warnings, report)
 
 
-def write_weights(plan: MergePlan, merger: TensorMerger, folder: Path, progress: bool, shown: Path | None = None) -> list[str]:
+def write_weights(plan: MergePlan, merger: TensorMerger, folder: Path, progress: bool,
+                  shown: Path | None = None) -> tuple[list[str], dict[str, str]]:
+    """Merge every position into the shards in `folder`; returns the files written and the
+    SHA-256 of each weights file (hashed as written, for the model card).
+
+    Three things overlap: a reader thread reads and checks the next position's inputs, this
+    thread merges the current one, and the writer's thread writes and hashes the previous
+    result. Memory holds at most the inputs of two positions and two results.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     # A reference that stores tied copies under several names (e.g. `shared` and
     # `encoder.embed_tokens`) gets each copy merged from identical inputs with the same seed
     # (TensorPlan.alias_key), so the copies stay identical.
     metadata = {"hfmerge_version": __version__, "merge_method": plan.recipe.method.name}
     bar = tqdm(total=plan.output_bytes, desc="Merging", unit="B", unit_scale=True, disable=not progress)
-    with ShardedSafetensorsWriter(folder, plan.output_tensors, plan.recipe.max_shard_size, metadata, shown_folder=shown) as writer:
-        for t in plan.tensors:
-            merged = merger.merge(t)
-            writer.write(t.name, merged)
-            bar.update(merged.numel() * merged.element_size())
+    positions = plan.tensors
+    with ThreadPoolExecutor(1, thread_name_prefix="hfmerge-reader") as reader, \
+            ShardedSafetensorsWriter(folder, plan.output_tensors, plan.recipe.max_shard_size, metadata, shown_folder=shown,
+                                     background=True) as writer:
+        ahead = reader.submit(merger.load, positions[0]) if positions else None
+        try:
+            for i, t in enumerate(positions):
+                assert ahead is not None
+                merger.preload(t, ahead.result())
+                ahead = reader.submit(merger.load, positions[i + 1]) if i + 1 < len(positions) else None
+                merged = merger.merge(t)
+                writer.write(t.name, merged)
+                bar.update(merged.numel() * merged.element_size())
+                del merged
+        finally:
+            if ahead is not None:
+                ahead.cancel()
     bar.close()
-    return writer.file_names + (["model.safetensors.index.json"] if len(writer.shards) > 1 else [])
+    return writer.file_names + (["model.safetensors.index.json"] if len(writer.shards) > 1 else []), dict(writer.sha256)
 
 
 def copy_side_files(plan: MergePlan, folder: Path, *, copy_tokenizer: bool = True) -> list[str]:

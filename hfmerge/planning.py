@@ -133,10 +133,13 @@ class MergePlan:
         Per position: every input as read (a float32 copy too when stored in another dtype),
         the Fisher tensors likewise (RegMean's Gram matrices, in × in, per model), the method's float32 work space (the stacked task vectors
         plus a few single-tensor temporaries: magnitudes, masks, the running sums) and the
-        output in float32 and output dtype; plus the process itself.
+        output in float32 and output dtype; plus the inputs of the next position (read ahead
+        while this one merges), the previous output (still being written) and the process
+        itself.
         """
         method = self.recipe.method
-        worst = 0
+        inputs: list[int] = []
+        work: list[int] = []
         for t in self.tensors:
             m = len(t.sources)
             n_inputs = m + (1 if self.base is not None else 0)
@@ -144,12 +147,17 @@ class MergePlan:
             name = t.base_source or t.sources[0]
             stored = DTYPE_SIZES[self.reference.tensors[name].dtype] if name in self.reference.tensors else 4
             per_input = 4 if stored == 4 else stored + 4
-            per_entry = (n_inputs + n_imp) * per_input + (m + 8) * 4 + 4 + DTYPE_SIZES[t.out_dtype]
             gram = 0
             if method.needs_importance and method.importance == "gram" and len(t.shape) == 2:
                 # the M Gram matrices [in, in] as read and in float32, their sum and the solve's factor
                 gram = (2 * m + 3) * t.shape[1] ** 2 * 4
-            worst = max(worst, t.numel * per_entry + gram)
+            inputs.append(t.numel * n_inputs * per_input)
+            work.append(t.numel * ((n_inputs + n_imp) * per_input + (m + 8) * 4 + 4 + DTYPE_SIZES[t.out_dtype]) + gram)
+        worst = 0
+        for i, w in enumerate(work):
+            ahead = inputs[i + 1] if i + 1 < len(inputs) else 0
+            behind = self.tensors[i - 1].numel * DTYPE_SIZES[self.tensors[i - 1].out_dtype] if i else 0
+            worst = max(worst, w + ahead + behind)
         return PROCESS_BASELINE_BYTES + worst
 
 

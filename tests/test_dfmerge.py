@@ -19,6 +19,7 @@ from hfmerge.errors import RecipeError
 from hfmerge.methods.dfmerge import dfmerge_tensor
 from hfmerge.recipe import load_recipe, parse_recipe
 from test_fisher import experts, one_torch_thread, task_entries  # noqa: F401  (fixtures)
+from test_methods import run as run_method
 
 
 def test_equation_8_with_identical_fishers_is_general_task_arithmetic():
@@ -35,6 +36,67 @@ def test_equation_8_with_identical_fishers_is_general_task_arithmetic():
     torch.testing.assert_close(dfmerge_tensor(base, tensors, lambdas, big), base + 3 * lambdas[0] * (tensors[0] - base), rtol=1e-4, atol=1e-5)
     # Where every F is zero the 1e-12 floor gives General Task Arithmetic.
     torch.testing.assert_close(dfmerge_tensor(base, tensors, lambdas, [torch.zeros_like(base)] * 3), gta, rtol=1e-5, atol=1e-6)
+
+
+def _two_models():
+    base = torch.tensor([1.0, -1.0])
+    tensors = [base + torch.tensor([1.0, 2.0]), base + torch.tensor([3.0, -1.0])]
+    return base, tensors, [torch.tensor([1.0, 3.0]), torch.tensor([3.0, 1.0])]
+
+
+def test_equation_8_is_the_default_on_hand_computed_tensors():
+    base, tensors, fishers = _two_models()
+    # θ = θ_pre + 2 (F_1 0.5 τ_1 + F_2 1.0 τ_2) / (F_1 + F_2): 1 + 2 (0.5 + 9) / 4, −1 + 2 (3 − 1) / 4
+    expected = torch.tensor([5.75, 0.0])
+    torch.testing.assert_close(dfmerge_tensor(base, tensors, [0.5, 1.0], fishers), expected)
+    torch.testing.assert_close(run_method("dfmerge", base, tensors, weight=[0.5, 1.0], importances=fishers), expected)
+    # A third model with λ = 0 still dilutes the others through its Fisher: 1 + 3 (0.5 + 9) / 104.
+    third = [*tensors, base + 7.0], [0.5, 1.0, 0.0], [*fishers, torch.full((2,), 100.0)]
+    out = run_method("dfmerge", base, third[0], weight=third[1], importances=third[2])
+    torch.testing.assert_close(out[0], torch.tensor(1 + 3 * 9.5 / 104))
+
+
+def test_capped_weighting_on_hand_computed_tensors():
+    base, tensors, fishers = _two_models()
+    # w_1 = min(2 F_1 / (F_1 + F_2), 1) = (0.5, 1), w_2 = (1, 0.5):
+    # 1 + 0.5·0.5·1 + 1·3 = 4.25, −1 + 1·0.5·2 + 0.5·(−1) = −0.5
+    expected = torch.tensor([4.25, -0.5])
+    out = run_method("dfmerge", base, tensors, weight=[0.5, 1.0], importances=fishers, fisher_weighting="capped")
+    torch.testing.assert_close(out, expected)
+    # A model with λ = 0 brings no Fisher: the result is unchanged, whatever its Fisher (even None).
+    out = dfmerge_tensor(base, [*tensors, base + 7.0], [0.5, 1.0, 0.0], [*fishers, torch.full((2,), 100.0)], "capped")
+    torch.testing.assert_close(out, expected)
+    # A dominant Fisher applies its task vector at λ τ, not at M λ τ as equation 8 does.
+    gen = torch.Generator().manual_seed(1)
+    t3 = [base + torch.randn(2, generator=gen) for _ in range(3)]
+    big = [torch.full((2,), 1e6), torch.full((2,), 1e-3), torch.full((2,), 1e-3)]
+    torch.testing.assert_close(dfmerge_tensor(base, t3, [0.4, 0.6, 0.8], big, "capped"), base + 0.4 * (t3[0] - base), rtol=1e-5, atol=1e-6)
+    # Every λ = 0: the base.
+    torch.testing.assert_close(dfmerge_tensor(base, tensors, [0.0, 0.0], fishers, "capped"), base)
+
+
+def test_capped_weighting_with_equal_fishers_is_task_arithmetic():
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(40, 3, generator=gen)
+    tensors = [base + 0.1 * torch.randn(40, 3, generator=gen) for _ in range(4)]
+    lambdas = [0.2, 0.0, 0.9, 0.5]
+    fisher = torch.rand(40, 3, generator=gen) + 0.1
+    ta = base + sum(lam * (t - base) for lam, t in zip(lambdas, tensors))
+    torch.testing.assert_close(dfmerge_tensor(base, tensors, lambdas, [fisher] * 4, "capped"), ta, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dfmerge_tensor(base, tensors, lambdas, None, "capped"), ta, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dfmerge_tensor(base, tensors, lambdas, [torch.zeros_like(base)] * 4, "capped"), ta, rtol=1e-5, atol=1e-6)
+
+
+def test_fisher_temperature_flattens_the_fishers():
+    base = torch.zeros(2)
+    tensors = [torch.tensor([3.0, 3.0]), torch.zeros(2)]
+    fishers = [torch.tensor([1.0, 4.0]), torch.tensor([4.0, 1.0])]
+    # α = 1: 2 · 3 F_1 / (F_1 + F_2) = (1.2, 4.8); α = 0.5: √F = (1, 2), (2, 1) → (2, 4); α = 0: equal weights → 3.
+    torch.testing.assert_close(dfmerge_tensor(base, tensors, [1.0, 1.0], fishers), torch.tensor([1.2, 4.8]))
+    torch.testing.assert_close(dfmerge_tensor(base, tensors, [1.0, 1.0], fishers, temperature=0.5), torch.tensor([2.0, 4.0]))
+    torch.testing.assert_close(dfmerge_tensor(base, tensors, [1.0, 1.0], fishers, temperature=0.0), torch.tensor([3.0, 3.0]))
+    # Capped with α = 0.5: w_1 = min(2 (1, 2) / 3, 1) = (2/3, 1) → (2, 3).
+    torch.testing.assert_close(dfmerge_tensor(base, tensors, [1.0, 1.0], fishers, "capped", 0.5), torch.tensor([2.0, 3.0]))
 
 
 def write(path: Path, experts, parameters: dict, **extra) -> Path:  # noqa: F811
@@ -58,6 +120,29 @@ def test_fixed_coefficients_without_fisher_equal_task_arithmetic(experts, tmp_pa
     a, b = load_file(tmp_path / "d" / "model.safetensors"), load_file(tmp_path / "t" / "model.safetensors")
     for name in b:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_capped_weighting_end_to_end_with_one_model_switched_off_is_task_arithmetic(experts, tmp_path):  # noqa: F811
+    import hfmerge
+    from safetensors.torch import load_file
+
+    # λ = (0, 0.7): the first model brings no Fisher, the second's weight is min(1 · F / F, 1) = 1.
+    models = [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(experts["models"], (0.0, 0.7))]
+    recipe = {"merge_method": "dfmerge", "base_model": str(experts["base"]), "models": models, "tasks": task_entries(experts, 8),
+              "parameters": {"fisher_weighting": "capped", "fisher_examples": 4}}
+    (tmp_path / "capped.yaml").write_text(yaml.safe_dump(recipe))
+    hfmerge.merge(tmp_path / "capped.yaml", hfmerge.RunOptions(output=tmp_path / "capped", evaluate=False, progress=False))
+    base, expert = load_file(experts["base"] / "model.safetensors"), load_file(experts["models"][1] / "model.safetensors")
+    merged = load_file(tmp_path / "capped" / "model.safetensors")
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, base[name] + 0.7 * (expert[name] - base[name]), rtol=1e-5, atol=1e-6)
+    summary = json.loads((tmp_path / "capped" / "dfmerge_search.json").read_text())
+    assert summary["fisher_weighting"] == "capped" and summary["fisher_temperature"] == 1.0
+    # Equation 8 at the same λ: the λ = 0 model's Fisher still dilutes the second's weight.
+    (tmp_path / "paper.yaml").write_text(yaml.safe_dump({**recipe, "parameters": {"fisher_examples": 4}}))
+    hfmerge.merge(tmp_path / "paper.yaml", hfmerge.RunOptions(output=tmp_path / "paper", evaluate=False, progress=False))
+    paper = load_file(tmp_path / "paper" / "model.safetensors")
+    assert any(not torch.allclose(paper[n], merged[n], rtol=1e-5, atol=1e-6) for n in merged)
 
 
 def test_search_end_to_end_records_a_score_that_a_fresh_evaluation_reproduces(experts, tmp_path, capsys):  # noqa: F811
@@ -152,6 +237,8 @@ def test_resume_keeps_completed_trials_and_runs_no_seed_point_twice(experts, tmp
     ({"parameters": {"weight": 0.5}}, r"parameters.weight: merge_method 'dfmerge' searches every λ_i"),
     ({"model_weight": 0.5}, r"models\[1\].parameters.weight: missing; .* give a weight to every model or to none"),
     ({"parameters": {"n_trials": 3, "n_startup_trials": 5}}, r"parameters.n_startup_trials: 5 random start trials exceed n_trials = 3"),
+    ({"parameters": {"fisher_weighting": "cap"}}, r"parameters.fisher_weighting: got 'cap'; expected one of 'paper', 'capped'"),
+    ({"parameters": {"fisher_temperature": -1}}, r"parameters.fisher_temperature: got -1; expected a number >= 0.0"),
 ])
 def test_bad_dfmerge_recipes_fail_before_any_model_is_loaded(tmp_path, change, message):
     for name in ("a", "b", "base"):

@@ -381,7 +381,9 @@ MERGEKIT_CONFIGURATION_COUNT = 59
 # whose feature hfmerge refuses (`test_pending_is_exactly_what_hfmerge_lacks`); when one lands,
 # delete its lines here.
 PENDING: dict[str, str] = {
-    # mergekit cuts every model's embeddings to the base's rows; hfmerge asks for a tokenizer_source.
+    # Vocabularies of 64, 64 and 66 rows without tokenizer settings: mergekit 0.1.5 itself stops
+    # ("Tensor size mismatch for lm_head.weight ... tokenizer: {source: base}"), and so does
+    # hfmerge, asking for tokenizer_source (`test_legacy_mode_is_refused_with_advice`).
     TOKENIZER + "test_legacy_mode": "feature legacy_vocab",
 }
 
@@ -642,3 +644,12 @@ def test_same_output_as_mergekit(case: Case, mergekit_models, tmp_path):
     diff = compare_outputs(ours, run_mergekit(MERGEKIT_PYTHON, recipe, tmp_path))
     assert not diff.only_ours and not diff.only_theirs, f"only in hfmerge's: {diff.only_ours[:5]}; only in mergekit's: {diff.only_theirs[:5]}"
     assert diff.max_abs <= 1e-5, f"max |hfmerge - mergekit| = {diff.max_abs:.3g} at {diff.worst}"
+
+
+def test_legacy_mode_is_refused_with_advice(mergekit_models):
+    """mergekit 0.1.5 refuses the legacy configuration (different vocabulary sizes and no
+    tokenizer settings) too; hfmerge's refusal names the tensor and the key that fixes it."""
+    recipe = substitute(tokenizer_recipe(["model_base", "model_padded", "model_chatml"], "model_base"), mergekit_models)
+    with pytest.raises(IncompatibleCheckpointsError, match=r"lm_head\.weight|embed_tokens\.weight") as info:
+        hfmerge.plan(parse_recipe(recipe))
+    assert "vocabulary sizes differ" in str(info.value) and "tokenizer_source" in str(info.value)

@@ -136,6 +136,19 @@ def test_fisher_floor_applies_to_the_first_model_only_by_default():
     assert torch.allclose(run("fisher", None, models, importances=zero, favor_target_model=False), t([2.0]))
 
 
+def test_fisher_floor_target_first_all_or_none_where_every_fisher_is_below_it():
+    models = [t([1.0, 1.0]), t([3.0, 3.0])]
+    tiny = [t([1e-8, 0.0]), t([1e-7, 0.0])]
+    # First model only (the default): its floored 1e-6 outweighs 1e-7, and it alone counts where both are 0.
+    first = run("fisher", None, models, importances=tiny)
+    assert torch.allclose(first, t([(1e-6 * 1 + 1e-7 * 3) / 1.1e-6, 1.0]))
+    # Every model: equal floored weights, the mean.
+    assert torch.allclose(run("fisher", None, models, importances=tiny, favor_target_model=False), t([2.0, 2.0]))
+    # No floor (fisher_floor 0): the Fisher-weighted mean however small, the plain mean where all are 0.
+    none = run("fisher", None, models, importances=tiny, fisher_floor=0.0)
+    assert torch.allclose(none, t([(1e-8 * 1 + 1e-7 * 3) / 1.1e-7, 2.0]))
+
+
 def test_fisher_normalisation_divides_coefficients_by_fisher_norms():
     models = [t([0.0]), t([4.0])]
     f = [t([1.0]), t([3.0])]

@@ -94,6 +94,11 @@ VALID = [
     ("scalar", st_bytes({"a": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}}, data_of(4))),
     ("whitespace-before-the-object", st_bytes(' \n{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', data_of(8))),
     ("no-tensors", st_bytes({"__metadata__": {"format": "pt"}}, b"")),
+    # Data not aligned to the element size (a header not padded to 8 bytes, a 1-byte tensor
+    # first): read by copy, where aligned data is mapped.
+    ("unpadded-header", struct.pack("<Q", 61) + json.dumps({"a": {**F32x2, "data_offsets": [0, 8]}}).encode().ljust(61) + data_of(8)),
+    ("float-after-one-byte", st_bytes({"b": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, "a": {**F32x2, "data_offsets": [1, 9]}},
+                                      b"\x07" + data_of(8))),
 ]
 
 

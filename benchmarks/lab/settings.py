@@ -91,7 +91,7 @@ class LabSettings:
     eval_test: int | None = None
     dfmerge_trials: int = 60
     dfmerge_startup: int = 10
-    search_seed: int = 0  # the DF-Merge recipes' seed: the sampler and the Fisher's examples (not the models)
+    search_seed: int = 0  # the DF-Merge recipes' seed and fisher_seed: the sampler and the Fisher's examples (not the models)
     fisher_examples: int | None = None  # validation inputs per task for Fisher methods (None: hfmerge's default, 30)
     fractions: tuple[float, ...] = (0.05, 0.1, 0.3, 0.5, 1.0)
     # Figure 5 for DF-Merge: one new search per fraction below 1 (the grid methods re-select for free).

@@ -14,7 +14,13 @@ Rows, as in the paper: zero-shot (the pre-trained base), each expert on its own 
 multitask model, Averaging, Task Arithmetic (λ grid on validation), TIES (λ grid, density
 0.2), DARE (drop-rate × λ grid), Fisher merging, Fisher nodes, DF-Merge (GP search) and
 DF-Merge without Fisher. Wall time is the method's own cost: every merge and validation
-evaluation of its search, plus the final merge; test scoring is not counted.
+evaluation of its search, plus the final merge; test scoring is not counted. Variant rows
+(`VARIANT_ROWS`: Fisher merging's floor on every Fisher or none, DF-Merge's capped
+weighting) run only when ``--methods`` names them.
+
+Seeds: the DF-Merge recipes take ``seed`` (the sampler) and, for the Fisher-weighted ones,
+``fisher_seed`` (which validation inputs the Fishers use) both from ``--search-seed``; the
+models, the grids and the Fisher merging rows do not depend on it.
 
 Outputs (``--results``; default ``benchmarks/lab/results/`` for the full lab and the cache
 folder for ``--quick``): ``table.md`` (both tables), ``results.json`` (every figure),
@@ -68,11 +74,19 @@ QUICK_DARE_LAMBDAS = [0.5, 1.0]
 
 METHOD_ROWS = ("zero_shot", "experts", "multitask", "average", "fisher", "task_arithmetic", "dare", "ties",
                "fisher_nodes", "dfmerge", "dfmerge_no_fisher")
+# Variants of the rows above, run only when --methods names them: Fisher merging with its
+# 1e-6 floor on every model's Fisher or on none (the row above floors the first model's
+# only), and DF-Merge with the capped Fisher weighting.
+VARIANT_ROWS = ("fisher_floor_all", "fisher_floor_none", "dfmerge_capped")
+VARIANT_PARAMETERS = {"fisher_floor_all": {"favor_target_model": False}, "fisher_floor_none": {"fisher_floor": 0.0},
+                      "dfmerge_capped": {"fisher_weighting": "capped"}}
 LABELS = {
     "chance": "Chance (uniform guess)", "zero_shot": "Zero-shot", "experts": "Fine-tuned (each expert on its task)",
     "multitask": "Multi-task", "average": "Averaging", "fisher": "Fisher Merging", "task_arithmetic": "Task Arithmetic",
     "dare": "DARE", "ties": "TIES-Merging", "fisher_nodes": "Fisher Nodes", "dfmerge": "DF-Merge (GP, logEI)",
     "dfmerge_no_fisher": "DF-Merge w/o Fisher (GP over GTA)",
+    "fisher_floor_all": "Fisher Merging, floor on every Fisher", "fisher_floor_none": "Fisher Merging, no floor",
+    "dfmerge_capped": "DF-Merge, capped Fisher weights",
 }
 USES_VALIDATION = {"average": False, "zero_shot": None, "experts": None, "multitask": None}
 
@@ -341,7 +355,8 @@ def run_single(lab: Lab, key: str, method: str, params: dict | None = None, *, u
     chosen = chosen_lambdas(run)
     if chosen:
         setting += ("; " if setting else "") + "λ = " + ", ".join(f"{v:.2f}" for v in chosen)
-    row = Row(key, LABELS[key], scores=test, seconds=seconds, setting=setting, uses_validation=uses_validation)
+    row = Row(key, LABELS[key], scores=test, seconds=seconds, setting=setting, uses_validation=uses_validation,
+              validation_average=best_validation(run))
     log(f"{LABELS[key]}: {row.average:.4f}  [{row.setting}]  {seconds:.0f} s")
     return row, run
 
@@ -353,11 +368,20 @@ def find_trials(run: Path) -> list[dict]:
     return []
 
 
-def chosen_lambdas(run: Path) -> list[float] | None:
+def _best_trial(run: Path) -> dict | None:
     trials = [t for t in find_trials(run) if t.get("state", "COMPLETE") == "COMPLETE" and t.get("score") is not None]
-    if not trials:
-        return None
-    return list(max(trials, key=lambda t: t["score"])["params"])
+    return max(trials, key=lambda t: t["score"]) if trials else None
+
+
+def chosen_lambdas(run: Path) -> list[float] | None:
+    best = _best_trial(run)
+    return None if best is None else list(best["params"])
+
+
+def best_validation(run: Path) -> float | None:
+    """The search's best validation score (the mean of the tasks' accuracies), if it searched."""
+    best = _best_trial(run)
+    return None if best is None else float(best["score"])
 
 
 # --------------------------------------------------------------------------- newer methods, searched rows
@@ -573,7 +597,8 @@ def checks(rows: dict[str, Row]) -> list[str]:
         out.append(f"multitask − experts: {100 * (m - e):+.2f} points")
     if None not in (a, e, m):
         out.append(f"averaging − experts: {100 * (a - e):+.2f} points; room between averaging and multitask: {100 * (m - a):.2f} points")
-    merged = {k: avg(k) for k in ("average", "fisher", "task_arithmetic", "dare", "ties", "fisher_nodes", "dfmerge", "dfmerge_no_fisher")}
+    merged = {k: avg(k) for k in ("average", "fisher", "task_arithmetic", "dare", "ties", "fisher_nodes", "dfmerge", "dfmerge_no_fisher",
+                                  *VARIANT_ROWS)}
     merged = {k: v for k, v in merged.items() if v is not None}
     merged.update({k: v for k in NEW_ROWS if (v := avg(k)) is not None})
     if merged:
@@ -606,6 +631,9 @@ def run_table(settings: LabSettings, methods: tuple[str, ...] = METHOD_ROWS, res
     ties = QUICK_TIES_GRID if quick else TIES_GRID
     drops, dare_l = (QUICK_DARE_DROP, QUICK_DARE_LAMBDAS) if quick else (DARE_DROP, DARE_LAMBDAS)
     search = {"n_trials": settings.dfmerge_trials, "n_startup_trials": settings.dfmerge_startup, "seed": settings.search_seed}
+    # The search seed also draws the Fisher's examples (and seeds `sampled` Fishers); the search
+    # without Fisher computes none, so its recipe carries no fisher_seed.
+    fisher_search = {**search, "fisher_seed": settings.search_seed}
 
     for key in methods:
         if key in ("zero_shot", "experts", "multitask"):
@@ -624,6 +652,8 @@ def run_table(settings: LabSettings, methods: tuple[str, ...] = METHOD_ROWS, res
             rows[key], _ = run_single(lab, key, key)
             if rows[key].status == "ok":
                 rows[key].setting = "importance from validation inputs of each task (method defaults)"
+        elif key in ("fisher_floor_all", "fisher_floor_none"):
+            rows[key], _ = run_single(lab, key, "fisher", VARIANT_PARAMETERS[key])
         elif key == "task_arithmetic":
             rows[key], grids[key] = run_grid(lab, key, "task_arithmetic", [({"lambda": lam}, None) for lam in ta],
                                              lambda s: f"λ={s['lambda']}")
@@ -635,13 +665,15 @@ def run_table(settings: LabSettings, methods: tuple[str, ...] = METHOD_ROWS, res
             rows[key], grids[key] = run_grid(lab, key, "dare_linear", grid,
                                              lambda s: f"dare_linear λ={s['lambda']}, p={1 - s['density']:.1f}")
         elif key == "dfmerge":
-            rows[key], search_runs[key] = run_single(lab, key, "dfmerge", dict(search))
+            rows[key], search_runs[key] = run_single(lab, key, "dfmerge", dict(fisher_search))
+        elif key == "dfmerge_capped":
+            rows[key], search_runs[key] = run_single(lab, key, "dfmerge", {**fisher_search, **VARIANT_PARAMETERS[key]})
         elif key == "dfmerge_no_fisher":
             rows[key], search_runs[key] = run_single(lab, key, "dfmerge", {**search, "fisher": False})
         else:
-            raise ValueError(f"unknown method row {key!r}; expected one of {METHOD_ROWS}")
+            raise ValueError(f"unknown method row {key!r}; expected one of {METHOD_ROWS + VARIANT_ROWS}")
 
-    ordered = [rows[k] for k in ("chance", *METHOD_ROWS) if k in rows]
+    ordered = [rows[k] for k in ("chance", *METHOD_ROWS, *VARIANT_ROWS) if k in rows]
     table2 = main_table(ordered)
     table3 = ablation_table(rows)
     notes = checks(rows)
@@ -665,7 +697,7 @@ def run_table(settings: LabSettings, methods: tuple[str, ...] = METHOD_ROWS, res
                 if f >= 1.0:
                     curve.append((f, rows["dfmerge"].average))
                     continue
-                r, _ = run_single(lab, "dfmerge", "dfmerge", dict(search), validation_examples=max(1, round(f * n_val)))
+                r, _ = run_single(lab, "dfmerge", "dfmerge", dict(fisher_search), validation_examples=max(1, round(f * n_val)))
                 if r.status == "ok":
                     curve.append((f, r.average))
             curves[LABELS["dfmerge"]] = curve
@@ -701,23 +733,25 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.lab table", description="Run every merge method on the lab; print the tables.")
     p.add_argument("--quick", action="store_true", help="the quick lab (tiny models, small grids; seconds): the smoke test")
-    p.add_argument("--methods", help=f"comma-separated rows to run (default: all): {','.join(METHOD_ROWS)}")
+    p.add_argument("--methods", help=f"comma-separated rows to run (default: all): {','.join(METHOD_ROWS)}; "
+                                     f"variants run only when named: {','.join(VARIANT_ROWS)}")
     p.add_argument("--results", help="folder for table.md, results.json and the PNGs")
     p.add_argument("--no-figures", action="store_true", help="skip Figures 4 and 5 (and the extra DF-Merge runs of Figure 5)")
     p.add_argument("--dfmerge-fractions", metavar="F,F,...",
                    help="validation fractions of Figure 5's DF-Merge searches (default: the settings'; 1 alone adds no search)")
     p.add_argument("--search-seed", type=int, metavar="N",
-                   help="the DF-Merge recipes' seed (default 0): their sampler and the Fisher's examples; the "
-                        "models stay the same, so a few seeds measure how much a search depends on its random start")
+                   help="the DF-Merge recipes' seed and fisher_seed (default 0): their sampler, and the Fisher's examples of "
+                        "the Fisher-weighted searches; the models stay the same, so a few seeds measure how much a search "
+                        "depends on its random start and its Fisher inputs")
     p.add_argument("--progress", action="store_true", help="show evaluation progress bars")
     p.add_argument("--search-trials", type=int, metavar="N",
                    help=f"completed trials of the searched recipes ({','.join(SEARCH_ROWS)}; default: DF-Merge's budget, "
                         "60); the DF-Merge rows keep theirs")
     args = p.parse_args(argv)
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else METHOD_ROWS
-    unknown = [m for m in methods if m not in METHOD_ROWS]
+    unknown = [m for m in methods if m not in METHOD_ROWS + VARIANT_ROWS]
     if unknown:
-        p.error(f"unknown method row(s) {', '.join(unknown)}; expected some of {','.join(METHOD_ROWS)}")
+        p.error(f"unknown method row(s) {', '.join(unknown)}; expected some of {','.join(METHOD_ROWS + VARIANT_ROWS)}")
     settings = settings_for(args.quick)
     if args.dfmerge_fractions:
         settings = dataclasses.replace(settings, dfmerge_fractions=tuple(float(f) for f in args.dfmerge_fractions.split(",")))

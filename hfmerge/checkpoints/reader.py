@@ -5,8 +5,9 @@ A checkpoint folder holds ``config.json`` and either ``model.safetensors`` or
 are refused unless the recipe sets ``allow_pickle: true``; even then they are loaded with
 ``torch.load(weights_only=True)``, which cannot run code.
 
-Tensors are read with plain positioned reads, one at a time, so memory holds only the
-tensors in flight (no memory-mapped pages of the whole file).
+Tensors are read one at a time, each by mapping its own byte range of the file
+(copy-on-write), so memory holds only the tensors in flight (never the pages of the whole
+file) and nothing is copied until a method computes with them.
 
 Symbolic links are followed only where they stay inside the checkpoint (`confinement_root`):
 a file that hfmerge reads or copies (weights, index, config, tokenizer, model card) and whose
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import mmap
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -189,13 +191,22 @@ class LocalCheckpoint:
         dtype = torch_dtypes()[info.dtype]
         if info.numel == 0:
             return torch.empty(info.shape, dtype=dtype)
-        buf = bytearray(info.nbytes)
+        # Map the tensor's bytes (copy-on-write: a method that writes into its inputs changes its
+        # own pages, never the file): no copy and no fresh memory; the pages go when the tensor does.
         with open(self._confined(self.local_file(info)), "rb") as f:
-            f.seek(info.begin)
-            got = f.readinto(buf)
-        if got != info.nbytes:
-            raise CheckpointError(f"{self.label}: {info.file.name} ended while reading tensor {name!r}; the file is truncated, download it again")
-        return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+            if os.fstat(f.fileno()).st_size < info.end:
+                raise CheckpointError(f"{self.label}: {info.file.name} ended while reading tensor {name!r}; the file is truncated, download it again")
+            if info.begin % dtype.itemsize:
+                # Data not aligned to its element size (a writer that did not pad the header):
+                # a view of the mapped bytes as `dtype` is impossible, so read a copy.
+                buf = bytearray(info.nbytes)
+                f.seek(info.begin)
+                if f.readinto(buf) != info.nbytes:
+                    raise CheckpointError(f"{self.label}: {info.file.name} ended while reading tensor {name!r}; the file is truncated, download it again")
+                return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+            start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY
+            mapped = mmap.mmap(f.fileno(), info.end - start, access=mmap.ACCESS_COPY, offset=start)
+        return torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes, offset=info.begin - start).view(dtype).reshape(info.shape)
 
     def release(self) -> None:
         """Nothing to give back: a local folder's files are read in place."""

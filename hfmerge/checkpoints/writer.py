@@ -9,8 +9,10 @@ conventions (``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` with
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -82,11 +84,18 @@ class ShardedSafetensorsWriter:
 
     Use as a context manager; call `write` once per planned tensor, in plan order. A failed
     write (full disk, read-only folder, no permission) raises `OutputWriteError` naming the
-    file; removing the half-written folder is the caller's job (it owns the folder).
+    file; removing the half-written folder is the caller's job (it owns the folder). Each
+    weights file is hashed as it is written: `sha256` maps the file names to their digests
+    once they are closed.
+
+    With ``background=True`` the file work (opening shards, writing, hashing) runs on one
+    thread of its own, in order, while the caller prepares the next tensor: `write` returns
+    once the previous tensor is written, so at most one tensor waits. A failure of that
+    thread is raised by the next `write` or by `finish`.
     """
 
     def __init__(self, folder: Path, tensors: list[OutputTensor], max_shard_size: int, metadata: dict[str, str] | None = None,
-                 *, shown_folder: Path | None = None):
+                 *, shown_folder: Path | None = None, background: bool = False):
         """
         Args:
             folder: Where the files are written (usually a temporary folder).
@@ -95,6 +104,7 @@ class ShardedSafetensorsWriter:
             metadata: Extra ``__metadata__`` strings of every shard.
             shown_folder: The folder named in error messages, when `folder` is a temporary
                 folder that becomes it (default: `folder`).
+            background: Write on a thread of the writer's own (see the class).
         """
         self.folder = Path(folder)
         self.shown_folder = Path(shown_folder) if shown_folder is not None else self.folder
@@ -105,6 +115,10 @@ class ShardedSafetensorsWriter:
         self._next = 0
         self._file: BinaryIO | None = None
         self._shard = -1
+        self._hash = hashlib.sha256()
+        self.sha256: dict[str, str] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hfmerge-writer") if background else None
+        self._pending: Future | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -118,13 +132,24 @@ class ShardedSafetensorsWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.finish()
-        else:
-            try:
-                self._close_shard()
-            except OutputWriteError:
-                pass  # the error already on its way says what went wrong first
+        try:
+            if exc_type is None:
+                self.finish()
+            else:
+                try:
+                    self._settle()
+                    self._close_shard()
+                except OutputWriteError:
+                    pass  # the error already on its way says what went wrong first
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+    def _settle(self) -> None:
+        """Wait for the background write in flight, if any, and raise its error."""
+        job, self._pending = self._pending, None
+        if job is not None:
+            job.result()
 
     def _close_shard(self) -> None:
         """Close the open shard, if any; a close that flushes into a full disk fails here."""
@@ -136,6 +161,7 @@ class ShardedSafetensorsWriter:
             raise self._failed(exc, self.file_names[self._shard]) from exc
         finally:
             self._file = None
+        self.sha256[self.file_names[self._shard]] = self._hash.hexdigest()
 
     @property
     def expected(self) -> OutputTensor | None:
@@ -151,17 +177,17 @@ class ShardedSafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
         self._shard = index
+        self._hash = hashlib.sha256()
         try:
             self._file = open(self.folder / self.file_names[index], "wb")
-            self._file.write(struct.pack("<Q", len(raw)))
-            self._file.write(raw)
+            for part in (struct.pack("<Q", len(raw)), raw):
+                self._file.write(part)
+                self._hash.update(part)
         except OSError as exc:
             raise self._failed(exc, self.file_names[index]) from exc
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next tensor; it must be the one the plan expects, with its shape and dtype."""
-        import torch
-
         if self._next >= len(self._order):
             raise HfMergeError(f"internal error: tensor {name!r} written after the last planned tensor")
         shard, planned = self._order[self._next]
@@ -170,18 +196,31 @@ class ShardedSafetensorsWriter:
                 f"internal error: writer expected {planned.name} {list(planned.shape)} {planned.dtype}, "
                 f"got {name} {list(tensor.shape)} {tensor.dtype}"
             )
+        self._next += 1
+        if self._pool is None:
+            self._put(shard, planned, tensor)
+        else:
+            self._settle()
+            self._pending = self._pool.submit(self._put, shard, planned, tensor)
+
+    def _put(self, shard: int, planned: OutputTensor, tensor: torch.Tensor) -> None:
+        """Append one checked tensor to its shard (opening the shard first) and hash it."""
+        import torch
+
         if shard != self._shard:
             self._open_shard(shard)
         assert self._file is not None
         if planned.nbytes:
+            data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data
             try:
-                self._file.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                self._file.write(data)
             except OSError as exc:
                 raise self._failed(exc, self.file_names[shard]) from exc
-        self._next += 1
+            self._hash.update(data)
 
     def finish(self) -> list[str]:
         """Close the last shard and write the index (for more than one shard). Returns the files written."""
+        self._settle()
         if self._next != len(self._order):
             missing = self._order[self._next][1].name
             raise HfMergeError(f"internal error: writer closed before tensor {missing!r} was written")

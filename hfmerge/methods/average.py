@@ -36,5 +36,5 @@ def average(base: torch.Tensor | None, tensors: Sequence[torch.Tensor], *, weigh
         total.add_(theta, alpha=w)
     if normalize:
         divisor = float(sum(weight))
-        total = total / (divisor if abs(divisor) >= 1e-8 else 1.0)
+        total.div_(divisor if abs(divisor) >= 1e-8 else 1.0)
     return total

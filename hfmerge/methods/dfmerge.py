@@ -11,6 +11,17 @@ exactly General Task Arithmetic θ_pre + Σ_i λ_i τ_i, which is why the factor
 optimisation over GTA coefficients). The λ themselves come from a Bayesian-optimisation
 search (`hfmerge.search`, driven by `hfmerge.dfmerge`); this function is the merge of one
 tensor position once they are known.
+
+Two opt-in departures from equation 8 (the default, ``fisher_weighting: paper`` and
+``fisher_temperature: 1``, is the paper's):
+
+- ``fisher_weighting: capped``: θ = θ_pre + Σ_{i ∈ A} w_i λ_i τ_i with A the models with
+  λ_i ≠ 0, M′ = |A| and w_i = min(M′ · F_i / Σ_{j ∈ A} F_j, 1). A model the search switched
+  off brings no Fisher (in equation 8 its F_i, taken at θ_pre, still dilutes the others'
+  weights), and no task vector is stretched beyond λ_i τ_i (equation 8's weight M F_i / Σ F_j
+  reaches M). Equal Fishers still give task arithmetic.
+- ``fisher_temperature`` α: every F_i (with its 1e-12) is raised to the power α before
+  weighting; α = 0 gives equal weights (General Task Arithmetic), α < 1 flattens the Fishers.
 """
 
 from __future__ import annotations
@@ -27,6 +38,17 @@ if TYPE_CHECKING:
     from ..recipe import Recipe
 
 FISHER_EPS = 1e-12
+FISHER_WEIGHTINGS = ("paper", "capped")
+
+
+def _weighting_fisher(fisher: torch.Tensor | None, like: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The F_i a weighting uses: ones without a Fisher, else (F_i + 1e-12) ** α."""
+    import torch
+
+    if fisher is None:
+        return torch.ones_like(like)
+    f = fisher + FISHER_EPS
+    return f if temperature == 1.0 else f.pow_(temperature)
 
 
 class Equation8:
@@ -35,9 +57,13 @@ class Equation8:
     ``add(τ_i, λ_i, F_i)`` for every model, then ``result(θ_pre)``. `F_i` None means F_i = 1.
     The search (on a live model) and the streaming merge (on checkpoint tensors) both use it,
     so a trial's candidate and the written model are computed by the same arithmetic.
+
+    Args:
+        temperature: α: each F_i + 1e-12 is raised to this power (1: the paper's equation).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, temperature: float = 1.0) -> None:
+        self.temperature = float(temperature)
         self.numerator: torch.Tensor | None = None
         self.denominator: torch.Tensor | None = None
         self.count = 0
@@ -45,7 +71,7 @@ class Equation8:
     def add(self, task_vector: torch.Tensor, lam: float, fisher: torch.Tensor | None) -> None:
         import torch
 
-        f = torch.ones_like(task_vector) if fisher is None else fisher + FISHER_EPS
+        f = _weighting_fisher(fisher, task_vector, self.temperature)
         if self.numerator is None:
             self.numerator = torch.zeros_like(task_vector)
             self.denominator = torch.zeros_like(task_vector)
@@ -58,10 +84,64 @@ class Equation8:
         return self.numerator.div_(self.denominator).mul_(self.count).add_(base)
 
 
+class CappedWeights:
+    """The capped weighting: θ_pre + Σ_{λ_i ≠ 0} min(M′ F_i / Σ_{λ_j ≠ 0} F_j, 1) λ_i τ_i.
+
+    Same interface as `Equation8`. A model with λ_i = 0 is ignored (its Fisher may be None and
+    need not be computed, see `needs_fisher`). The weights need the sum of every Fisher before
+    any of them is applied, so the Fishers of the models with λ_i ≠ 0 are held until
+    ``result``: M′ Fishers at once, where equation 8 holds one.
+
+    Args:
+        temperature: α: each F_i + 1e-12 is raised to this power.
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        self.temperature = float(temperature)
+        self.terms: list[tuple[torch.Tensor, float, torch.Tensor | None]] = []
+
+    def add(self, task_vector: torch.Tensor, lam: float, fisher: torch.Tensor | None) -> None:
+        if lam != 0:
+            self.terms.append((task_vector, float(lam), fisher))
+
+    def result(self, base: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        out = base.clone()
+        if not self.terms:
+            return out
+        fishers = [_weighting_fisher(f, tv, self.temperature) for tv, _, f in self.terms]
+        total = torch.zeros_like(base)
+        for f in fishers:
+            total.add_(f)
+        for (tv, lam, _), f in zip(self.terms, fishers):
+            w = f.mul_(len(self.terms)).div_(total).clamp_(max=1.0)
+            out.add_(w.mul_(tv), alpha=lam)
+        return out
+
+
+def fisher_accumulator(weighting: str = "paper", temperature: float = 1.0) -> Equation8 | CappedWeights:
+    """The accumulator of one tensor position for ``fisher_weighting`` (``paper`` or ``capped``)."""
+    if weighting == "paper":
+        return Equation8(temperature)
+    if weighting == "capped":
+        return CappedWeights(temperature)
+    raise ValueError(f"unknown fisher_weighting {weighting!r}; expected one of {', '.join(FISHER_WEIGHTINGS)}")
+
+
+def needs_fisher(weighting: str, lam: float) -> bool:
+    """Whether model i's Fisher enters the merge: always in equation 8, only for λ_i ≠ 0 when capped."""
+    return weighting == "paper" or lam != 0
+
+
 def dfmerge_tensor(base: torch.Tensor, tensors: Sequence[torch.Tensor], lambdas: Sequence[float],
-                   importances: Sequence[torch.Tensor] | None) -> torch.Tensor:
-    """Equation (8) for one tensor position; ``importances=None`` means every F_i = 1 (GTA)."""
-    acc = Equation8()
+                   importances: Sequence[torch.Tensor] | None, weighting: str = "paper", temperature: float = 1.0) -> torch.Tensor:
+    """One tensor position; ``importances=None`` means every F_i = 1 (General Task Arithmetic).
+
+    ``weighting`` ``paper`` is equation (8), ``capped`` the capped weights (module docstring);
+    ``temperature`` is α in (F_i + 1e-12) ** α.
+    """
+    acc = fisher_accumulator(weighting, temperature)
     for i, (lam, theta) in enumerate(zip(lambdas, tensors)):
         acc.add(theta - base, lam, None if importances is None else importances[i])
     return acc.result(base)
@@ -126,6 +206,9 @@ def validate(recipe: "Recipe", source: str) -> list[str]:
     per_model=(Param("weight", 1.0, help="the coefficient λ_i: found by the search; given for every model, the search is skipped"),),
     params=(
         Param("fisher", True, kind=bool, help="weigh by the Fisher of the λ-scaled models (false: BO over General Task Arithmetic)"),
+        Param("fisher_weighting", "paper", kind=str, choices=FISHER_WEIGHTINGS,
+              help="paper: equation 8; capped: min(M′ F_i / Σ F_j, 1) over the models with λ_i ≠ 0"),
+        Param("fisher_temperature", 1.0, low=0.0, help="α: weigh by (F_i + 1e-12) ** α (1: the paper; 0: equal weights)"),
         Param("n_trials", 60, kind=int, low=1, help="trials of the search in total, random start included (Optuna's n_trials)"),
         Param("n_startup_trials", 10, kind=int, low=0, help="random trials before the Gaussian process guides the search"),
         Param("seed", 0, kind=int, low=0, help="seed of the search"),
@@ -144,5 +227,6 @@ def validate(recipe: "Recipe", source: str) -> list[str]:
     summary="θ_pre + M Σ F_i λ_i τ_i / Σ F_i with λ found by Bayesian optimisation (equation 8)",
 )
 def dfmerge(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, weight: Sequence[float],
-            importances: Sequence[torch.Tensor] | None = None, **_: object) -> torch.Tensor:
-    return dfmerge_tensor(base, tensors, weight, importances)
+            importances: Sequence[torch.Tensor] | None = None, fisher_weighting: str = "paper", fisher_temperature: float = 1.0,
+            **_: object) -> torch.Tensor:
+    return dfmerge_tensor(base, tensors, weight, importances, fisher_weighting, fisher_temperature)

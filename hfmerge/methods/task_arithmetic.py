@@ -29,8 +29,10 @@ def task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, weig
     import torch
 
     mixed = torch.zeros_like(base)
+    tau = torch.empty_like(base)  # one work tensor for every τ_i, not a fresh one per model
     for w, theta in zip(weight, tensors):
-        mixed.add_(theta - base, alpha=w)
+        mixed.add_(torch.sub(theta, base, out=tau), alpha=w)
+    del tau
     total = float(sum(weight))
     if normalize:
         mixed.div_(total if abs(total) >= 1e-8 else 1.0)
