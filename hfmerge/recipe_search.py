@@ -35,9 +35,9 @@ from .dfmerge import (
     write_search_record,
 )
 from .dfmerge import search_settings as dfmerge_settings
+from .errors import OptionError
 from .options import RunOptions, device_settings, merge_device
 from .recipe import Recipe, with_search_values
-from .errors import OptionError
 from .searching import SearchResult, SearchSettings, TrialOutcome, open_search, storage_label
 
 if TYPE_CHECKING:
