@@ -14,12 +14,21 @@ trial log. Prints:
 2. the search's best-so-far validation score by trial, and the trial and cumulative time at
    which it came within 0.6 points (0.006) of the final best;
 3. for context, the same search without Fisher (``fisher: false``) and task arithmetic's
-   validation score at λ = 0.3, 0.5 and 1.0.
+   validation score at λ = 0.3, 0.5 and 1.0;
+4. with ``--reference``, the same search with the reference implementation's Fisher
+   (``fisher_implementation: loop``: one example at a time, a full-model gradient per example
+   and option, as the authors' code computes it; same model, same examples, same seed), its
+   per-trial time and split beside hfmerge's, the ratio of the two, and whether both searches
+   visited the same λ and chose the same best trial.
+
+``--lab`` runs the searches on the merge lab's base and five experts (``benchmarks/lab``; the
+lab must be built, see its README) instead of the tiny keyword models.
 
 Examples::
 
     python benchmarks/dfmerge_search.py
     python benchmarks/dfmerge_search.py --tasks 4 --trials 30 --startup 10
+    python benchmarks/dfmerge_search.py --lab --trials 20 --reference --no-ablation
 """
 
 from __future__ import annotations
@@ -80,18 +89,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--fisher-examples", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reference", action="store_true", help="also run the search with the reference's per-example loop Fisher and compare")
+    parser.add_argument("--no-ablation", action="store_true", help="skip the search without Fisher")
+    parser.add_argument("--lab", action="store_true", help="search on the merge lab's models (built by `python -m benchmarks.lab build`)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f}); "
           f"{args.tasks} tiny T5 experts (d_model {args.d_model}), {args.trials} trials ({args.startup} random), N = {args.fisher_examples}")
     result: dict = {}
+    searches = [("dfmerge", {})]
+    if not args.no_ablation:
+        searches.append(("dfmerge_no_fisher", {"fisher": False}))
+    if args.reference:
+        searches.append(("dfmerge_reference_fisher", {"fisher_implementation": "loop"}))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        base, models, tasks = build_world(root, args.tasks, args.d_model)
-        common = {"base_model": str(base), "models": [{"model": str(m)} for m in models], "tasks": tasks}
-        params = {"n_trials": args.trials, "n_startup_trials": args.startup, "seed": 0, "fisher_examples": args.fisher_examples}
-        for name, extra in (("dfmerge", {}), ("dfmerge_no_fisher", {"fisher": False})):
+        if args.lab:
+            from benchmarks.lab.settings import settings_for
+            from benchmarks.lab.table import Lab
+
+            lab = Lab(settings_for(quick=False))
+            common = {k: v for k, v in lab.recipe("dfmerge").items() if k != "parameters"}
+            fisher_examples = lab.settings.fisher_examples or args.fisher_examples
+        else:
+            base, models, tasks = build_world(root, args.tasks, args.d_model)
+            common = {"base_model": str(base), "models": [{"model": str(m)} for m in models], "tasks": tasks}
+            fisher_examples = args.fisher_examples
+        params = {"n_trials": args.trials, "n_startup_trials": min(args.startup, args.trials), "seed": 0, "fisher_examples": fisher_examples}
+        for name, extra in searches:
             wall, out = run(root, name, {"merge_method": "dfmerge", **common, "parameters": {**params, **extra}})
             log = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
             done = [r for r in log if r["state"] == "COMPLETE"]
@@ -105,23 +131,38 @@ def main(argv: list[str] | None = None) -> int:
                 curve.append((r["number"], best, cumulative))
             final = curve[-1][1]
             reach = next(c for c in curve if c[1] >= final - 0.006)
+            summary = json.loads((out / "dfmerge_search.json").read_text())
             result[name] = {"wall_s": wall, "trial_s": trial, "sample_s": sample, **stage, "overhead_s": trial - sum(stage.values()),
                             "driver_s": trial - sum(stage.values()) - sample,
                             "final_best": final, "reach_trial": reach[0], "reach_s": reach[2], "search_s": cumulative,
-                            "best_lambdas": json.loads((out / "dfmerge_search.json").read_text())["lambdas"]}
+                            "best_lambdas": summary["lambdas"], "best_trial": summary.get("best_trial"),
+                            "trials": [{"number": r["number"], "params": r.get("params"), "score": r["score"]} for r in done]}
             print(f"  {name}: done", file=sys.stderr)
-        ta = {}
-        for lam in (0.3, 0.5, 1.0):
-            _, out = run(root, f"ta{lam}", {"merge_method": "task_arithmetic", **common, "parameters": {"lambda": lam}})
-            ta[lam] = json.loads((out / "eval_results.json").read_text())["average"]
-        result["task_arithmetic"] = ta
+        if not args.lab:
+            ta = {}
+            for lam in (0.3, 0.5, 1.0):
+                _, out = run(root, f"ta{lam}", {"merge_method": "task_arithmetic", **common, "parameters": {"lambda": lam}})
+                ta[lam] = json.loads((out / "eval_results.json").read_text())["average"]
+            result["task_arithmetic"] = ta
     print("\n| search | trials | s/trial | Fisher s | merge s | evaluation s | Optuna sampling s (share) | other overhead s (share) | final best | within 0.6 pt at trial | after s | whole search s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name in ("dfmerge", "dfmerge_no_fisher"):
+    for name, _ in searches:
         r = result[name]
         print(f"| {name} | {args.trials} | {r['trial_s']:.3f} | {r['fisher_s']:.3f} | {r['merge_s']:.3f} | {r['eval_s']:.3f} | {r['sample_s']:.3f} "
               f"({100 * r['sample_s'] / r['trial_s']:.1f}%) | {r['driver_s']:.3f} ({100 * r['driver_s'] / r['trial_s']:.1f}%) | {r['final_best']:.4f} | {r['reach_trial']} | {r['reach_s']:.1f} | {r['search_s']:.1f} |")
-    print("\ntask arithmetic (validation average): " + ", ".join(f"λ={k}: {v:.4f}" for k, v in result["task_arithmetic"].items()))
+    if "task_arithmetic" in result:
+        print("\ntask arithmetic (validation average): " + ", ".join(f"λ={k}: {v:.4f}" for k, v in result["task_arithmetic"].items()))
+    if args.reference:
+        ours, ref = result["dfmerge"], result["dfmerge_reference_fisher"]
+        same_points = [a["params"] == b["params"] for a, b in zip(ours["trials"], ref["trials"])]
+        largest = max(abs(a["score"] - b["score"]) for a, b in zip(ours["trials"], ref["trials"]))
+        result["reference"] = {"trial_ratio": ours["trial_s"] / ref["trial_s"], "fisher_ratio": ours["fisher_s"] / ref["fisher_s"],
+                               "same_points": sum(same_points), "trials_compared": len(same_points), "largest_score_difference": largest,
+                               "same_best": ours["best_lambdas"] == ref["best_lambdas"]}
+        x = result["reference"]
+        print(f"\nhfmerge's trial against the reference-style trial (loop Fisher): {x['trial_ratio']:.2f}x the time "
+              f"(Fisher alone {x['fisher_ratio']:.2f}x); same λ in {x['same_points']} of {x['trials_compared']} trials, "
+              f"largest validation difference {x['largest_score_difference']:.2e}, same best λ: {'yes' if x['same_best'] else 'no'}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

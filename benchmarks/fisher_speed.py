@@ -35,6 +35,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -47,6 +48,7 @@ from scoring_speed import SETUPS, Setup, build, make_examples, timed  # noqa: E4
 
 from hfmerge.fisher.diagonal import VMAP_MAX_PARAMETERS, choose_implementation, diagonal_fisher  # noqa: E402
 from hfmerge.fisher.engine import FisherSettings, compute_fisher, encode_for_model  # noqa: E402
+from hfmerge.fisher.nodes import node_fisher  # noqa: E402
 
 
 IMPLEMENTATIONS = ("loop", "vmap", "hooks")
@@ -104,19 +106,62 @@ def speed_table(examples_n: int, repeats: int, mode: str = "exact", widths: tupl
     return rows
 
 
-def nodes_table(examples_n: int, repeats: int) -> list[dict]:
+BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072, "vocab_size": 30522,
+             "max_position_embeddings": 512}
+
+
+def bert_classifier_of_shape(config: dict):
+    """A randomly initialised two-class BERT sequence classifier (the paper's setting) and a
+    word-level tokenizer over its vocabulary."""
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from hfmerge.testing import tiny_config
+
+    torch.manual_seed(0)
+    cfg = tiny_config("bert")
+    for k, v in config.items():
+        setattr(cfg, k, v)
+    cfg.num_labels = 2
+    model = tf.BertForSequenceClassification(cfg).eval()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [f"w{i}" for i in range(cfg.vocab_size - 4)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+    return model, tokenizer, cfg.vocab_size - 4
+
+
+NODE_MODELS = ("tiny-t5", "t5-small-shape", "bert-base-shape")
+
+
+def nodes_table(examples_n: int, repeats: int, models: Sequence[str] = NODE_MODELS, max_prompt: int = 24) -> list[dict]:
+    """Fisher Mask Nodes against two full diagonal Fishers, per Fisher mode, timed in interleaved
+    rounds: the per-example loop (a backward pass per example and option with a full-model
+    gradient, as the original Fisher-merging code and the node paper's baseline compute it; in
+    ``sampled`` mode exactly one backward pass per example) and hfmerge's fastest (hooks)."""
     rows = []
-    for name in ("tiny-t5", "t5-small-shape"):
-        setup = SETUPS[name]
-        model, tokenizer, words = build(setup)
+    for name in models:
+        if name == "bert-base-shape":
+            model, tokenizer, words = bert_classifier_of_shape(BERT_BASE)
+        else:
+            model, tokenizer, words = build(SETUPS[name])
         n = examples_n if name == "tiny-t5" else max(4, examples_n // 2)
-        examples = make_examples(n, words, max_prompt=24)
-        full, _ = timed(lambda: compute_fisher(model, tokenizer, examples, FisherSettings(implementation="auto")), repeats)
-        loop, _ = timed(lambda: compute_fisher(model, tokenizer, examples, FisherSettings(implementation="loop")), repeats)
-        nodes, _ = timed(lambda: compute_fisher(model, tokenizer, examples, FisherSettings(kind="nodes")), repeats)
-        rows.append({"model": name, "examples": n, "full_auto_s": full, "full_loop_s": loop, "nodes_s": nodes,
-                     "ratio_vs_auto": full / nodes, "ratio_vs_loop": loop / nodes})
-        print(f"  nodes {name}: done", file=sys.stderr)
+        examples = make_examples(n, words, max_prompt=max_prompt)
+        if name == "bert-base-shape":  # a two-class classifier: one option per class
+            examples = [type(e)(e.prompt, ("no", "yes"), i % 2) for i, e in enumerate(examples)]
+        enc = encode_for_model(model, tokenizer, examples)
+        labels = [e.label for e in examples]
+        for mode in ("exact", "sampled"):
+            fns = {"loop": lambda mode=mode: diagonal_fisher(model, enc, labels, mode=mode, implementation="loop"),
+                   "hooks": lambda mode=mode: diagonal_fisher(model, enc, labels, mode=mode, implementation="hooks"),
+                   "nodes": lambda mode=mode: node_fisher(model, enc, labels, mode=mode)}
+            times = interleaved(fns, repeats)
+            rows.append({"model": name, "parameters": sum(p.numel() for p in model.parameters()), "examples": n,
+                         "options": sum(len(e.option_ids) for e in enc), "mode": mode,
+                         "loop_s": times["loop"], "hooks_s": times["hooks"], "nodes_s": times["nodes"],
+                         "ratio_vs_loop": times["loop"] / times["nodes"], "ratio_vs_hooks": times["hooks"] / times["nodes"]})
+            print(f"  nodes {name} {mode}: done", file=sys.stderr)
     return rows
 
 
@@ -204,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--widths", default="", help="comma-separated d_model values of extra T5 rows (6+6 layers) in the speed table, e.g. 64,128,256")
     parser.add_argument("--mode", default="exact", choices=("exact", "sampled", "empirical"), help="Fisher mode of the speed table")
+    parser.add_argument("--node-models", default=",".join(NODE_MODELS), help=f"models of the nodes table (default: {','.join(NODE_MODELS)})")
+    parser.add_argument("--max-prompt", type=int, default=24, help="longest prompt of the nodes table's examples, in words (default 24)")
+    parser.add_argument("--no-quality", action="store_true", help="skip the merge-quality part of the nodes table")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
@@ -227,12 +275,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['vmap_s_per_example']:.4f} | {r['hooks_s_per_example']:.4f} | {r['hooks_vs_previous_auto']:.1f}x ({r['previous_auto']}) | "
                   f"{r['hooks_vs_loop']:.1f}x | {r['auto']} | {'yes' if r['auto_is_best'] else 'no'} | {r['hooks_max_difference']:.1e} |")
     if "nodes" in tables:
-        rows = result["nodes"] = nodes_table(args.examples, args.repeats)
-        print("\n| model | examples | full Fisher (auto) s | full Fisher (loop) s | Fisher nodes s | ratio vs auto | ratio vs loop |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        models = [m.strip() for m in args.node_models.split(",") if m.strip()]
+        rows = result["nodes"] = nodes_table(args.examples, args.repeats, models, args.max_prompt)
+        print("\n| model | parameters | examples (options) | mode | full Fisher, per-example loop s | full Fisher, hooks s | Fisher nodes s | "
+              "nodes vs loop | nodes vs hooks |")
+        print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
         for r in rows:
-            print(f"| {r['model']} | {r['examples']} | {r['full_auto_s']:.3f} | {r['full_loop_s']:.3f} | {r['nodes_s']:.3f} | "
-                  f"{r['ratio_vs_auto']:.1f}x | {r['ratio_vs_loop']:.1f}x |")
+            print(f"| {r['model']} | {r['parameters'] / 1e6:.1f}M | {r['examples']} ({r['options']}) | {r['mode']} | {r['loop_s']:.3f} | "
+                  f"{r['hooks_s']:.3f} | {r['nodes_s']:.3f} | {r['ratio_vs_loop']:.1f}x | {r['ratio_vs_hooks']:.1f}x |")
+    if "nodes" in tables and not args.no_quality:
         with tempfile.TemporaryDirectory() as tmp:
             quality = result["quality"] = merge_quality(Path(tmp))
         print("\n| method | average validation accuracy | per task | seconds (Fishers + merge + evaluation) |")

@@ -66,6 +66,24 @@ def test_breadcrumbs_breaks_magnitude_ties_by_position():
     assert torch.equal(out, t([0.0, -1.0, 1.0, 0.0]))
 
 
+def test_breadcrumbs_band_equals_a_stable_sort_on_many_ties():
+    """The band is found by selection, not a sort; it must keep exactly the entries a stable
+    sort of |δ| puts in the band, also where many magnitudes are equal (integer deltas, zeros)."""
+    from hfmerge.methods.breadcrumbs import band_mask
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(400):
+        shape = (int(torch.randint(1, 12, (1,), generator=gen)), int(torch.randint(1, 12, (1,), generator=gen)))
+        delta = torch.randint(-3, 4, shape, generator=gen).float() if trial % 2 else torch.randn(shape, generator=gen)
+        delta = delta.to((torch.float32, torch.float64, torch.bfloat16)[trial % 3])
+        density, gamma = float(torch.rand(1, generator=gen)), 0.5 * float(torch.rand(1, generator=gen))
+        n = delta.numel()
+        kept, start = int(density * n), max(0, n - int(density * n) - int(gamma * n))
+        expected = torch.zeros(n, dtype=delta.dtype)
+        expected[torch.sort(delta.abs().reshape(-1), stable=True).indices[start:start + kept]] = 1
+        assert torch.equal(band_mask(delta, density, gamma), expected.view(shape)), (trial, delta, density, gamma)
+
+
 def test_breadcrumbs_rescale_keeps_the_l1_norm_of_each_task_vector():
     base = torch.zeros(10)
     out = run("breadcrumbs", base, [TAU], density=[0.5], gamma=[0.2], rescale=True)
