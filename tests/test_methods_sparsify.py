@@ -134,6 +134,23 @@ def test_sce_selects_the_entries_of_largest_variance():
     assert torch.equal(run("sce", base, [a, b], select_topk=0.0), base)
 
 
+def test_sce_selection_equals_a_descending_stable_sort_on_many_ties():
+    from hfmerge.methods.sce import select_mask
+
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(300):
+        shape = (int(torch.randint(1, 10, (1,), generator=gen)), int(torch.randint(1, 10, (1,), generator=gen)))
+        models = int(torch.randint(2, 4, (1,), generator=gen))
+        deltas = torch.randint(-2, 3, (models, *shape), generator=gen).float() if trial % 2 else torch.randn(models, *shape, generator=gen)
+        deltas = deltas.to((torch.float32, torch.float64)[trial % 2])
+        fraction = float(torch.rand(1, generator=gen))
+        var = deltas.var(dim=0, unbiased=False)
+        k = int(int(torch.count_nonzero(var)) * fraction)
+        expected = torch.zeros(var.numel(), dtype=var.dtype)
+        expected[torch.sort(var.reshape(-1), descending=True, stable=True).indices[:k]] = 1
+        assert torch.equal(select_mask(deltas, fraction), expected.view(shape)), (trial, deltas, fraction)
+
+
 def test_sce_counts_only_entries_whose_variance_is_not_zero():
     base = torch.zeros(6)
     a = t([5.0, 5.0, 5.0, 1.0, 2.0, 0.0])

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Sequence
 
 from ._common import combine as combine_deltas
-from ._common import keep_matching_l1_, task_vectors, warn_without_density
+from ._common import keep_matching_l1_, order_statistics, task_vectors, warn_without_density
 from .registry import Param, merge_method
 from .task_arithmetic import LAMBDA, WEIGHT
 
@@ -33,7 +33,7 @@ def band_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor
 
     Entries are ranked by |δ| as a stable sort would rank them: among equal magnitudes the
     earlier position (in row-major order) counts as the smaller one. The band is found without
-    a sort: :func:`order_statistics` gives the magnitudes at the band's two ends, every entry
+    a sort: :func:`._common.order_statistics` gives the magnitudes at the band's two ends, every entry
     strictly between them is kept, and of the entries equal to either end only those whose
     stable rank falls inside the band.
 
@@ -68,30 +68,6 @@ def band_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor
         rank = torch.cumsum(ties, 0).add_(below)  # 1-based stable rank of each tie
         keep |= ties & (rank > start) & (rank <= start + kept)
     return keep.to(delta.dtype).view(delta.shape)
-
-
-def order_statistics(magnitude: torch.Tensor, ranks: Sequence[int]) -> list[tuple[float, int, int]]:
-    """The values at 0-based `ranks` of a flat, non-negative float32 or float64 tensor, each with
-    the count of entries below it and equal to it, in one histogram pass.
-
-    Non-negative floats order like their bit patterns read as integers, so a histogram
-    of the top 16 bits locates each rank's bucket, and a selection among that bucket's entries
-    (usually a small share of the tensor) finishes it: a radix select, several times cheaper
-    than a sort or than one ``kthvalue`` per rank on large tensors.
-    """
-    import torch
-
-    wide = magnitude.dtype == torch.float64
-    top = magnitude.view(torch.int64 if wide else torch.int32) >> (48 if wide else 16)
-    cumulative = torch.bincount(top, minlength=1 << 15).cumsum(0)
-    out = []
-    for rank in ranks:
-        bucket = int(torch.searchsorted(cumulative, torch.tensor(rank), right=True))
-        before = int(cumulative[bucket - 1]) if bucket else 0
-        candidates = magnitude[top == bucket]
-        value = candidates.kthvalue(rank - before + 1).values
-        out.append((float(value), before + int((candidates < value).sum()), int((candidates == value).sum())))
-    return out
 
 
 @merge_method(
