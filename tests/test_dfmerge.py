@@ -75,6 +75,25 @@ def test_capped_weighting_on_hand_computed_tensors():
     torch.testing.assert_close(dfmerge_tensor(base, tensors, [0.0, 0.0], fishers, "capped"), base)
 
 
+def test_kept_weighting_is_equation_8_without_the_switched_off_models():
+    base, tensors, fishers = _two_models()
+    two = dfmerge_tensor(base, tensors, [0.5, 1.0], fishers)  # equation 8 over the two models
+    # All λ ≠ 0: kept is equation 8 exactly.
+    torch.testing.assert_close(dfmerge_tensor(base, tensors, [0.5, 1.0], fishers, "kept"), two)
+    # A third model at λ = 0 with a large Fisher: equation 8 shrinks the others (its Fisher
+    # stays in the denominator, M = 3); kept leaves it out (M′ = 2), whatever its Fisher.
+    third = [*tensors, base + 7.0]
+    paper = dfmerge_tensor(base, third, [0.5, 1.0, 0.0], [*fishers, torch.full((2,), 100.0)])
+    kept = dfmerge_tensor(base, third, [0.5, 1.0, 0.0], [*fishers, torch.full((2,), 100.0)], "kept")
+    torch.testing.assert_close(kept, two)
+    assert float((paper - base).abs().max()) < float((kept - base).abs().max())
+    # Unlike capped, a dominant Fisher still stretches its task vector up to M′ λ τ.
+    big = [torch.full((2,), 1e6), torch.full((2,), 1e-3)]
+    torch.testing.assert_close(dfmerge_tensor(base, tensors, [0.5, 1.0], big, "kept"), base + 2 * 0.5 * (tensors[0] - base), rtol=1e-5, atol=1e-5)
+    # Every λ = 0: the base.
+    torch.testing.assert_close(dfmerge_tensor(base, tensors, [0.0, 0.0], fishers, "kept"), base)
+
+
 def test_capped_weighting_with_equal_fishers_is_task_arithmetic():
     gen = torch.Generator().manual_seed(2)
     base = torch.randn(40, 3, generator=gen)
@@ -237,7 +256,7 @@ def test_resume_keeps_completed_trials_and_runs_no_seed_point_twice(experts, tmp
     ({"parameters": {"weight": 0.5}}, r"parameters.weight: merge_method 'dfmerge' searches every λ_i"),
     ({"model_weight": 0.5}, r"models\[1\].parameters.weight: missing; .* give a weight to every model or to none"),
     ({"parameters": {"n_trials": 3, "n_startup_trials": 5}}, r"parameters.n_startup_trials: 5 random start trials exceed n_trials = 3"),
-    ({"parameters": {"fisher_weighting": "cap"}}, r"parameters.fisher_weighting: got 'cap'; expected one of 'paper', 'capped'"),
+    ({"parameters": {"fisher_weighting": "cap"}}, r"parameters.fisher_weighting: got 'cap'; expected one of 'paper', 'kept', 'capped'"),
     ({"parameters": {"fisher_temperature": -1}}, r"parameters.fisher_temperature: got -1; expected a number >= 0.0"),
 ])
 def test_bad_dfmerge_recipes_fail_before_any_model_is_loaded(tmp_path, change, message):

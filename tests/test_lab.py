@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "benchmarks" / "lab" / "data"
 TASKS = ("topic", "sentiment", "relation", "usage", "category")
 NEW_ROWS = ("regmean", "tsv_merge", "iso_c", "iso_cts", "ta_weights_search", "ties_search")
+DFMERGE_VARIANTS = ("dfmerge_capped", "dfmerge_kept", "dfmerge_capped_t05")
 
 
 def _run(args: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -40,7 +41,7 @@ def quick_lab(tmp_path_factory):
     results = tmp_path_factory.mktemp("lab-results")
     # `table` alone is enough (it builds what is missing), so the build runs once, inside it.
     table = _run(["table", "--quick", "--results", str(results), "--search-seed", "3", "--search-trials", "3",
-                  "--methods", "zero_shot,experts,multitask,average,task_arithmetic,fisher,dfmerge," + ",".join(NEW_ROWS)], env)
+                  "--methods", "zero_shot,experts,multitask,average,task_arithmetic,fisher,dfmerge," + ",".join(NEW_ROWS + DFMERGE_VARIANTS)], env)
     again = _run(["build", "--quick"], env)
     return {"work": work, "again": again, "results": results, "table": table}
 
@@ -140,6 +141,10 @@ def test_new_method_rows_choose_on_validation_and_searches_follow_seed_and_budge
     weights = rows["ta_weights_search"]["setting"].split("weights = ")[1].split(", ")
     assert len(weights) == len(TASKS) and all(0.0 <= float(w) <= 1.0 for w in weights)
     assert report["settings"]["search_trials"] == 3
+    # DF-Merge's opt-in weightings run as searches of their own, seeded like DF-Merge.
+    for key in DFMERGE_VARIANTS:
+        assert rows[key]["status"] == "ok" and "seed=3" in rows[key]["setting"], (key, rows[key]["status"], rows[key]["setting"])
+        assert set(rows[key]["scores"]) == set(TASKS), key
     table = (quick_lab["results"] / "table.md").read_text()
     for label in ("| RegMean | ✓ |", "| TSV-Merge | ✓ |", "| Iso-C | ✓ |", "| Iso-CTS | ✓ |", "| TIES, λ and density searched (GP) | ✓ |"):
         assert label in table, label

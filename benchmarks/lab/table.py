@@ -16,7 +16,8 @@ multitask model, Averaging, Task Arithmetic (λ grid on validation), TIES (λ gr
 DF-Merge without Fisher. Wall time is the method's own cost: every merge and validation
 evaluation of its search, plus the final merge; test scoring is not counted. Variant rows
 (`VARIANT_ROWS`: Fisher merging's floor on every Fisher or none, DF-Merge's capped
-weighting) run only when ``--methods`` names them.
+weighting, equation 8 over the kept models, and the capped weighting of F^0.5) run only when
+``--methods`` names them.
 
 Seeds: the DF-Merge recipes take ``seed`` (the sampler) and, for the Fisher-weighted ones,
 ``fisher_seed`` (which validation inputs the Fishers use) both from ``--search-seed``; the
@@ -77,9 +78,10 @@ METHOD_ROWS = ("zero_shot", "experts", "multitask", "average", "fisher", "task_a
 # Variants of the rows above, run only when --methods names them: Fisher merging with its
 # 1e-6 floor on every model's Fisher or on none (the row above floors the first model's
 # only), and DF-Merge with the capped Fisher weighting.
-VARIANT_ROWS = ("fisher_floor_all", "fisher_floor_none", "dfmerge_capped")
+VARIANT_ROWS = ("fisher_floor_all", "fisher_floor_none", "dfmerge_capped", "dfmerge_kept", "dfmerge_capped_t05")
 VARIANT_PARAMETERS = {"fisher_floor_all": {"favor_target_model": False}, "fisher_floor_none": {"fisher_floor": 0.0},
-                      "dfmerge_capped": {"fisher_weighting": "capped"}}
+                      "dfmerge_capped": {"fisher_weighting": "capped"}, "dfmerge_kept": {"fisher_weighting": "kept"},
+                      "dfmerge_capped_t05": {"fisher_weighting": "capped", "fisher_temperature": 0.5}}
 LABELS = {
     "chance": "Chance (uniform guess)", "zero_shot": "Zero-shot", "experts": "Fine-tuned (each expert on its task)",
     "multitask": "Multi-task", "average": "Averaging", "fisher": "Fisher Merging", "task_arithmetic": "Task Arithmetic",
@@ -87,6 +89,8 @@ LABELS = {
     "dfmerge_no_fisher": "DF-Merge w/o Fisher (GP over GTA)",
     "fisher_floor_all": "Fisher Merging, floor on every Fisher", "fisher_floor_none": "Fisher Merging, no floor",
     "dfmerge_capped": "DF-Merge, capped Fisher weights",
+    "dfmerge_kept": "DF-Merge, equation 8 over the kept models",
+    "dfmerge_capped_t05": "DF-Merge, capped weights of F^0.5",
 }
 USES_VALIDATION = {"average": False, "zero_shot": None, "experts": None, "multitask": None}
 
@@ -666,7 +670,7 @@ def run_table(settings: LabSettings, methods: tuple[str, ...] = METHOD_ROWS, res
                                              lambda s: f"dare_linear λ={s['lambda']}, p={1 - s['density']:.1f}")
         elif key == "dfmerge":
             rows[key], search_runs[key] = run_single(lab, key, "dfmerge", dict(fisher_search))
-        elif key == "dfmerge_capped":
+        elif key in ("dfmerge_capped", "dfmerge_kept", "dfmerge_capped_t05"):
             rows[key], search_runs[key] = run_single(lab, key, "dfmerge", {**fisher_search, **VARIANT_PARAMETERS[key]})
         elif key == "dfmerge_no_fisher":
             rows[key], search_runs[key] = run_single(lab, key, "dfmerge", {**search, "fisher": False})

@@ -20,6 +20,9 @@ Two opt-in departures from equation 8 (the default, ``fisher_weighting: paper`` 
   off brings no Fisher (in equation 8 its F_i, taken at θ_pre, still dilutes the others'
   weights), and no task vector is stretched beyond λ_i τ_i (equation 8's weight M F_i / Σ F_j
   reaches M). Equal Fishers still give task arithmetic.
+- ``fisher_weighting: kept``: equation 8 over A only, θ = θ_pre + M′ Σ_{i ∈ A} F_i λ_i τ_i /
+  Σ_{j ∈ A} F_j: the switched-off models' Fishers leave the denominator, the weights are not
+  capped (the first half of ``capped`` alone, to tell the two effects apart).
 - ``fisher_temperature`` α: every F_i (with its 1e-12) is raised to the power α before
   weighting; α = 0 gives equal weights (General Task Arithmetic), α < 1 flattens the Fishers.
 """
@@ -38,7 +41,7 @@ if TYPE_CHECKING:
     from ..recipe import Recipe
 
 FISHER_EPS = 1e-12
-FISHER_WEIGHTINGS = ("paper", "capped")
+FISHER_WEIGHTINGS = ("paper", "kept", "capped")
 
 
 def _weighting_fisher(fisher: torch.Tensor | None, like: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -60,10 +63,13 @@ class Equation8:
 
     Args:
         temperature: α: each F_i + 1e-12 is raised to this power (1: the paper's equation).
+        kept_only: Leave out the models with λ_i = 0 (M′ of them remain; ``fisher_weighting:
+            kept``); their Fisher may then be None and need not be computed.
     """
 
-    def __init__(self, temperature: float = 1.0) -> None:
+    def __init__(self, temperature: float = 1.0, kept_only: bool = False) -> None:
         self.temperature = float(temperature)
+        self.kept_only = kept_only
         self.numerator: torch.Tensor | None = None
         self.denominator: torch.Tensor | None = None
         self.count = 0
@@ -71,6 +77,8 @@ class Equation8:
     def add(self, task_vector: torch.Tensor, lam: float, fisher: torch.Tensor | None) -> None:
         import torch
 
+        if self.kept_only and lam == 0:
+            return
         f = _weighting_fisher(fisher, task_vector, self.temperature)
         if self.numerator is None:
             self.numerator = torch.zeros_like(task_vector)
@@ -80,7 +88,9 @@ class Equation8:
         self.count += 1
 
     def result(self, base: torch.Tensor) -> torch.Tensor:
-        assert self.numerator is not None and self.denominator is not None
+        if self.numerator is None:  # every model left out
+            return base.clone()
+        assert self.denominator is not None
         return self.numerator.div_(self.denominator).mul_(self.count).add_(base)
 
 
@@ -121,16 +131,16 @@ class CappedWeights:
 
 
 def fisher_accumulator(weighting: str = "paper", temperature: float = 1.0) -> Equation8 | CappedWeights:
-    """The accumulator of one tensor position for ``fisher_weighting`` (``paper`` or ``capped``)."""
-    if weighting == "paper":
-        return Equation8(temperature)
+    """The accumulator of one tensor position for ``fisher_weighting`` (``paper``, ``kept`` or ``capped``)."""
+    if weighting in ("paper", "kept"):
+        return Equation8(temperature, kept_only=weighting == "kept")
     if weighting == "capped":
         return CappedWeights(temperature)
     raise ValueError(f"unknown fisher_weighting {weighting!r}; expected one of {', '.join(FISHER_WEIGHTINGS)}")
 
 
 def needs_fisher(weighting: str, lam: float) -> bool:
-    """Whether model i's Fisher enters the merge: always in equation 8, only for λ_i ≠ 0 when capped."""
+    """Whether model i's Fisher enters the merge: always in equation 8, only for λ_i ≠ 0 otherwise."""
     return weighting == "paper" or lam != 0
 
 
@@ -138,7 +148,8 @@ def dfmerge_tensor(base: torch.Tensor, tensors: Sequence[torch.Tensor], lambdas:
                    importances: Sequence[torch.Tensor] | None, weighting: str = "paper", temperature: float = 1.0) -> torch.Tensor:
     """One tensor position; ``importances=None`` means every F_i = 1 (General Task Arithmetic).
 
-    ``weighting`` ``paper`` is equation (8), ``capped`` the capped weights (module docstring);
+    ``weighting`` ``paper`` is equation (8), ``kept`` equation 8 over the models with λ_i ≠ 0,
+    ``capped`` the capped weights (module docstring);
     ``temperature`` is α in (F_i + 1e-12) ** α.
     """
     acc = fisher_accumulator(weighting, temperature)
@@ -207,7 +218,7 @@ def validate(recipe: "Recipe", source: str) -> list[str]:
     params=(
         Param("fisher", True, kind=bool, help="weigh by the Fisher of the λ-scaled models (false: BO over General Task Arithmetic)"),
         Param("fisher_weighting", "paper", kind=str, choices=FISHER_WEIGHTINGS,
-              help="paper: equation 8; capped: min(M′ F_i / Σ F_j, 1) over the models with λ_i ≠ 0"),
+              help="paper: equation 8; kept: equation 8 over the models with λ_i ≠ 0; capped: min(M′ F_i / Σ F_j, 1) over those models"),
         Param("fisher_temperature", 1.0, low=0.0, help="α: weigh by (F_i + 1e-12) ** α (1: the paper; 0: equal weights)"),
         Param("n_trials", 60, kind=int, low=1, help="trials of the search in total, random start included (Optuna's n_trials)"),
         Param("n_startup_trials", 10, kind=int, low=0, help="random trials before the Gaussian process guides the search"),
