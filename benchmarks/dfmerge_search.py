@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f}); "
-          f"{args.tasks} tiny T5 experts (d_model {args.d_model}), {args.trials} trials ({args.startup} random), N = {args.fisher_examples}")
+          + ("the merge lab's base and five experts" if args.lab else f"{args.tasks} tiny T5 experts (d_model {args.d_model})")
+          + f", {args.trials} trials ({min(args.startup, args.trials)} random)")
     result: dict = {}
     searches = [("dfmerge", {})]
     if not args.no_ablation:
