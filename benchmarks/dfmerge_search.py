@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             from benchmarks.lab.table import Lab
 
             lab = Lab(settings_for(quick=False))
+            torch.set_num_threads(args.threads)  # the lab sets its own thread count
             common = {k: v for k, v in lab.recipe("dfmerge").items() if k != "parameters"}
             fisher_examples = lab.settings.fisher_examples or args.fisher_examples
         else:
