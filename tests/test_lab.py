@@ -179,6 +179,38 @@ def test_seeds_summary_is_mean_and_sample_sd_over_runs(tmp_path, monkeypatch):
     assert json.loads(out.read_text())[0]["key"] == "dfmerge"
 
 
+def test_weights_statistics_on_hand_computed_fishers(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    import torch
+
+    from benchmarks.lab.weights import weight_statistics
+
+    # Shares of model 0: 0.25 and 0.95; model 1 (λ = 0) holds the rest. w_0 = 2 · share = 0.5, 1.9.
+    fishers = [{"t": torch.tensor([1.0, 19.0])}, {"t": torch.tensor([3.0, 1.0])}]
+    got = weight_statistics([0.5, 0.0], fishers)
+    assert got["entries"] == 2 and got["kept"] == 1 and got["models"] == 2
+    assert got["one_model_90"] == pytest.approx(0.5)  # only the second entry
+    assert got["switched_off_share"] == pytest.approx((0.75 + 0.05) / 2)
+    assert got["kept_weight"] == pytest.approx((0.5 + 1.9) / 2)
+    assert got["stretched"] == pytest.approx(0.5)
+    assert got["max_kept_weight_p99"] == pytest.approx(0.5 + 0.99 * 1.4, abs=1e-5)
+    # Equal Fishers and every λ ≠ 0: every weight is 1, nothing dominant or stretched.
+    flat = weight_statistics([0.3, 0.7], [{"t": torch.ones(4)}, {"t": torch.ones(4)}])
+    assert flat["one_model_90"] == 0 and flat["stretched"] == 0 and flat["kept_weight"] == pytest.approx(1.0)
+
+
+def test_weights_command_reads_a_dfmerge_run(quick_lab, tmp_path):
+    runs = [p.parent.parent for p in quick_lab["work"].glob("**/table/dfmerge-*/merged/dfmerge_search.json")
+            if json.loads(p.read_text()).get("fisher") and (p.parent.parent / "hfmerge-cache" / "fisher").is_dir()]
+    assert runs, "the quick lab ran no Fisher-weighted DF-Merge"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "w.json"
+    proc = _run(["weights", str(runs[0]), "--json", str(out)], env)
+    rows = json.loads(out.read_text())
+    assert len(rows) == 1 and rows[0]["entries"] > 0 and 0.0 <= rows[0]["one_model_90"] <= 1.0
+    assert f"| {runs[0].name} |" in proc.stdout
+
+
 def test_probe_reports_context_use_linearity_and_interference(quick_lab, tmp_path):
     env = {**os.environ, "HFMERGE_LAB_WORK": str(quick_lab["work"]), "HF_HUB_OFFLINE": "1"}
     proc = _run(["probe", "--quick", "--results", str(tmp_path), "--validation-examples", "16"], env)
