@@ -183,7 +183,13 @@ def test_weights_statistics_on_hand_computed_fishers(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO))
     import torch
 
-    from benchmarks.lab.weights import weight_statistics
+    from benchmarks.lab.weights import roughness, weight_statistics
+
+    trials = [{"params": [0.0, 0.0], "score": 0.50}, {"params": [0.1, 0.0], "score": 0.53}, {"params": [1.0, 1.0], "score": 0.90},
+              {"params": [0.1, 0.0], "score": 0.1, "state": "FAIL"}]
+    pairs, median, mean = roughness(trials)  # one pair of neighbours; the far trial and the failed one do not count
+    assert pairs == 1 and median == pytest.approx(0.03) and mean == pytest.approx(0.03)
+    assert roughness(trials[2:3]) == (0, None, None)
 
     # Shares of model 0: 0.25 and 0.95; model 1 (λ = 0) holds the rest. w_0 = 2 · share = 0.5, 1.9.
     fishers = [{"t": torch.tensor([1.0, 19.0])}, {"t": torch.tensor([3.0, 1.0])}]
@@ -208,6 +214,7 @@ def test_weights_command_reads_a_dfmerge_run(quick_lab, tmp_path):
     proc = _run(["weights", str(runs[0]), "--json", str(out)], env)
     rows = json.loads(out.read_text())
     assert len(rows) == 1 and rows[0]["entries"] > 0 and 0.0 <= rows[0]["one_model_90"] <= 1.0
+    assert rows[0]["pairs"] >= 0 and rows[0]["weighting"] in ("paper", "kept", "capped") + tuple(f"capped, α = {a}" for a in (0.5,))
     assert f"| {runs[0].name} |" in proc.stdout
 
 

@@ -1,5 +1,5 @@
 """`python -m benchmarks.lab weights RUN [RUN ...]`: what equation 8's Fisher weights do at a
-DF-Merge search's final λ.
+DF-Merge search's final λ, and how rough each search's objective was.
 
 A RUN is a lab run folder of a Fisher-weighted DF-Merge row (``table/dfmerge-<digest>``, as
 `Lab.run_dir` names them): its ``merged/dfmerge_search.json`` gives the λ found, and its Fisher
@@ -17,6 +17,11 @@ w_i = M F_i / Σ_j F_j (F with its 1e-12, as the merge adds it):
 * ``stretched``: the share of entries where some model of A gets w_i > 1 (its task vector
   applied beyond λ_i τ_i), and the 99th percentile of max_{i ∈ A} w_i.
 
+And from the run's trial log, for any DF-Merge run (with or without Fisher), the objective's
+**roughness**: over every pair of completed trials whose λ lie within 0.2 of each other
+(Euclidean distance, > 0), the median and mean |difference of their validation scores|. A
+smooth objective moves little between nearby λ; a jagged one moves by points.
+
 These are the quantities behind hypotheses (a) and (b) of the capped weighting
 (docs/methods.md, DF-Merge's opt-in variants).
 """
@@ -24,11 +29,25 @@ These are the quantities behind hypotheses (a) and (b) of the capped weighting
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
+import statistics
 from pathlib import Path
 from typing import Any
 
 FISHER_EPS = 1e-12
+NEAR = 0.2  # λ distance within which two trials count as neighbours
+
+
+def roughness(trials: list[dict], near: float = NEAR) -> tuple[int, float | None, float | None]:
+    """Pairs of completed trials within `near` of each other in λ, and the median and mean of
+    their |score difference| (None, None without such a pair)."""
+    done = [t for t in trials if t.get("state", "COMPLETE") == "COMPLETE" and t.get("score") is not None]
+    gaps = [abs(a["score"] - b["score"]) for a, b in itertools.combinations(done, 2) if 0 < math.dist(a["params"], b["params"]) < near]
+    if not gaps:
+        return 0, None, None
+    return len(gaps), statistics.median(gaps), statistics.fmean(gaps)
 
 
 def fishers_at_final(run: Path) -> tuple[list[str], list[float], list[dict[str, Any]]]:
@@ -82,22 +101,39 @@ def weight_statistics(lambdas: list[float], fishers: list[dict[str, Any]]) -> di
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.lab weights", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="lab run folders (table/dfmerge-<digest>) of Fisher-weighted DF-Merge rows")
+    parser.add_argument("runs", nargs="+", type=Path, help="lab run folders (table/dfmerge-<digest>) of DF-Merge rows")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     rows = []
     for run in args.runs:
-        recipe = (run / "recipe.yaml").read_text() if (run / "recipe.yaml").exists() else ""
-        weighting = next((line.split(":", 1)[1].strip() for line in recipe.splitlines() if line.strip().startswith("fisher_weighting:")), "paper")
-        seed = next((line.split(":", 1)[1].strip() for line in recipe.splitlines() if line.startswith("  seed:")), "?")
-        _, lambdas, fishers = fishers_at_final(run)
-        rows.append({"run": run.name, "weighting": weighting, "seed": seed, "lambdas": lambdas, **weight_statistics(lambdas, fishers)})
-    print("| run | weighting | seed | λ | one model ≥ 90% | switched-off share | kept weight | stretched (some w_i > 1) | max kept w_i, 99th pct |")
-    print("|---|---|---:|---|---:|---:|---:|---:|---:|")
+        import yaml
+
+        setting = (yaml.safe_load((run / "recipe.yaml").read_text()) or {}).get("parameters") or {}
+        weighting = "no Fisher" if setting.get("fisher") is False else str(setting.get("fisher_weighting", "paper"))
+        if setting.get("fisher_temperature") is not None:
+            weighting += f", α = {setting['fisher_temperature']}"
+        trials = [json.loads(line) for line in (run / "merged" / "trials.jsonl").read_text().splitlines() if line.strip()]
+        pairs, median, mean = roughness(trials)
+        row = {"run": run.name, "weighting": weighting, "seed": setting.get("seed", "?"), "pairs": pairs, "roughness_median": median,
+               "roughness_mean": mean}
+        if weighting != "no Fisher":
+            _, lambdas, fishers = fishers_at_final(run)
+            row.update({"lambdas": lambdas, **weight_statistics(lambdas, fishers)})
+        else:
+            row["lambdas"] = list(json.loads((run / "merged" / "dfmerge_search.json").read_text())["lambdas"].values())
+        rows.append(row)
+
+    def pct(v: float | None) -> str:
+        return "" if v is None else f"{100 * v:.2f}"
+
+    print(f"| run | weighting | seed | λ | trial pairs within {NEAR} | roughness: median, mean (points) | one model ≥ 90% | switched-off share | "
+          "kept weight | stretched (some w_i > 1) | max kept w_i, 99th pct |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         lam = ", ".join(f"{v:.2f}" for v in r["lambdas"])
-        print(f"| {r['run']} | {r['weighting']} | {r['seed']} | {lam} | {100 * r['one_model_90']:.1f}% | {100 * r['switched_off_share']:.1f}% | "
-              f"{r['kept_weight']:.3f} | {100 * r['stretched']:.1f}% | {r['max_kept_weight_p99']:.2f} |")
+        fisher = (f"{100 * r['one_model_90']:.1f}% | {100 * r['switched_off_share']:.1f}% | {r['kept_weight']:.3f} | {100 * r['stretched']:.1f}% | "
+                  f"{r['max_kept_weight_p99']:.2f}") if "entries" in r else " | | | | "
+        print(f"| {r['run']} | {r['weighting']} | {r['seed']} | {lam} | {r['pairs']} | {pct(r['roughness_median'])}, {pct(r['roughness_mean'])} | {fisher} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
