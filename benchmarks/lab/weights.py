@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     for run in args.runs:
         import yaml
 
+        if not (run / "merged" / "dfmerge_search.json").exists():
+            raise SystemExit(f"{run}: no finished DF-Merge search here (merged/dfmerge_search.json is missing); give the folder of a "
+                             "DF-Merge row the lab table has finished")
         setting = (yaml.safe_load((run / "recipe.yaml").read_text()) or {}).get("parameters") or {}
         weighting = "no Fisher" if setting.get("fisher") is False else str(setting.get("fisher_weighting", "paper"))
         if setting.get("fisher_temperature") is not None:
