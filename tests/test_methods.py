@@ -63,6 +63,23 @@ def test_ties_trims_each_task_vector_to_its_top_magnitudes():
     assert torch.allclose(out, base + t([1.0, -3.0, 2.0, 0.3]))
 
 
+def test_ties_trim_equals_a_descending_stable_sort_on_many_ties():
+    from hfmerge.methods._common import trim_top_magnitude_
+
+    assert torch.equal(trim_top_magnitude_(t([1.0, -1.0, 1.0, -1.0]), 0.5), t([1.0, -1.0, 0.0, 0.0]))  # earlier ties first
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(300):
+        shape = (int(torch.randint(1, 10, (1,), generator=gen)), int(torch.randint(1, 10, (1,), generator=gen)))
+        delta = torch.randint(-3, 4, shape, generator=gen).float() if trial % 2 else torch.randn(shape, generator=gen)
+        delta = delta.to((torch.float32, torch.float64, torch.bfloat16)[trial % 3])
+        density = float(torch.rand(1, generator=gen))
+        k = int(density * delta.numel())
+        expected = torch.zeros(delta.numel(), dtype=delta.dtype)
+        index = torch.sort(delta.abs().reshape(-1), descending=True, stable=True).indices[:k]
+        expected[index] = delta.reshape(-1)[index]
+        assert torch.equal(trim_top_magnitude_(delta.clone(), density), expected.view(shape)), (trial, delta, density)
+
+
 def test_ties_whole_model_threshold_keeps_entries_at_or_above_it():
     base = torch.zeros(4)
     a = t([0.1, -3.0, 2.0, 0.5])

@@ -64,10 +64,29 @@ def trim_top_magnitude_(delta: torch.Tensor, density: float, threshold: float | 
     k = int(density * delta.numel())
     if k <= 0:
         return delta.zero_()
-    flat = delta.view(-1)
-    keep = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
-    keep[torch.topk(flat.abs(), k, sorted=False).indices] = True
-    return delta.mul_(keep.view(delta.shape))
+    return delta.mul_(top_k_mask(delta.detach().abs().reshape(-1), k).view(delta.shape))
+
+
+def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """A boolean mask of the `k` largest entries of a flat, non-negative tensor; among equal
+    values at the cut the earlier positions are taken (the first k of a descending stable
+    sort). Found by `order_statistics`, several times faster than ``topk`` on large tensors.
+    """
+    import torch
+
+    n = values.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=values.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=values.device)
+    if values.dtype not in (torch.float32, torch.float64):
+        values = values.float()  # exact for half precision
+    ((value, below, ties),) = order_statistics(values, (n - k,))
+    wanted = k - (n - below - ties)  # ties to take, 1 ≤ wanted ≤ ties
+    if wanted == ties:
+        return values >= value
+    equal = values == value
+    return (values > value) | (equal & (torch.cumsum(equal, 0) <= wanted))
 
 
 def random_drop_(delta: torch.Tensor, density: float, generator: torch.Generator | None, rescale: bool = True) -> torch.Tensor:

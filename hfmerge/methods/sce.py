@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-from ._common import combine, order_statistics, task_vectors
+from ._common import combine, task_vectors, top_k_mask
 from .registry import Param, merge_method
 
 if TYPE_CHECKING:
@@ -45,17 +45,7 @@ def select_mask(deltas: torch.Tensor, fraction: float) -> torch.Tensor | None:
     k = int(int(torch.count_nonzero(var)) * fraction) if fraction > 0 else 0
     if k == 0:
         return torch.zeros_like(var)
-    # The top k of a descending stable sort, found by selection: every entry above the k-th
-    # largest variance, and of the entries equal to it the earliest ones.
-    flat = var.reshape(-1) if var.dtype in (torch.float32, torch.float64) else var.reshape(-1).float()
-    n = flat.numel()
-    ((value, below, ties),) = order_statistics(flat, (n - k,))
-    wanted = k - (n - below - ties)  # ties to take, 1 ≤ wanted ≤ ties
-    if wanted == ties:
-        keep = flat >= value
-    else:
-        equal = flat == value
-        keep = (flat > value) | (equal & (torch.cumsum(equal, 0) <= wanted))
+    keep = top_k_mask(var.reshape(-1), k)
     return keep.to(var.dtype).view(var.shape)
 
 
