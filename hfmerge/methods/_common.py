@@ -41,7 +41,7 @@ def order_statistics(magnitude: torch.Tensor, ranks: Sequence[int]) -> list[tupl
     cumulative = torch.bincount(top, minlength=1 << 15).cumsum(0)
     out = []
     for rank in ranks:
-        bucket = int(torch.searchsorted(cumulative, torch.tensor(rank), right=True))
+        bucket = int((cumulative <= rank).sum())  # the first bucket whose cumulative count passes `rank`
         before = int(cumulative[bucket - 1]) if bucket else 0
         candidates = magnitude[top == bucket]
         value = candidates.kthvalue(rank - before + 1).values
