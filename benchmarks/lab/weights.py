@@ -38,6 +38,7 @@ from typing import Any
 
 FISHER_EPS = 1e-12
 NEAR = 0.2  # λ distance within which two trials count as neighbours
+QUANTILE_SAMPLE = 1_000_000
 
 
 def roughness(trials: list[dict], near: float = NEAR) -> tuple[int, float | None, float | None]:
@@ -94,7 +95,12 @@ def weight_statistics(lambdas: list[float], fishers: list[dict[str, Any]]) -> di
             kept_weight += float((w.sum(0) / len(kept)).sum())
             stretched += float((w > 1).any(0).sum())
             top.append(w.max(0).values.float())
-    p99 = float(torch.quantile(torch.cat(top)[torch.randperm(sum(t.numel() for t in top), generator=torch.Generator().manual_seed(0))[:1_000_000]], 0.99)) if top else 0.0
+    p99 = 0.0
+    if top:
+        largest = torch.cat(top)
+        if largest.numel() > QUANTILE_SAMPLE:  # torch.quantile takes at most 16M values: a fixed random sample
+            largest = largest[torch.randperm(largest.numel(), generator=torch.Generator().manual_seed(0))[:QUANTILE_SAMPLE]]
+        p99 = float(torch.quantile(largest, 0.99))
     return {"entries": n, "one_model_90": dominant / n, "switched_off_share": off_share / n, "kept_weight": kept_weight / n if kept else 0.0,
             "stretched": stretched / n, "max_kept_weight_p99": p99, "kept": len(kept), "models": m}
 
@@ -104,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="lab run folders (table/dfmerge-<digest>) of DF-Merge rows")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
+    import yaml
+
     rows = []
     for run in args.runs:
-        import yaml
-
         if not (run / "merged" / "dfmerge_search.json").exists():
             raise SystemExit(f"{run}: no finished DF-Merge search here (merged/dfmerge_search.json is missing); give the folder of a "
                              "DF-Merge row the lab table has finished")
