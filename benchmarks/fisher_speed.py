@@ -44,10 +44,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 warnings.filterwarnings("ignore")
 
-from scoring_speed import SETUPS, Setup, build, make_examples, timed  # noqa: E402
+from scoring_speed import SETUPS, Setup, build, make_examples  # noqa: E402
 
 from hfmerge.fisher.diagonal import VMAP_MAX_PARAMETERS, choose_implementation, diagonal_fisher  # noqa: E402
-from hfmerge.fisher.engine import FisherSettings, compute_fisher, encode_for_model  # noqa: E402
+from hfmerge.fisher.engine import encode_for_model  # noqa: E402
 from hfmerge.fisher.nodes import node_fisher  # noqa: E402
 
 
