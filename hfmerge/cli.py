@@ -221,6 +221,8 @@ def _setup_logging(verbose: bool, quiet: bool) -> Callable[[], None]:
     """
     names = ("hfmerge", *THIRD_PARTY_LOGGERS)
     saved_levels = {name: logging.getLogger(name).level for name in names}
+    root = logging.getLogger()
+    saved_root = (root.level, list(root.handlers))
     saved_filters = list(warnings.filters)
     saved_env = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
     # huggingface_hub loads its submodules lazily: it may be imported without `utils` yet.
@@ -231,6 +233,10 @@ def _setup_logging(verbose: bool, quiet: bool) -> Callable[[], None]:
     def restore() -> None:
         for name, old in saved_levels.items():
             logging.getLogger(name).setLevel(old)
+        # The root logger too: a library logger left at NOTSET would otherwise inherit this run's
+        # level, and print its INFO lines at interpreter exit (torch's atexit cache statistics).
+        root.setLevel(saved_root[0])
+        root.handlers[:] = saved_root[1]
         warnings.filters[:] = saved_filters
         if saved_env is None:
             os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
@@ -242,7 +248,10 @@ def _setup_logging(verbose: bool, quiet: bool) -> Callable[[], None]:
             sys.modules["transformers"].utils.logging.enable_progress_bar()
 
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # The root logger stays at WARNING (DEBUG with -v), so that a library logger this list does
+    # not name shows its warnings only; hfmerge's own logger is set to `level` on its own.
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")  # a handler, unless the root has one
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
     logging.getLogger("hfmerge").setLevel(level)
     for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)

@@ -61,16 +61,21 @@ def test_library_info_lines_show_only_with_verbose_and_quiet_silences_progress_b
         filters = list(warnings.filters)
         restore = cli._setup_logging(verbose, quiet)
         seen[(verbose, quiet)] = (logging.getLogger("httpx").getEffectiveLevel(), logging.getLogger("hfmerge").getEffectiveLevel(),
-                                  are_progress_bars_disabled())
+                                  are_progress_bars_disabled(), logging.getLogger("some.unlisted.library").getEffectiveLevel())
         restore()
         assert warnings.filters == filters
+        assert (root.level, root.handlers) == root_before  # a NOTSET library logger inherits nothing from the run
 
+    root = logging.getLogger()
+    root_before = (root.level, list(root.handlers))
     before = (logging.getLogger("httpx").level, are_progress_bars_disabled())
     for verbose, quiet in ((False, False), (True, False), (False, True)):
         probe(verbose, quiet)
         assert (logging.getLogger("httpx").level, are_progress_bars_disabled()) == before  # restored
     assert seen[(False, False)][0] == logging.WARNING and seen[(False, False)][1] == logging.INFO
     assert seen[(True, False)][0] == logging.DEBUG
+    # A library the list does not name: its warnings by default, its INFO lines only with -v.
+    assert seen[(False, False)][3] == logging.WARNING and seen[(True, False)][3] == logging.DEBUG
     assert seen[(False, True)][2] is True and seen[(False, False)][2] is before[1]
 
 
