@@ -455,7 +455,9 @@ def _model_param_value(source: str, path: str, spec: Param, value: Any) -> Param
         return _search_range(source, path, spec, value)
     if isinstance(value, dict):
         value = [value]
-    if isinstance(value, list) and value and all(isinstance(e, dict) for e in value):
+    # A list of dicts is a filter list, unless they are searched ranges: then it is a gradient
+    # whose points are all searched (``[{search: [0, 1]}, {search: [0, 1]}]``).
+    if isinstance(value, list) and value and all(isinstance(e, dict) for e in value) and not all(_is_search_range(e) for e in value):
         entries = []
         for i, entry in enumerate(value):
             if "value" not in entry or set(entry) - {"filter", "value"}:

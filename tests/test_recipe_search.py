@@ -149,6 +149,21 @@ def test_a_gradient_point_may_be_searched(llama):
     assert fixed.raw["parameters"]["t"] == [0.0, 0.6, 1.0]
 
 
+def test_a_gradient_of_searched_points_only_is_a_gradient_not_a_filter_list(llama):
+    """``[{search: ...}, {search: ...}]`` is a list of dicts like a filter list; every entry being a
+    range makes it a gradient whose points are all searched, per model as globally."""
+    model = {"model": str(llama["models"][0]), "parameters": {"weight": [{"search": [0.0, 1.0]}, {"search": [0.0, 0.5]}]}}
+    data = recipe_dict(llama, "task_arithmetic", {}, models=[model, {"model": str(llama["models"][1])}])
+    recipe = parse_recipe(data)
+    assert [(r.name, r.low, r.high) for r in recipe.search_space] == [("models[0].weight[0]", 0.0, 1.0), ("models[0].weight[1]", 0.0, 0.5)]
+    fixed = with_search_values(recipe, {"models[0].weight[0]": 0.2, "models[0].weight[1]": 0.4})
+    assert fixed.raw["models"][0]["parameters"]["weight"] == [0.2, 0.4]
+    # A filter entry beside a range is neither a gradient nor a filter list.
+    model["parameters"]["weight"] = [{"search": [0.0, 1.0]}, {"filter": "mlp", "value": 0.5}]
+    with pytest.raises(RecipeError, match=r"models\[0\]\.parameters\.weight"):
+        parse_recipe(recipe_dict(llama, "task_arithmetic", {}, models=[model, {"model": str(llama["models"][1])}]))
+
+
 def test_a_slice_parameter_may_be_searched(llama):
     sources = [{"model": str(llama["base"]), "layer_range": [0, 2]}, {"model": str(llama["models"][0]), "layer_range": [0, 2]}]
     data = recipe_dict(llama, "slerp", {}, slices=[{"sources": sources, "parameters": {"t": {"search": [0.2, 0.8]}}}])
