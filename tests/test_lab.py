@@ -23,7 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "benchmarks" / "lab" / "data"
 TASKS = ("topic", "sentiment", "relation", "usage", "category")
-NEW_ROWS = ("regmean", "tsv_merge", "iso_c", "iso_cts", "ta_weights_search", "ties_search")
+NEW_ROWS = ("regmean", "tsv_merge", "iso_c", "iso_cts", "ta_weights_search", "ta_depth_weights_search", "ties_search")
 DFMERGE_VARIANTS = ("dfmerge_capped", "dfmerge_kept", "dfmerge_capped_t05")
 
 
@@ -140,6 +140,11 @@ def test_new_method_rows_choose_on_validation_and_searches_follow_seed_and_budge
     assert "lambda = " in rows["ties_search"]["setting"] and "density = " in rows["ties_search"]["setting"]
     weights = rows["ta_weights_search"]["setting"].split("weights = ")[1].split(", ")
     assert len(weights) == len(TASKS) and all(0.0 <= float(w) <= 1.0 for w in weights)
+    # The depth-wise weight search: two searched gradient points per model, each in [0, 1].
+    depth = rows["ta_depth_weights_search"]["setting"]
+    points = [part.split(" = ") for part in depth.split("; ", 1)[1].split(", ")]
+    assert len(points) == 2 * len(TASKS) and all(0.0 <= float(v) <= 1.0 for _, v in points), depth
+    assert all(f"models[{i}].weight" in depth for i in range(len(TASKS))), depth
     assert report["settings"]["search_trials"] == 3
     # DF-Merge's opt-in weightings run as searches of their own, seeded like DF-Merge.
     for key in DFMERGE_VARIANTS:

@@ -109,7 +109,7 @@ SVD_ALPHAS = [*TA_GRID, 1.2, 1.4, 1.6, 1.8, 2.0]
 # Iso-C and Iso-CTS flatten the spectrum to its mean singular value, which shrinks the update's
 # top directions: their validation scores were still rising at α = 2, so their grid goes further.
 ISO_ALPHAS = [*SVD_ALPHAS, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0]
-SEARCH_ROWS = ("ta_weights_search", "ties_search")
+SEARCH_ROWS = ("ta_weights_search", "ta_depth_weights_search", "ties_search")
 TIES_SEARCH_SPACE = {"lambda": [0.0, 2.0], "density": [0.1, 1.0]}   # holds the grid row's λ range and density
 TA_WEIGHT_RANGE = [0.0, 1.0]                                         # DF-Merge's λ_i range
 NEW_ROWS = ("regmean", *SVD_ROWS, *SEARCH_ROWS)
@@ -117,6 +117,7 @@ METHOD_ROWS = (*METHOD_ROWS, *NEW_ROWS)
 LABELS.update({
     "regmean": "RegMean", "tsv_merge": "TSV-Merge", "iso_c": "Iso-C", "iso_cts": "Iso-CTS",
     "ta_weights_search": "Task Arithmetic, weights searched (GP)", "ties_search": "TIES, λ and density searched (GP)",
+    "ta_depth_weights_search": "Task Arithmetic, weights searched per depth (GP)",
 })
 
 
@@ -420,6 +421,11 @@ def searched_recipe(lab: Lab, key: str, settings: LabSettings) -> dict:
     search = {"n_trials": trials, "n_startup_trials": min(settings.dfmerge_startup, trials), "seed": settings.search_seed}
     if key == "ta_weights_search":
         recipe = lab.recipe("task_arithmetic", {"lambda": 1.0}, {"weight": {"search": list(TA_WEIGHT_RANGE)}})
+    elif key == "ta_depth_weights_search":
+        # Two searched points per model, a gradient over depth: the first layers' weight and the
+        # last layers', interpolated between (2 × M dimensions; AdaMerging's layer-wise idea
+        # through the generic search).
+        recipe = lab.recipe("task_arithmetic", {"lambda": 1.0}, {"weight": [{"search": list(TA_WEIGHT_RANGE)}] * 2})
     elif key == "ties_search":
         recipe = lab.recipe("ties", {name: {"search": list(r)} for name, r in TIES_SEARCH_SPACE.items()})
     else:
