@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Callable, Sequence
 
 if TYPE_CHECKING:
@@ -37,7 +38,13 @@ def order_statistics(magnitude: torch.Tensor, ranks: Sequence[int]) -> list[tupl
     import torch
 
     wide = magnitude.dtype == torch.float64
-    top = magnitude.view(torch.int64 if wide else torch.int32) >> (48 if wide else 16)
+    if sys.byteorder == "little":
+        # The top 16 bits are the last int16 of each value: a strided view, copied once, is
+        # cheaper than a shift of the whole tensor (and bincount takes int16 as it is).
+        start, step = (3, 4) if wide else (1, 2)
+        top = magnitude.view(torch.int16)[start::step].contiguous()
+    else:
+        top = magnitude.view(torch.int64 if wide else torch.int32) >> (48 if wide else 16)
     cumulative = torch.bincount(top, minlength=1 << 15).cumsum(0)
     out = []
     for rank in ranks:
@@ -64,29 +71,64 @@ def trim_top_magnitude_(delta: torch.Tensor, density: float, threshold: float | 
     k = int(density * delta.numel())
     if k <= 0:
         return delta.zero_()
-    return delta.mul_(top_k_mask(delta.detach().abs().reshape(-1), k).view(delta.shape))
+    # A float mask: multiplying by a bool tensor takes a slow type-promoting path on the CPU.
+    return delta.mul_(top_k_mask(delta.detach().abs().reshape(-1), k, dtype=delta.dtype).view(delta.shape))
 
 
-def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
-    """A boolean mask of the `k` largest entries of a flat, non-negative tensor; among equal
-    values at the cut the earlier positions are taken (the first k of a descending stable
-    sort). Found by `order_statistics`, several times faster than ``topk`` on large tensors.
+def top_k_mask(values: torch.Tensor, k: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A mask of the `k` largest entries of a flat, non-negative tensor; among equal values at
+    the cut the earlier positions are taken (the first k of a descending stable sort). Found by
+    `order_statistics`, several times faster than ``topk`` on large tensors.
+
+    Boolean, or 1/0 in `dtype` when given (written directly: multiplying a float tensor by a
+    boolean one takes a slow type-promoting path on the CPU).
     """
     import torch
 
     n = values.numel()
+    kind = dtype or torch.bool
     if k <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=values.device)
+        return torch.zeros(n, dtype=kind, device=values.device)
     if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=values.device)
+        return torch.ones(n, dtype=kind, device=values.device)
     if values.dtype not in (torch.float32, torch.float64):
         values = values.float()  # exact for half precision
     ((value, below, ties),) = order_statistics(values, (n - k,))
     wanted = k - (n - below - ties)  # ties to take, 1 ≤ wanted ≤ ties
     if wanted == ties:
-        return values >= value
-    equal = values == value
-    return (values > value) | (equal & (torch.cumsum(equal, 0) <= wanted))
+        return torch.ge(values, value, out=torch.empty(n, dtype=kind, device=values.device))
+    mask = torch.gt(values, value, out=torch.empty(n, dtype=kind, device=values.device))
+    # The ties at the cut, in position order: the first `wanted` of them are kept.
+    mask[torch.nonzero(values == value).squeeze(1)[:wanted]] = 1
+    return mask
+
+
+def variance_over_models(deltas: torch.Tensor, chunk: int = 1 << 18) -> torch.Tensor:
+    """The population variance across the first dimension, equal bit for bit to
+    ``deltas.var(dim=0, unbiased=False)`` on the CPU, several times faster.
+
+    torch reduces over a leading dimension one output entry at a time (Welford's update in
+    float64 for every floating dtype). The same updates, model by model over whole
+    slices in float64, round identically and vectorise; they run in chunks of `chunk` entries
+    so that the float64 work space stays a few MiB.
+    """
+    import torch
+
+    m = deltas.shape[0]
+    flat = deltas.reshape(m, -1)
+    out = torch.empty(flat.shape[1], dtype=deltas.dtype, device=deltas.device)
+    for start in range(0, flat.shape[1], chunk):
+        part = flat[:, start:start + chunk]
+        mean = torch.zeros(part.shape[1], dtype=torch.float64, device=deltas.device)
+        m2 = torch.zeros_like(mean)
+        after = torch.empty_like(mean)
+        for i in range(m):
+            x = part[i].to(torch.float64)  # `deltas` itself when already float64: never written
+            delta = x - mean
+            mean.add_(delta / float(i + 1))
+            m2.add_(delta.mul_(torch.sub(x, mean, out=after)))
+        out[start:start + chunk] = m2.div_(float(m))
+    return out.view(deltas.shape[1:])
 
 
 def random_drop_(delta: torch.Tensor, density: float, generator: torch.Generator | None, rescale: bool = True) -> torch.Tensor:
@@ -98,9 +140,29 @@ def random_drop_(delta: torch.Tensor, density: float, generator: torch.Generator
     # Drawn where the generator lives (the CPU for seeded merges) and moved to `delta`'s device,
     # so a seed gives the same mask whatever device the arithmetic runs on.
     where = generator.device if generator is not None else delta.device
-    mask = torch.bernoulli(torch.full(delta.shape, density, dtype=delta.dtype, device=where), generator=generator)
+    mask = bernoulli_mask(density, delta.shape, delta.dtype, generator, where)
     delta.mul_(mask.to(delta.device))
     return delta.div_(density) if rescale else delta
+
+
+def bernoulli_mask(probability: "float | torch.Tensor", shape: Sequence[int], dtype: torch.dtype, generator: torch.Generator | None,
+                   device: "torch.device | str") -> torch.Tensor:
+    """1 with `probability` (a number, or a tensor of `shape`), else 0: the mask that
+    ``torch.bernoulli`` draws from `generator`, bit for bit.
+
+    On the CPU in float32 and float64, ``torch.bernoulli`` compares one uniform draw per entry
+    with its probability, the same draws in the same order as ``torch.rand``; ``rand`` then a
+    comparison is about 3× faster. Other dtypes and devices draw with ``torch.bernoulli``
+    itself (a test checks the two agree, so a torch release that changed either would show).
+    """
+    import torch
+
+    if torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float64):
+        uniform = torch.rand(tuple(shape), dtype=dtype, device=device, generator=generator)
+        return torch.lt(uniform, probability, out=uniform)
+    if not isinstance(probability, torch.Tensor):
+        probability = torch.full(tuple(shape), probability, dtype=dtype, device=device)
+    return torch.bernoulli(probability, generator=generator)
 
 
 def restore_l1_(delta: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
@@ -140,13 +202,18 @@ def combine(base: torch.Tensor, deltas: torch.Tensor, weight: Sequence[float], *
     if consensus:
         if elected_positive is None:
             elected_positive = weighted.sum(dim=0) >= 0
+        # Float arithmetic only (bool masks take slow type-promoting paths on the CPU): the
+        # elected sign as ±1, and per model a 1/0 agreement mask. Multiplying by ±1 or by 1/0
+        # is exact, so the sums equal those of the masked task vectors bit for bit.
+        sign = elected_positive.to(base.dtype).mul_(2).sub_(1)
         mixed = torch.zeros_like(base)
         divisor = torch.zeros_like(base)
+        agree = torch.empty_like(base)
         for i, w in enumerate(weight):
-            agree = torch.where(elected_positive, weighted[i] > 0, weighted[i] < 0)
-            mixed.add_(weighted[i] * agree)
+            torch.gt(weighted[i] * sign, 0, out=agree)
+            mixed.addcmul_(weighted[i], agree)
             divisor.add_(agree, alpha=w)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        divisor.masked_fill_(divisor == 0, 1)
     else:
         mixed = weighted.sum(dim=0)
         total = float(sum(weight))

@@ -60,14 +60,18 @@ def band_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor
         magnitude = magnitude.float()  # exact for half precision
     (low, low_below, low_ties), (high, high_below, high_ties) = order_statistics(magnitude, (start, start + kept - 1))
     if low_below == start and high_below + high_ties == start + kept:  # no tie straddles an end of the band
-        keep = (magnitude >= low) & (magnitude <= high)
-        return keep.to(delta.dtype).view(delta.shape)
-    keep = (magnitude > low) & (magnitude < high)
+        # 1/0 in float written directly (cheaper on the CPU than boolean masks converted).
+        keep = torch.ge(magnitude, low, out=torch.empty(n, dtype=delta.dtype, device=delta.device))
+        keep.mul_(torch.le(magnitude, high, out=torch.empty_like(keep)))
+        return keep.view(delta.shape)
+    keep = torch.gt(magnitude, low, out=torch.empty(n, dtype=delta.dtype, device=delta.device))
+    keep.mul_(torch.lt(magnitude, high, out=torch.empty_like(keep)))
     for end, below in {low: low_below, high: high_below}.items():
-        ties = magnitude == end
-        rank = torch.cumsum(ties, 0).add_(below)  # 1-based stable rank of each tie
-        keep |= ties & (rank > start) & (rank <= start + kept)
-    return keep.to(delta.dtype).view(delta.shape)
+        # The entries equal to `end`, in position order, have the stable ranks below + 1,
+        # below + 2, ...; the band holds the ranks start + 1 ... start + kept.
+        ties = torch.nonzero(magnitude == end).squeeze(1)
+        keep[ties[max(start - below, 0):max(start + kept - below, 0)]] = 1
+    return keep.view(delta.shape)
 
 
 @merge_method(

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import RecipeError
 from ._common import combine as combine_deltas
-from ._common import task_vectors, warn_without_density
+from ._common import bernoulli_mask, task_vectors, warn_without_density
 from .registry import Param, PrepareContext, merge_method
 from .task_arithmetic import LAMBDA, WEIGHT
 
@@ -70,15 +70,13 @@ def magprune_(delta: torch.Tensor, density: float, epsilon: float, generator: to
     Raises:
         ValueError: density ± epsilon leaves (0, 1).
     """
-    import torch
-
     if density >= 1:
         return delta
     problem = window_problem(density, epsilon)
     if problem is not None:
         raise ValueError(problem)
     probs = keep_probabilities(delta, density, epsilon)
-    keep = torch.bernoulli(probs, generator=generator)
+    keep = bernoulli_mask(probs, probs.shape, probs.dtype, generator, probs.device)
     return delta.mul_(keep.div_(probs) if rescale else keep)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-from ._common import combine, task_vectors, top_k_mask
+from ._common import combine, task_vectors, top_k_mask, variance_over_models
 from .registry import Param, merge_method
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def select_mask(deltas: torch.Tensor, fraction: float) -> torch.Tensor | None:
 
     if fraction >= 1:
         return None
-    var = deltas.var(dim=0, unbiased=False)
+    var = variance_over_models(deltas)
     k = int(int(torch.count_nonzero(var)) * fraction) if fraction > 0 else 0
     if k == 0:
         return torch.zeros_like(var)
