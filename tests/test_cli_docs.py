@@ -61,7 +61,7 @@ def test_library_info_lines_show_only_with_verbose_and_quiet_silences_progress_b
         filters = list(warnings.filters)
         restore = cli._setup_logging(verbose, quiet)
         seen[(verbose, quiet)] = (logging.getLogger("httpx").getEffectiveLevel(), logging.getLogger("hfmerge").getEffectiveLevel(),
-                                  are_progress_bars_disabled(), logging.getLogger("some.unlisted.library").getEffectiveLevel())
+                                  are_progress_bars_disabled(), logging.getLogger("some.unlisted.package").getEffectiveLevel())
         restore()
         assert warnings.filters == filters
         assert (root.level, root.handlers) == root_before  # a NOTSET library logger inherits nothing from the run
